@@ -1,0 +1,51 @@
+"""Length-bucketed dynamic batching under a token budget (Ray-free).
+
+Examples of similar length go together so padding stays small; a batch holds
+at most ``max_examples`` examples and ``max_tokens`` padded tokens.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
+                         shuffle: bool = False, seed: int = 0) -> list[list[int]]:
+    """Index batches whose padded size (longest x count) fits ``max_tokens``.
+
+    With ``shuffle``, lengths are bucketed after a random tie-break and the
+    batch order is shuffled, so each epoch sees different neighbours.
+    """
+    if max_tokens < 1 or max_examples < 1:
+        raise ValueError("max_tokens and max_examples must be positive")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    order.sort(key=lambda i: lengths[i])  # stable: shuffled ties stay shuffled
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and (len(current) >= max_examples or new_longest * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's share; every rank gets the same number of batches (collectives stay in step)."""
+    if world_size <= 1:
+        return batches
+    usable = len(batches) - len(batches) % world_size
+    if usable == 0:
+        raise ValueError(f"{len(batches)} batches cannot be split over {world_size} workers; "
+                         "use more data or a smaller batch")
+    return batches[rank:usable:world_size]

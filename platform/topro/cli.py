@@ -1,0 +1,131 @@
+"""The ``topro`` command: train, evaluate (and the Ray-backed commands as they land)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from topro.config import ConfigError, TrainConfig, load_config
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one model (single process, or Ray Train with --workers/--strategy)",
+                       description="Train on the task's English train split, select on English dev. "
+                                   "Overrides are key=value pairs of TrainConfig fields, e.g. learning_rate=3e-5.")
+    p.add_argument("--config", required=True, help="YAML training config (configs/train/*.yaml)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--output", help="run folder (writes checkpoint/ and metrics.json)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (same as workers=N)")
+    p.add_argument("--strategy", choices=["local", "ddp", "deepspeed"], help="same as strategy=...")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(TrainConfig, args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output,
+                      workers=args.workers, strategy=args.strategy)
+    if cfg.strategy == "local" and cfg.workers == 1:
+        from topro.train import train
+
+        summary = train(cfg)
+    else:
+        from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
+
+        summary = train_on_ray(cfg, address=args.address)
+    metric = next(k for k in summary if k.startswith("best_dev_"))
+    print(f"best {metric}: {summary[metric]:.4f} (step {summary['best_step']}); "
+          f"checkpoint: {summary['checkpoint']}")
+    if cfg.eval_langs:
+        from topro.evaluate import evaluate_checkpoint, write_json
+
+        record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
+                                     max_sentences=cfg.max_eval_sentences, viterbi=cfg.viterbi,
+                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+        path = write_json(Path(cfg.output_dir) / "eval.json", record)
+        print(format_table(record))
+        print(f"per-language results: {path}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint on many languages")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
+    p.add_argument("--task", help="task name (default: the checkpoint's)")
+    p.add_argument("--langs", default="all", help="comma-separated languages, or 'all' (default)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--max-sentences", type=int, help="first N sentences per language")
+    p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--parallel", action="store_true", help="one Ray task per language")
+    p.add_argument("--address", help="Ray cluster address for --parallel")
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from topro.evaluate import evaluate_checkpoint, write_json
+
+    kwargs = dict(task=args.task, data_dir=args.data_dir, split=args.split, max_sentences=args.max_sentences,
+                  viterbi=not args.no_viterbi, device=args.device)
+    if args.parallel:
+        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+
+        record = evaluate_checkpoint_parallel(args.checkpoint, args.langs, address=args.address, **kwargs)
+    else:
+        record = evaluate_checkpoint(args.checkpoint, args.langs, **kwargs)
+    write_json(args.output, record)
+    print(format_table(record))
+    print(f"per-language results: {args.output}")
+    return 0
+
+
+def format_table(record: dict) -> str:
+    """A Markdown table of one results record: language, headline metric, sizes, truncation."""
+    metric = record["metric"]
+    rows = [f"| lang | {metric} | accuracy | sentences | words | truncated words |", "|---|---|---|---|---|---|"]
+    for lang, r in record["languages"].items():
+        rows.append(f"| {lang} | {r[metric]:.4f} | {r['accuracy']:.4f} | {r['n_sentences']} | {r['n_words']} "
+                    f"| {r['n_truncated_words']} |")
+    avg = record["average"]
+    rows.append(f"| average | {avg.get(metric, float('nan')):.4f} | {avg.get('accuracy', float('nan')):.4f} "
+                f"| | | |")
+    return "\n".join(rows)
+
+
+COMMANDS = [_add_train, _add_evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="topro", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
+                         ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
+        try:  # commands that land with later layers register themselves here
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"topro {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

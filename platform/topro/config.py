@@ -1,0 +1,263 @@
+"""Typed run configurations loaded from YAML, with ``key=value`` overrides.
+
+Every field carries its own docstring (litgpt style). Loading validates
+types and names the offending key, file and value, so a typo in a config or
+on the command line fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run: task, method, model, data, optimisation and scale."""
+
+    task: str = "udpos"
+    """Task name from the registry (``udpos``, ``panx``, ...)."""
+    method: str = "topro"
+    """Method name: ``vanilla``, ``topro``, ``prompt_tuning`` or ``topro_soft``."""
+    model: str = "tiny"
+    """Hugging Face id, local folder, or ``tiny`` (built offline from the task's data)."""
+    template: str | None = None
+    """ToPro template name; ``None`` takes the task's default."""
+    verbalizer: str | None = None
+    """Verbalizer name; ``None`` takes the task's default."""
+    label_word_policy: Literal["strict", "first_subword"] = "first_subword"
+    """How a label word that is several tokens is handled: ``strict`` raises,
+    ``first_subword`` scores its first subword (first subwords must differ)."""
+    data_dir: str | None = None
+    """Folder with ``<task>/{train,dev}-<lang>.tsv``; default ``$TOPRO_DATA_DIR``."""
+    train_lang: str = "en"
+    """Language trained on and used for checkpoint selection (its dev split)."""
+    max_train_sentences: int | None = None
+    """Use only the first N training sentences (``None``: all)."""
+    max_dev_sentences: int | None = None
+    """Use only the first N English dev sentences for model selection."""
+    eval_langs: list[str] = field(default_factory=list)
+    """Languages evaluated zero-shot on the best checkpoint after training
+    (``["all"]``: every language of the task with data)."""
+    max_eval_sentences: int | None = None
+    """Use only the first N sentences of each evaluation language."""
+    max_length: int = 128
+    """Maximum tokens per model input; sentences are trimmed, prompts' questions never."""
+    max_tokens_per_batch: int = 4096
+    """Token budget of one micro-batch (padded length x examples)."""
+    batch_size: int = 32
+    """Most examples in one micro-batch (prompts for ToPro, sentences for vanilla)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step on each worker."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps with linear warm-up (the paper used none)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    epochs: int = 3
+    """Passes over the training set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (``None``: run all epochs)."""
+    eval_every_steps: int | None = None
+    """Also evaluate English dev every N optimizer steps (``None``: once per epoch)."""
+    patience: int = 3
+    """Early stopping: evaluations without dev gain before training stops."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision (bf16 autocast where supported)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for single-process runs (``auto``: CUDA when present)."""
+    num_threads: int | None = None
+    """torch intra-op threads (``None``: torch's default)."""
+    viterbi: bool = True
+    """For IOB2 tasks, also report scores of the Viterbi-decoded valid sequence."""
+    output_dir: str = "outputs/run"
+    """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
+    progress: bool = True
+    """Show progress bars."""
+    # Method-specific settings (ignored by methods that do not use them).
+    prefix_length: int = 16
+    """Prompt-Tuning / soft ToPro: number of trainable prompt vectors."""
+    prefix_dropout: float = 0.1
+    """Prompt-Tuning: dropout on the prefix key/values."""
+    freeze_backbone: bool = True
+    """Soft ToPro: keep the backbone frozen (Prompt-Tuning always freezes it)."""
+    # Scale-out (used by the Ray layer).
+    workers: int = 1
+    """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise)."""
+    strategy: Literal["local", "ddp", "deepspeed"] = "local"
+    """``local``: single process, no Ray; ``ddp`` or ``deepspeed``: Ray Train workers."""
+    deepspeed_config: str | None = "configs/deepspeed/zero2.yaml"
+    """DeepSpeed JSON/YAML config used when ``strategy: deepspeed``."""
+    use_gpu: bool = False
+    """Give each Ray Train worker a GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each Ray Train worker."""
+    max_failures: int = 2
+    """Ray Train restarts of the worker group after a worker dies."""
+    fault_step: int | None = None
+    """Testing aid: the rank-1 (or only) worker kills itself at this optimizer
+    step in the first attempt, to exercise fault tolerance."""
+    run_name: str | None = None
+    """Name of the Ray Train run (defaults to the output folder's name)."""
+    storage_path: str | None = None
+    """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
+
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert benign cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "de,fr" on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}: field {key!r}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a=1", "b.c=x"]`` -> ``{"a": 1, "b": {"c": "x"}}``; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: {err}") from err
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                **extra: Any) -> T:
+    """Load ``cls`` from a YAML file, then apply ``key=value`` overrides and keyword extras."""
+    data = read_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    data = deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, {k: v for k, v in extra.items() if v is not None})
+    return from_dict(cls, data, where)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """A validated copy of ``cfg`` with ``changes`` applied."""
+    return from_dict(type(cfg), {**to_dict(cfg), **changes}, type(cfg).__name__)

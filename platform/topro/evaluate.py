@@ -1,0 +1,177 @@
+"""Predict, reassemble per-word predictions into sentences, score per language (Ray-free)."""
+from __future__ import annotations
+
+import json
+import statistics
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from topro.batching import token_budget_batches
+from topro.data.readers import Sentence
+from topro.data.tasks import Task, get_task
+from topro.methods import Method
+from topro.metrics import score_task, viterbi_iob2
+
+# Label predicted for a word that got no prediction (cut by max_length): it is
+# still scored, so truncation costs recall instead of vanishing from the metric.
+FALLBACK = {"iob2": "O"}
+
+
+@dataclass
+class SentencePrediction:
+    log_probs: np.ndarray
+    """[n_words, n_labels]; rows of words without a prediction are NaN."""
+    truncated_words: int
+    trimmed_prompts: int
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *, max_tokens: int = 8192,
+            max_examples: int = 256, device: torch.device | None = None, dtype: str = "fp32",
+            progress: bool = False, desc: str = "predict") -> list[SentencePrediction]:
+    """Per-word label log-probabilities for every sentence."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    examples = method.encode(sentences)
+    out = [SentencePrediction(np.full((len(s), len(method.labels)), np.nan, dtype=np.float32), 0, 0)
+           for s in sentences]
+    for e in examples:
+        out[e.sentence].truncated_words += e.truncated_words
+        out[e.sentence].trimmed_prompts += int(e.trimmed_context)
+    batches = token_budget_batches([e.length for e in examples], max_tokens, max_examples)
+    for batch_ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        chunk = [examples[i] for i in batch_ids]
+        batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
+        with autocast_for(device, dtype):
+            log_probs = method.label_log_probs(model, batch).float().cpu().numpy()
+        row = 0
+        for e in chunk:
+            for w in e.words:
+                out[e.sentence].log_probs[w] = log_probs[row]
+                row += 1
+    model.train(was_training)
+    return out
+
+
+def decode(task: Task, labels: list[str], prediction: SentencePrediction, viterbi: bool = False) -> list[str]:
+    lp = prediction.log_probs
+    missing = np.isnan(lp).any(axis=1)
+    fallback = FALLBACK.get(task.scheme, "X" if "X" in labels else labels[0])
+    if viterbi and task.scheme == "iob2":
+        filled = np.where(missing[:, None], np.log(1.0 / len(labels)), lp)
+        if missing.any():  # a missing word is the fallback label for certain
+            filled[missing] = np.where(np.array(labels) == fallback, 0.0, -1e9)
+        return [labels[i] for i in viterbi_iob2(filled, labels)]
+    return [fallback if miss else labels[int(row.argmax())] for row, miss in zip(lp, missing)]
+
+
+def score_language(task: Task, labels: list[str], sentences: list[Sentence],
+                   predictions: list[SentencePrediction], viterbi: bool = True) -> dict[str, Any]:
+    gold = [s.tags for s in sentences]
+    pred = [decode(task, labels, p) for p in predictions]
+    result = score_task(task, gold, pred)
+    if viterbi and task.scheme == "iob2":
+        vit = score_task(task, gold, [decode(task, labels, p, viterbi=True) for p in predictions])
+        result["viterbi"] = {k: vit[k] for k in ("f1", "precision", "recall", "accuracy")}
+    result.update(n_sentences=len(sentences), n_words=sum(len(s) for s in sentences),
+                  n_truncated_words=sum(p.truncated_words for p in predictions),
+                  n_trimmed_prompts=sum(p.trimmed_prompts for p in predictions))
+    return result
+
+
+def evaluate_sentences(method: Method, model, task: Task | str, sentences: list[Sentence], *,
+                       viterbi: bool = True, **predict_kwargs) -> dict[str, Any]:
+    task = get_task(task)
+    predictions = predict(method, model, sentences, **predict_kwargs)
+    return score_language(task, method.labels, sentences, predictions, viterbi=viterbi)
+
+
+AVERAGED = ("accuracy", "f1", "xtreme_seqeval_f1")
+
+
+def results_record(task: Task | str, method: str, model: str, languages: dict[str, dict[str, Any]],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The per-language results document (also what ``topro evaluate`` writes)."""
+    task = get_task(task)
+    average: dict[str, Any] = {}
+    for key in AVERAGED:
+        values = [r[key] for r in languages.values() if key in r]
+        if values:
+            average[key] = statistics.fmean(values)
+    vit = [r["viterbi"]["f1"] for r in languages.values() if "viterbi" in r]
+    if vit:
+        average["viterbi_f1"] = statistics.fmean(vit)
+    zero_shot = {lang: r for lang, r in languages.items() if lang != "en"}
+    if zero_shot and len(zero_shot) != len(languages):
+        average[f"{task.metric}_without_en"] = statistics.fmean(r[task.metric] for r in zero_shot.values())
+    average["n_languages"] = len(languages)
+    record = {"task": task.name, "method": method, "model": model, "metric": task.metric,
+              "languages": dict(sorted(languages.items())), "average": average}
+    if extra:
+        record.update(extra)
+    return record
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    return path
+
+
+def evaluate_language(method: Method, model, task: Task | str, lang: str, *, data_dir: str | None = None,
+                      split: str = "dev", max_sentences: int | None = None, viterbi: bool = True,
+                      **predict_kwargs) -> dict[str, Any]:
+    """Load ``lang``'s split of ``task`` and score the model on it."""
+    from topro.data import load_split
+
+    sentences = load_split(task, lang, split, data_dir, limit=max_sentences)
+    return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+
+
+def resolve_languages(task: Task | str, langs: list[str] | str, data_dir: str | None, split: str = "dev") -> list[str]:
+    """``all`` -> every language of the task that has ``split`` data; otherwise as given."""
+    from topro.data import available_languages
+
+    if isinstance(langs, str):
+        langs = [x for x in langs.split(",") if x]
+    if langs == ["all"]:
+        return available_languages(task, split, data_dir)
+    return list(langs)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task: str | None = None,
+                        data_dir: str | None = None, split: str = "dev", max_sentences: int | None = None,
+                        viterbi: bool = True, device: str = "auto", dtype: str = "fp32",
+                        progress: bool = True) -> dict[str, Any]:
+    """Zero-shot evaluation of a checkpoint on each language, one after another."""
+    from topro.methods import load_checkpoint
+    from topro.models import pick_device
+
+    dev = pick_device(device)
+    method, model = load_checkpoint(checkpoint, dev)
+    meta = method.meta()
+    task_name = task or meta["task"]
+    if task_name != meta["task"]:
+        raise ValueError(f"checkpoint {checkpoint} was trained for task {meta['task']!r}, not {task_name!r}")
+    results = {}
+    languages = resolve_languages(task_name, langs, data_dir, split)
+    for lang in tqdm(languages, desc="languages", disable=not progress):
+        results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
+                                          max_sentences=max_sentences, viterbi=viterbi, device=dev,
+                                          dtype=dtype, progress=progress, desc=lang)
+    return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
+                          extra={"checkpoint": str(checkpoint), "split": split})

@@ -1,0 +1,74 @@
+"""Methods behind one protocol; ``build_method`` picks the implementation.
+
+The registry maps a method name to a factory. ToPro picks its masked-LM or
+seq2seq implementation from the model's config, so ``method: topro`` works
+for mBERT, XLM-R and mT5 alike.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
+
+
+def _is_seq2seq(model_path: str) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
+
+
+def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    if _is_seq2seq(model_path):
+        from topro.methods.topro_seq2seq import ToProSeq2Seq
+
+        return ToProSeq2Seq(spec, tokenizer)
+    from topro.methods.topro_mlm import ToProMLM
+
+    return ToProMLM(spec, tokenizer)
+
+
+def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    from topro.methods.vanilla import Vanilla
+
+    return Vanilla(spec, tokenizer)
+
+
+METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {"vanilla": _vanilla, "topro": _topro}
+
+
+def register_method(name: str, factory: Callable[[MethodSpec, object, str], Method]) -> None:
+    METHODS[name] = factory
+
+
+def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
+    """The method of ``spec`` for the model at ``model_path`` (tokenizer loaded from there if not given)."""
+    if spec.method not in METHODS:
+        raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
+    if tokenizer is None:
+        from topro.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+    return METHODS[spec.method](spec, tokenizer, model_path)
+
+
+def load_checkpoint(folder: str | Path, device=None):
+    """(method, model) from a checkpoint folder written by ``Method.save``."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a topro checkpoint (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    fields = {k: meta[k] for k in MethodSpec.__dataclass_fields__ if k in meta}
+    spec = MethodSpec(**fields)
+    method = build_method(spec, str(folder))
+    model = method.load_model(folder)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return method, model
+
+
+__all__ = ["Encoded", "META_FILE", "METHODS", "Method", "MethodSpec", "build_method", "load_checkpoint",
+           "register_method"]

@@ -1,0 +1,210 @@
+"""The method protocol and the encoding helpers that methods share (Ray-free).
+
+A method turns sentences into model inputs (``Encoded`` examples), batches
+them, computes a training loss, and returns per-word label log-probabilities.
+Training and evaluation only talk to this protocol, never to a method's name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from topro.data.readers import Sentence
+
+log = logging.getLogger(__name__)
+
+META_FILE = "topro.json"
+
+
+@dataclass
+class Encoded:
+    """One model input and the words it labels."""
+
+    input_ids: list[int]
+    sentence: int
+    """Index of the sentence in the encoded list."""
+    words: list[int]
+    """Indices (in that sentence) of the words this example labels."""
+    positions: list[int]
+    """Token position that carries each labelled word's prediction."""
+    labels: list[int]
+    """Gold label index of each labelled word (-100 when unknown)."""
+    token_type_ids: list[int] | None = None
+    truncated_words: int = 0
+    """Words of this sentence that got no prediction because of ``max_length`` (vanilla)."""
+    trimmed_context: bool = False
+    """ToPro: the sentence context was trimmed to fit ``max_length``."""
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+class Method(Protocol):
+    """What training, evaluation and serving need from a method."""
+
+    name: str
+    labels: list[str]
+    tokenizer: Any
+
+    def build_model(self, model_path: str) -> torch.nn.Module:
+        """A trainable model initialised from a pretrained folder or id."""
+
+    def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
+        """The model saved by ``save`` in ``checkpoint``."""
+
+    def encode(self, sentences: list[Sentence]) -> list[Encoded]: ...
+
+    def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def label_log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[labelled words in batch order, n_labels] log-probabilities over the label set."""
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this method (written to ``topro.json``)."""
+
+    def save(self, model: torch.nn.Module, folder: str | Path) -> None: ...
+
+
+@dataclass
+class PairLayout:
+    """Where a tokenizer puts its special tokens around a segment pair.
+
+    Read off one probe encoding, so any tokenizer (BERT, XLM-R, T5, ...) works
+    without per-family code: ``prefix A middle B suffix``.
+    """
+
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    single_suffix: list[int]
+    """Suffix after a single segment (``prefix A single_suffix``)."""
+    type_a: int = 0
+    type_b: int = 1
+    uses_token_types: bool = False
+    pad_id: int = 0
+
+    @property
+    def pair_overhead(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    @property
+    def single_overhead(self) -> int:
+        return len(self.prefix) + len(self.single_suffix)
+
+
+def pair_layout(tokenizer) -> PairLayout:
+    a = tokenizer("a", add_special_tokens=False)["input_ids"]
+    b = tokenizer("b", add_special_tokens=False)["input_ids"]
+    pair = tokenizer("a", "b")
+    ids = pair["input_ids"]
+    i = _find(ids, a, 0)
+    j = _find(ids, b, i + len(a))
+    single = tokenizer("a")["input_ids"]
+    k = _find(single, a, 0)
+    types = pair.get("token_type_ids")
+    uses_types = "token_type_ids" in tokenizer.model_input_names
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PairLayout(prefix=ids[:i], middle=ids[i + len(a):j], suffix=ids[j + len(b):],
+                      single_suffix=single[k + len(a):],
+                      type_a=types[i] if types else 0, type_b=types[j] if types else 0,
+                      uses_token_types=uses_types, pad_id=pad)
+
+
+def _find(seq: list[int], sub: list[int], start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    raise ValueError(f"cannot locate {sub} in {seq}: unsupported tokenizer special-token layout")
+
+
+def word_pieces(tokenizer, words: list[str]) -> list[list[int]]:
+    """Subword ids of each word (a word the tokenizer drops becomes ``unk``, so no word vanishes)."""
+    enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+    pieces: list[list[int]] = [[] for _ in words]
+    for token_id, word_id in zip(enc["input_ids"], enc.word_ids()):
+        if word_id is not None:
+            pieces[word_id].append(token_id)
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+    return [p if p else [unk] for p in pieces]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def collate_common(examples: list[Encoded], layout: PairLayout) -> dict[str, torch.Tensor]:
+    """Padded inputs plus flat (row, position, label) triples of every labelled word."""
+    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], layout.pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if layout.uses_token_types:
+        types, _ = pad_batch([e.token_type_ids or [0] * e.length for e in examples], 0)
+        batch["token_type_ids"] = types
+    rows = [r for r, e in enumerate(examples) for _ in e.positions]
+    batch["label_rows"] = torch.tensor(rows, dtype=torch.long)
+    batch["label_positions"] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
+    batch["labels"] = torch.tensor([l for e in examples for l in e.labels], dtype=torch.long)
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def label_token_ids(tokenizer, words: list[str], policy: str) -> list[int]:
+    """One vocabulary id per label word, checked at start-up.
+
+    ``strict``: every label word must be a single token. ``first_subword``: a
+    multi-token word is represented by its first subword (logged); the chosen
+    ids must all differ and none may be the unknown token.
+    """
+    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    ids, multi = [], {}
+    for word in words:
+        pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        pieces = [p for p in pieces if tokenizer.convert_ids_to_tokens(p) not in ("▁", "Ġ", "")] or pieces
+        if not pieces:
+            raise ValueError(f"label word {word!r} encodes to no token with tokenizer {name}")
+        if len(pieces) > 1:
+            if policy == "strict":
+                raise ValueError(f"label word {word!r} is {len(pieces)} tokens "
+                                 f"{tokenizer.convert_ids_to_tokens(pieces)} with tokenizer {name}; "
+                                 "choose a single-token word or set label_word_policy=first_subword")
+            multi[word] = tokenizer.convert_ids_to_tokens(pieces)
+        if pieces[0] == tokenizer.unk_token_id:
+            raise ValueError(f"label word {word!r} is unknown to tokenizer {name}")
+        ids.append(pieces[0])
+    if multi:
+        log.warning("label words scored by their first subword (tokenizer %s): %s", name, multi)
+    if len(set(ids)) != len(ids):
+        clash = [w for w, i in zip(words, ids) if ids.count(i) > 1]
+        raise ValueError(f"label words {clash} share a first subword with tokenizer {name}; "
+                         "pick distinct label words")
+    return ids
+
+
+@dataclass
+class MethodSpec:
+    """Everything needed to construct a method (also stored in checkpoints)."""
+
+    method: str
+    task: str
+    labels: list[str]
+    base_model: str
+    template: str | None = None
+    verbalizer: str | None = None
+    label_word_policy: str = "first_subword"
+    max_length: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,140 @@
+"""ToPro for masked LMs (BERT, XLM-R families): one cloze prompt per word.
+
+Input: ``sentence`` and ``question`` as a segment pair, the question holding
+the word and a mask. Loss: cross-entropy over the verbalizer's label-word
+logits at the mask (PET-style). The MLM head runs only at mask positions and
+only for the label-word rows of the output embedding: the full-vocabulary
+logits at every position (what the published code computed) cost far more
+than the encoder for 120k-250k vocabularies and are never needed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from topro.data.readers import Sentence
+from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, label_token_ids, model_inputs,
+                                pair_layout, word_pieces)
+from topro.prompts import get_template, get_verbalizer, topro_questions
+
+
+def context_window(pieces: list[list[int]], target: int, budget: int) -> tuple[list[int], bool]:
+    """The sentence's subwords, trimmed to ``budget`` tokens around word ``target``.
+
+    Trimming keeps a window centred on the labelled word (the published code cut
+    the sentence's end, so late words lost their own context).
+    """
+    flat = [t for p in pieces for t in p]
+    if len(flat) <= budget:
+        return flat, False
+    if budget <= 0:
+        return [], True
+    start_of = sum(len(p) for p in pieces[:target])
+    centre = start_of + len(pieces[target]) // 2
+    start = min(max(0, centre - budget // 2), len(flat) - budget)
+    return flat[start:start + budget], True
+
+
+def label_logits_at(model, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """MLM-head logits restricted to ``label_ids`` for hidden states [N, H] -> [N, n_labels]."""
+    cls = getattr(model, "cls", None)
+    if cls is not None and hasattr(cls, "predictions"):  # BERT family
+        head = cls.predictions
+        h = head.transform(hidden)
+        bias = head.decoder.bias if head.decoder.bias is not None else head.bias
+        return F.linear(h, head.decoder.weight[label_ids], bias[label_ids])
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):  # RoBERTa, XLM-R
+        from transformers.activations import gelu
+
+        h = lm_head.layer_norm(gelu(lm_head.dense(hidden)))
+        bias = lm_head.decoder.bias if lm_head.decoder.bias is not None else lm_head.bias
+        return F.linear(h, lm_head.decoder.weight[label_ids], bias[label_ids])
+    raise NotImplementedError(f"no label-restricted MLM head for {type(model).__name__}: "
+                              "supported are BERT-style (cls.predictions) and RoBERTa-style (lm_head) heads")
+
+
+def full_vocab_label_logits(model, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
+    """Reference path (the published code's): full MLM logits everywhere, then pick mask rows and labels."""
+    logits = model(**model_inputs(batch)).logits
+    return logits[batch["label_rows"], batch["label_positions"]][:, label_ids]
+
+
+class ToProMLM:
+    name = "topro"
+
+    def __init__(self, spec: MethodSpec, tokenizer):
+        if tokenizer.mask_token is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path} has no mask token: "
+                             "ToPro for masked LMs needs a masked LM")
+        self.spec = spec
+        self.labels = list(spec.labels)
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self.tokenizer = tokenizer
+        self.layout = pair_layout(tokenizer)
+        self.template = get_template(spec.task, spec.template)
+        self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
+        self.label_words = self.verbalizer.word_list(self.labels)
+        self.label_ids = torch.tensor(label_token_ids(tokenizer, self.label_words, spec.label_word_policy))
+
+    def build_model(self, model_path: str) -> torch.nn.Module:
+        from transformers import AutoModelForMaskedLM
+
+        return AutoModelForMaskedLM.from_pretrained(model_path)
+
+    def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
+        from transformers import AutoModelForMaskedLM
+
+        return AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
+
+    def encode(self, sentences: list[Sentence]) -> list[Encoded]:
+        mask_id = self.tokenizer.mask_token_id
+        layout = self.layout
+        out = []
+        for s_index, sentence in enumerate(sentences):
+            pieces = word_pieces(self.tokenizer, sentence.words)
+            questions = self.tokenizer(topro_questions(self.template, sentence.words, self.tokenizer.mask_token),
+                                       add_special_tokens=False)["input_ids"]
+            for w_index, question in enumerate(questions):
+                budget = self.spec.max_length - layout.pair_overhead - len(question)
+                context, trimmed = context_window(pieces, w_index, budget)
+                ids = layout.prefix + context + layout.middle + question + layout.suffix
+                offset = len(layout.prefix) + len(context) + len(layout.middle)
+                mask_at = offset + question.index(mask_id)
+                types = None
+                if layout.uses_token_types:
+                    n_a = len(layout.prefix) + len(context) + len(layout.middle)
+                    types = [layout.type_a] * n_a + [layout.type_b] * (len(ids) - n_a)
+                tag = sentence.tags[w_index] if sentence.tags else None
+                out.append(Encoded(ids, s_index, [w_index], [mask_at],
+                                   [self.label_index.get(tag, -100)], types, trimmed_context=trimmed))
+        return out
+
+    def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        return collate_common(examples, self.layout)
+
+    def _label_logits(self, model, batch) -> torch.Tensor:
+        base = getattr(model, model.base_model_prefix)
+        hidden = base(**model_inputs(batch)).last_hidden_state
+        at_mask = hidden[batch["label_rows"], batch["label_positions"]]
+        return label_logits_at(model, at_mask, self.label_ids.to(at_mask.device))
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return F.cross_entropy(self._label_logits(model, batch).float(), batch["labels"], ignore_index=-100)
+
+    def label_log_probs(self, model, batch) -> torch.Tensor:
+        return torch.log_softmax(self._label_logits(model, batch).float(), dim=-1)
+
+    def meta(self) -> dict[str, Any]:
+        return {**self.spec.__dict__, "label_words": self.label_words,
+                "label_token_ids": self.label_ids.tolist()}
+
+    def save(self, model, folder: str | Path) -> None:
+        folder = Path(folder)
+        model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2))

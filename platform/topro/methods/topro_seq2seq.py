@@ -1,0 +1,109 @@
+"""ToPro for seq2seq LMs (mT5 family): the prompt is the encoder input, the label word the target.
+
+Prediction scores every label's full sequence log-likelihood (label tokens and
+end-of-sequence) under teacher forcing, so every prediction is a valid tag;
+the published code generated free text and matched strings instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from topro.data.readers import Sentence
+from topro.methods.base import META_FILE, Encoded, MethodSpec, pad_batch, pair_layout, word_pieces
+from topro.methods.topro_mlm import context_window
+from topro.prompts import get_template, get_verbalizer, topro_questions
+
+SENTINEL = "<extra_id_0>"
+
+
+class ToProSeq2Seq:
+    name = "topro"
+
+    def __init__(self, spec: MethodSpec, tokenizer):
+        self.spec = spec
+        self.labels = list(spec.labels)
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self.tokenizer = tokenizer
+        self.layout = pair_layout(tokenizer)
+        self.template = get_template(spec.task, spec.template)
+        self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
+        self.label_words = self.verbalizer.word_list(self.labels)
+        # T5's span sentinel marks the slot to fill; tokenizers without one leave a blank slot.
+        vocab = tokenizer.get_vocab()
+        self.slot = SENTINEL if SENTINEL in vocab else "_"
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.targets = [tokenizer(w, add_special_tokens=False)["input_ids"] + eos for w in self.label_words]
+        if len({tuple(t) for t in self.targets}) != len(self.targets):
+            raise ValueError(f"label words {self.label_words} do not tokenize to distinct sequences")
+
+    def build_model(self, model_path: str) -> torch.nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(model_path)
+
+    def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(checkpoint, use_safetensors=True)
+
+    def encode(self, sentences: list[Sentence]) -> list[Encoded]:
+        layout = self.layout
+        out = []
+        for s_index, sentence in enumerate(sentences):
+            pieces = word_pieces(self.tokenizer, sentence.words)
+            questions = self.tokenizer(topro_questions(self.template, sentence.words, self.slot),
+                                       add_special_tokens=False)["input_ids"]
+            for w_index, question in enumerate(questions):
+                budget = self.spec.max_length - layout.pair_overhead - len(question)
+                context, trimmed = context_window(pieces, w_index, budget)
+                ids = layout.prefix + context + layout.middle + question + layout.suffix
+                tag = sentence.tags[w_index] if sentence.tags else None
+                out.append(Encoded(ids, s_index, [w_index], [0], [self.label_index.get(tag, -100)],
+                                   trimmed_context=trimmed))
+        return out
+
+    def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_batch([e.input_ids for e in examples], self.layout.pad_id)
+        labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _target_batch(self, label_indices: list[int]) -> torch.Tensor:
+        targets, _ = pad_batch([self.targets[i] for i in label_indices], -100)
+        return targets
+
+    def loss(self, model, batch) -> torch.Tensor:
+        keep = batch["labels"] >= 0
+        targets = self._target_batch(batch["labels"][keep].tolist()).to(batch["input_ids"].device)
+        out = model(input_ids=batch["input_ids"][keep], attention_mask=batch["attention_mask"][keep],
+                    labels=targets)
+        return out.loss
+
+    def label_log_probs(self, model, batch) -> torch.Tensor:
+        """Encode each prompt once; score all labels' sequences against it in one decoder pass."""
+        n, n_labels = batch["input_ids"].shape[0], len(self.labels)
+        encoder = model.get_encoder()
+        enc = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = self._target_batch(list(range(n_labels))).to(enc.device)  # [L, T]
+        enc_rep = enc.repeat_interleave(n_labels, dim=0)
+        mask_rep = batch["attention_mask"].repeat_interleave(n_labels, dim=0)
+        tgt_rep = targets.repeat(n, 1)  # [n*L, T]
+        out = model(encoder_outputs=(enc_rep,), attention_mask=mask_rep, labels=tgt_rep)
+        token_lp = torch.log_softmax(out.logits.float(), dim=-1)
+        valid = tgt_rep != -100
+        gathered = token_lp.gather(-1, tgt_rep.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        seq_lp = (gathered * valid).sum(-1).view(n, n_labels)
+        return torch.log_softmax(seq_lp, dim=-1)  # a distribution over the label set
+
+    def meta(self) -> dict[str, Any]:
+        return {**self.spec.__dict__, "label_words": self.label_words, "architecture": "seq2seq"}
+
+    def save(self, model, folder: str | Path) -> None:
+        folder = Path(folder)
+        model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2))

@@ -1,0 +1,84 @@
+"""Scores over reassembled sentences, and valid-IOB2 decoding (Ray-free).
+
+Each number is named for what it is:
+- ``accuracy``: token accuracy over all words.
+- ``f1`` (IOB2 tasks): seqeval span micro-F1, strict IOB2 (an ``I-`` tag that
+  does not continue a span of its type starts no entity), with ``precision``,
+  ``recall`` and ``per_type`` scores.
+- ``xtreme_seqeval_f1`` (tag tasks): what XTREME reports for UDPOS, seqeval's
+  default-mode F1 applied to raw tags. It is not accuracy; both are reported.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from seqeval.metrics import classification_report, f1_score
+from seqeval.scheme import IOB2
+
+from topro.data.tasks import Task
+
+
+def accuracy(gold: list[list[str]], pred: list[list[str]]) -> float:
+    total = sum(len(g) for g in gold)
+    hits = sum(g == p for gs, ps in zip(gold, pred) for g, p in zip(gs, ps))
+    return hits / total if total else 0.0
+
+
+def span_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """Strict IOB2 span micro precision/recall/F1 and per-type scores."""
+    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report["micro avg"]
+    per_type = {name: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                       "f1": float(v["f1-score"]), "support": int(v["support"])}
+                for name, v in report.items() if not name.endswith(" avg")}
+    return {"f1": float(micro["f1-score"]), "precision": float(micro["precision"]),
+            "recall": float(micro["recall"]), "per_type": per_type}
+
+
+def score_task(task: Task, gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """All metrics of ``task`` for aligned gold and predicted tag sequences."""
+    if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred)):
+        raise ValueError("gold and predicted sequences differ in length; reassemble every word first")
+    scores = {"accuracy": accuracy(gold, pred)}
+    if task.scheme == "iob2":
+        scores.update(span_scores(gold, pred))
+    else:
+        with warnings.catch_warnings():  # seqeval warns that POS tags are not NE tags: known
+            warnings.simplefilter("ignore")
+            scores["xtreme_seqeval_f1"] = float(f1_score(gold, pred, zero_division=0))
+    return scores
+
+
+def iob2_transition_mask(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(allowed[prev, next], allowed_start[next]) for strict IOB2."""
+    n = len(labels)
+    allowed = np.ones((n, n), dtype=bool)
+    start = np.ones(n, dtype=bool)
+    for j, nxt in enumerate(labels):
+        if nxt.startswith("I-"):
+            kind = nxt[2:]
+            start[j] = False
+            for i, prev in enumerate(labels):
+                allowed[i, j] = prev in (f"B-{kind}", f"I-{kind}")
+    return allowed, start
+
+
+def viterbi_iob2(log_probs: np.ndarray, labels: list[str]) -> list[int]:
+    """The most probable valid IOB2 label sequence given per-word log-probabilities [n, L]."""
+    n_words, n_labels = log_probs.shape
+    if n_words == 0:
+        return []
+    allowed, start = iob2_transition_mask(labels)
+    trans = np.where(allowed, 0.0, -math.inf)
+    score = np.where(start, log_probs[0], -math.inf)
+    back = np.zeros((n_words, n_labels), dtype=np.int64)
+    for t in range(1, n_words):
+        cand = score[:, None] + trans  # [prev, next]
+        back[t] = cand.argmax(axis=0)
+        score = cand.max(axis=0) + log_probs[t]
+    best = [int(score.argmax())]
+    for t in range(n_words - 1, 0, -1):
+        best.append(int(back[t, best[-1]]))
+    return best[::-1]

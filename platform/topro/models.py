@@ -1,0 +1,109 @@
+"""Model and tokenizer resolution, and the built-in offline ``tiny`` model (Ray-free).
+
+``tiny`` is a small BERT-style masked LM (random weights) with a WordPiece
+tokenizer trained on the task's own data (a sample of every language, plus
+every verbalizer's label words so each is a single token). It is built once
+into ``$TOPRO_CACHE/tiny-<task>`` and needs no download, so demos and tests
+run offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from topro.data.loading import available_languages, load_split, resolve_data_dir
+from topro.data.tasks import get_task
+
+TINY = "tiny"
+TINY_SENTENCES_PER_LANG = 400
+TINY_VOCAB = 8000
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOPRO_CACHE", Path.home() / ".cache" / "topro")).expanduser()
+
+
+def resolve_model_path(model: str, task: str, data_dir: str | None = None) -> str:
+    """A Hugging Face id or folder as given; ``tiny`` is built on first use."""
+    if model == TINY:
+        return str(build_tiny_model(task, data_dir))
+    return model
+
+
+def _tiny_corpus(task: str, data_dir: str | None) -> list[str]:
+    lines = []
+    for split in ("train", "dev"):
+        for lang in available_languages(task, split, data_dir):
+            for sentence in load_split(task, lang, split, data_dir, limit=TINY_SENTENCES_PER_LANG):
+                lines.append(" ".join(sentence.words))
+    return lines
+
+
+def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
+    """Build (once) a tiny BERT masked LM whose tokenizer is trained on ``task``'s data."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    import torch
+
+    from topro.prompts import get_template, get_verbalizer, list_templates, list_verbalizers
+
+    root = resolve_data_dir(data_dir)
+    key = hashlib.sha1(f"{task}|{root}|v1".encode()).hexdigest()[:8]
+    target = cache_dir() / f"tiny-{task}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    get_task(task)  # clear error for an unknown task
+    corpus = _tiny_corpus(task, data_dir)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=TINY_VOCAB, special_tokens=specials))
+    # Every label word and template word must be one token: add the missing ones to the vocabulary.
+    vocab = tok.get_vocab()
+    words = {w for v in list_verbalizers(task) for w in get_verbalizer(task, v).words.values()}
+    for t in list_templates(task):
+        words.update(get_template(task, t).question.replace("{word}", " ").replace("{mask}", " ").split())
+    for word in sorted(words):
+        if word not in vocab:
+            vocab[word] = len(vocab)
+    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]")
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=512)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=512, type_vocab_size=2,
+                        pad_token_id=vocab["[PAD]"])
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".tiny-{task}-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    fast.save_pretrained(tmp)
+    try:  # atomic publish: concurrent builders (Ray workers) never see half a folder
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def pick_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,100 @@
+"""Templates and verbalizers, read from ``topro/prompts/<task>.yaml``.
+
+Extra prompt files can live in folders named by ``TOPRO_PROMPTS_PATH``; a file
+there for the same task adds templates and verbalizers (and may override).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from topro.config import ConfigError, read_yaml
+from topro.data.tasks import get_task
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Template:
+    """A ToPro question asked about one word; the sentence is the other segment."""
+
+    name: str
+    task: str
+    question: str
+    """Holds ``{word}`` and ``{mask}``."""
+
+
+@dataclass(frozen=True)
+class Verbalizer:
+    """One label word per tag."""
+
+    name: str
+    task: str
+    words: dict[str, str]
+    """tag -> label word."""
+
+    def word_list(self, labels: list[str]) -> list[str]:
+        return [self.words[label] for label in labels]
+
+
+def prompt_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("TOPRO_PROMPTS_PATH", "").split(os.pathsep) if p]
+    return extra + [BUILTIN_PROMPTS]
+
+
+@functools.lru_cache(maxsize=None)
+def _prompts(task_name: str) -> tuple[dict[str, Template], dict[str, Verbalizer]]:
+    task = get_task(task_name)
+    templates: dict[str, Template] = {}
+    verbalizers: dict[str, Verbalizer] = {}
+    for folder in reversed(prompt_dirs()):
+        path = folder / f"{task_name}.yaml"
+        if not path.is_file():
+            continue
+        data = read_yaml(path)
+        for key in data:
+            if key not in ("task", "templates", "verbalizers"):
+                raise ConfigError(f"{path}: unknown key {key!r} (expected task, templates, verbalizers)")
+        for name, spec in (data.get("templates") or {}).items():
+            question = spec.get("question") if isinstance(spec, dict) else None
+            if not isinstance(question, str) or "{word}" not in question or "{mask}" not in question:
+                raise ConfigError(f"{path}: template {name!r} needs a 'question' holding {{word}} and {{mask}}")
+            templates[name] = Template(name, task_name, question)
+        for name, words in (data.get("verbalizers") or {}).items():
+            if not isinstance(words, dict):
+                raise ConfigError(f"{path}: verbalizer {name!r} must map tags to label words")
+            missing = [label for label in task.labels if label not in words]
+            unknown = [tag for tag in words if tag not in task.labels]
+            if missing or unknown:
+                raise ConfigError(f"{path}: verbalizer {name!r}: missing tags {missing}, unknown tags {unknown}")
+            values = [str(w) for w in words.values()]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{path}: verbalizer {name!r} uses a label word twice: {values}")
+            verbalizers[name] = Verbalizer(name, task_name, {k: str(v) for k, v in words.items()})
+    return templates, verbalizers
+
+
+def list_templates(task: str) -> list[str]:
+    return sorted(_prompts(task)[0])
+
+
+def list_verbalizers(task: str) -> list[str]:
+    return sorted(_prompts(task)[1])
+
+
+def get_template(task: str, name: str | None = None) -> Template:
+    templates = _prompts(task)[0]
+    name = name or get_task(task).default_template
+    if name not in templates:
+        raise ConfigError(f"unknown template {name!r} for task {task!r}; known: {sorted(templates)}")
+    return templates[name]
+
+
+def get_verbalizer(task: str, name: str | None = None) -> Verbalizer:
+    verbalizers = _prompts(task)[1]
+    name = name or get_task(task).default_verbalizer
+    if name not in verbalizers:
+        raise ConfigError(f"unknown verbalizer {name!r} for task {task!r}; known: {sorted(verbalizers)}")
+    return verbalizers[name]

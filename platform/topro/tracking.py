@@ -1,0 +1,90 @@
+"""MLflow: the tracking URI, and the registry of checkpoints (no Ray here).
+
+The embedded default is a SQLite store in the working directory
+(``sqlite:///mlflow.db``); ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` points
+at a server. A registered model version's source is the run's ``checkpoint``
+artifact folder, a plain topro checkpoint (safetensors + tokenizer +
+``topro.json``), so serving downloads it and loads it like any checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure(uri: str | None = None) -> str:
+    """Point MLflow at ``uri`` (or the default) and return it."""
+    import mlflow
+
+    resolved = tracking_uri(uri)
+    mlflow.set_tracking_uri(resolved)
+    return resolved
+
+
+def registered_name(task: str, method: str) -> str:
+    """The registry name of the best model per task and method."""
+    return f"topro-{task}-{method}"
+
+
+def register_checkpoint(run_id: str, name: str, alias: str | None = "champion",
+                        artifact_path: str = CHECKPOINT_ARTIFACT, description: str = "") -> str:
+    """Register the run's checkpoint artifact folder as a new version of ``name``; returns the version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, description=description or None)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+def resolve_checkpoint(uri: str, cache: str | os.PathLike | None = None) -> Path:
+    """A local checkpoint folder for a path, ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``runs:/`` URI."""
+    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        path = Path(uri).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: no such checkpoint folder")
+        return path
+    import mlflow
+    from mlflow import MlflowClient
+
+    source = uri
+    if uri.startswith("models:/"):
+        client = MlflowClient()
+        ref = uri[len("models:/"):]
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, number = ref.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        source = version.source
+    root = Path(cache or Path(os.environ.get("TOPRO_CACHE", Path.home() / ".cache" / "topro")) / "registry")
+    target = root / hashlib.sha1(source.encode()).hexdigest()[:16]
+    if not (target / "topro.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
+        if local != target and (local / "topro.json").is_file():
+            target = local
+    found = target if (target / "topro.json").is_file() else next(target.rglob("topro.json"), None)
+    if found is None:
+        raise FileNotFoundError(f"{uri} ({source}): no topro checkpoint (topro.json) in the artifacts")
+    return found if found.is_dir() else found.parent

@@ -1,0 +1,95 @@
+"""Shared fixtures: real XTREME data from ../shared, tiny random models of real architectures."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("TOPRO_SHARED_DIR", REPO.parent / "shared"))
+DATA_DIR = SHARED / "data" / "xtreme"
+
+# Set before anything imports topro, so subprocesses and Ray workers inherit them.
+os.environ.setdefault("TOPRO_DATA_DIR", str(DATA_DIR))
+os.environ.setdefault("TOPRO_CACHE", str(REPO / ".cache" / "topro-test"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA_DIR.is_dir(), f"real XTREME data expected at {DATA_DIR} (set TOPRO_SHARED_DIR)"
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_udpos(data_dir) -> str:
+    from topro.models import build_tiny_model
+
+    return str(build_tiny_model("udpos", str(data_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_panx(data_dir) -> str:
+    from topro.models import build_tiny_model
+
+    return str(build_tiny_model("panx", str(data_dir)))
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory, data_dir) -> Path:
+    """A small sentencepiece model trained on real data, label words kept whole."""
+    import sentencepiece as spm
+
+    from topro.data import load_split
+    from topro.prompts import get_verbalizer, list_verbalizers
+
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    lines = [" ".join(s.words) for lang in ("en", "de", "ru") for s in load_split("udpos", lang, "train" if lang == "en" else "dev", limit=300)]
+    corpus.write_text("\n".join(lines))
+    words = sorted({w for t in ("udpos", "panx") for v in list_verbalizers(t) if v.startswith("topro")
+                    for w in get_verbalizer(t, v).words.values()})
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=2000,
+                                   user_defined_symbols=words, character_coverage=1.0, bos_id=-1, eos_id=-1,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    return folder / "sp.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tmp_path_factory, spm_model) -> str:
+    """A tiny random XLM-R masked LM with a real sentencepiece tokenizer."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-xlmr")
+    shutil.copy(spm_model, folder / "sentencepiece.bpe.model")  # converted to a fast tokenizer on load
+    tok = XLMRobertaTokenizer.from_pretrained(folder)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=520, type_vocab_size=1,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    XLMRobertaForMaskedLM(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_mt5(tmp_path_factory, spm_model) -> str:
+    """A tiny random mT5 with a real sentencepiece tokenizer (with T5 sentinels)."""
+    import torch
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-mt5")
+    shutil.copy(spm_model, folder / "spiece.model")
+    tok = T5Tokenizer.from_pretrained(folder, extra_ids=10)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = MT5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                    num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    decoder_start_token_id=tok.pad_token_id)
+    MT5ForConditionalGeneration(cfg).save_pretrained(folder)
+    return str(folder)

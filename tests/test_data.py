@@ -1,0 +1,71 @@
+import pytest
+
+from topro.data import DataFormatError, available_languages, get_task, load_split, read_conll, read_conllu, read_xtreme_tsv
+
+
+def test_real_udpos_english_train_counts(data_dir):
+    sentences = load_split("udpos", "en", "train", data_dir)
+    assert len(sentences) == 21253
+    assert sum(len(s) for s in sentences) == 375194
+    assert all(len(s.words) == len(s.tags) for s in sentences)
+    assert set(t for s in sentences for t in s.tags) <= set(get_task("udpos").labels)
+
+
+def test_panx_languages_and_limit(data_dir):
+    langs = available_languages("panx", "dev", data_dir)
+    assert "en" in langs and "zh" not in langs  # PAN-X zh ships no dev split
+    assert len(load_split("panx", "de", "dev", data_dir, limit=7)) == 7
+
+
+def test_last_sentence_without_trailing_blank_line(tmp_path):
+    path = tmp_path / "x.tsv"
+    path.write_text("a\tNOUN\nb\tVERB\n\nc\tDET\nd\tNOUN")
+    sentences = read_xtreme_tsv(path, labels=get_task("udpos").labels)
+    assert [s.words for s in sentences] == [["a", "b"], ["c", "d"]]
+    assert sentences[1].source.endswith("x.tsv:4")
+
+
+def test_line_without_tab_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("a\tNOUN\nb VERB\n")
+    with pytest.raises(DataFormatError, match=r"bad.tsv:2: .*no tab"):
+        read_xtreme_tsv(path)
+
+
+def test_unknown_tag_shows_allowed_set(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("a\tNOUN\n\nb\tNOPE\n")
+    with pytest.raises(DataFormatError, match=r"bad.tsv:3: unknown tag 'NOPE'.*allowed tags: \['ADJ'"):
+        read_xtreme_tsv(path, labels=get_task("udpos").labels)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("")
+    with pytest.raises(DataFormatError, match="empty"):
+        read_xtreme_tsv(path)
+
+
+def test_missing_split_lists_available_languages(data_dir):
+    with pytest.raises(DataFormatError, match=r"no dev split for language 'zh'.*languages with a dev split"):
+        load_split("panx", "zh", "dev", data_dir)
+
+
+def test_conllu_skips_multiword_and_empty_nodes(tmp_path):
+    path = tmp_path / "x.conllu"
+    rows = ["# text = Vámonos al mar", "1-2\tVámonos\t_\t_\t_\t_\t_\t_\t_\t_",
+            "1\tVamos\tir\tVERB\t_\t_\t0\troot\t_\t_", "2\tnos\tnosotros\tPRON\t_\t_\t1\tobj\t_\t_",
+            "2.1\tX\t_\tNOUN\t_\t_\t_\t_\t_\t_", "3\tal\ta\tADP\t_\t_\t1\tcase\t_\t_"]
+    path.write_text("\n".join(rows) + "\n")
+    [sentence] = read_conllu(path, labels=get_task("udpos").labels)
+    assert sentence.words == ["Vamos", "nos", "al"] and sentence.tags == ["VERB", "PRON", "ADP"]
+
+
+def test_two_column_conll(tmp_path):
+    path = tmp_path / "x.conll"
+    path.write_text("-DOCSTART- O\n\nBerlin B-LOC\nis O\n\nbad line here\n")
+    with pytest.raises(DataFormatError, match=r"x.conll:6"):
+        read_conll(path)
+    path.write_text("-DOCSTART- O\n\nBerlin B-LOC\nis O\n")
+    [sentence] = read_conll(path, labels=get_task("panx").labels)
+    assert sentence.tags == ["B-LOC", "O"]

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from topro.batching import shard_batches, token_budget_batches
+from topro.data import load_split
+from topro.methods import MethodSpec, build_method
+from topro.methods.topro_mlm import full_vocab_label_logits
+from topro.models import load_tokenizer
+
+
+def spec(method, task="udpos", **kw):
+    from topro.data import get_task
+
+    return MethodSpec(method=method, task=task, labels=list(get_task(task).labels), base_model="test", **kw)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_udpos", "tiny_xlmr"])
+def test_label_restricted_head_equals_full_vocabulary(request, model_fixture, data_dir):
+    path = request.getfixturevalue(model_fixture)
+    method = build_method(spec("topro"), path)
+    model = method.build_model(path).eval()
+    sentences = load_split("udpos", "de", "dev", data_dir, limit=4)
+    batch = method.collate(method.encode(sentences))
+    with torch.no_grad():
+        fast = method._label_logits(model, batch)
+        full = full_vocab_label_logits(model, batch, method.label_ids)
+    assert fast.shape == (sum(len(s) for s in sentences), 17)
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+
+
+def test_topro_prompt_keeps_question_and_mask_when_sentence_is_trimmed(tiny_udpos, data_dir):
+    method = build_method(spec("topro", max_length=24), tiny_udpos)
+    sentence = max(load_split("udpos", "en", "dev", data_dir, limit=200), key=len)
+    examples = method.encode([sentence])
+    assert len(examples) == len(sentence)  # one prompt per word, none dropped
+    tok = method.tokenizer
+    for example, word in zip(examples, sentence.words):
+        assert example.input_ids[example.positions[0]] == tok.mask_token_id
+        assert example.length <= 24 or example.trimmed_context
+        question = tok.decode(example.input_ids[example.positions[0] - 8: example.positions[0]])
+        assert "kind of" in question
+    assert sum(e.trimmed_context for e in examples) > 0
+
+
+def test_vanilla_counts_truncated_words_and_still_scores_them(tiny_udpos, data_dir):
+    from topro.evaluate import evaluate_sentences
+
+    method = build_method(spec("vanilla", max_length=16), tiny_udpos)
+    model = method.build_model(tiny_udpos)
+    sentences = load_split("udpos", "en", "dev", data_dir, limit=30)
+    examples = method.encode(sentences)
+    truncated = sum(e.truncated_words for e in examples)
+    assert truncated > 0
+    assert all(len(e.words) + e.truncated_words == len(s) for e, s in zip(examples, sentences))
+    result = evaluate_sentences(method, model, "udpos", sentences)
+    assert result["n_truncated_words"] == truncated
+    assert result["n_words"] == sum(len(s) for s in sentences)  # truncated words stay in the denominator
+
+
+def test_label_word_policy_strict_names_word_and_tokenizer(tiny_xlmr):
+    tok = load_tokenizer(tiny_xlmr)
+    with pytest.raises(ValueError, match=r"label word 'adjective' is \d+ tokens .* tokenizer"):
+        build_method(spec("topro", verbalizer="tag_names", label_word_policy="strict"), tiny_xlmr, tok)
+
+
+def test_seq2seq_scores_every_label_and_learns(tiny_mt5, data_dir):
+    torch.manual_seed(0)
+    method = build_method(spec("topro"), tiny_mt5)
+    assert type(method).__name__ == "ToProSeq2Seq"
+    model = method.build_model(tiny_mt5)
+    sentences = load_split("udpos", "en", "train", data_dir, limit=3)
+    batch = method.collate(method.encode(sentences))
+    model.eval()
+    with torch.no_grad():
+        lp = method.label_log_probs(model, batch)
+        # naive reference: one forward per (prompt, label), summed token log-probs
+        row, label = 1, 5
+        target = torch.tensor([method.targets[label]])
+        out = model(input_ids=batch["input_ids"][row:row + 1], attention_mask=batch["attention_mask"][row:row + 1],
+                    labels=target)
+        naive = -out.loss * target.shape[1]
+        all_labels = []
+        for j in range(17):
+            t = torch.tensor([method.targets[j]])
+            o = model(input_ids=batch["input_ids"][row:row + 1], attention_mask=batch["attention_mask"][row:row + 1], labels=t)
+            all_labels.append(-o.loss * t.shape[1])
+        expected = naive - torch.logsumexp(torch.stack(all_labels), 0)
+    assert lp.shape == (batch["input_ids"].shape[0], 17)
+    torch.testing.assert_close(lp[row, label], expected, atol=1e-4, rtol=1e-4)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = method.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_token_budget_batches_cover_everything_within_budget():
+    lengths = [5, 50, 7, 12, 33, 8, 90, 3] * 20
+    batches = token_budget_batches(lengths, max_tokens=200, max_examples=16, shuffle=True, seed=1)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 16 and max(lengths[i] for i in b) * len(b) <= 200 or len(b) == 1
+    shards = [shard_batches(batches, r, 3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1

@@ -1,0 +1,39 @@
+"""End to end on real data and the tiny model: ``topro train`` then ``topro evaluate``."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from topro.cli import main
+
+
+@pytest.mark.parametrize("task,method", [("udpos", "topro"), ("panx", "vanilla")])
+def test_train_then_evaluate(tmp_path, data_dir, task, method, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--config", f"configs/train/{task}-{method}.yaml", "--data-dir", str(data_dir),
+                 "--output", str(out), "max_train_sentences=40", "max_dev_sentences=20", "epochs=2",
+                 "eval_langs=[]", "progress=false", "learning_rate=1e-3"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and metrics["n_train_sentences"] == 40
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    load_file(out / "checkpoint" / "model.safetensors")  # safetensors, no pickle
+    langs = "de,ru" if task == "udpos" else "de,el"
+    result = tmp_path / "eval.json"
+    code = main(["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", langs, "--data-dir", str(data_dir),
+                 "--max-sentences", "15", "--output", str(result)])
+    assert code == 0
+    record = json.loads(result.read_text())
+    assert record["task"] == task and record["method"] == method
+    metric = "accuracy" if task == "udpos" else "f1"
+    for lang in langs.split(","):
+        r = record["languages"][lang]
+        assert 0.0 <= r[metric] <= 1.0 and r["n_sentences"] == 15 and "n_truncated_words" in r
+    assert set(record["average"]) >= {metric, "n_languages"}
+    if task == "panx":
+        assert "viterbi" in record["languages"]["de"]
+
+
+def test_bad_override_exits_with_named_error(capsys):
+    assert main(["train", "--config", "configs/train/udpos-topro.yaml", "lerning_rate=1"]) == 2
+    assert "unknown key 'lerning_rate'" in capsys.readouterr().err
