@@ -1,0 +1,43 @@
+"""Starting or joining Ray.
+
+With no address (argument or ``RAY_ADDRESS``) Ray starts in-process on
+127.0.0.1: the embedded default for one machine. That path sets
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (without it Ray binds the machine's
+external interface even when told 127.0.0.1) and disables token auth for the
+local dashboard. Neither is touched when joining a real cluster.
+"""
+from __future__ import annotations
+
+import os
+
+LOCAL_OBJECT_STORE_BYTES = 768 * 1024 * 1024
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment for a loopback-only local Ray (also given to Ray workers)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool = True,
+             log_to_driver: bool = True):
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local Ray on 127.0.0.1. Idempotent."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        for key, value in local_ray_env().items():
+            os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    passthrough = {k: os.environ[k] for k in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "MLFLOW_TRACKING_URI",
+                                              "HF_HUB_OFFLINE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH")
+                   if k in os.environ}
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": {**local_ray_env(), **passthrough}})
+    else:
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": passthrough})
+    return ray
