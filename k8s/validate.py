@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -445,8 +446,12 @@ def unknown_serve_keys(value, model, path: tuple, overrides: dict) -> list[tuple
     return found
 
 
-def serve_config_problems(text: str, repo_root: Path) -> list[tuple[tuple, str, int | None]]:
-    """(path inside the Serve config, message, 0-based line inside it if known) for a serveConfigV2 string."""
+def serve_config_problems(text: str, repo_root: Path, in_cluster: bool = True) -> list[tuple[tuple, str, int | None]]:
+    """(path inside the Serve config, message, 0-based line inside it if known) for a Serve config.
+
+    in_cluster: the config is a RayService's serveConfigV2 (http_options must not bind loopback);
+    False for serve/config.yaml, which binds 127.0.0.1 for local `serve run` on purpose.
+    """
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -455,8 +460,11 @@ def serve_config_problems(text: str, repo_root: Path) -> list[tuple[tuple, str, 
         return [((), f"not valid YAML: {what or exc}", mark.line if mark else None)]
     try:
         from pydantic import ValidationError as PydanticValidationError
-        from ray.serve.config import AutoscalingConfig
-        from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+        with warnings.catch_warnings():  # Ray's own pydantic deprecation noise
+            warnings.simplefilter("ignore")
+            from ray.serve.config import AutoscalingConfig
+            from ray.serve.schema import DeploymentSchema, ServeDeploySchema
     except ImportError as exc:  # a real failure, not a skip: the check did not run
         return [((), f"cannot validate: Ray Serve is not installed ({exc})", None)]
     if not isinstance(config, dict):
@@ -495,7 +503,7 @@ def serve_config_problems(text: str, repo_root: Path) -> list[tuple[tuple, str, 
                 (("applications", index, "import_path"), f"module {module!r} of {import_path!r} not found in the repository", None)
             )
     host = get(config, ("http_options", "host"))
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if in_cluster and host in ("127.0.0.1", "localhost", "::1"):
         problems.append(
             (("http_options", "host"), f"{host} is unreachable from the Serve Service in-cluster; leave http_options to KubeRay", None)
         )
