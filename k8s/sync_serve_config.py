@@ -83,10 +83,7 @@ def replace_serve_config_block(manifest: str, config: str) -> str:
 
 
 def gpu_patch(applications: list[dict]) -> str:
-    header = (
-        f"{GENERATED_NOTE}\n"
-        "# GPU overlay: the base RayService's Serve config with one GPU per Tagger replica.\n"
-    )
+    header = f"{GENERATED_NOTE}\n# GPU overlay: the base RayService's Serve config with one GPU per Tagger replica.\n"
     patch = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

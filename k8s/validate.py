@@ -34,7 +34,6 @@ This is project tooling, not part of the topro package: it needs the dev extras
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import functools
 import json
@@ -88,7 +87,7 @@ if getattr(yaml, "__with_libyaml__", False):
 else:  # pragma: no cover - pure-Python fallback is only slower
     _YAML_LOADER = yaml.SafeLoader
 
-Path_ = tuple  # a field path: keys and list indices from the resource's root
+FieldPath = tuple  # keys and list indices from the resource's root
 
 
 # --------------------------------------------------------------------------- results
@@ -97,7 +96,7 @@ Path_ = tuple  # a field path: keys and list indices from the resource's root
 @dataclass
 class Problem:
     check: str  # schema | policy | ray | serve | yaml
-    path: Path_
+    path: FieldPath
     message: str
     line: int | None = None
 
@@ -123,7 +122,7 @@ class Manifest:
     def resource(self) -> str:
         return f"{self.kind}/{self.name}"
 
-    def line_of(self, path: Path_) -> int | None:
+    def line_of(self, path: FieldPath) -> int | None:
         """1-based line of the deepest node on `path` that exists in the source."""
         node = self.node
         if node is None:
@@ -159,7 +158,7 @@ class Result:
         return out
 
 
-def format_path(path: Path_) -> str:
+def format_path(path: FieldPath) -> str:
     text = ""
     for part in path:
         if isinstance(part, int):
@@ -171,7 +170,7 @@ def format_path(path: Path_) -> str:
     return text or "(root)"
 
 
-def get(data, path: Path_, default=None):
+def get(data, path: FieldPath, default=None):
     for part in path:
         if isinstance(part, int):
             if not isinstance(data, list) or part >= len(data):
@@ -260,7 +259,7 @@ def _list_map_keys(validator, keys, instance, schema):
             continue
         key = tuple(item.get(k) for k in keys)
         if key in seen:
-            shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
+            shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key, strict=True))
             yield jsonschema.ValidationError(f"duplicate entry ({shown}), also at index {seen[key]}", path=[index])
         else:
             seen[key] = index
@@ -500,12 +499,20 @@ def serve_config_problems(text: str, repo_root: Path, in_cluster: bool = True) -
         if isinstance(import_path, str) and not import_path_exists(import_path, repo_root):
             module = re.split(r"[:]", import_path)[0]
             problems.append(
-                (("applications", index, "import_path"), f"module {module!r} of {import_path!r} not found in the repository", None)
+                (
+                    ("applications", index, "import_path"),
+                    f"module {module!r} of {import_path!r} not found in the repository",
+                    None,
+                )
             )
     host = get(config, ("http_options", "host"))
     if in_cluster and host in ("127.0.0.1", "localhost", "::1"):
         problems.append(
-            (("http_options", "host"), f"{host} is unreachable from the Serve Service in-cluster; leave http_options to KubeRay", None)
+            (
+                ("http_options", "host"),
+                f"{host} is unreachable from the Serve Service in-cluster; leave http_options to KubeRay",
+                None,
+            )
         )
     return problems
 
@@ -517,7 +524,9 @@ def import_path_exists(import_path: str, repo_root: Path) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _serve_config_line(manifest: Manifest, key_path: Path_, inner_path: tuple, text: str, inner_line: int | None) -> int | None:
+def _serve_config_line(
+    manifest: Manifest, key_path: FieldPath, inner_path: tuple, text: str, inner_line: int | None
+) -> int | None:
     """Line of `inner_path` (or 0-based `inner_line`) inside a `serveConfigV2: |` block, in the manifest's source."""
     key_line = manifest.line_of(key_path)
     value_node = manifest.node
@@ -604,11 +613,23 @@ class Validator:
         if kind == "Service":
             service_type = get(data, ("spec", "type"), "ClusterIP")
             if service_type != "ClusterIP":
-                problems.append(Problem("policy", ("spec", "type"), f"Service type {service_type} exposes it outside the cluster; only ClusterIP is allowed (use kubectl port-forward)"))
+                problems.append(
+                    Problem(
+                        "policy",
+                        ("spec", "type"),
+                        f"Service type {service_type} exposes it outside the cluster; only ClusterIP is allowed (use kubectl port-forward)",
+                    )
+                )
         elif kind in ("Ingress", "Route", "Gateway", "HTTPRoute"):
             problems.append(Problem("policy", ("kind",), f"{kind} exposes services outside the cluster; not allowed"))
         elif kind == "Secret":
-            problems.append(Problem("policy", ("kind",), "Secrets must not live in the manifests; create them in the cluster (see k8s/README.md)"))
+            problems.append(
+                Problem(
+                    "policy",
+                    ("kind",),
+                    "Secrets must not live in the manifests; create them in the cluster (see k8s/README.md)",
+                )
+            )
         if kind in WORKLOAD_POD_SPEC:
             path = WORKLOAD_POD_SPEC[kind]
             problems += self.check_pod(data, path, ray_node=False)
@@ -619,7 +640,13 @@ class Validator:
         if kind == "RayService":
             service_type = get(data, ("spec", "serveService", "spec", "type"), "ClusterIP")
             if service_type != "ClusterIP":
-                problems.append(Problem("policy", ("spec", "serveService", "spec", "type"), f"Service type {service_type} exposes the endpoint outside the cluster; only ClusterIP is allowed"))
+                problems.append(
+                    Problem(
+                        "policy",
+                        ("spec", "serveService", "spec", "type"),
+                        f"Service type {service_type} exposes the endpoint outside the cluster; only ClusterIP is allowed",
+                    )
+                )
         return problems
 
     def check_credentials(self, data) -> list[Problem]:
@@ -629,7 +656,13 @@ class Validator:
             if isinstance(value, dict):
                 if isinstance(value.get("name"), str) and "value" in value and path[-2:-1] == ("env",):
                     if CREDENTIAL_ENV_NAME.search(value["name"]) and value["value"] not in (None, ""):
-                        problems.append(Problem("policy", path + ("value",), f"literal credential in env {value['name']}; use valueFrom.secretKeyRef"))
+                        problems.append(
+                            Problem(
+                                "policy",
+                                path + ("value",),
+                                f"literal credential in env {value['name']}; use valueFrom.secretKeyRef",
+                            )
+                        )
                 for key, sub in value.items():
                     walk(sub, path + (key,))
             elif isinstance(value, list):
@@ -641,15 +674,25 @@ class Validator:
         walk(data, ())
         return problems
 
-    def check_ray_cluster_policy(self, data, spec_path: Path_) -> list[Problem]:
+    def check_ray_cluster_policy(self, data, spec_path: FieldPath) -> list[Problem]:
         spec = get(data, spec_path)
         problems = []
         head = spec_path + ("headGroupSpec",)
         service_type = get(data, head + ("serviceType",), "ClusterIP")
         if service_type != "ClusterIP":
-            problems.append(Problem("policy", head + ("serviceType",), f"head Service type {service_type} exposes the Ray dashboard and job API; only ClusterIP is allowed"))
+            problems.append(
+                Problem(
+                    "policy",
+                    head + ("serviceType",),
+                    f"head Service type {service_type} exposes the Ray dashboard and job API; only ClusterIP is allowed",
+                )
+            )
         if get(data, head + ("enableIngress",)) is True:
-            problems.append(Problem("policy", head + ("enableIngress",), "an Ingress exposes the Ray dashboard and job API; not allowed"))
+            problems.append(
+                Problem(
+                    "policy", head + ("enableIngress",), "an Ingress exposes the Ray dashboard and job API; not allowed"
+                )
+            )
         groups = [head] + [spec_path + ("workerGroupSpecs", i) for i in range(len(spec.get("workerGroupSpecs") or []))]
         for group in groups:
             if isinstance(get(data, group + ("template", "spec")), dict):
@@ -658,24 +701,38 @@ class Validator:
             context_path = spec_path + ("autoscalerOptions", "securityContext")
             context = get(data, context_path)
             if not isinstance(context, dict):
-                problems.append(Problem("policy", spec_path + ("autoscalerOptions",), "autoscaler sidecar has no securityContext (set allowPrivilegeEscalation: false, capabilities.drop: [ALL])"))
+                problems.append(
+                    Problem(
+                        "policy",
+                        spec_path + ("autoscalerOptions",),
+                        "autoscaler sidecar has no securityContext (set allowPrivilegeEscalation: false, capabilities.drop: [ALL])",
+                    )
+                )
             else:
                 # The autoscaler is a sidecar of the head pod: the head's pod securityContext applies too.
                 head_pod_context = get(data, head + ("template", "spec", "securityContext")) or {}
                 problems += self.check_container_context(context, head_pod_context, context_path, ray_node=True)
         return problems
 
-    def check_pod(self, data, pod_path: Path_, ray_node: bool) -> list[Problem]:
+    def check_pod(self, data, pod_path: FieldPath, ray_node: bool) -> list[Problem]:
         pod = get(data, pod_path)
         if not isinstance(pod, dict):
             return []
         problems = []
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             if pod.get(flag) is True:
-                problems.append(Problem("policy", pod_path + (flag,), f"{flag} shares the node's namespaces; not allowed"))
+                problems.append(
+                    Problem("policy", pod_path + (flag,), f"{flag} shares the node's namespaces; not allowed")
+                )
         for index, volume in enumerate(pod.get("volumes") or []):
             if isinstance(volume, dict) and "hostPath" in volume:
-                problems.append(Problem("policy", pod_path + ("volumes", index, "hostPath"), "hostPath volumes reach into the node; not allowed"))
+                problems.append(
+                    Problem(
+                        "policy",
+                        pod_path + ("volumes", index, "hostPath"),
+                        "hostPath volumes reach into the node; not allowed",
+                    )
+                )
         pod_context = pod.get("securityContext") if isinstance(pod.get("securityContext"), dict) else {}
         for list_name in ("initContainers", "containers"):
             for index, container in enumerate(pod.get(list_name) or []):
@@ -684,20 +741,34 @@ class Validator:
                 path = pod_path + (list_name, index)
                 context = container.get("securityContext")
                 if not isinstance(context, dict):
-                    problems.append(Problem("policy", path, "no securityContext (need runAsNonRoot, allowPrivilegeEscalation: false, capabilities.drop: [ALL])"))
+                    problems.append(
+                        Problem(
+                            "policy",
+                            path,
+                            "no securityContext (need runAsNonRoot, allowPrivilegeEscalation: false, capabilities.drop: [ALL])",
+                        )
+                    )
                     context = {}
                 problems += self.check_container_context(context, pod_context, path + ("securityContext",), ray_node)
                 problems += self.check_container_basics(container, path)
         return problems
 
-    def check_container_context(self, context: dict, pod_context: dict, path: Path_, ray_node: bool) -> list[Problem]:
+    def check_container_context(
+        self, context: dict, pod_context: dict, path: FieldPath, ray_node: bool
+    ) -> list[Problem]:
         problems = []
         run_as_non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
         run_as_user = context.get("runAsUser", pod_context.get("runAsUser"))
         if run_as_user == 0:
             problems.append(Problem("policy", path + ("runAsUser",), "container runs as root (runAsUser: 0)"))
         elif run_as_non_root is not True:
-            problems.append(Problem("policy", path + ("runAsNonRoot",), "container may run as root: set runAsNonRoot: true (container or pod securityContext)"))
+            problems.append(
+                Problem(
+                    "policy",
+                    path + ("runAsNonRoot",),
+                    "container may run as root: set runAsNonRoot: true (container or pod securityContext)",
+                )
+            )
         if context.get("privileged") is True:
             problems.append(Problem("policy", path + ("privileged",), "privileged containers are not allowed"))
         if context.get("allowPrivilegeEscalation") is not False:
@@ -706,33 +777,59 @@ class Validator:
             problems.append(Problem("policy", path + ("capabilities", "drop"), "must drop ALL capabilities"))
         added = get(context, ("capabilities", "add")) or []
         if added:
-            problems.append(Problem("policy", path + ("capabilities", "add"), f"adds capabilities {added}; not allowed"))
+            problems.append(
+                Problem("policy", path + ("capabilities", "add"), f"adds capabilities {added}; not allowed")
+            )
         seccomp = get(context, ("seccompProfile", "type"), get(pod_context, ("seccompProfile", "type")))
         if seccomp not in ("RuntimeDefault", "Localhost"):
-            problems.append(Problem("policy", path + ("seccompProfile",), "set seccompProfile.type: RuntimeDefault (pod or container securityContext)"))
+            problems.append(
+                Problem(
+                    "policy",
+                    path + ("seccompProfile",),
+                    "set seccompProfile.type: RuntimeDefault (pod or container securityContext)",
+                )
+            )
         read_only = context.get("readOnlyRootFilesystem")
         if ray_node:
             # Ray nodes write their session, runtime environments and caches
             # outside any one directory: they may keep a writable root, but must say so.
             if read_only is None:
-                problems.append(Problem("policy", path + ("readOnlyRootFilesystem",), "set explicitly (true, or false with a reason: Ray nodes may need a writable root)"))
+                problems.append(
+                    Problem(
+                        "policy",
+                        path + ("readOnlyRootFilesystem",),
+                        "set explicitly (true, or false with a reason: Ray nodes may need a writable root)",
+                    )
+                )
         elif read_only is not True:
-            problems.append(Problem("policy", path + ("readOnlyRootFilesystem",), "must be true (mount an emptyDir where the container writes)"))
+            problems.append(
+                Problem(
+                    "policy",
+                    path + ("readOnlyRootFilesystem",),
+                    "must be true (mount an emptyDir where the container writes)",
+                )
+            )
         return problems
 
-    def check_container_basics(self, container: dict, path: Path_) -> list[Problem]:
+    def check_container_basics(self, container: dict, path: FieldPath) -> list[Problem]:
         problems = []
         image = container.get("image")
         if isinstance(image, str):
             name, _, digest = image.partition("@")
             tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else None
             if not digest and tag in (None, "latest"):
-                problems.append(Problem("policy", path + ("image",), f"image {image!r} is not pinned: use a version tag or a digest"))
+                problems.append(
+                    Problem(
+                        "policy", path + ("image",), f"image {image!r} is not pinned: use a version tag or a digest"
+                    )
+                )
         for bound in ("requests", "limits"):
             values = get(container, ("resources", bound)) or {}
             missing = [r for r in ("cpu", "memory") if r not in values]
             if missing:
-                problems.append(Problem("policy", path + ("resources", bound), f"missing {' and '.join(missing)} {bound}"))
+                problems.append(
+                    Problem("policy", path + ("resources", bound), f"missing {' and '.join(missing)} {bound}")
+                )
         return problems
 
     # ---- Ray: versions, entrypoints, Serve config
@@ -751,18 +848,28 @@ class Validator:
             problems += self.check_serve_config(manifest)
         return problems
 
-    def check_ray_version(self, cluster: dict, spec_path: Path_) -> list[Problem]:
+    def check_ray_version(self, cluster: dict, spec_path: FieldPath) -> list[Problem]:
         version = cluster.get("rayVersion")
         path = spec_path + ("rayVersion",)
         if not version:
             return [Problem("ray", path, "rayVersion is not set (pin the Ray version the image runs)")]
         if self.ray_version is None:
-            return [Problem("ray", path, f"cannot compare with the image: no 'ARG RAY_VERSION=' in {display_path(DOCKERFILE)}")]
+            return [
+                Problem(
+                    "ray", path, f"cannot compare with the image: no 'ARG RAY_VERSION=' in {display_path(DOCKERFILE)}"
+                )
+            ]
         if str(version) != self.ray_version:
-            return [Problem("ray", path, f"rayVersion {version} differs from the image's Ray {self.ray_version} (Dockerfile RAY_VERSION)")]
+            return [
+                Problem(
+                    "ray",
+                    path,
+                    f"rayVersion {version} differs from the image's Ray {self.ray_version} (Dockerfile RAY_VERSION)",
+                )
+            ]
         return []
 
-    def check_tracking_uri(self, data, spec_path: Path_) -> list[Problem]:
+    def check_tracking_uri(self, data, spec_path: FieldPath) -> list[Problem]:
         cluster = get(data, spec_path)
         groups = [spec_path + ("headGroupSpec",)] + [
             spec_path + ("workerGroupSpecs", i) for i in range(len(cluster.get("workerGroupSpecs") or []))
@@ -775,7 +882,13 @@ class Validator:
                 continue
             names = {e.get("name") for e in container.get("env") or [] if isinstance(e, dict)}
             if "MLFLOW_TRACKING_URI" not in names:
-                problems.append(Problem("ray", container_path + ("env",), "MLFLOW_TRACKING_URI is not set (runs would not reach the tracking server)"))
+                problems.append(
+                    Problem(
+                        "ray",
+                        container_path + ("env",),
+                        "MLFLOW_TRACKING_URI is not set (runs would not reach the tracking server)",
+                    )
+                )
         return problems
 
     def check_entrypoint(self, data) -> list[Problem]:
@@ -819,7 +932,9 @@ class Validator:
             return [Problem("ray", path, "clusterSelector must name the cluster with the key ray.io/cluster")]
         if name not in ray_clusters:
             known = ", ".join(sorted(ray_clusters)) or "none"
-            return [Problem("ray", path, f"no RayCluster {name!r} among the resources applied with it (found: {known})")]
+            return [
+                Problem("ray", path, f"no RayCluster {name!r} among the resources applied with it (found: {known})")
+            ]
         return []
 
     def check_serve_config(self, manifest: Manifest) -> list[Problem]:
@@ -908,7 +1023,9 @@ def _read(path: Path, report: Report) -> list[Manifest]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, help="manifest files or kustomization directories")
-    parser.add_argument("--k8s-version", help=f"Kubernetes schema version (default ${{TOPRO_K8S_VERSION}} or {DEFAULT_K8S_VERSION})")
+    parser.add_argument(
+        "--k8s-version", help=f"Kubernetes schema version (default ${{TOPRO_K8S_VERSION}} or {DEFAULT_K8S_VERSION})"
+    )
     args = parser.parse_args(argv)
     if args.k8s_version:
         os.environ["TOPRO_K8S_VERSION"] = args.k8s_version

@@ -8,7 +8,6 @@ config schema, through k8s/validate.py.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import shlex
@@ -55,8 +54,10 @@ def _by_kind(docs: list[dict], kind: str) -> dict:
 @pytest.fixture(scope="module")
 def rendered():
     """What `kubectl apply -k` would apply: the base and each overlay, rendered once."""
-    return {path.relative_to(REPO_ROOT).as_posix(): _docs(k8s_validate.kustomize_build(path))
-            for path in k8s_validate.kustomization_dirs()}
+    return {
+        path.relative_to(REPO_ROOT).as_posix(): _docs(k8s_validate.kustomize_build(path))
+        for path in k8s_validate.kustomization_dirs()
+    }
 
 
 # --------------------------------------------------------------------------- the real manifests
@@ -75,8 +76,12 @@ def test_k8s_all_manifests_validate(validator):
 
 def test_k8s_kustomize_renders_base_and_gpu_overlay(rendered):
     expected = {
-        ("PersistentVolumeClaim", "mlflow-data"), ("Deployment", "mlflow"), ("Service", "mlflow"),
-        ("NetworkPolicy", "mlflow"), ("RayCluster", "topro-ray"), ("RayJob", "topro-sweep-demo"),
+        ("PersistentVolumeClaim", "mlflow-data"),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("NetworkPolicy", "mlflow"),
+        ("RayCluster", "topro-ray"),
+        ("RayJob", "topro-sweep-demo"),
         ("RayService", "topro-tagging"),
     }
     assert set(rendered) == {"k8s", "k8s/overlays/gpu"}
@@ -160,8 +165,13 @@ def test_k8s_mlflow_server_command(rendered):
     deployment = _by_kind(rendered["k8s"], "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     script = container["args"][0]
-    for flag in ("--serve-artifacts", "--artifacts-destination /mlflow/artifacts", "--workers 1", "--host 0.0.0.0",
-                 '"${MLFLOW_BACKEND_STORE_URI:-sqlite:////mlflow/mlflow.db}"'):
+    for flag in (
+        "--serve-artifacts",
+        "--artifacts-destination /mlflow/artifacts",
+        "--workers 1",
+        "--host 0.0.0.0",
+        '"${MLFLOW_BACKEND_STORE_URI:-sqlite:////mlflow/mlflow.db}"',
+    ):
         assert flag in script, flag
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
@@ -183,106 +193,211 @@ def _broken(path: Path, *replacements: tuple[str, str]) -> list:
     return k8s_validate.load_manifests(text, f"k8s/base/{path.name}")
 
 
-RAYCLUSTER, RAYJOB, RAYSERVICE, MLFLOW = (BASE / n for n in (
-    "raycluster.yaml", "rayjob-sweep.yaml", "rayservice-tagging.yaml", "mlflow.yaml"))
+RAYCLUSTER, RAYJOB, RAYSERVICE, MLFLOW = (
+    BASE / n for n in ("raycluster.yaml", "rayjob-sweep.yaml", "rayservice-tagging.yaml", "mlflow.yaml")
+)
 
 BROKEN_CASES = {
     # KubeRay CRD schema, strict
     "raycluster-unknown-field": (
-        RAYCLUSTER, [("  enableInTreeAutoscaling: true", "  enableAutoscaling: true")],
-        "RayCluster/topro-ray", "spec.enableAutoscaling",
-        'unknown field "enableAutoscaling" (did you mean "enableInTreeAutoscaling"?)'),
+        RAYCLUSTER,
+        [("  enableInTreeAutoscaling: true", "  enableAutoscaling: true")],
+        "RayCluster/topro-ray",
+        "spec.enableAutoscaling",
+        'unknown field "enableAutoscaling" (did you mean "enableInTreeAutoscaling"?)',
+    ),
     "raycluster-unknown-field-in-pod-template": (
-        RAYCLUSTER, [("            workingDir: /home/ray/topro\n", "            workDir: /home/ray/topro\n")],
-        "RayCluster/topro-ray", "spec.headGroupSpec.template.spec.containers[0].workDir",
-        'unknown field "workDir" (did you mean "workingDir"?)'),
+        RAYCLUSTER,
+        [("            workingDir: /home/ray/topro\n", "            workDir: /home/ray/topro\n")],
+        "RayCluster/topro-ray",
+        "spec.headGroupSpec.template.spec.containers[0].workDir",
+        'unknown field "workDir" (did you mean "workingDir"?)',
+    ),
     "raycluster-wrong-type": (
-        RAYCLUSTER, [("maxReplicas: 4", "maxReplicas: four")],
-        "RayCluster/topro-ray", "spec.workerGroupSpecs[0].maxReplicas", "expected integer, got string 'four'"),
+        RAYCLUSTER,
+        [("maxReplicas: 4", "maxReplicas: four")],
+        "RayCluster/topro-ray",
+        "spec.workerGroupSpecs[0].maxReplicas",
+        "expected integer, got string 'four'",
+    ),
     "raycluster-missing-required-field": (
-        RAYCLUSTER, [("    - groupName: cpu\n      replicas: 0", "    - replicas: 0")],
-        "RayCluster/topro-ray", "spec.workerGroupSpecs[0].groupName", 'required field "groupName" is missing'),
+        RAYCLUSTER,
+        [("    - groupName: cpu\n      replicas: 0", "    - replicas: 0")],
+        "RayCluster/topro-ray",
+        "spec.workerGroupSpecs[0].groupName",
+        'required field "groupName" is missing',
+    ),
     "raycluster-bad-enum": (
-        RAYCLUSTER, [("    version: v2", "    version: v3")],
-        "RayCluster/topro-ray", "spec.autoscalerOptions.version", "'v3' is not one of ['v1', 'v2']"),
+        RAYCLUSTER,
+        [("    version: v2", "    version: v3")],
+        "RayCluster/topro-ray",
+        "spec.autoscalerOptions.version",
+        "'v3' is not one of ['v1', 'v2']",
+    ),
     # Kubernetes' own schemas, strict
     "deployment-unknown-field": (
-        MLFLOW, [("  replicas: 1", "  replica: 1")],
-        "Deployment/mlflow", "spec.replica", 'unknown field "replica" (did you mean "replicas"?)'),
+        MLFLOW,
+        [("  replicas: 1", "  replica: 1")],
+        "Deployment/mlflow",
+        "spec.replica",
+        'unknown field "replica" (did you mean "replicas"?)',
+    ),
     "deployment-duplicate-env": (
-        MLFLOW, [("            - name: HOME\n", "            - name: MLFLOW_DISABLE_TELEMETRY\n")],
-        "Deployment/mlflow", "spec.template.spec.containers[0].env[3]",
-        "duplicate entry (name='MLFLOW_DISABLE_TELEMETRY'), also at index 2"),
+        MLFLOW,
+        [("            - name: HOME\n", "            - name: MLFLOW_DISABLE_TELEMETRY\n")],
+        "Deployment/mlflow",
+        "spec.template.spec.containers[0].env[3]",
+        "duplicate entry (name='MLFLOW_DISABLE_TELEMETRY'), also at index 2",
+    ),
     "pvc-wrong-type": (
-        MLFLOW, [("  accessModes: [ReadWriteOnce]", "  accessModes: ReadWriteOnce")],
-        "PersistentVolumeClaim/mlflow-data", "spec.accessModes", "expected array, got string 'ReadWriteOnce'"),
+        MLFLOW,
+        [("  accessModes: [ReadWriteOnce]", "  accessModes: ReadWriteOnce")],
+        "PersistentVolumeClaim/mlflow-data",
+        "spec.accessModes",
+        "expected array, got string 'ReadWriteOnce'",
+    ),
     # safe defaults
     "service-loadbalancer": (
-        MLFLOW, [("  type: ClusterIP", "  type: LoadBalancer")],
-        "Service/mlflow", "spec.type", "Service type LoadBalancer exposes it outside the cluster"),
+        MLFLOW,
+        [("  type: ClusterIP", "  type: LoadBalancer")],
+        "Service/mlflow",
+        "spec.type",
+        "Service type LoadBalancer exposes it outside the cluster",
+    ),
     "service-nodeport": (
-        MLFLOW, [("  type: ClusterIP", "  type: NodePort")],
-        "Service/mlflow", "spec.type", "Service type NodePort exposes it outside the cluster"),
+        MLFLOW,
+        [("  type: ClusterIP", "  type: NodePort")],
+        "Service/mlflow",
+        "spec.type",
+        "Service type NodePort exposes it outside the cluster",
+    ),
     "ray-head-service-exposed": (
-        RAYCLUSTER, [("    serviceType: ClusterIP", "    serviceType: LoadBalancer")],
-        "RayCluster/topro-ray", "spec.headGroupSpec.serviceType", "exposes the Ray dashboard and job API"),
+        RAYCLUSTER,
+        [("    serviceType: ClusterIP", "    serviceType: LoadBalancer")],
+        "RayCluster/topro-ray",
+        "spec.headGroupSpec.serviceType",
+        "exposes the Ray dashboard and job API",
+    ),
     "container-runs-as-root": (
-        MLFLOW, [("        runAsNonRoot: true\n        runAsUser: 1000", "        runAsUser: 0")],
-        "Deployment/mlflow", "spec.template.spec.containers[0].securityContext.runAsUser",
-        "container runs as root (runAsUser: 0)"),
+        MLFLOW,
+        [("        runAsNonRoot: true\n        runAsUser: 1000", "        runAsUser: 0")],
+        "Deployment/mlflow",
+        "spec.template.spec.containers[0].securityContext.runAsUser",
+        "container runs as root (runAsUser: 0)",
+    ),
     "ray-worker-may-run-as-root": (
-        RAYSERVICE, [("              runAsNonRoot: true\n              runAsUser: 1000\n", "              runAsUser: 1000\n"),
-                     ("                  runAsNonRoot: true\n", "")],
+        RAYSERVICE,
+        [
+            ("              runAsNonRoot: true\n              runAsUser: 1000\n", "              runAsUser: 1000\n"),
+            ("                  runAsNonRoot: true\n", ""),
+        ],
         "RayService/topro-tagging",
         "spec.rayClusterConfig.workerGroupSpecs[0].template.spec.containers[0].securityContext.runAsNonRoot",
-        "container may run as root"),
+        "container may run as root",
+    ),
     "privilege-escalation": (
-        RAYJOB, [("            allowPrivilegeEscalation: false", "            allowPrivilegeEscalation: true")],
-        "RayJob/topro-sweep-demo", "spec.submitterPodTemplate.spec.containers[0].securityContext.allowPrivilegeEscalation",
-        "must be false"),
+        RAYJOB,
+        [("            allowPrivilegeEscalation: false", "            allowPrivilegeEscalation: true")],
+        "RayJob/topro-sweep-demo",
+        "spec.submitterPodTemplate.spec.containers[0].securityContext.allowPrivilegeEscalation",
+        "must be false",
+    ),
     "writable-root-filesystem": (
-        MLFLOW, [("            readOnlyRootFilesystem: true", "            readOnlyRootFilesystem: false")],
-        "Deployment/mlflow", "spec.template.spec.containers[0].securityContext.readOnlyRootFilesystem", "must be true"),
+        MLFLOW,
+        [("            readOnlyRootFilesystem: true", "            readOnlyRootFilesystem: false")],
+        "Deployment/mlflow",
+        "spec.template.spec.containers[0].securityContext.readOnlyRootFilesystem",
+        "must be true",
+    ),
     "literal-credential": (
-        MLFLOW, [("            - name: HOME\n              value: /tmp",
-                  "            - name: DB_PASSWORD\n              value: hunter2")],
-        "Deployment/mlflow", "spec.template.spec.containers[0].env[3].value", "literal credential in env DB_PASSWORD"),
+        MLFLOW,
+        [
+            (
+                "            - name: HOME\n              value: /tmp",
+                "            - name: DB_PASSWORD\n              value: hunter2",
+            )
+        ],
+        "Deployment/mlflow",
+        "spec.template.spec.containers[0].env[3].value",
+        "literal credential in env DB_PASSWORD",
+    ),
     "unpinned-image": (
-        RAYCLUSTER, [("            image: topro:0.1.0-py311-cpu", "            image: topro:latest")],
-        "RayCluster/topro-ray", "spec.headGroupSpec.template.spec.containers[0].image", "is not pinned"),
+        RAYCLUSTER,
+        [("            image: topro:0.1.0-py311-cpu", "            image: topro:latest")],
+        "RayCluster/topro-ray",
+        "spec.headGroupSpec.template.spec.containers[0].image",
+        "is not pinned",
+    ),
     # Ray
     "rayversion-differs-from-image": (
-        RAYCLUSTER, [('  rayVersion: "2.60.0"', '  rayVersion: "2.59.0"')],
-        "RayCluster/topro-ray", "spec.rayVersion", "differs from the image's Ray 2.60.0"),
+        RAYCLUSTER,
+        [('  rayVersion: "2.60.0"', '  rayVersion: "2.59.0"')],
+        "RayCluster/topro-ray",
+        "spec.rayVersion",
+        "differs from the image's Ray 2.60.0",
+    ),
     "rayjob-entrypoint-missing-config": (
-        RAYJOB, [("entrypoint: python jobs/sweep.py --config configs/sweeps/demo.yaml",
-                  "entrypoint: python jobs/sweep.py --config configs/sweeps/no-such-sweep.yaml")],
-        "RayJob/topro-sweep-demo", "spec.entrypoint",
-        "--config 'configs/sweeps/no-such-sweep.yaml' does not exist in the repository"),
+        RAYJOB,
+        [
+            (
+                "entrypoint: python jobs/sweep.py --config configs/sweeps/demo.yaml",
+                "entrypoint: python jobs/sweep.py --config configs/sweeps/no-such-sweep.yaml",
+            )
+        ],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "--config 'configs/sweeps/no-such-sweep.yaml' does not exist in the repository",
+    ),
     "rayjob-entrypoint-missing-script": (
-        RAYJOB, [("entrypoint: python jobs/sweep.py", "entrypoint: python jobs/sweeep.py")],
-        "RayJob/topro-sweep-demo", "spec.entrypoint", "script 'jobs/sweeep.py' does not exist in the repository"),
+        RAYJOB,
+        [("entrypoint: python jobs/sweep.py", "entrypoint: python jobs/sweeep.py")],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "script 'jobs/sweeep.py' does not exist in the repository",
+    ),
     "rayjob-unknown-cluster": (
-        RAYJOB, [("    ray.io/cluster: topro-ray", "    ray.io/cluster: other-ray")],
-        "RayJob/topro-sweep-demo", "spec.clusterSelector.ray.io/cluster", "no RayCluster 'other-ray'"),
+        RAYJOB,
+        [("    ray.io/cluster: topro-ray", "    ray.io/cluster: other-ray")],
+        "RayJob/topro-sweep-demo",
+        "spec.clusterSelector.ray.io/cluster",
+        "no RayCluster 'other-ray'",
+    ),
     # Serve config
     "serve-config-unknown-key": (
-        RAYSERVICE, [("        max_ongoing_requests: 64", "        max_ongoing_request: 64")],
-        "RayService/topro-tagging", "spec.serveConfigV2 (applications[0].deployments[0].max_ongoing_request)",
-        'unknown key "max_ongoing_request" (did you mean "max_ongoing_requests"?)'),
+        RAYSERVICE,
+        [("        max_ongoing_requests: 64", "        max_ongoing_request: 64")],
+        "RayService/topro-tagging",
+        "spec.serveConfigV2 (applications[0].deployments[0].max_ongoing_request)",
+        'unknown key "max_ongoing_request" (did you mean "max_ongoing_requests"?)',
+    ),
     "serve-config-wrong-type": (
-        RAYSERVICE, [("          min_replicas: 1", "          min_replicas: one")],
-        "RayService/topro-tagging", "spec.serveConfigV2 (applications[0].deployments[0].autoscaling_config.min_replicas)",
-        "Input should be a valid integer"),
+        RAYSERVICE,
+        [("          min_replicas: 1", "          min_replicas: one")],
+        "RayService/topro-tagging",
+        "spec.serveConfigV2 (applications[0].deployments[0].autoscaling_config.min_replicas)",
+        "Input should be a valid integer",
+    ),
     "serve-config-missing-import-path": (
-        RAYSERVICE, [("      import_path: serve.tagging:build_app\n", "")],
-        "RayService/topro-tagging", "spec.serveConfigV2 (applications[0].import_path)", "Field required"),
+        RAYSERVICE,
+        [("      import_path: serve.tagging:build_app\n", "")],
+        "RayService/topro-tagging",
+        "spec.serveConfigV2 (applications[0].import_path)",
+        "Field required",
+    ),
     "serve-config-not-yaml": (
-        RAYSERVICE, [("    - name: tagging\n", "    - name: tagging\n     oops: [\n")],
-        "RayService/topro-tagging", "spec.serveConfigV2", "not valid YAML"),
+        RAYSERVICE,
+        [("    - name: tagging\n", "    - name: tagging\n     oops: [\n")],
+        "RayService/topro-tagging",
+        "spec.serveConfigV2",
+        "not valid YAML",
+    ),
     "serve-config-binds-loopback": (
-        RAYSERVICE, [("    applications:\n", "    http_options: {host: 127.0.0.1}\n    applications:\n")],
-        "RayService/topro-tagging", "spec.serveConfigV2 (http_options.host)", "unreachable from the Serve Service"),
+        RAYSERVICE,
+        [("    applications:\n", "    http_options: {host: 127.0.0.1}\n    applications:\n")],
+        "RayService/topro-tagging",
+        "spec.serveConfigV2 (http_options.host)",
+        "unreachable from the Serve Service",
+    ),
 }
 
 
@@ -310,25 +425,39 @@ def test_k8s_validate_cli_reports_a_broken_file(tmp_path):
     text = RAYCLUSTER.read_text().replace("  enableInTreeAutoscaling: true", "  enableInTreeAutoscaling: yes-please")
     broken = tmp_path / "raycluster-broken.yaml"
     broken.write_text(text)
-    proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(broken)],
-                          capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(K8S / "validate.py"), str(broken)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 1
     assert f"FAIL {broken}: RayCluster/topro-ray" in proc.stdout
-    assert "RayCluster/topro-ray: spec.enableInTreeAutoscaling: expected boolean, got string 'yes-please' [schema]" in proc.stdout
+    assert (
+        "RayCluster/topro-ray: spec.enableInTreeAutoscaling: expected boolean, got string 'yes-please' [schema]"
+        in proc.stdout
+    )
     assert proc.stdout.rstrip().endswith("1 resources checked, 1 failed")
 
 
 def test_k8s_crd_schema_conversion_is_strict_but_keeps_free_form_maps():
-    schema = k8s_validate.openapi_to_jsonschema({
-        "type": "object",
-        "properties": {
-            "params": {"type": "object", "additionalProperties": {"type": "string"}},
-            "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
-            "opaque": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
-            "maybe": {"type": "string", "nullable": True},
-        },
-    })
+    schema = k8s_validate.openapi_to_jsonschema(
+        {
+            "type": "object",
+            "properties": {
+                "params": {"type": "object", "additionalProperties": {"type": "string"}},
+                "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+                "opaque": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "properties": {"a": {"type": "string"}},
+                },
+                "maybe": {"type": "string", "nullable": True},
+            },
+        }
+    )
     check = k8s_validate.StrictValidator(schema)
     assert not list(check.iter_errors({"params": {"any": "thing"}, "port": "http", "opaque": {"b": 1}, "maybe": None}))
     assert not list(check.iter_errors({"port": 8080}))
@@ -340,6 +469,9 @@ def test_k8s_crds_are_found_relative_to_the_repo():
     """CI has shared/ beside a fresh clone; TOPRO_SHARED_DIR overrides."""
     crd_dir = k8s_validate.shared_k8s_dir() / k8s_validate.KUBERAY_CRD_DIRNAME
     assert sorted(p.name for p in crd_dir.glob("*.yaml")) == [
-        "ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml"]
+        "ray.io_rayclusters.yaml",
+        "ray.io_rayjobs.yaml",
+        "ray.io_rayservices.yaml",
+    ]
     if "TOPRO_SHARED_DIR" not in os.environ:
         assert crd_dir == REPO_ROOT.parent / "shared" / "k8s" / k8s_validate.KUBERAY_CRD_DIRNAME
