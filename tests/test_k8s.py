@@ -8,6 +8,7 @@ config schema, through k8s/validate.py.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shlex
@@ -475,3 +476,20 @@ def test_k8s_crds_are_found_relative_to_the_repo():
     ]
     if "TOPRO_SHARED_DIR" not in os.environ:
         assert crd_dir == REPO_ROOT.parent / "shared" / "k8s" / k8s_validate.KUBERAY_CRD_DIRNAME
+
+
+def test_k8s_sync_serve_config_rewrites_only_the_serve_config_block():
+    manifest = (BASE / "rayservice-tagging.yaml").read_text()
+    applications = sync_serve_config.load_applications()
+    changed = copy.deepcopy(applications)
+    changed[0]["args"]["max_batch_size"] = 8
+    changed[0]["deployments"][0]["autoscaling_config"]["max_replicas"] = 6
+    rewritten = sync_serve_config.replace_serve_config_block(manifest, sync_serve_config.serve_config_v2(changed))
+    before, after = _by_kind(_docs(manifest), "RayService"), _by_kind(_docs(rewritten), "RayService")
+    assert yaml.safe_load(after["spec"].pop("serveConfigV2"))["applications"] == changed
+    before["spec"].pop("serveConfigV2")
+    assert after == before  # everything else untouched
+    # Comments outside the block survive, and rewriting is idempotent.
+    assert rewritten.splitlines()[:12] == manifest.splitlines()[:12]
+    again = sync_serve_config.replace_serve_config_block(rewritten, sync_serve_config.serve_config_v2(changed))
+    assert again == rewritten
