@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from topro.batching import shard_batches, token_budget_batches
+from topro.batching import shard_batches, split_batches, token_budget_batches
 from topro.data import load_split
 from topro.methods import MethodSpec, build_method
 from topro.methods.topro_mlm import full_vocab_label_logits
@@ -108,3 +108,15 @@ def test_token_budget_batches_cover_everything_within_budget():
         assert len(b) <= 16 and max(lengths[i] for i in b) * len(b) <= 200 or len(b) == 1
     shards = [shard_batches(batches, r, 3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1
+
+
+def test_split_batches_keep_the_global_batch_for_any_number_of_workers():
+    lengths = [5, 50, 7, 12, 33, 8, 90, 3] * 20 + [200]
+    batches = token_budget_batches(lengths, max_tokens=400, max_examples=16, shuffle=True, seed=3)
+    assert split_batches(batches, 0, 1) == batches
+    slices = [split_batches(batches, r, 2) for r in range(2)]
+    assert len(slices[0]) == len(slices[1])  # collectives stay in step
+    splittable = [b for b in batches if len(b) >= 2]
+    assert len(slices[0]) == len(splittable) and len(splittable) >= len(batches) - 1
+    for whole, a, b in zip(splittable, *slices):
+        assert sorted(a + b) == sorted(whole) and abs(len(a) - len(b)) <= 1 and a and b

@@ -2,6 +2,10 @@
 
 Examples of similar length go together so padding stays small; a batch holds
 at most ``max_examples`` examples and ``max_tokens`` padded tokens.
+
+With several workers, a batch built here is a *global* micro-batch:
+``split_batches`` gives each worker one slice of every batch, so one
+optimizer step sees the same examples whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -49,3 +53,16 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[
         raise ValueError(f"{len(batches)} batches cannot be split over {world_size} workers; "
                          "use more data or a smaller batch")
     return batches[rank:usable:world_size]
+
+
+def split_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's slice of every global batch (interleaved, so slices have similar lengths and sizes).
+
+    Every rank gets the same number of slices, none empty (collectives stay in
+    step). A batch with fewer examples than workers cannot be split and is
+    skipped: only the last batch of a length bucket can be that small, and
+    only with more workers than its examples.
+    """
+    if world_size <= 1:
+        return batches
+    return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]

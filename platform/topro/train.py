@@ -1,10 +1,22 @@
 """The training loop: one function that runs alone or inside a Ray Train worker.
 
-Scale-out differences (DDP, DeepSpeed, checkpoint reporting, resumption) live
-behind ``Strategy``; ``LocalStrategy`` is the single-process one. The loop
-evaluates English dev after every epoch (and every ``eval_every_steps``),
-keeps the best checkpoint, stops early after ``patience`` evaluations without
-gain, and writes ``metrics.json``.
+Scale-out differences (DDP, DeepSpeed, checkpoint reporting, resumption,
+fault injection) live behind the strategy object; ``LocalStrategy`` is the
+single-process one, ``topro.cluster.strategies`` holds the Ray Train ones.
+The loop evaluates English dev after every epoch (and every
+``eval_every_steps``), keeps the best checkpoint, stops early after
+``patience`` evaluations without gain, and writes ``metrics.json``.
+
+Global batch semantics (the same for 1 or N workers): one *global*
+micro-batch is built from the token budget exactly as on one worker (at most
+``batch_size`` examples and ``max_tokens_per_batch`` padded tokens); with N
+workers each takes an interleaved slice of it (``batching.split_batches``).
+An optimizer step accumulates ``grad_accum`` global micro-batches, so it sees
+the same examples, and an epoch has the same number of steps, for any N; the
+learning rate and schedule need no rescaling. Each worker's loss is the mean
+over its slice and DDP/DeepSpeed average gradients over workers, which equals
+the one-worker mean when slices hold the same number of labelled words (they
+differ by at most one example).
 """
 from __future__ import annotations
 
@@ -13,6 +25,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from topro.batching import shard_batches, token_budget_batches
+from topro.batching import split_batches, token_budget_batches
 from topro.config import TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
@@ -37,8 +50,30 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class LossModule(torch.nn.Module):
+    """The model and the method's loss in one ``forward``.
+
+    DDP and DeepSpeed only see parameter use that happens inside their
+    wrapper's forward; ToPro's loss calls the encoder and the MLM head
+    separately, so the wrapper must wrap the whole loss, not the model.
+    """
+
+    def __init__(self, method: Method, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.method = method  # not a Module: not part of the state dict
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.method.loss(self.model, batch)
+
+
 class LocalStrategy:
-    """Single process: plain AdamW steps with gradient accumulation and clipping."""
+    """Single process: plain AdamW steps with gradient accumulation and clipping.
+
+    The protocol every strategy follows. ``setup`` receives a ``LossModule``
+    and returns what the loop calls to get the loss (the module itself, a DDP
+    wrapper, a DeepSpeed engine); ``unwrap`` returns the plain model inside.
+    """
 
     rank = 0
     world_size = 1
@@ -51,9 +86,18 @@ class LocalStrategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def setup(self, model, optimizer, scheduler):
-        self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
+    @property
+    def export_dir(self) -> Path | None:
+        """Where the best model's consolidated export is written (``None``: the Ray driver decides)."""
+        return Path(self.cfg.output_dir) / "checkpoint"
+
+    def setup(self, module: LossModule, optimizer, scheduler):
+        self.model, self.optimizer, self.scheduler = module.to(self.device), optimizer, scheduler
         return self.model
+
+    def micro_step(self, boundary: bool):
+        """Context around one micro-batch's forward and backward (DDP skips the all-reduce off boundaries)."""
+        return nullcontext()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         (loss / self.cfg.grad_accum).backward()
@@ -66,25 +110,39 @@ class LocalStrategy:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def unwrap(self, model):
-        return model
+    def unwrap(self, wrapped) -> torch.nn.Module:
+        """The plain model (what the method evaluates and saves)."""
+        return wrapped.model
+
+    def full_parameters(self):
+        """Context in which every parameter is whole on this rank (ZeRO-3 gathers them)."""
+        return nullcontext()
+
+    def average(self, value: float) -> float:
+        """Mean of ``value`` over workers (also makes every rank take the same decision)."""
+        return value
 
     def save_model(self, method: Method, model, folder: Path) -> None:
+        """The consolidated export (safetensors + tokenizer + topro.json) that evaluation and serving load."""
         if self.is_main:
             method.save(self.unwrap(model), folder)
 
     def save_state(self, folder: Path) -> None:
-        """Optimizer and scheduler state, for resuming."""
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / "training_state.pt")
+        """Model, optimizer and scheduler state, for resuming."""
+        torch.save({"model": self.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, folder / "training_state.pt")
 
     def load_state(self, folder: Path) -> None:
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(folder / "training_state.pt", map_location=self.device, weights_only=True)
+        self.unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def after_evaluation(self, state: "LoopState", metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        """Hook for reporting (Ray Train reports metrics and checkpoints here)."""
+    def after_evaluation(self, state: "LoopState", record: dict[str, Any], *, improved: bool, method: Method,
+                         model) -> None:
+        """Keep the best model (Ray strategies also checkpoint and report here)."""
+        if improved:
+            self.save_model(method, model, self.export_dir)
 
     def step_hook(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
@@ -92,7 +150,7 @@ class LocalStrategy:
 
 @dataclass
 class LoopState:
-    """What the loop needs to resume."""
+    """What the loop needs to resume (``epoch``: the epoch to continue, ``step``: optimizer steps done)."""
 
     epoch: int = 0
     step: int = 0
@@ -123,8 +181,19 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     return optimizer, scheduler
 
 
+def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of ``epoch``: its slices of the global token-budget batches."""
+    batches = token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.batch_size, shuffle=True,
+                                   seed=cfg.seed + epoch)
+    return split_batches(batches, rank, world_size)
+
+
 def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
-    """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``)."""
+    """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
+
+    ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and
+    ``save_loop_state``; training continues from its step.
+    """
     strategy = strategy or LocalStrategy(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -140,24 +209,25 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     examples = method.encode(train_sentences)
     lengths = [e.length for e in examples]
 
-    model = method.build_model(model_path)
-    batches_per_epoch = len(shard_batches(
-        token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.batch_size, shuffle=True, seed=cfg.seed),
-        strategy.rank, strategy.world_size))
+    # The number of batches depends only on the lengths, not on the epoch's shuffle.
+    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size))
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-    model = strategy.setup(model, optimizer, scheduler)
+    module = LossModule(method, method.build_model(model_path))
+    optimizer, scheduler = build_optimizer(cfg, module, total_steps)
+    model = strategy.setup(module, optimizer, scheduler)
     device = strategy.device
 
     state = LoopState()
     if resume_from is not None:
-        state = LoopState(**json.loads((resume_from / "loop_state.json").read_text()))
-        strategy.load_state(resume_from)
+        state = LoopState(**json.loads((Path(resume_from) / "loop_state.json").read_text()))
+        strategy.load_state(Path(resume_from))
         state.resumed_from_step = state.step
-        log.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+        if strategy.is_main:
+            log.info("resumed from step %d (epoch %d) of checkpoint %s", state.step, state.epoch, resume_from)
 
-    best_dir = out_dir / "checkpoint"
     n_train_words = sum(len(s) for s in train_sentences)
     summary: dict[str, Any] = {
         "config": to_dict(cfg), "model_path": model_path, "method": method.name,
@@ -170,45 +240,42 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     }
     train_seconds, train_examples, train_tokens = 0.0, 0, 0
 
-    def evaluate_and_keep(train_loss: float) -> bool:
-        """Evaluate dev; save the best; return True when early stopping says stop."""
-        dev = evaluate_sentences(method, strategy.unwrap(model), task, dev_sentences, viterbi=cfg.viterbi,
-                                 device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
-                                 max_examples=cfg.batch_size * 4)
-        metric = dev[task.metric]
-        record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+    def evaluate_and_keep(train_loss: float, epoch: int) -> bool:
+        """Evaluate dev; keep the best; return True when early stopping says stop."""
+        with strategy.full_parameters():
+            dev = evaluate_sentences(method, strategy.unwrap(model), task, dev_sentences, viterbi=cfg.viterbi,
+                                     device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                                     max_examples=cfg.batch_size * 4)
+        # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
+        metric = strategy.average(dev[task.metric])
+        record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),
                   f"dev_{task.metric}": metric, "dev_accuracy": dev["accuracy"]}
         if "viterbi" in dev:
             record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
         state.history.append(record)
         improved = metric > state.best_metric
-        checkpoint = None
         if improved:
             state.best_metric, state.best_step, state.bad_evaluations = metric, state.step, 0
-            strategy.save_model(method, model, best_dir)
-            checkpoint = best_dir
         else:
             state.bad_evaluations += 1
         if strategy.is_main:
-            log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", state.epoch, state.step, train_loss,
+            log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", epoch, state.step, record["train_loss"],
                      task.metric, metric, " (best)" if improved else "")
-        strategy.after_evaluation(state, record, checkpoint)
+        strategy.after_evaluation(state, record, improved=improved, method=method, model=model)
         return state.bad_evaluations >= cfg.patience
 
-    stop = False
+    # A run resumed after it had decided to stop stops again.
+    stop = state.bad_evaluations >= cfg.patience or bool(cfg.max_steps and state.step >= cfg.max_steps)
     while state.epoch < cfg.epochs and not stop:
-        epoch_batches = shard_batches(
-            token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.batch_size, shuffle=True,
-                                 seed=cfg.seed + state.epoch),
-            strategy.rank, strategy.world_size)
+        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
-        skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum if resume_from else 0
-        resume_from = None
+        skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum
         model.train()
         running, n_loss = 0.0, 0
-        bar = tqdm(total=len(epoch_batches), desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=min(len(batches), steps_per_epoch * cfg.grad_accum),
+                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
-        for micro, batch_ids in enumerate(epoch_batches):
+        for micro, batch_ids in enumerate(batches):
             if micro < skip:
                 continue
             if micro >= steps_per_epoch * cfg.grad_accum:
@@ -216,10 +283,11 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
             start = time.perf_counter()
             chunk = [examples[i] for i in batch_ids]
             batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
-            with autocast_for(device, cfg.dtype):
-                loss = method.loss(model, batch)
             boundary = (micro + 1) % cfg.grad_accum == 0
-            strategy.backward(loss, boundary)
+            with strategy.micro_step(boundary):
+                with autocast_for(device, cfg.dtype):
+                    loss = model(batch)
+                strategy.backward(loss, boundary)
             if boundary:
                 strategy.step()
                 state.step += 1
@@ -233,24 +301,29 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
             if boundary:
                 strategy.step_hook(state.step)
                 if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
-                    stop = evaluate_and_keep(running / n_loss)
+                    stop = evaluate_and_keep(running / n_loss, state.epoch)
                     if stop:
                         break
                 if cfg.max_steps and state.step >= cfg.max_steps:
                     stop = True
                     break
         bar.close()
-        if not (cfg.eval_every_steps and state.history and state.history[-1]["step"] == state.step):
-            stop = evaluate_and_keep(running / max(n_loss, 1)) or stop
-        state.epoch += 1
+        finished_epoch = state.epoch
+        state.epoch += 1  # before the end-of-epoch evaluation: its checkpoint resumes at the next epoch
+        if not (state.history and state.history[-1]["step"] == state.step):
+            stop = evaluate_and_keep(running / max(n_loss, 1), finished_epoch) or stop
 
+    # Throughput over all workers: they run in lockstep, so rank 0's time is the run's.
+    all_examples = strategy.average(float(train_examples)) * strategy.world_size
+    all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
     summary.update({
         "best_step": state.best_step, f"best_dev_{task.metric}": state.best_metric,
-        "history": state.history, "steps": state.step, "resumed_from_step": state.resumed_from_step,
+        "history": state.history, "steps": state.step,
+        "resumed_from_step": state.resumed_from_step,
         "train_seconds": train_seconds,
-        "examples_per_second": train_examples / train_seconds if train_seconds else None,
-        "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
-        "checkpoint": str(best_dir),
+        "examples_per_second": all_examples / train_seconds if train_seconds else None,
+        "tokens_per_second": all_tokens / train_seconds if train_seconds else None,
+        "checkpoint": str(strategy.export_dir) if strategy.export_dir else None,
     })
     if strategy.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
