@@ -36,7 +36,9 @@ class LanguageEvaluator:
     def __init__(self, device: str = "auto", dtype: str = "fp32", num_threads: int | None = None,
                  cache_size: int = 1):
         import torch
+        import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # one bar per load floods the forwarded actor logs
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.dtype, self.cache_size = device, dtype, cache_size
@@ -156,7 +158,7 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
             loads[actor] = out["loads"]
             done += 1
             if progress:
-                log.info("evaluated %s on %s in %.1fs (%d/%d)", Path(out["checkpoint"]).name or out["checkpoint"],
+                log.info("evaluated %s on %s in %.1fs (%d/%d)", "/".join(Path(out["checkpoint"]).parts[-2:]),
                          out["lang"], out["seconds"], done, n_items)
             submit(actor)
     finally:
