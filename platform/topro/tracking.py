@@ -105,7 +105,7 @@ TRAINING_METRIC_PREFIXES = ("train_", "dev_", "best_dev_")
 TRAINING_METRIC_KEYS = ("epoch", "step", "examples_per_second", "tokens_per_second")
 
 
-def _client():
+def mlflow_client():
     from mlflow import MlflowClient
 
     return MlflowClient()
@@ -113,7 +113,7 @@ def _client():
 
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created if missing."""
-    client = _client()
+    client = mlflow_client()
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -142,7 +142,7 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log (flattened) params; a param already logged with the same value is skipped (resumed sweeps)."""
     from mlflow.entities import Param
 
-    client = _client()
+    client = mlflow_client()
     have = client.get_run(run_id).data.params
     items = [Param(k, v) for k, v in flat_params(params).items() if have.get(k) != v]
     for i in range(0, len(items), 100):  # MLflow's batch limit
@@ -158,12 +158,12 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     for i in range(0, len(items), 1000):
-        _client().log_batch(run_id, metrics=items[i:i + 1000])
+        mlflow_client().log_batch(run_id, metrics=items[i:i + 1000])
 
 
 def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id: str | None = None) -> str:
     """The sweep's parent run: reopen ``run_id`` (a resumed sweep) or create one."""
-    client = _client()
+    client = mlflow_client()
     if run_id is not None:
         try:
             run = client.get_run(run_id)
@@ -180,7 +180,7 @@ def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id:
 
 def trial_run(parent_run_id: str, trial_id: str, run_name: str, params: dict[str, Any] | None = None) -> str:
     """The child run of one trial under the sweep's parent run (found again after a resume)."""
-    client = _client()
+    client = mlflow_client()
     parent = client.get_run(parent_run_id)
     existing = client.search_runs([parent.info.experiment_id],
                                   f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
@@ -207,12 +207,12 @@ def training_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
-    _client().set_terminated(run_id, status=status)
+    mlflow_client().set_terminated(run_id, status=status)
 
 
 def child_runs(parent_run_id: str) -> list:
     """Trial runs of a sweep, oldest first."""
-    client = _client()
+    client = mlflow_client()
     parent = client.get_run(parent_run_id)
     return list(reversed(client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                                             max_results=5000, order_by=["attributes.start_time DESC"])))
@@ -222,7 +222,7 @@ def find_sweep_run(ref: str):
     """The parent run of a sweep: a run id, or the latest run of the sweep named ``ref``."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = mlflow_client()
     if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
         try:
             return client.get_run(ref)
@@ -264,7 +264,7 @@ def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLi
     """Metrics of a results record plus artifacts: the JSON, a per-language CSV, a bar chart by family."""
     from topro import reports
 
-    client = _client()
+    client = mlflow_client()
     log_metrics(run_id, evaluation_metrics(record))
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def load_evaluation(run_id: str) -> dict[str, Any] | None:
 
 def log_checkpoint(run_id: str, folder: str | os.PathLike) -> None:
     """Log a checkpoint folder as the run's ``checkpoint`` artifact (what ``register_checkpoint`` registers)."""
-    _client().log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+    mlflow_client().log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
 
 
 def registered_version_of_run(name: str, run_id: str) -> str | None:
@@ -298,7 +298,7 @@ def registered_version_of_run(name: str, run_id: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = _client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        versions = mlflow_client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException:
         return None
     return versions[0].version if versions else None
