@@ -334,8 +334,10 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
         resumed = tune.Tuner.can_restore(str(experiment_dir))
         if resumed:
             log.info("resuming sweep %s from %s (finished trials are not run again)", sweep.name, experiment_dir)
+            # Errored trials are resumed, not restarted: they keep their trial id (and MLflow run), and their
+            # TorchTrainer, under the same name, continues from its last Train checkpoint if it has one.
             tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                       restart_errored=True)
+                                       resume_errored=True)
         else:
             max_concurrent = concurrent_trials(sweep)
             log.info("sweep %s: %s search, %s scheduler, up to %d trials at once (%.1f CPUs each of %.0f)",
