@@ -93,3 +93,13 @@ def tiny_mt5(tmp_path_factory, spm_model) -> str:
                     decoder_start_token_id=tok.pad_token_id)
     MT5ForConditionalGeneration(cfg).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One loopback-only local Ray for the whole session (shared by the train and sweep tests)."""
+    from topro.cluster.runtime import init_ray
+
+    ray = init_ray()
+    yield ray
+    ray.shutdown()

@@ -100,11 +100,16 @@ class TrainConfig:
     """Soft ToPro: keep the backbone frozen (Prompt-Tuning always freezes it)."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
-    """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise)."""
+    """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
+    The global batch does not change with it: each optimizer step sees
+    ``batch_size`` x ``grad_accum`` examples, split across the workers."""
     strategy: Literal["local", "ddp", "deepspeed"] = "local"
-    """``local``: single process, no Ray; ``ddp`` or ``deepspeed``: Ray Train workers."""
+    """``local``: single process, no Ray (with ``workers`` > 1 it means ``ddp``);
+    ``ddp`` or ``deepspeed``: Ray Train workers."""
     deepspeed_config: str | None = "configs/deepspeed/zero2.yaml"
-    """DeepSpeed JSON/YAML config used when ``strategy: deepspeed``."""
+    """DeepSpeed JSON/YAML config used when ``strategy: deepspeed``: a path (relative to
+    the working directory or the repository) or a bare name such as ``zero3``;
+    its ``auto`` values are filled from this config."""
     use_gpu: bool = False
     """Give each Ray Train worker a GPU."""
     cpus_per_worker: float = 1.0
@@ -118,6 +123,8 @@ class TrainConfig:
     """Name of the Ray Train run (defaults to the output folder's name)."""
     storage_path: str | None = None
     """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
+    keep_checkpoints: int = 1
+    """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
 
 
 T = TypeVar("T")

@@ -1,0 +1,290 @@
+"""Strategies for the training loop inside Ray Train workers: DDP and DeepSpeed.
+
+Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
+``topro.train.train`` unchanged. What they add:
+
+- at every English dev evaluation, a Ray Train checkpoint reported with the
+  metrics through ``ray.train.report``: each rank writes its part into its own
+  temporary folder (DDP: rank 0 writes model, optimizer and scheduler state;
+  DeepSpeed: every rank writes its ZeRO shards) and Ray merges them into one
+  checkpoint folder in the run's storage. When the score improved, rank 0
+  also writes the consolidated export (safetensors + tokenizer + topro.json,
+  what ``topro evaluate`` and serving load) into its ``model/`` subfolder;
+- resumption from such a checkpoint (``load_state``);
+- fault injection for tests (``fault_step``).
+
+``deepspeed_config`` turns a JSON/YAML file under ``configs/deepspeed/`` into
+the dict DeepSpeed gets, filling its ``auto`` values from the ``TrainConfig``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from topro.config import ConfigError, TrainConfig, read_yaml
+from topro.data import get_task
+from topro.train import LocalStrategy, LoopState, save_loop_state
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "model"
+"""Subfolder of a Ray checkpoint holding the consolidated export (only in checkpoints that improved dev)."""
+BEST_FLAG = "is_best"
+"""Reported metric: 1.0 when this evaluation improved the best English dev score, else 0.0."""
+DEEPSPEED_TAG = "state"
+"""DeepSpeed checkpoint tag inside each Ray checkpoint (one state per Ray checkpoint)."""
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-step{step:06d}"
+
+
+class RayStrategy(LocalStrategy):
+    """What DDP and DeepSpeed share inside a Ray Train worker: ranks, reporting, faults."""
+
+    def __init__(self, cfg: TrainConfig, fault_marker: str | None = None):
+        import ray.train.torch
+
+        super().__init__(cfg)
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.metric = get_task(cfg.task).metric
+        self.fault_marker = fault_marker
+
+    @property
+    def export_dir(self) -> Path | None:
+        return None  # the export lives in a Ray checkpoint; the driver resolves and copies it
+
+    def average(self, value: float) -> float:
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model) -> None:
+        """Checkpoint (every rank its part) and report the evaluation's metrics to Ray Train."""
+        import ray.train
+
+        folder = Path(tempfile.mkdtemp(prefix="topro-checkpoint-"))
+        try:
+            self.save_state(folder)
+            if improved:
+                self.save_model(method, model, folder / EXPORT_DIR)
+            if self.is_main:
+                save_loop_state(state, folder)
+            metrics = {**record, f"best_dev_{self.metric}": state.best_metric, "best_step": state.best_step,
+                       BEST_FLAG: float(improved)}
+            # Ranks with nothing to write report no checkpoint; Ray merges the others' folders.
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if any(folder.iterdir()) else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def step_hook(self, step: int) -> None:
+        """Fault injection: at ``fault_step`` the rank-1 (or only) worker kills itself, once per run.
+
+        A marker in the run's storage remembers that the fault happened, so the
+        worker group restarted by Ray (which replays steps after the last
+        checkpoint) does not kill itself again.
+        """
+        cfg = self.cfg
+        if cfg.fault_step is None or step != cfg.fault_step or self.fault_marker is None:
+            return
+        if self.rank != min(1, self.world_size - 1):
+            return
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(self.fault_marker)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            return
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(json.dumps({"step": step, "rank": self.rank, "pid": os.getpid()}).encode())
+        log.warning("fault injection: killing worker rank %d (pid %d) at step %d", self.rank, os.getpid(), step)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DDPStrategy(RayStrategy):
+    """PyTorch DistributedDataParallel over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+
+    def setup(self, module, optimizer, scheduler):
+        from torch.nn.parallel import DistributedDataParallel
+
+        module.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DistributedDataParallel(module, device_ids=device_ids)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        return self.model
+
+    def micro_step(self, boundary: bool):
+        # Off accumulation boundaries gradients only accumulate locally; the boundary's backward all-reduces.
+        return nullcontext() if boundary else self.model.no_sync()
+
+    def unwrap(self, wrapped) -> torch.nn.Module:
+        return wrapped.module.model
+
+    def save_state(self, folder: Path) -> None:
+        if self.is_main:  # replicas are identical after every step
+            super().save_state(folder)
+
+
+class DeepSpeedStrategy(RayStrategy):
+    """DeepSpeed ZeRO (stages 0-3) with the loop's torch AdamW and linear schedule."""
+
+    def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], fault_marker: str | None = None):
+        super().__init__(cfg, fault_marker)
+        self.ds_config = ds_config
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def setup(self, module, optimizer, scheduler):
+        import deepspeed
+
+        module.to(self.device)
+        if self.zero_stage == 3:
+            # ToPro reads the tied output-embedding weights directly (label rows only), outside any
+            # submodule's forward; ZeRO-3 must gather them for the whole loss forward.
+            for param in _direct_access_parameters(module.model):
+                deepspeed.zero.register_external_parameter(module, param)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config, dist_init_required=False)
+        self.model, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
+        return engine
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        engine = self.model
+        engine.set_gradient_accumulation_boundary(boundary)
+        engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not boundary:
+            engine.step()  # DeepSpeed counts micro-steps in step(); off a boundary it updates nothing
+
+    def step(self) -> None:
+        self.model.step()  # clipping, optimizer and scheduler step, zero_grad
+
+    def unwrap(self, wrapped) -> torch.nn.Module:
+        return wrapped.module.model
+
+    def full_parameters(self):
+        if self.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()), modifier_rank=None)
+
+    def save_model(self, method, model, folder: Path) -> None:
+        with self.full_parameters():  # ZeRO-3: every rank takes part in gathering
+            if self.is_main:
+                method.save(self.unwrap(model), folder)
+
+    def save_state(self, folder: Path) -> None:
+        # Every rank must call it: each writes its own ZeRO shards (rank 0 also the module states).
+        self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
+
+
+def _direct_access_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters a method reads outside their module's forward (the MLM decoder and its bias)."""
+    params = []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        params += list(head.parameters())
+    for name, param in model.named_parameters():
+        if name.endswith("predictions.bias") or name.endswith("lm_head.bias"):
+            params.append(param)
+    unique = {id(p): p for p in params}
+    return list(unique.values())
+
+
+# --- DeepSpeed configs --------------------------------------------------------------------------
+
+def resolve_deepspeed_config_path(value: str) -> Path:
+    """A DeepSpeed config file: an absolute path; a path relative to the working directory or the
+    repository; or a bare name such as ``zero3`` for ``configs/deepspeed/zero3.yaml``."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        names = [path]
+        if not path.suffix and len(path.parts) == 1:
+            names += [Path("configs/deepspeed") / f"{value}.yaml", Path("configs/deepspeed") / f"{value}.json"]
+        candidates = [base / name for base in dict.fromkeys([Path.cwd(), REPO_ROOT]) for name in names]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"deepspeed_config {value!r}: no such file (looked at {', '.join(map(str, candidates))})")
+
+
+def read_deepspeed_config(path: Path) -> dict[str, Any]:
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected an object at the top level")
+        return data
+    return read_yaml(path)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config for ``cfg``: the file named by ``cfg.deepspeed_config`` with ``auto`` filled.
+
+    Batch keys follow topro's global batch (``topro.train``): DeepSpeed's
+    ``gradient_accumulation_steps`` is ``grad_accum``; its micro-batch size is
+    nominal (batches are token-budgeted), ``batch_size // workers``.
+    Precision: ``bf16.enabled: auto`` is on with a GPU, and on CPU follows
+    ``dtype``; fp16 is refused on CPU. The optimizer is the loop's torch AdamW,
+    so the file must not name one (DeepSpeed's ``Adam`` would compile FusedAdam).
+    """
+    if not cfg.deepspeed_config:
+        raise ConfigError("strategy deepspeed needs deepspeed_config (e.g. configs/deepspeed/zero2.yaml)")
+    path = resolve_deepspeed_config_path(cfg.deepspeed_config)
+    ds = read_deepspeed_config(path)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove {key!r}: topro passes its own torch AdamW and linear schedule "
+                              "(learning_rate, weight_decay, adam_eps, warmup_ratio)")
+    micro = max(1, cfg.batch_size // cfg.workers)
+    _fill(ds, "gradient_accumulation_steps", cfg.grad_accum, path, "grad_accum")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, path, "batch_size // workers")
+    _fill(ds, "train_batch_size", micro * cfg.grad_accum * cfg.workers, path, "micro-batch x grad_accum x workers")
+    _fill(ds, "gradient_clipping", float(cfg.max_grad_norm), path, "max_grad_norm")
+    fp16 = ds.setdefault("fp16", {})
+    bf16 = ds.setdefault("bf16", {})
+    if fp16.get("enabled", False) == "auto":
+        fp16["enabled"] = False
+    if fp16.get("enabled") and not cfg.use_gpu:
+        raise ConfigError(f"{path}: fp16 is not supported by DeepSpeed on CPU; use bf16 (dtype=bf16) or fp32")
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = bool(cfg.use_gpu or cfg.dtype == "bf16")
+    if fp16.get("enabled") and bf16.get("enabled"):
+        raise ConfigError(f"{path}: fp16 and bf16 cannot both be enabled")
+    ds.setdefault("steps_per_print", 10**9)  # the loop logs its own progress
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _fill(ds: dict[str, Any], key: str, value: Any, path: Path, source: str) -> None:
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise ConfigError(f"{path}: {key} is {current!r} but the run gives {value!r} ({source}); "
+                          f"set it to auto or change the run's config")

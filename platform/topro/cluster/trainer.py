@@ -1,0 +1,178 @@
+"""Training on Ray Train: a ``TorchTrainer`` whose workers run ``topro.train.train``.
+
+``build_trainer`` makes the trainer (the sweep fits it inside a Tune driver
+function); ``train_on_ray`` starts or joins Ray, fits, and returns the same
+summary as ``topro.train.train`` with ``checkpoint`` pointing to a local copy
+of the best model's consolidated export (``<output_dir>/checkpoint``).
+
+Checkpoints: every English dev evaluation reports its metrics with a Ray
+checkpoint named ``checkpoint-step<NNNNNN>`` in ``<storage_path>/<name>/``.
+Each holds ``loop_state.json``, the model and optimizer state (DDP:
+``training_state.pt``; DeepSpeed: ``state/`` with every rank's ZeRO shards)
+and, when that evaluation improved the score, ``model/``: the consolidated
+safetensors export. Ray keeps the best checkpoint and the latest one (plus
+``keep_checkpoints - 1`` more of the best). A worker failure restarts the
+worker group from the latest checkpoint (``max_failures`` times); a new
+``fit`` with the same name and storage continues from it too.
+
+Metrics reported per evaluation: ``epoch``, ``step``, ``train_loss``,
+``dev_<metric>``, ``dev_accuracy`` (``dev_viterbi_f1`` for span tasks),
+``best_dev_<metric>``, ``best_step`` and ``is_best``. ``best_checkpoint_path``
+finds the best export in a ``Result``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from topro.config import TrainConfig, from_dict, to_dict
+from topro.cluster.strategies import BEST_FLAG, EXPORT_DIR, resolve_deepspeed_config_path
+
+log = logging.getLogger(__name__)
+
+FAULT_MARKER = "fault-injected.json"
+
+
+def prepare_config(cfg: TrainConfig) -> TrainConfig:
+    """The config as workers need it: absolute local paths, and a distributed strategy.
+
+    Workers do not share the driver's working directory; ``strategy: local``
+    with Ray means DDP (the default for several workers).
+    """
+    changes: dict[str, Any] = {"output_dir": str(Path(cfg.output_dir).expanduser().resolve())}
+    if cfg.data_dir:
+        changes["data_dir"] = str(Path(cfg.data_dir).expanduser().resolve())
+    if Path(cfg.model).expanduser().is_dir():
+        changes["model"] = str(Path(cfg.model).expanduser().resolve())
+    if cfg.strategy == "local":
+        changes["strategy"] = "ddp"
+    if cfg.strategy == "deepspeed" or changes.get("strategy") == "deepspeed":
+        changes["deepspeed_config"] = str(resolve_deepspeed_config_path(cfg.deepspeed_config or ""))
+    return dataclasses.replace(cfg, **changes)
+
+
+def run_location(cfg: TrainConfig, name: str | None = None, storage_path: str | None = None) -> tuple[str, str]:
+    """(run name, storage path): defaults are the output folder's name and ``<output_dir>/ray``."""
+    name = name or cfg.run_name or Path(cfg.output_dir).name
+    storage = storage_path or cfg.storage_path or str(Path(cfg.output_dir) / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return name, storage
+
+
+def build_trainer(cfg: TrainConfig, *, name: str | None = None, storage_path: str | None = None,
+                  callbacks: list | None = None):
+    """A ``TorchTrainer`` for ``cfg`` (not fitted). ``callbacks`` go to its ``RunConfig``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from topro.cluster.strategies import deepspeed_config
+
+    cfg = prepare_config(cfg)
+    name, storage = run_location(cfg, name, storage_path)
+    loop_config = {
+        "cfg": to_dict(cfg),
+        # Read on the driver: worker nodes need not have the file.
+        "deepspeed_config": deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None,
+        "fault_marker": f"{storage.rstrip('/')}/{name}/{FAULT_MARKER}" if cfg.fault_step is not None else None,
+    }
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    run = RunConfig(
+        name=name, storage_path=storage, callbacks=callbacks,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        # Score 1 for an evaluation that improved dev, 0 otherwise: Ray keeps the top-scoring checkpoints,
+        # ties going to the later one, so its best is the last improvement, the loop's best (which holds
+        # the export). Ranking by the dev score itself would keep the later of two equal scores instead.
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=BEST_FLAG,
+                                           checkpoint_score_order="max"),
+    )
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                        run_config=run)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: the foundation's loop with a DDP or DeepSpeed strategy, resumed if Ray has a checkpoint."""
+    import ray.train
+    import torch
+
+    from topro.cluster.strategies import DDPStrategy, DeepSpeedStrategy
+    from topro.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-load bars flood the forwarded worker logs
+    cfg = from_dict(TrainConfig, config["cfg"])
+    cfg.progress = False  # tqdm's carriage returns garble the worker logs Ray forwards
+    torch.set_num_threads(cfg.num_threads or max(1, int(cfg.cpus_per_worker)))
+    if cfg.strategy == "deepspeed":
+        strategy = DeepSpeedStrategy(cfg, config["deepspeed_config"], fault_marker=config["fault_marker"])
+    else:
+        strategy = DDPStrategy(cfg, fault_marker=config["fault_marker"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return train(cfg, strategy)
+    with checkpoint.as_directory() as folder:
+        return train(cfg, strategy, resume_from=Path(folder))
+
+
+def best_checkpoint_path(result) -> str | None:
+    """Where the best model's consolidated export lies in a fitted run's storage (``None``: no evaluation).
+
+    The path is on ``result.checkpoint.filesystem`` (a local folder for a local
+    ``storage_path``) and loads with ``topro.methods.load_checkpoint``.
+    """
+    improved = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(BEST_FLAG)]
+    if not improved:
+        return None
+    # Improvements are strict, so the last one is the best.
+    checkpoint, _ = max(improved, key=lambda item: item[1]["step"])
+    return f"{checkpoint.path.rstrip('/')}/{EXPORT_DIR}"
+
+
+def fault_injected_at(cfg: TrainConfig, name: str | None = None, storage_path: str | None = None) -> dict | None:
+    """The fault injection record of a run (``{"step", "rank", "pid"}``), if a worker was killed."""
+    import pyarrow.fs
+
+    name, storage = run_location(prepare_config(cfg), name, storage_path)
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{storage.rstrip('/')}/{name}/{FAULT_MARKER}")
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]:
+    """Start or join Ray, train, and return the summary (``checkpoint``: ``<output_dir>/checkpoint``)."""
+    import pyarrow.fs
+
+    from topro.cluster.runtime import init_ray
+
+    init_ray(address)
+    cfg = prepare_config(cfg)
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = dict(result.return_value or {})
+    export = best_checkpoint_path(result)
+    if export is None:
+        raise RuntimeError(f"run {result.path} reported no improved checkpoint")
+    local = Path(cfg.output_dir) / "checkpoint"
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    pyarrow.fs.copy_files(export, str(local), source_filesystem=result.checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    summary.update({"checkpoint": str(local), "ray_checkpoint": export, "ray_run": result.path,
+                    "fault_injected": fault_injected_at(cfg)})
+    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("best checkpoint %s (copied from %s)", local, export)
+    return summary
