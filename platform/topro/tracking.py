@@ -9,8 +9,11 @@ artifact folder, a plain topro checkpoint (safetensors + tokenizer +
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -88,3 +91,214 @@ def resolve_checkpoint(uri: str, cache: str | os.PathLike | None = None) -> Path
     if found is None:
         raise FileNotFoundError(f"{uri} ({source}): no topro checkpoint (topro.json) in the artifacts")
     return found if found.is_dir() else found.parent
+
+
+# --- Sweep runs: one parent run per sweep, one nested child run per trial ----------------------------------
+
+SWEEP_TAG = "topro.sweep"
+KIND_TAG = "topro.kind"
+TRIAL_TAG = "topro.trial_id"
+EVALUATED_TAG = "topro.evaluated"
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+# Per-report training metrics worth a history in MLflow (Tune adds many bookkeeping keys).
+TRAINING_METRIC_PREFIXES = ("train_", "dev_", "best_dev_")
+TRAINING_METRIC_KEYS = ("epoch", "step", "examples_per_second", "tokens_per_second")
+
+
+def mlflow_client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if missing."""
+    client = mlflow_client()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings flattened to ``a.b`` keys; values as strings (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            out[name] = text[:6000]
+    return out
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log (flattened) params; a param already logged with the same value is skipped (resumed sweeps)."""
+    from mlflow.entities import Param
+
+    client = mlflow_client()
+    have = client.get_run(run_id).data.params
+    items = [Param(k, v) for k, v in flat_params(params).items() if have.get(k) != v]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for i in range(0, len(items), 1000):
+        mlflow_client().log_batch(run_id, metrics=items[i:i + 1000])
+
+
+def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id: str | None = None) -> str:
+    """The sweep's parent run: reopen ``run_id`` (a resumed sweep) or create one."""
+    client = mlflow_client()
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except Exception:
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "topro.resumed", "true")
+            return run_id
+    run = client.create_run(experiment_id(experiment), run_name=sweep, tags={SWEEP_TAG: sweep, KIND_TAG: "sweep"})
+    log_params(run.info.run_id, params)
+    return run.info.run_id
+
+
+def trial_run(parent_run_id: str, trial_id: str, run_name: str, params: dict[str, Any] | None = None) -> str:
+    """The child run of one trial under the sweep's parent run (found again after a resume)."""
+    client = mlflow_client()
+    parent = client.get_run(parent_run_id)
+    existing = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+                                  max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        if existing[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial",
+                SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, "")}
+        run_id = client.create_run(parent.info.experiment_id, run_name=run_name, tags=tags).info.run_id
+    if params:
+        log_params(run_id, params)
+    return run_id
+
+
+def training_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The training and English dev metrics of one reported result."""
+    return {k: v for k, v in result.items()
+            if (k.startswith(TRAINING_METRIC_PREFIXES) or k in TRAINING_METRIC_KEYS)
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Close a run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    mlflow_client().set_terminated(run_id, status=status)
+
+
+def child_runs(parent_run_id: str) -> list:
+    """Trial runs of a sweep, oldest first."""
+    client = mlflow_client()
+    parent = client.get_run(parent_run_id)
+    return list(reversed(client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                            max_results=5000, order_by=["attributes.start_time DESC"])))
+
+
+def find_sweep_run(ref: str):
+    """The parent run of a sweep: a run id, or the latest run of the sweep named ``ref``."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client()
+    if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):
+        try:
+            return client.get_run(ref)
+        except MlflowException:
+            pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{SWEEP_TAG}` = '{ref}' and tags.`{KIND_TAG}` = 'sweep'",
+                              max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    if not runs:
+        raise ValueError(f"no sweep named or with run id {ref!r} in the tracking store {tracking_uri()}")
+    return runs[0]
+
+
+def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """Per-language metrics (``f1.de``), the average over languages and averages by family and script."""
+    from topro.reports import group_averages
+
+    metric = record["metric"]
+    out: dict[str, float] = {}
+    headline = {lang: r[metric] for lang, r in record["languages"].items()}
+    for lang, r in record["languages"].items():
+        out[f"{metric}.{lang}"] = r[metric]
+        if metric != "accuracy":
+            out[f"accuracy.{lang}"] = r["accuracy"]
+        if "viterbi" in r:
+            out[f"viterbi_f1.{lang}"] = r["viterbi"]["f1"]
+    if headline:
+        out[f"{metric}.avg"] = sum(headline.values()) / len(headline)
+        zero_shot = [v for lang, v in headline.items() if lang != "en"]
+        if zero_shot and len(zero_shot) < len(headline):
+            out[f"{metric}.avg_without_en"] = sum(zero_shot) / len(zero_shot)
+        for by in ("family", "script"):
+            for group, value in group_averages(headline, by).items():
+                out[f"{metric}.{by}.{group}"] = value
+    return out
+
+
+def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLike) -> None:
+    """Metrics of a results record plus artifacts: the JSON, a per-language CSV, a bar chart by family."""
+    from topro import reports
+
+    client = mlflow_client()
+    log_metrics(run_id, evaluation_metrics(record))
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    reports.write_csv(reports.language_rows(record), folder / "per_language.csv")
+    reports.plot_language_bars({record["method"]: {k: v[record["metric"]] for k, v in record["languages"].items()}},
+                               folder / "per_language_by_family.png", metric=record["metric"],
+                               title=f"{record['task']} {record['method']}: zero-shot {record['metric']} by language")
+    client.log_artifacts(run_id, str(folder), "evaluation")
+    client.set_tag(run_id, EVALUATED_TAG, ",".join(sorted(record["languages"])))
+
+
+def load_evaluation(run_id: str) -> dict[str, Any] | None:
+    """The results record logged by ``log_evaluation`` (``None`` if the run has none)."""
+    import mlflow
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/eval.json")
+    except Exception:
+        return None
+    return json.loads(text)
+
+
+def log_checkpoint(run_id: str, folder: str | os.PathLike) -> None:
+    """Log a checkpoint folder as the run's ``checkpoint`` artifact (what ``register_checkpoint`` registers)."""
+    mlflow_client().log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+
+
+def registered_version_of_run(name: str, run_id: str) -> str | None:
+    """The version of ``name`` already registered from ``run_id`` (resumed sweeps register once)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return versions[0].version if versions else None

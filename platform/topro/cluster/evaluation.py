@@ -1,0 +1,185 @@
+"""Zero-shot evaluation of checkpoints on many languages, in parallel across a Ray cluster.
+
+A small pool of evaluator actors each holds a loaded model; languages are
+handed out one at a time to whichever actor is free, preferring an actor that
+already holds the checkpoint in question. A model is therefore loaded once per
+actor (and per checkpoint), never once per language. Each language is scored
+by the same ``evaluate_language`` as the sequential path, so results match
+``topro.evaluate.evaluate_checkpoint``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    """One checkpoint to evaluate on some languages."""
+
+    checkpoint: str
+    """Checkpoint folder (reachable from the workers: shared or local storage) or ``models:/``/``runs:/`` URI."""
+    languages: tuple[str, ...] | str = "all"
+    task: str | None = None
+    """Task (default: the checkpoint's)."""
+
+
+class LanguageEvaluator:
+    """Holds up to ``cache_size`` loaded checkpoints and scores one language per call."""
+
+    def __init__(self, device: str = "auto", dtype: str = "fp32", num_threads: int | None = None,
+                 cache_size: int = 1):
+        import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one bar per load floods the forwarded actor logs
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device, self.dtype, self.cache_size = device, dtype, cache_size
+        self.models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self.loads = 0
+
+    def _model(self, checkpoint: str):
+        if checkpoint in self.models:
+            self.models.move_to_end(checkpoint)
+            return self.models[checkpoint]
+        from topro.methods import load_checkpoint
+        from topro.models import pick_device
+        from topro.tracking import resolve_checkpoint
+
+        while len(self.models) >= self.cache_size:
+            self.models.popitem(last=False)
+        folder = resolve_checkpoint(checkpoint)
+        self.models[checkpoint] = load_checkpoint(folder, pick_device(self.device))
+        self.loads += 1
+        return self.models[checkpoint]
+
+    def holds(self) -> list[str]:
+        return list(self.models)
+
+    def evaluate(self, checkpoint: str, task: str, lang: str, options: dict[str, Any]) -> dict[str, Any]:
+        from topro.evaluate import evaluate_language
+        from topro.models import pick_device
+
+        method, model = self._model(checkpoint)
+        start = time.perf_counter()
+        result = evaluate_language(method, model, task, lang, device=pick_device(self.device), dtype=self.dtype,
+                                   progress=False, desc=lang, **options)
+        return {"lang": lang, "checkpoint": checkpoint, "result": result,
+                "seconds": time.perf_counter() - start, "loads": self.loads}
+
+
+def _checkpoint_meta(checkpoint: str) -> dict[str, Any]:
+    import json
+
+    from topro.methods import META_FILE
+    from topro.tracking import resolve_checkpoint
+
+    return json.loads((resolve_checkpoint(checkpoint) / META_FILE).read_text())
+
+
+def default_workers(n_items: int, cpus_per_worker: float) -> int:
+    """As many evaluators as the cluster's CPUs allow, at most one per work item."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, min(n_items, int(cpus // cpus_per_worker)))
+
+
+def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | None = None, split: str = "dev",
+                                  max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
+                                  dtype: str = "fp32", num_workers: int | None = None,
+                                  cpus_per_worker: float = 1.0, address: str | None = None,
+                                  progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job."""
+    from topro.cluster.runtime import init_ray
+    from topro.evaluate import resolve_languages, results_record
+
+    ray = init_ray(address)
+    metas = [_checkpoint_meta(job.checkpoint) for job in jobs]
+    pending: dict[str, list[tuple[int, str, str]]] = OrderedDict()  # checkpoint -> [(job, task, lang)]
+    for i, (job, meta) in enumerate(zip(jobs, metas)):
+        task = job.task or meta["task"]
+        if task != meta["task"]:
+            raise ValueError(f"checkpoint {job.checkpoint} was trained for task {meta['task']!r}, not {task!r}")
+        for lang in resolve_languages(task, job.languages, data_dir, split):
+            pending.setdefault(job.checkpoint, []).append((i, task, lang))
+    n_items = sum(len(v) for v in pending.values())
+    if n_items == 0:
+        return [results_record(m["task"], m["method"], m.get("base_model", j.checkpoint), {},
+                               extra={"checkpoint": j.checkpoint, "split": split}) for j, m in zip(jobs, metas)]
+    workers = num_workers or default_workers(n_items, cpus_per_worker)
+    threads = max(1, int(cpus_per_worker))
+    evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if device == "cuda" else 0)(LanguageEvaluator)
+    actors = [evaluator_cls.remote(device, dtype, threads) for _ in range(workers)]
+    holds: dict[int, str | None] = {i: None for i in range(workers)}
+    options = {"data_dir": data_dir, "split": split, "max_sentences": max_sentences, "viterbi": viterbi}
+    results: list[dict[str, dict[str, Any]]] = [{} for _ in jobs]
+    in_flight: dict[Any, int] = {}  # ref -> actor
+    jobs_of: dict[Any, int] = {}  # ref -> job
+    start, done, loads = time.perf_counter(), 0, {}
+
+    def next_item(actor: int) -> tuple[int, str, str, str] | None:
+        # Stay on the checkpoint this actor holds; otherwise take the one with most work left.
+        checkpoint = holds[actor] if pending.get(holds[actor] or "") else None
+        if checkpoint is None:
+            left = [c for c, items in pending.items() if items]
+            if not left:
+                return None
+            checkpoint = max(left, key=lambda c: len(pending[c]))
+        job, task, lang = pending[checkpoint].pop(0)
+        return job, checkpoint, task, lang
+
+    def submit(actor: int) -> None:
+        item = next_item(actor)
+        if item is None:
+            return
+        job, checkpoint, task, lang = item
+        holds[actor] = checkpoint
+        ref = actors[actor].evaluate.remote(checkpoint, task, lang, options)
+        in_flight[ref] = actor
+        jobs_of[ref] = job
+
+    try:
+        for actor in range(workers):
+            submit(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            actor, job = in_flight.pop(ref), jobs_of.pop(ref)
+            out = ray.get(ref)
+            results[job][out["lang"]] = out["result"]
+            loads[actor] = out["loads"]
+            done += 1
+            if progress:
+                log.info("evaluated %s on %s in %.1fs (%d/%d)", "/".join(Path(out["checkpoint"]).parts[-2:]),
+                         out["lang"], out["seconds"], done, n_items)
+            submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    log.info("parallel evaluation: %d languages x checkpoints on %d workers in %.1fs, %d model loads",
+             n_items, workers, time.perf_counter() - start, sum(loads.values()))
+    return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
+                           extra={"checkpoint": str(job.checkpoint), "split": split})
+            for i, (job, meta) in enumerate(zip(jobs, metas))]
+
+
+def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str, address: str | None = None, *,
+                                 task: str | None = None, data_dir: str | None = None, split: str = "dev",
+                                 max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
+                                 dtype: str = "fp32", progress: bool = True, num_workers: int | None = None,
+                                 cpus_per_worker: float = 1.0) -> dict[str, Any]:
+    """Like ``topro.evaluate.evaluate_checkpoint``, one Ray actor task per language; the same record."""
+    langs = langs if isinstance(langs, str) else tuple(langs)
+    [record] = evaluate_checkpoints_parallel([EvaluationJob(str(checkpoint), langs, task)], data_dir=data_dir,
+                                             split=split, max_sentences=max_sentences, viterbi=viterbi,
+                                             device=device, dtype=dtype, num_workers=num_workers,
+                                             cpus_per_worker=cpus_per_worker, address=address, progress=progress)
+    return record

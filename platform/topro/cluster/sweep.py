@@ -1,0 +1,465 @@
+"""Sweeps: Ray Tune over training configs, then parallel per-language evaluation, MLflow and a report.
+
+The Ray 2.6x (Train V2) pattern: each Tune trial runs a small *driver*
+function that builds a ``TorchTrainer`` for its config and fits it; a
+``TuneReportCallback`` forwards every English dev evaluation to Tune (for
+ASHA and the results table). A Tune callback on the driver process writes
+every trial into MLflow as a child run of the sweep's parent run.
+
+After the trials: the learning rate (``select_over``) is chosen on English dev
+per compared setting, the chosen trials' best checkpoints are evaluated on
+every language in parallel (``topro.cluster.evaluation``), their results
+logged to their runs, the best checkpoint per task and method registered with
+an alias, and the report table written to the parent run.
+
+State lives under ``<storage_path>/<name>``: rerunning the same sweep resumes
+it (Tune restores finished trials instead of redoing them; trials already
+evaluated are not evaluated again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from topro import tracking
+from topro.config import ConfigError, TrainConfig, to_dict
+from topro.data import get_task
+from topro.sweep_config import SweepConfig, dimensions, sweep_to_dict, trial_train_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "topro_sweep.json"
+SCORE = "dev_score"
+BEST_SCORE = "best_dev_score"
+# Sweep fields that decide which trials run: a resumed sweep must have the same ones.
+TRIAL_FIELDS = ("base", "search_space", "search", "num_samples", "scheduler", "grace_period", "reduction_factor",
+                "max_t", "metric")
+
+
+# --- inside each trial ---------------------------------------------------------------------------------------
+
+class SweepReportCallback(TuneReportCallback):
+    """Forward Ray Train reports to Tune, adding the task's headline dev metric under one name for any task."""
+
+    def __init__(self, task_metric: str):
+        super().__init__()
+        self.task_metric = task_metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        renamed = []
+        for m in metrics:
+            m = dict(m)
+            if f"dev_{self.task_metric}" in m:
+                m[SCORE] = m[f"dev_{self.task_metric}"]
+            if f"best_dev_{self.task_metric}" in m:
+                m[BEST_SCORE] = m[f"best_dev_{self.task_metric}"]
+            renamed.append(m)
+        super().after_report(run_context, renamed, checkpoint)
+
+
+def trial_config(sweep: SweepConfig, params: dict[str, Any], experiment_dir: str, trial_id: str) -> TrainConfig:
+    """A trial's full training config: unique run name and folders, no in-trial multilingual evaluation."""
+    return trial_train_config(sweep, params, output_dir=str(Path(experiment_dir) / "trials" / trial_id),
+                              run_name=f"{sweep.name}-{trial_id}", storage_path=str(Path(experiment_dir) / "train"),
+                              eval_langs=[], progress=False)
+
+
+def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment_dir: str) -> None:
+    """Tune trainable: build and fit one TorchTrainer for ``params`` (a Train V2 driver)."""
+    from topro.cluster.trainer import build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(sweep, params, experiment_dir, trial_id)
+    callback = SweepReportCallback(get_task(cfg.task).metric)
+    trainer = build_trainer(cfg, name=cfg.run_name, storage_path=cfg.storage_path, callbacks=[callback])
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    copy_best_export(result, Path(cfg.output_dir) / "checkpoint")
+
+
+def copy_best_export(result, target: Path) -> None:
+    """A stable local copy of the trial's best export: Train rotates its checkpoints, MLflow logs from here."""
+    import pyarrow.fs
+
+    from topro.cluster.trainer import best_checkpoint_path
+
+    export = best_checkpoint_path(result)
+    if export is None:
+        raise RuntimeError(f"run {result.path} reported no improved checkpoint")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    pyarrow.fs.copy_files(export, str(target), source_filesystem=result.checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+# --- on the sweep driver ------------------------------------------------------------------------------------
+
+class MlflowTrialCallback(tune.Callback):
+    """One MLflow child run per trial under the sweep's parent run; closes runs Tune stops."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, sweep: SweepConfig, experiment_dir: str):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.experiment_dir = experiment_dir
+        self.runs: dict[str, str] = {}
+
+    def setup(self, **info):
+        tracking.configure(self.tracking_uri)
+
+    def _run(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            cfg = trial_config(self.sweep, trial.config, self.experiment_dir, trial.trial_id)
+            params = {**to_dict(cfg), "trial_id": trial.trial_id}
+            self.runs[trial.trial_id] = tracking.trial_run(self.parent_run_id, trial.trial_id,
+                                                           trial_run_name(self.sweep, trial.config), params)
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = tracking.training_metrics(result)
+        step = int(result.get("step", result.get("training_iteration", 0)) or 0)
+        tracking.log_metrics(self._run(trial), metrics, step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        tracking.end_run(self._run(trial), "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tracking.end_run(self._run(trial), "FAILED")
+
+    def __getstate__(self):  # pickled into the experiment state; run ids are found again by tag
+        state = dict(self.__dict__)
+        state["runs"] = {}
+        return state
+
+
+def trial_run_name(sweep: SweepConfig, params: dict[str, Any]) -> str:
+    parts = [f"{k}={_short(v)}" for k, v in params.items()]
+    return f"{sweep.name}: " + ", ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    return Path(text).name if "/" in text else text
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    space: dict[str, Any] = {}
+    for dim in dimensions(sweep):
+        values = list(dim.values)
+        if dim.kind == "grid" and sweep.search == "grid":
+            space[dim.field] = tune.grid_search(values)
+        elif dim.kind in ("grid", "choice"):
+            space[dim.field] = tune.choice(values)
+        elif dim.kind == "uniform":
+            space[dim.field] = tune.uniform(*values)
+        elif dim.kind == "loguniform":
+            space[dim.field] = tune.loguniform(*values)
+        elif dim.kind == "randint":
+            space[dim.field] = tune.randint(*values)
+    return space
+
+
+def trial_cpus(sweep: SweepConfig) -> float:
+    """CPUs one trial holds: its driver plus its Train workers (the largest in the space)."""
+    candidates = [trial_train_config(sweep, {})]
+    for dim in dimensions(sweep):
+        if dim.field in ("workers", "cpus_per_worker") and dim.discrete:
+            candidates += [trial_train_config(sweep, {dim.field: v}) for v in dim.values]
+    return sweep.driver_cpus + max(c.workers * c.cpus_per_worker for c in candidates)
+
+
+def concurrent_trials(sweep: SweepConfig) -> int:
+    import ray
+
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, int(cpus // trial_cpus(sweep)))
+
+
+def scheduler(sweep: SweepConfig):
+    if sweep.scheduler == "fifo":
+        return tune.schedulers.FIFOScheduler()
+    max_t = sweep.max_t or max([trial_train_config(sweep, {}).epochs]
+                               + [v for d in dimensions(sweep) if d.field == "epochs" and d.discrete
+                                  for v in d.values])
+    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+
+
+@dataclass
+class TrialOutcome:
+    """One trial after Tune: its params, status, English dev score and best checkpoint."""
+
+    trial_id: str
+    params: dict[str, Any]
+    config: TrainConfig
+    status: str
+    dev_score: float | None
+    checkpoint: str | None
+    run_id: str | None = None
+    record: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _best_export_from_history(history) -> str | None:
+    """Fallback when the trial driver did not finish (ASHA stopped it): its last improving checkpoint."""
+    if history is None or "checkpoint_path" not in getattr(history, "columns", []):
+        return None
+    rows = history.dropna(subset=["checkpoint_path"])
+    if "is_best" in rows:
+        rows = rows[rows["is_best"] > 0]
+    for path in reversed(list(rows["checkpoint_path"])):
+        folder = Path(path) / "model"
+        if (folder / "topro.json").is_file():
+            return str(folder)
+    return None
+
+
+def trial_outcomes(results, sweep: SweepConfig, experiment_dir: Path) -> list[TrialOutcome]:
+    outcomes = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path).name).group(1)
+        history = result.metrics_dataframe
+        score = None
+        if history is not None and SCORE in getattr(history, "columns", []):
+            values = [v for v in history[SCORE] if v == v]
+            score = max(values) if values else None
+        export = experiment_dir / "trials" / trial_id / "checkpoint"
+        checkpoint = str(export) if (export / "topro.json").is_file() else _best_export_from_history(history)
+        status = "ERROR" if result.error else "TERMINATED"
+        params = {k: v for k, v in (result.config or {}).items()}
+        cfg = trial_config(sweep, params, str(experiment_dir), trial_id)
+        outcomes.append(TrialOutcome(trial_id, params, cfg, status, score, checkpoint))
+    return outcomes
+
+
+def compared_fields(sweep: SweepConfig) -> list[str]:
+    """Searched fields the report compares (everything but ``select_over`` and ``seed``)."""
+    return [d.field for d in dimensions(sweep) if d.field not in sweep.select_over and d.field != "seed"]
+
+
+def setting_label(sweep: SweepConfig, params: dict[str, Any]) -> str:
+    """How a trial appears in the report: the method, plus other compared fields that vary (not the task)."""
+    fields = [f for f in compared_fields(sweep) if f not in ("task", "method")]
+    method = params.get("method", sweep.base.get("method"))
+    extra = ", ".join(f"{f}={_short(params[f])}" for f in fields if f in params)
+    return f"{method} ({extra})" if extra else str(method)
+
+
+def select_trials(sweep: SweepConfig, outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
+    """Per compared setting, the ``select_over`` values with the best mean English dev score; all their seeds."""
+    usable = [o for o in outcomes if o.checkpoint and o.dev_score is not None]
+    if sweep.evaluate == "all":
+        return usable
+    searched = {d.field for d in dimensions(sweep)}
+    select = [f for f in sweep.select_over if f in searched]
+    compared = compared_fields(sweep)
+    groups: dict[tuple, dict[tuple, list[TrialOutcome]]] = {}
+    for o in usable:
+        key = tuple(repr(o.params.get(f)) for f in compared)
+        choice = tuple(repr(o.params.get(f)) for f in select)
+        groups.setdefault(key, {}).setdefault(choice, []).append(o)
+    chosen = []
+    for candidates in groups.values():
+        best = max(candidates.values(), key=lambda trials: statistics.fmean(t.dev_score for t in trials))
+        chosen += best
+    return chosen
+
+
+def check_resumable(state_file: Path, sweep: SweepConfig) -> dict[str, Any]:
+    """The stored state of this sweep; refuses to resume with different trials."""
+    state = json.loads(state_file.read_text())
+    old, new = state["config"], sweep_to_dict(sweep)
+    changed = [k for k in TRIAL_FIELDS if json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
+    if changed:
+        raise ConfigError(f"sweep {sweep.name!r} at {state_file.parent} was started with different {changed}; "
+                          f"rerun with --fresh to start it again, or give it another name")
+    return state
+
+
+def prepare_experiment_dir(sweep: SweepConfig, fresh: bool) -> Path:
+    experiment_dir = (Path(sweep.storage_path).expanduser() / sweep.name).resolve()
+    if fresh and experiment_dir.exists():
+        aside = experiment_dir.with_name(f"{sweep.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        experiment_dir.rename(aside)
+        log.info("--fresh: moved the previous state of sweep %s to %s", sweep.name, aside)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    return experiment_dir
+
+
+def sweep_params(sweep: SweepConfig, config_path: str | None) -> dict[str, Any]:
+    params = {k: v for k, v in sweep_to_dict(sweep).items() if k != "base"}
+    params["base"] = sweep.base
+    params["config_file"] = config_path or ""
+    return params
+
+
+def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: str | None = None,
+              fresh: bool = False, config_path: str | None = None) -> dict[str, Any]:
+    """Run (or resume) ``sweep`` end to end; returns a summary (parent run id, trials, report)."""
+    from topro.cluster.runtime import init_ray
+
+    started = time.perf_counter()
+    uri = tracking.configure(absolute_tracking_uri(tracking_uri))
+    experiment_dir = prepare_experiment_dir(sweep, fresh)
+    state_file = experiment_dir / STATE_FILE
+    state = check_resumable(state_file, sweep) if state_file.is_file() else {}
+    ray = init_ray(address)
+    experiment = sweep.experiment or f"topro-sweep-{sweep.name}"
+    parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
+                                      run_id=state.get("parent_run_id"))
+    state_file.write_text(json.dumps({"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
+                                      "experiment": experiment}, indent=2, default=str))
+    try:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, experiment_dir=str(experiment_dir)),
+                                        {"CPU": sweep.driver_cpus})
+        resumed = tune.Tuner.can_restore(str(experiment_dir))
+        if resumed:
+            log.info("resuming sweep %s from %s (finished trials are not run again)", sweep.name, experiment_dir)
+            # Errored trials are resumed, not restarted: they keep their trial id (and MLflow run), and their
+            # TorchTrainer, under the same name, continues from its last Train checkpoint if it has one.
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            max_concurrent = concurrent_trials(sweep)
+            log.info("sweep %s: %s search, %s scheduler, up to %d trials at once (%.1f CPUs each of %.0f)",
+                     sweep.name, sweep.search, sweep.scheduler, max_concurrent, trial_cpus(sweep),
+                     ray.cluster_resources().get("CPU", 0))
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", scheduler=scheduler(sweep),
+                                            num_samples=sweep.num_samples, max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(experiment_dir.parent),
+                                          callbacks=[MlflowTrialCallback(uri, parent, sweep, str(experiment_dir))],
+                                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                          verbose=1))
+        results = tuner.fit()
+        train_seconds = time.perf_counter() - started
+        outcomes = trial_outcomes(results, sweep, experiment_dir)
+        for o in outcomes:
+            o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params))
+            if o.status == "ERROR":
+                tracking.end_run(o.run_id, "FAILED")
+            else:
+                tracking.end_run(o.run_id, "FINISHED")
+        failed = [o.trial_id for o in outcomes if o.status == "ERROR"]
+        if failed:
+            log.warning("sweep %s: trials %s failed; the report covers the others (rerun to retry them)",
+                        sweep.name, failed)
+        selected = select_trials(sweep, outcomes)
+        eval_seconds = evaluate_trials(sweep, selected, address)
+        registered = register_champions(sweep, selected)
+        from topro.reports_cli import sweep_report
+
+        report = sweep_report(parent, log_artifacts=True)
+        tracking.log_metrics(parent, {"trials": len(outcomes), "trials_failed": len(failed),
+                                      "trials_evaluated": len(selected), "train_wall_seconds": train_seconds,
+                                      "eval_wall_seconds": eval_seconds,
+                                      "wall_seconds": time.perf_counter() - started})
+        tracking.end_run(parent, "FAILED" if failed else "FINISHED")
+    except KeyboardInterrupt:
+        tracking.end_run(parent, "KILLED")
+        raise
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
+            "experiment_dir": str(experiment_dir), "resumed": resumed, "trials": outcomes, "selected": selected,
+            "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """``sqlite:///relative.db`` made absolute, so every process of the sweep writes the same file."""
+    resolved = tracking.tracking_uri(uri)
+    match = re.fullmatch(r"sqlite:///(?!/)(.+)", resolved)
+    if match:
+        return f"sqlite:///{Path(match.group(1)).resolve()}"
+    return resolved
+
+
+def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str | None) -> float:
+    """Zero-shot evaluation of the trials' checkpoints on every language, in parallel; logged to their runs."""
+    from topro.cluster.evaluation import EvaluationJob, evaluate_checkpoints_parallel
+    from topro.evaluate import resolve_languages
+
+    base = trial_train_config(sweep, {})
+    langs = sweep.eval_langs or base.eval_langs or ["all"]
+    max_sentences = sweep.max_eval_sentences if sweep.max_eval_sentences is not None else base.max_eval_sentences
+    todo, wanted_langs = [], {}
+    for t in trials:
+        available = resolve_languages(t.config.task, "all", base.data_dir, sweep.eval_split)
+        chosen = available if langs == ["all"] else [lang for lang in langs if lang in available]
+        missing = sorted(set(langs) - set(available) - {"all"})
+        if missing:  # a multi-task sweep names languages some tasks have no data for
+            log.warning("%s: no %s data for %s; evaluating the other %d languages", t.config.task,
+                        sweep.eval_split, missing, len(chosen))
+        wanted_langs[t.trial_id] = tuple(chosen)
+        wanted = ",".join(sorted(chosen))
+        run = tracking.mlflow_client().get_run(t.run_id)
+        t.record = tracking.load_evaluation(t.run_id) if run.data.tags.get(tracking.EVALUATED_TAG) == wanted else None
+        if t.record is None or t.record.get("max_sentences") != max_sentences:
+            todo.append(t)
+    start = time.perf_counter()
+    if todo:
+        jobs = [EvaluationJob(t.checkpoint, wanted_langs[t.trial_id], t.config.task) for t in todo]
+        records = evaluate_checkpoints_parallel(jobs, data_dir=base.data_dir, split=sweep.eval_split,
+                                                max_sentences=max_sentences, viterbi=base.viterbi,
+                                                device=base.device, dtype=base.dtype, num_workers=sweep.eval_workers,
+                                                cpus_per_worker=sweep.eval_cpus_per_worker, address=address)
+        for t, record in zip(todo, records):
+            record.update(max_sentences=max_sentences, trial_id=t.trial_id, setting=setting_label(sweep, t.params),
+                          seed=t.config.seed, learning_rate=t.config.learning_rate, dev_score=t.dev_score)
+            t.record = record
+            workdir = Path(sweep.storage_path).expanduser().resolve() / sweep.name / "trials" / t.trial_id / "evaluation"
+            tracking.log_evaluation(t.run_id, record, workdir)
+            tracking.mlflow_client().set_tag(t.run_id, "topro.setting", record["setting"])
+    seconds = time.perf_counter() - start
+    log.info("evaluated %d checkpoints in %.1fs (%d already evaluated)", len(todo), seconds, len(trials) - len(todo))
+    return seconds
+
+
+def register_champions(sweep: SweepConfig, trials: list[TrialOutcome]) -> list[dict[str, Any]]:
+    """Register the best evaluated checkpoint per task and method (chosen on English dev, not on the test languages)."""
+    if not sweep.register_alias:
+        return []
+    best: dict[tuple[str, str], TrialOutcome] = {}
+    for t in trials:
+        key = (t.config.task, t.config.method)
+        if t.record is not None and (key not in best or t.dev_score > best[key].dev_score):
+            best[key] = t
+    registered = []
+    for (task, method), t in sorted(best.items()):
+        name = tracking.registered_name(task, method)
+        version = tracking.registered_version_of_run(name, t.run_id)
+        if version is None:
+            tracking.log_checkpoint(t.run_id, t.checkpoint)
+            version = tracking.register_checkpoint(t.run_id, name, alias=sweep.register_alias,
+                                                   description=f"best {task} {method} checkpoint of sweep {sweep.name} "
+                                                               f"on English dev")
+        else:
+            tracking.mlflow_client().set_registered_model_alias(name, sweep.register_alias, version)
+        tracking.mlflow_client().set_tag(t.run_id, "topro.registered", f"{name}/{version}@{sweep.register_alias}")
+        log.info("registered %s version %s as @%s (trial %s, English dev %.4f)", name, version, sweep.register_alias,
+                 t.trial_id, t.dev_score)
+        registered.append({"name": name, "version": version, "alias": sweep.register_alias, "run_id": t.run_id,
+                           "trial_id": t.trial_id, "dev_score": t.dev_score,
+                           "uri": f"models:/{name}@{sweep.register_alias}"})
+    return registered

@@ -1,0 +1,68 @@
+"""``topro sweep`` (and ``jobs/sweep.py``): run or resume a sweep from a YAML file."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="Ray Tune sweep over methods, models, templates, learning rates, seeds...",
+                       description="Run a sweep (configs/sweeps/*.yaml): Ray Tune trials of Ray Train runs, "
+                                   "selection on English dev, parallel zero-shot evaluation on every language, "
+                                   "MLflow tracking (one parent run, one child run per trial), the best checkpoint "
+                                   "per task and method registered, and a report. Rerunning the same sweep resumes "
+                                   "it. Overrides are key=value: sweep fields (num_samples=2), nested entries "
+                                   "(search_space.seed.grid=[1,2]) or training fields of the base "
+                                   "(max_train_sentences=100, same as base.max_train_sentences=100).")
+    add_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming (the previous state is "
+                                                        "moved aside, not deleted)")
+    p.add_argument("--summary", help="write a JSON summary (parent run, trials, registered models) here")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+
+
+def cmd_sweep(args) -> int:
+    import os
+
+    from topro.sweep_config import load_sweep_config
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    sweep = load_sweep_config(args.config, args.overrides, data_dir=args.data_dir)  # fails before Ray starts
+    from topro.cluster.sweep import run_sweep
+
+    summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
+                        config_path=args.config)
+    sys.stdout.write("\n" + summary["report"] + "\n")
+    for reg in summary["registered"]:
+        print(f"registered {reg['uri']} (version {reg['version']}, English dev {reg['dev_score']:.4f})")
+    done = sum(t.status != "ERROR" for t in summary["trials"])
+    print(f"sweep {summary['name']}: {done}/{len(summary['trials'])} trials finished"
+          f"{' (resumed)' if summary['resumed'] else ''}, {len(summary['selected'])} evaluated, "
+          f"{summary['wall_seconds']:.0f}s; MLflow parent run {summary['parent_run_id']} in experiment "
+          f"{summary['experiment']!r} at {summary['tracking_uri']}")
+    uri = summary["tracking_uri"]
+    if uri.startswith("sqlite:"):
+        print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary_json(summary), f, indent=2, default=str)
+    failed = [t for t in summary["trials"] if t.status == "ERROR"]
+    return 1 if failed else 0
+
+
+def summary_json(summary: dict) -> dict:
+    trials = [{"trial_id": t.trial_id, "params": t.params, "status": t.status, "dev_score": t.dev_score,
+               "checkpoint": t.checkpoint, "run_id": t.run_id,
+               "average": (t.record or {}).get("average")} for t in summary["trials"]]
+    return {**{k: v for k, v in summary.items() if k not in ("trials", "selected")}, "trials": trials,
+            "selected": [t.trial_id for t in summary["selected"]]}

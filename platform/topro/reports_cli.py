@@ -1,0 +1,100 @@
+"""``topro report --sweep NAME|RUN_ID``: the paper-style table of a sweep, from MLflow alone (Ray-free).
+
+Reads the evaluated trial runs under the sweep's parent run, prints settings x
+languages (mean ± std over seeds) per task, and logs the table, the combined
+per-language CSV, a setting x language heatmap and a bar chart grouped by
+language family to the parent run under ``report/``.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from topro import reports, tracking
+
+
+def collect_scores(parent_run_id: str) -> tuple[list[reports.Scores], list[dict]]:
+    """Scores per evaluated trial run, and their results records."""
+    entries, records = [], []
+    for run in tracking.child_runs(parent_run_id):
+        if tracking.EVALUATED_TAG not in run.data.tags:
+            continue
+        record = tracking.load_evaluation(run.info.run_id)
+        if record is None:
+            continue
+        setting = record.get("setting") or run.data.tags.get("topro.setting") or record["method"]
+        seed = record.get("seed", run.data.params.get("seed"))
+        info = {}
+        if "learning_rate" in record:
+            info["learning_rate"] = f"{record['learning_rate']:g}"
+        entries.append(reports.scores_from_record(record, setting, seed=int(seed) if seed is not None else None,
+                                                  **info))
+        entries[-1].dev_score = record.get("dev_score")
+        records.append({**record, "run_id": run.info.run_id})
+    return entries, records
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]+", "_", text).strip("_ ")
+
+
+def sweep_report(ref: str, log_artifacts: bool = True) -> str:
+    """The Markdown report of sweep ``ref`` (name or parent run id); also logged to the parent run."""
+    parent = tracking.find_sweep_run(ref)
+    parent_id = parent.info.run_id
+    name = parent.data.tags.get(tracking.SWEEP_TAG, ref)
+    entries, records = collect_scores(parent_id)
+    if not entries:
+        return f"## Sweep {name}\n\nNo evaluated trials yet (parent run {parent_id}).\n"
+    table = reports.markdown_table(entries, title=f"Sweep {name} (MLflow run {parent_id})")
+    if log_artifacts:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "report.md").write_text(table)
+            rows = []
+            for record in records:
+                for row in reports.language_rows(record):
+                    rows.append({"setting": record.get("setting"), "seed": record.get("seed"),
+                                 "learning_rate": record.get("learning_rate"), "trial_id": record.get("trial_id"),
+                                 "run_id": record["run_id"], **row})
+            reports.write_csv(rows, folder / "per_language.csv")
+            metrics = {}
+            for task in sorted({e.task for e in entries}):
+                means = reports.setting_means(entries, task)
+                metric = next(e.metric for e in entries if e.task == task)
+                reports.plot_heatmap(means, folder / f"heatmap_{task}.png", metric=metric,
+                                     title=f"{name}: {task} zero-shot {metric} (mean over seeds)")
+                reports.plot_language_bars(means, folder / f"per_language_by_family_{task}.png", metric=metric,
+                                           title=f"{name}: {task} zero-shot {metric} by language family")
+                for setting in means:
+                    averages = [statistics.fmean(e.languages.values()) for e in entries
+                                if e.task == task and e.setting == setting]
+                    metrics[_slug(f"{task}/{setting}/{metric}.avg")] = statistics.fmean(averages)
+            client = tracking.mlflow_client()
+            client.log_artifacts(parent_id, str(folder), "report")
+            tracking.log_metrics(parent_id, metrics)
+    return table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="paper-style table of a sweep (methods x languages, mean ± std over seeds)",
+                       description="Build the report of a sweep from its MLflow runs: print it as Markdown and "
+                                   "log it (with CSV, heatmap and bar chart) to the sweep's parent run.")
+    p.add_argument("--sweep", required=True, help="sweep name (its latest parent run) or a parent run id")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--output", help="also write the Markdown to this file")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    tracking.configure(args.tracking_uri)
+    table = sweep_report(args.sweep, log_artifacts=not args.no_log)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(table)
+    sys.stdout.write(table)
+    return 0

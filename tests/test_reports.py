@@ -1,0 +1,99 @@
+"""Reports and MLflow tracking pieces, without Ray: tables, plots, nested runs, metrics, registry."""
+import json
+
+import pytest
+
+from topro import reports, tracking
+from topro.evaluate import results_record
+
+
+def _record(method: str, scores: dict[str, float], task: str = "udpos") -> dict:
+    metric = "accuracy" if task == "udpos" else "f1"
+    languages = {lang: {metric: v, "accuracy": v, "n_sentences": 10, "n_words": 100, "n_truncated_words": 0}
+                 for lang, v in scores.items()}
+    return results_record(task, method, "tiny", languages)
+
+
+def test_markdown_table_is_mean_and_std_over_seeds():
+    entries = [reports.Scores("udpos", "topro", "accuracy", {"en": 0.9, "de": 0.6}, seed=1),
+               reports.Scores("udpos", "topro", "accuracy", {"en": 0.8, "de": 0.4}, seed=2),
+               reports.Scores("udpos", "vanilla", "accuracy", {"en": 0.85, "de": 0.5}, seed=1)]
+    table = reports.markdown_table(entries)
+    assert "| setting | seeds | en | de | avg | avg w/o en |" in table
+    assert "| topro | 2 | 85.0 ± 7.1 | 50.0 ± 14.1 | 67.5 ± 10.6 | 50.0 ± 14.1 |" in table
+    assert "| vanilla | 1 | 85.0 | 50.0 | 67.5 | 50.0 |" in table
+
+
+def test_group_averages_csv_and_plots(tmp_path):
+    record = _record("topro", {"de": 0.5, "nl": 0.7, "ru": 0.4, "en": 0.9})
+    assert reports.group_averages({"de": 0.5, "nl": 0.7, "ru": 0.4}, "family") == {"Germanic": 0.6,
+                                                                                   "Slavic": 0.4}
+    assert reports.group_averages({"de": 0.5, "ru": 0.4}, "script") == {"Cyrillic": 0.4, "Latin": 0.5}
+    rows = reports.language_rows(record)
+    assert [r["lang"] for r in rows][0] == "en" and {"family", "script", "accuracy"} <= set(rows[0])
+    csv = reports.write_csv(rows, tmp_path / "l.csv").read_text().splitlines()
+    assert csv[0].startswith("task,method,lang,name,family,script") and len(csv) == 5
+    series = {"topro": {"de": 0.5, "ru": 0.4}, "vanilla": {"de": 0.6, "ru": 0.3}}
+    for path in (reports.plot_language_bars(series, tmp_path / "bars.png", metric="accuracy"),
+                 reports.plot_heatmap(series, tmp_path / "heat.png", metric="accuracy")):
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.configure(uri)
+    yield uri
+    tracking.configure(None)
+
+
+def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys):
+    from mlflow import MlflowClient
+
+    from topro.cli import main
+
+    parent = tracking.start_sweep_run("exp", "unit", {"search_space": {"seed": {"grid": [1, 2]}}})
+    client = MlflowClient()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "topro.json").write_text(json.dumps({"task": "udpos", "method": "topro"}))
+    for seed, method, scores in [(1, "topro", {"de": 0.5, "ru": 0.3}), (2, "topro", {"de": 0.7, "ru": 0.5}),
+                                 (1, "vanilla", {"de": 0.4, "ru": 0.2})]:
+        run = tracking.trial_run(parent, f"t{seed}{method}", f"{method} {seed}", {"method": method, "seed": seed})
+        assert tracking.trial_run(parent, f"t{seed}{method}", "again") == run  # found again after a resume
+        for step, acc in ((10, 0.5), (20, 0.6)):
+            tracking.log_metrics(run, tracking.training_metrics(
+                {"epoch": step // 10, "train_loss": 1 / step, "dev_accuracy": acc, "trial_id": "x", "pid": 1}),
+                step=step)
+        record = {**_record(method, scores), "setting": method, "seed": seed, "learning_rate": 1e-3}
+        tracking.log_evaluation(run, record, tmp_path / run)
+        tracking.end_run(run)
+    runs = tracking.child_runs(parent)
+    assert len(runs) == 3 and all(r.data.tags["mlflow.parentRunId"] == parent for r in runs)
+    first = runs[0].data
+    assert first.params["method"] == "topro" and first.metrics["accuracy.de"] == 0.5
+    assert first.metrics["accuracy.avg"] == pytest.approx(0.4)
+    assert first.metrics["accuracy.family.Germanic"] == 0.5 and first.metrics["accuracy.script.Cyrillic"] == 0.3
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "dev_accuracy")] == [10, 20]
+    assert "pid" not in first.metrics
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "evaluation")}
+    assert artifacts == {"evaluation/eval.json", "evaluation/per_language.csv",
+                         "evaluation/per_language_by_family.png"}
+
+    assert main(["report", "--sweep", "unit", "--tracking-uri", mlflow_store]) == 0
+    out = capsys.readouterr().out
+    assert "| topro | 2 | 60.0 ± 14.1 | 40.0 ± 14.1 | 50.0 ± 14.1 |" in out
+    assert "| vanilla | 1 | 40.0 | 20.0 | 30.0 |" in out
+    report = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/per_language.csv", "report/heatmap_udpos.png",
+            "report/per_language_by_family_udpos.png"} <= report
+    assert client.get_run(parent).data.metrics["udpos/topro/accuracy.avg"] == pytest.approx(0.5)
+    assert tracking.find_sweep_run(parent).info.run_id == parent
+
+    tracking.log_checkpoint(runs[1].info.run_id, ckpt)
+    name = tracking.registered_name("udpos", "topro")
+    version = tracking.register_checkpoint(runs[1].info.run_id, name, alias="champion")
+    assert tracking.registered_version_of_run(name, runs[1].info.run_id) == version
+    folder = tracking.resolve_checkpoint(f"models:/{name}@champion", cache=tmp_path / "cache")
+    assert json.loads((folder / "topro.json").read_text())["method"] == "topro"

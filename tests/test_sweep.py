@@ -1,0 +1,114 @@
+"""A real sweep end to end: local Ray, Tune over Ray Train trials, MLflow in SQLite, real data, tiny model.
+
+One sweep (ToPro vs vanilla, 30 English sentences, 1 epoch) feeds several
+checks: nested MLflow runs with the full config and per-epoch metrics,
+per-language metrics and artifacts, registered champions, the report, and
+parallel evaluation giving the sequential results.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from topro import tracking
+from topro.cli import main
+
+SWEEP = """name: mini
+base: {{task: udpos, model: tiny, max_train_sentences: 30, max_dev_sentences: 10, epochs: 1, learning_rate: 1e-3,
+        strategy: ddp, workers: 1, cpus_per_worker: 1, num_threads: 1, max_failures: 0}}
+search_space:
+  method: {{grid: [topro, vanilla]}}
+  seed: {{grid: [1]}}
+eval_langs: [de, ru]
+max_eval_sentences: 10
+storage_path: {storage}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory, ray_local, tiny_udpos):
+    folder = tmp_path_factory.mktemp("sweep")
+    config = folder / "mini.yaml"
+    config.write_text(SWEEP.format(storage=folder / "sweeps"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    code = main(["sweep", "--config", str(config), "--tracking-uri", uri, "--summary", str(folder / "summary.json")])
+    tracking.configure(uri)
+    return {"code": code, "folder": folder, "uri": uri, "config": config,
+            "summary": json.loads((folder / "summary.json").read_text())}
+
+
+def test_sweep_runs_every_trial_and_evaluates_them(sweep_run):
+    summary = sweep_run["summary"]
+    assert sweep_run["code"] == 0
+    assert [t["status"] for t in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert {t["params"]["method"] for t in summary["trials"]} == {"topro", "vanilla"}
+    assert len(summary["selected"]) == 2 and not summary["resumed"]
+    for trial in summary["trials"]:
+        assert 0 <= trial["dev_score"] <= 1 and (Path(trial["checkpoint"]) / "topro.json").is_file()
+        assert trial["average"]["n_languages"] == 2
+
+
+def test_mlflow_holds_nested_runs_with_config_metrics_and_artifacts(sweep_run):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = tracking.find_sweep_run("mini")
+    assert parent.info.run_id == sweep_run["summary"]["parent_run_id"] and parent.info.status == "FINISHED"
+    children = tracking.child_runs(parent.info.run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        params, metrics = child.data.params, child.data.metrics
+        assert params["max_train_sentences"] == "30" and params["task"] == "udpos" and "trial_id" in params
+        assert params["method"] in ("topro", "vanilla") and float(params["learning_rate"]) == 1e-3
+        history = client.get_metric_history(child.info.run_id, "dev_accuracy")
+        assert len(history) == 1 and history[0].step > 0  # one evaluation per epoch, at its step
+        assert {"train_loss", "best_dev_accuracy", "epoch"} <= set(metrics)
+        assert {"accuracy.de", "accuracy.ru", "accuracy.avg", "accuracy.family.Germanic",
+                "accuracy.family.Slavic", "accuracy.script.Latin", "accuracy.script.Cyrillic"} <= set(metrics)
+        files = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
+        assert {"evaluation/eval.json", "evaluation/per_language.csv",
+                "evaluation/per_language_by_family.png"} == files
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/per_language.csv", "report/heatmap_udpos.png",
+            "report/per_language_by_family_udpos.png"} <= report
+    assert parent.data.params["search_space.method.grid"] == '["topro", "vanilla"]'
+
+
+def test_champions_are_registered_and_load(sweep_run):
+    from topro.methods import load_checkpoint
+
+    registered = {r["name"]: r for r in sweep_run["summary"]["registered"]}
+    assert set(registered) == {"topro-udpos-topro", "topro-udpos-vanilla"}
+    for name in registered:
+        folder = tracking.resolve_checkpoint(f"models:/{name}@champion", cache=sweep_run["folder"] / "cache")
+        method, _ = load_checkpoint(folder)
+        assert method.name == name.rsplit("-", 1)[1]
+
+
+def test_report_command_prints_the_table(sweep_run, capsys):
+    assert main(["report", "--sweep", "mini", "--tracking-uri", sweep_run["uri"], "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "| setting | seeds | de | ru | avg |" in out
+    assert out.count("| topro | 1 |") == 1 and out.count("| vanilla | 1 |") == 1
+
+
+def test_parallel_evaluation_matches_sequential(sweep_run):
+    from topro.cluster.evaluation import evaluate_checkpoint_parallel
+    from topro.evaluate import evaluate_checkpoint
+
+    checkpoint = next(t["checkpoint"] for t in sweep_run["summary"]["trials"] if t["params"]["method"] == "topro")
+    sequential = evaluate_checkpoint(checkpoint, "de,ru,fr", max_sentences=8, progress=False)
+    parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru,fr", max_sentences=8, num_workers=2)
+    assert parallel == sequential
+
+
+def test_rerunning_a_finished_sweep_redoes_nothing(sweep_run, capsys):
+    before = {c.info.run_id: c.data.tags[tracking.EVALUATED_TAG] for c in tracking.child_runs(
+        sweep_run["summary"]["parent_run_id"])}
+    summary_path = sweep_run["folder"] / "again.json"
+    assert main(["sweep", "--config", str(sweep_run["config"]), "--tracking-uri", sweep_run["uri"],
+                 "--summary", str(summary_path)]) == 0
+    again = json.loads(summary_path.read_text())
+    assert again["resumed"] and again["parent_run_id"] == sweep_run["summary"]["parent_run_id"]
+    assert {c.info.run_id for c in tracking.child_runs(again["parent_run_id"])} == set(before)
+    assert [r["version"] for r in again["registered"]] == [r["version"] for r in sweep_run["summary"]["registered"]]
