@@ -18,8 +18,8 @@ from torch import nn
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, MethodSpec, count_parameters
 from topro.methods.prefix_attention import PREFIX_KWARG, PrefixEncoder, enable_prefix_attention
-from topro.methods.trained_only import (backbone_fingerprint, load_backbone, load_trained_only, read_meta,
-                                        save_trained_only)
+from topro.methods.trained_only import (backbone_fingerprint, from_pretrained_noting_fresh, load_backbone,
+                                        load_trained_only, read_meta, save_trained_only)
 from topro.methods.vanilla import Vanilla
 
 
@@ -70,7 +70,7 @@ class PromptTuning:
     def _load_backbone(path: str) -> nn.Module:
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is never used
+        return from_pretrained_noting_fresh(AutoModel, path, add_pooling_layer=False)  # the pooler is never used
 
     def build_model(self, model_path: str) -> PrefixTagger:
         return self._model_on(self._load_backbone(model_path))

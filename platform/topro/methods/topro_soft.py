@@ -14,8 +14,10 @@ learned. ``soft_prompt_placement`` says where the K vectors go:
 - ``prefix``: the hand-written question stays and K soft vectors go in front of
   it (initialised from the template's tokens, cycled).
 
-The backbone is frozen (only the K x hidden prompt trains) or fine-tuned with
-it (``freeze_backbone``). Soft slots travel through encoding as negative token
+The backbone is frozen (only the K x hidden prompt trains, plus any part the
+pretrained checkpoint lacks, such as the MLM head of an encoder published
+without one: a frozen random head would be noise) or fine-tuned with it
+(``freeze_backbone``). Soft slots travel through encoding as negative token
 ids (slot k is ``-1 - k``), so ToPro's encoding, trimming and mask bookkeeping
 are reused unchanged; ``collate`` turns them into a ``soft_index`` map.
 """
@@ -33,8 +35,8 @@ from torch import nn
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, MethodSpec, collate_common, count_parameters
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
-from topro.methods.trained_only import (backbone_fingerprint, load_backbone, load_trained_only, read_meta,
-                                        save_trained_only)
+from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
+                                        load_backbone, load_trained_only, read_meta, save_trained_only, trained_names)
 from topro.prompts import Template
 
 PLACEMENTS = ("replace", "prefix")
@@ -106,6 +108,11 @@ class SoftPromptMLM(nn.Module):
         super().__init__()
         self.mlm = mlm
         self.mlm.requires_grad_(not freeze_backbone)
+        # A part the pretrained checkpoint lacks (e5 ships no MLM head) is random: frozen it would be noise,
+        # so it trains with the prompt and is checkpointed with it.
+        params = dict(mlm.named_parameters())
+        for name in fresh_parameters(mlm):
+            params[name].requires_grad_(True)
         self.soft_prompt = nn.Parameter(prompt_init.detach().clone())
         self.register_buffer("label_ids", label_ids.clone(), persistent=False)
 
@@ -169,7 +176,7 @@ class ToProSoft:
     def _load_mlm(path: str) -> nn.Module:
         from transformers import AutoModelForMaskedLM
 
-        return AutoModelForMaskedLM.from_pretrained(path)
+        return from_pretrained_noting_fresh(AutoModelForMaskedLM, path)
 
     def _model_on(self, mlm: nn.Module, prompt: torch.Tensor | None = None) -> SoftPromptMLM:
         if prompt is None:  # start from the template's own token embeddings
@@ -187,7 +194,7 @@ class ToProSoft:
         else:
             mlm = load_backbone(self.spec, checkpoint, self._load_mlm, meta.get("backbone_fingerprint"))
         model = self._model_on(mlm, torch.zeros(self.question.n_slots, mlm.config.hidden_size))
-        return load_trained_only(model, checkpoint, names=[SOFT_PROMPT])
+        return load_trained_only(model, checkpoint, names=meta.get("trained_tensors", [SOFT_PROMPT]))
 
     # -- training and inference -------------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:
@@ -203,10 +210,12 @@ class ToProSoft:
 
     def save(self, model: SoftPromptMLM, folder: str | Path) -> None:
         trainable, total = count_parameters(model)
-        meta = {**self.meta(), "backbone_in_checkpoint": not self.freeze_backbone,
+        # Frozen: the prompt and any freshly initialised head; fine-tuned: the prompt (the model goes whole).
+        names = trained_names(model) if self.freeze_backbone else [SOFT_PROMPT]
+        meta = {**self.meta(), "backbone_in_checkpoint": not self.freeze_backbone, "trained_tensors": names,
                 "n_trainable_params": trainable, "n_total_params": total}
         if self.freeze_backbone:
             meta["backbone_fingerprint"] = backbone_fingerprint(model.mlm)
         else:
             model.mlm.save_pretrained(folder, safe_serialization=True)
-        save_trained_only(model, folder, self.tokenizer, meta, names=[SOFT_PROMPT])
+        save_trained_only(model, folder, self.tokenizer, meta, names=names)

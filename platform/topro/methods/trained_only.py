@@ -25,11 +25,26 @@ def trained_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def from_pretrained_noting_fresh(model_class, path: str, **kwargs) -> torch.nn.Module:
+    """``model_class.from_pretrained(path)`` with ``fresh_parameters(model)`` naming the parameters the
+    checkpoint did not provide (randomly initialised, e.g. the MLM head of an encoder saved without one)."""
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = set(info.get("missing_keys", ()))
+    model.topro_fresh_parameters = [name for name, _ in model.named_parameters() if name in missing]
+    return model
+
+
+def fresh_parameters(model: torch.nn.Module) -> list[str]:
+    return list(getattr(model, "topro_fresh_parameters", []))
+
+
 def backbone_fingerprint(backbone: torch.nn.Module) -> str:
-    """A cheap digest of a backbone's architecture and a sample of its weights (first, middle, last tensor)."""
+    """A cheap digest of a backbone's architecture and a sample of its pretrained weights (first, middle
+    and last tensor that the checkpoint provided; freshly initialised ones differ on every load)."""
     cfg = backbone.config
     digest = hashlib.sha1(json.dumps([cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers]).encode())
-    named = list(backbone.named_parameters())
+    fresh = set(fresh_parameters(backbone))
+    named = [(n, p) for n, p in backbone.named_parameters() if n not in fresh]
     for name, p in (named[0], named[len(named) // 2], named[-1]):
         digest.update(name.encode())
         digest.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
