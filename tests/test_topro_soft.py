@@ -62,6 +62,17 @@ def test_soft_template_initialised_at_the_template_is_handwritten_topro(request,
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_no_vectors_in_front_of_the_question_is_handwritten_topro(tiny_udpos, data_dir):
+    soft = make("topro_soft", tiny_udpos, prefix_length=0, soft_prompt_placement="prefix")
+    hand = make("topro", tiny_udpos)
+    sentences = load_split("udpos", "ar", "dev", data_dir, limit=2)
+    soft_model, hand_model = soft.build_model(tiny_udpos).eval(), hand.build_model(tiny_udpos).eval()
+    assert count_parameters(soft_model)[0] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(soft.label_log_probs(soft_model, soft.collate(soft.encode(sentences))),
+                                   hand.label_log_probs(hand_model, hand.collate(hand.encode(sentences))))
+
+
 def test_encodings_of_both_placements(tiny_udpos, data_dir):
     sentence = load_split("udpos", "en", "dev", data_dir, limit=1)
     hand = make("topro", tiny_udpos).encode(sentence)

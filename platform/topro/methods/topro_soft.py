@@ -120,9 +120,9 @@ class SoftPromptMLM(nn.Module):
                 token_type_ids=None) -> torch.Tensor:
         """Label-word logits at the masks [labelled words, n_labels]."""
         embeds = self.mlm.get_input_embeddings()(input_ids)
-        slots = soft_index >= 0
-        soft = self.soft_prompt[soft_index.clamp(min=0)].to(embeds.dtype)
-        embeds = torch.where(slots.unsqueeze(-1), soft, embeds)
+        if self.soft_prompt.shape[0]:
+            soft = self.soft_prompt[soft_index.clamp(min=0)].to(embeds.dtype)
+            embeds = torch.where((soft_index >= 0).unsqueeze(-1), soft, embeds)
         base = getattr(self.mlm, self.mlm.base_model_prefix)
         hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state
