@@ -17,7 +17,9 @@ Two implementations of the same numbers:
   tokens (all but the last, which is only predicted), with an explicit 4-D
   attention mask (a label sees the prefix, its own question and its own
   earlier tokens, never another label) and explicit position ids (each label
-  starts right after its question). Each token of the tree runs once.
+  starts right after its question). Each token of the tree runs once; the
+  questions' common leading tokens ("Part-of-speech tag of the word") join
+  the prefix.
 
 Both compute logits only at the positions that predict a label token (the
 output layer of a 262k-vocabulary model costs more than its body per token),
@@ -213,6 +215,15 @@ def _rows_per_chunk(row_len: int, kept: int, vocab: int, max_batch_tokens: int,
     return max(1, min(max_batch_tokens // max(row_len, 1), max_logit_floats // max(kept * vocab, 1)))
 
 
+def _common_prefix(questions: list[list[int]]) -> list[int]:
+    """Longest common leading tokens of all questions, leaving each at least one."""
+    limit = min(len(q) for q in questions) - 1
+    n = 0
+    while n < limit and all(q[n] == questions[0][n] for q in questions):
+        n += 1
+    return list(questions[0][:n])
+
+
 @torch.inference_mode()
 def score_shared(model, prefix: PrefixState, questions: list[list[int]], labels: list[list[int]],
                  counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
@@ -228,6 +239,12 @@ def score_shared(model, prefix: PrefixState, questions: list[list[int]], labels:
         prefix, last = prefix.without_last()
         questions = [[last] + list(q) for q in questions]
     counts = counts if counts is not None else TokenCounts()
+    common = _common_prefix(questions)
+    if common:
+        # Question tokens shared by every question ("Part-of-speech tag of the
+        # word") see only the prefix and each other: run them once, as prefix.
+        prefix = encode_prefix(model, common, past=prefix, counts=counts)
+        questions = [q[len(common):] for q in questions]
     device = model.device
     P = prefix.length
     tree_ids, tree_seg, tree_offset, kept_index, target_token, target_label = _label_layout(labels)
