@@ -5,7 +5,8 @@ OpenAI-compatible HTTP server. Both meet one small interface:
   log p(continuation_j | context + sentence + question_i), summed over the
   continuation's tokens, for every pair. `context` (instruction and
   demonstrations) is the same for a whole run, `sentence` for one sentence.
-- `generate(prompts, max_new_tokens, stop) -> list[str]`: greedy completions.
+- `generate(prompts, max_new_tokens, stop, context) -> list[str]`: greedy
+  completions of context + prompt_i.
 
 Each keeps a `TokenCounts` of the work done.
 """
@@ -22,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from topro.llm.generate import greedy_generate_shared
 from topro.llm.scoring import (PrefixState, TokenCounts, encode_prefix, score_naive, score_shared,
                                score_seq2seq_naive, score_seq2seq_shared)
 
@@ -45,7 +47,8 @@ class Backend(Protocol):
     def score(self, context: str, sentence: str, questions: list[str],
               continuations: list[str]) -> ScoreResult: ...
 
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n") -> list[str]: ...
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]: ...
 
 
 def cut_at_stop(text: str, stop: str | None) -> str:
@@ -143,8 +146,25 @@ class HFBackend:
                                  max_batch_tokens=self.batch_tokens)
         return ScoreResult(scores, [len(c) for c in cont_ids])
 
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]:
+        """Greedy completions of context + prompt_i. Causal LMs encode the
+        context once (cached like scoring's) and decode all prompts against it."""
+        state = None if self.is_seq2seq else self._context_state(context)
+        if state is None:
+            return self._generate_hf([context + p for p in prompts], max_new_tokens, stop)
+        tok = self.tokenizer
+        eos = {t for t in [tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
+               for t in (t if isinstance(t, list) else [t]) if t is not None}
+        stop_check = (lambda ids: stop in tok.decode(ids, skip_special_tokens=True)) if stop else None
+        new = greedy_generate_shared(self.model, state, [self.ids(p) for p in prompts], max_new_tokens,
+                                     stop=stop_check, eos_ids=eos, counts=self.counts,
+                                     batch_rows=self.generate_batch_size)
+        return [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop) for ids in new]
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n") -> list[str]:
+    def _generate_hf(self, prompts: list[str], max_new_tokens: int, stop: str | None) -> list[str]:
+        """Plain batched `model.generate` (seq2seq models, prompts without a context)."""
         tok = self.tokenizer
         tok.padding_side = "right" if self.is_seq2seq else "left"
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -308,7 +328,9 @@ class OpenAIBackend:
             token_counts[k % n_c] = count
         return ScoreResult(scores, token_counts)
 
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n") -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]:
+        prompts = [context + p for p in prompts]
         if self.api in ("auto", "completions"):
             try:
                 params = {"max_tokens": max_new_tokens, "temperature": 0}

@@ -153,10 +153,11 @@ def _generate_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
     prompts, owner = [], []
     for s_index, sentence in enumerate(sentences):
         p = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, sentence.words)
-        prompts.extend(p.context + p.sentence + q for q in p.questions)
+        prompts.extend(p.sentence + q for q in p.questions)
         owner.extend([s_index] * len(sentence))
     longest = max(len(w) for w in setup.label_words.values())
-    outputs = backend.generate(prompts, cfg.max_new_tokens or min(16, longest + 4), stop="\n")
+    outputs = backend.generate(prompts, cfg.max_new_tokens or min(16, longest + 4), stop="\n",
+                               context=setup.context)
     results = [SentenceResult([], [], {}) for _ in sentences]
     for s_index, text in zip(owner, outputs):
         tag = match_label(text, lookup)
@@ -179,9 +180,9 @@ def _sentence_budget(setup: RunSetup, sentence: Sentence) -> int:
 def _generate_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
                        sentences: list[Sentence]) -> list[SentenceResult]:
     lookup = label_lookup(setup.label_words)
-    prompts = [setup.context + render_sentence_prompt(setup.fmt, setup.task.name, s.words) for s in sentences]
+    prompts = [render_sentence_prompt(setup.fmt, setup.task.name, s.words) for s in sentences]
     budget = cfg.max_new_tokens or max(_sentence_budget(setup, s) for s in sentences)
-    outputs = backend.generate(prompts, budget, stop="\n")
+    outputs = backend.generate(prompts, budget, stop="\n", context=setup.context)
     results = []
     for sentence, text in zip(sentences, outputs):
         parsed = parse_tagged_answer(text, sentence.words, lookup, setup.fallback)
