@@ -33,14 +33,19 @@ def test_shared_prefix_equals_naive(kind):
         assert len(prefix) > 2 * model.config.sliding_window, "prompt should cross the window"
     naive_counts, shared_counts = TokenCounts(), TokenCounts()
     naive = score_naive(model, prefix, questions, labels, naive_counts, max_batch_tokens=512)
-    state = encode_prefix(model, prefix, counts=shared_counts)
-    # A small token budget forces several chunks with different padding.
-    shared = score_shared(model, state, questions, labels, shared_counts, max_batch_tokens=150)
+    # Context cached, sentence pending: one forward runs sentence, questions and labels.
+    state = encode_prefix(model, prefix[:12], counts=shared_counts)
+    shared = score_shared(model, state, questions, labels, shared_counts, pending=prefix[12:])
     assert shared.shape == (len(questions), len(labels))
     torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
     assert torch.equal(shared.argmax(1), naive.argmax(1))
-    assert shared_counts.forwards > 2
+    assert shared_counts.forwards == 2
     assert shared_counts.tokens * 5 < naive_counts.tokens
+    # A small token budget splits the questions over several forwards.
+    chunked_counts = TokenCounts()
+    chunked = score_shared(model, state, questions, labels, chunked_counts, pending=prefix[12:], max_tokens=120)
+    torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)
+    assert chunked_counts.forwards > 2
 
 
 def test_two_level_prefix_and_empty_question():
@@ -52,6 +57,9 @@ def test_two_level_prefix_and_empty_question():
     state = encode_prefix(model, prefix[12:], past=first)
     assert state.ids == prefix
     shared = score_shared(model, state, [[]] + questions, labels)
+    torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
+    # No cached state at all: everything pending.
+    shared = score_shared(model, None, [[]] + questions, labels, pending=prefix)
     torch.testing.assert_close(shared, naive, atol=1e-4, rtol=0)
 
 

@@ -68,7 +68,7 @@ class HFBackend:
     `scoring="naive"` runs every prompt in full (the reference)."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "fp32",
-                 scoring: str = "shared", batch_tokens: int = 4096, generate_batch_size: int = 16,
+                 scoring: str = "shared", batch_tokens: int = 4096, generate_batch_size: int = 32,
                  threads: int | None = None, attn_implementation: str = "sdpa"):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -134,12 +134,10 @@ class HFBackend:
         elif self.scoring == "shared":
             state = self._context_state(context)
             sent_ids = self.ids(sentence) if state is not None else self.bos + self.ids(sentence)
-            if sent_ids:
-                state = encode_prefix(self.model, sent_ids, past=state, counts=self.counts)
-            if state is None:
+            if state is None and not sent_ids:
                 raise BackendError("empty prompt prefix: the format renders no context and no sentence")
-            scores = score_shared(self.model, state, q_ids, cont_ids, self.counts,
-                                  max_batch_tokens=self.batch_tokens)
+            scores = score_shared(self.model, state, q_ids, cont_ids, self.counts, pending=sent_ids,
+                                  max_tokens=self.batch_tokens)
         else:
             prefix = self.bos + self.ids(context) + self.ids(sentence)
             scores = score_naive(self.model, prefix, q_ids, cont_ids, self.counts,

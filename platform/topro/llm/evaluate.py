@@ -55,7 +55,7 @@ class LLMEvalConfig:
     verbalizer: str | None = None  # overrides the format's / task's default
     length_norm: bool = False  # score: mean instead of summed token log-prob
     max_new_tokens: int | None = None  # generate; default from the prompt
-    generate_sentences: int = 8  # sentences whose prompts go to the backend together
+    generate_sentences: int = 32  # sentences whose prompts go to the backend together
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -193,15 +193,24 @@ def _generate_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
 def predict_sentences(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
                       sentences: list[Sentence]) -> list[SentenceResult]:
     style, mode = setup.fmt.style, cfg.mode
+    results: list[SentenceResult] = []
     if mode == "score":
         one = _score_topro if style == "topro" else _score_sentence
-        return [one(backend, setup, cfg, s) for s in sentences]
+        for sentence in sentences:
+            results.append(one(backend, setup, cfg, sentence))
+            _progress(len(results), len(sentences))
+        return results
     many = _generate_topro if style == "topro" else _generate_sentence
-    results = []
     step = max(1, cfg.generate_sentences)
     for start in range(0, len(sentences), step):
         results.extend(many(backend, setup, cfg, sentences[start:start + step]))
+        _progress(len(results), len(sentences), step)
     return results
+
+
+def _progress(done: int, total: int, every: int = 10) -> None:
+    if done % every == 0 or done == total:
+        log.info("%d/%d sentences", done, total)
 
 
 def language_record(setup: RunSetup, sentences: list[Sentence], results: list[SentenceResult]) -> dict[str, Any]:
@@ -258,8 +267,6 @@ def run_params(cfg: LLMEvalConfig, setup: RunSetup) -> dict[str, Any]:
 
 def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend) -> dict[str, Any]:
     """Every language one after another with one backend (the sequential path)."""
-    from topro.evaluate import results_record
-
     setup = prepare(cfg)
     languages = {lang: evaluate_language(backend, cfg, lang, setup) for lang in langs}
     return finish_record(cfg, setup, languages, backend.name)

@@ -11,15 +11,18 @@ Two implementations of the same numbers:
 - `score_naive`: every (question, label) prompt runs through the model in
   full, batched with right padding; the logits are read at each prompt's own
   positions (the published code read them at a pad position).
-- `score_shared`: the prefix runs once and its key/value cache is reused. All
-  questions and all labels of a sentence then run in one batched forward: one
-  row per question holding the question tokens followed by every label's
-  tokens (all but the last, which is only predicted), with an explicit 4-D
-  attention mask (a label sees the prefix, its own question and its own
-  earlier tokens, never another label) and explicit position ids (each label
-  starts right after its question). Each token of the tree runs once; the
-  questions' common leading tokens ("Part-of-speech tag of the word") join
-  the prefix.
+- `score_shared`: the run's context (instruction + demonstrations) is
+  encoded once and its key/value cache reused for every sentence. Then one
+  forward with a batch of one runs the sentence, every question and every
+  label as a tree: the sequence holds the sentence tokens, then per question
+  its tokens followed by each label's tokens (all but the last, which is only
+  predicted); a 4-D attention mask lets each token see only its ancestors (a
+  label sees the prefix, its own question and its own earlier tokens, never
+  another question or label) and explicit position ids place every label
+  right after its question. Each token of the tree runs once; the questions'
+  common leading tokens ("Part-of-speech tag of the word") join the prefix.
+  On a CPU a forward over a few tokens costs about as much as reading the
+  weights once, so one forward per sentence matters as much as the tokens.
 
 Both compute logits only at the positions that predict a label token (the
 output layer of a 262k-vocabulary model costs more than its body per token),
@@ -32,7 +35,7 @@ positions, so prompts longer than the window give the same numbers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -170,49 +173,9 @@ def encode_prefix(model, ids: list[int], past: PrefixState | None = None,
     return PrefixState(list(past.ids if past is not None else []) + list(ids), keys, values)
 
 
-def _label_layout(labels: list[list[int]]):
-    """Where each label's tokens sit in the tree row and in the kept logits.
-
-    Row layout after the question: label 0 tokens[:-1], label 1 tokens[:-1], ...
-    Kept logits: index 0 = last question token (predicts every label's first
-    token), index 1 + s = label-part position s (predicts the next token)."""
-    tree_ids, tree_seg, tree_offset = [], [], []
-    kept_index, target_token, target_label = [], [], []
-    for j, label in enumerate(labels):
-        if not label:
-            raise ValueError(f"label {j} has no tokens")
-        start = len(tree_ids)
-        for t, token in enumerate(label):
-            kept_index.append(0 if t == 0 else 1 + start + t - 1)
-            target_token.append(token)
-            target_label.append(j)
-        for t, token in enumerate(label[:-1]):
-            tree_ids.append(token)
-            tree_seg.append(j)
-            tree_offset.append(t)
-    return tree_ids, tree_seg, tree_offset, kept_index, target_token, target_label
-
-
-def _gather_logprobs(logits: torch.Tensor, kept_index: list[int], target_token: list[int],
-                     target_label: list[int], n_labels: int) -> torch.Tensor:
-    """Sum of log-probabilities per label: logits [B, K, V] -> [B, n_labels]."""
-    logits = logits.float()
-    device = logits.device
-    idx = torch.tensor(kept_index, device=device)
-    tok = torch.tensor(target_token, device=device)
-    picked = logits[:, idx, tok] - torch.logsumexp(logits, dim=-1)[:, idx]
-    sums = torch.zeros(logits.shape[0], n_labels, dtype=torch.float32, device=device)
-    return sums.index_add_(1, torch.tensor(target_label, device=device), picked)
-
-
 def _vocab_size(model) -> int:
     emb = model.get_output_embeddings()
     return int(emb.weight.shape[0]) if emb is not None else int(model.config.vocab_size)
-
-
-def _rows_per_chunk(row_len: int, kept: int, vocab: int, max_batch_tokens: int,
-                    max_logit_floats: int) -> int:
-    return max(1, min(max_batch_tokens // max(row_len, 1), max_logit_floats // max(kept * vocab, 1)))
 
 
 def _common_prefix(questions: list[list[int]]) -> list[int]:
@@ -224,87 +187,151 @@ def _common_prefix(questions: list[list[int]]) -> list[int]:
     return list(questions[0][:n])
 
 
+@dataclass
+class _Tree:
+    """One forward's sequence: pending prefix tokens, then per question its
+    tokens and every label's tokens but the last, as parallel lists."""
+
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    group: list[int] = field(default_factory=list)  # -1 pending, else question number
+    seg: list[int] = field(default_factory=list)  # -1 pending/question, else label number
+    kept: list[int] = field(default_factory=list)  # sequence indices whose logits are read
+    # (question, label, kept slot, target token) per scored label token
+    targets: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def add(self, token: int, pos: int, group: int, seg: int) -> int:
+        self.ids.append(token)
+        self.pos.append(pos)
+        self.group.append(group)
+        self.seg.append(seg)
+        return len(self.ids) - 1
+
+    def keep(self, index: int) -> int:
+        self.kept.append(index)
+        return len(self.kept) - 1
+
+
+def _build_tree(pending: list[int], start: int, questions: dict[int, list[int]],
+                labels: list[list[int]]) -> _Tree:
+    tree = _Tree()
+    for k, token in enumerate(pending):
+        tree.add(token, start + k, -1, -1)
+    base = start + len(pending)
+    for qn, q in questions.items():
+        last = None
+        for k, token in enumerate(q):
+            last = tree.add(token, base + k, qn, -1)
+        first_slot = tree.keep(last)  # predicts every label's first token
+        for j, label in enumerate(labels):
+            slot = first_slot
+            for t, token in enumerate(label):
+                tree.targets.append((qn, j, slot, token))
+                if t < len(label) - 1:  # the last label token is only predicted
+                    slot = tree.keep(tree.add(token, base + len(q) + t, qn, j))
+    return tree
+
+
+def _tree_visibility(tree: _Tree, n_cached: int) -> torch.Tensor:
+    """[1, T, n_cached + T]: everything sees the cache; pending tokens see earlier
+    pending tokens; a question's tokens see the pending tokens and its own
+    earlier tokens; a label's tokens also see their own earlier label tokens."""
+    group = torch.tensor(tree.group)
+    seg = torch.tensor(tree.seg)
+    T = len(tree.ids)
+    idx = torch.arange(T)
+    earlier = idx[None, :] <= idx[:, None]
+    key_pending = (group == -1)[None, :]
+    same_group = group[None, :] == group[:, None]
+    same_branch = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
+    new = earlier & (key_pending | (same_group & same_branch))
+    return torch.cat([torch.ones(T, n_cached, dtype=torch.bool), new], dim=1)[None]
+
+
 @torch.inference_mode()
-def score_shared(model, prefix: PrefixState, questions: list[list[int]], labels: list[list[int]],
-                 counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
-                 max_logit_floats: int = 64_000_000) -> torch.Tensor:
-    """log p(label_j | prefix + question_i) summed over label tokens: [n_questions, n_labels],
-    from the prefix's cache and one tree-masked forward per chunk of questions."""
+def score_shared(model, prefix: PrefixState | None, questions: list[list[int]], labels: list[list[int]],
+                 counts: TokenCounts | None = None, *, pending: list[int] | tuple = (),
+                 max_tokens: int = 4096, max_logit_floats: int = 64_000_000) -> torch.Tensor:
+    """log p(label_j | prefix + pending + question_i), summed over label tokens:
+    [n_questions, n_labels].
+
+    `prefix` is a cached state (the run's context) or None; `pending` are
+    prefix tokens not yet run (the sentence). One forward, batch of one, runs
+    the pending tokens, every question and every label's tokens as a tree:
+    a 4-D mask lets each see only its own ancestors, explicit positions place
+    each label right after its question, and logits are taken only where a
+    label token is predicted. Questions beyond `max_tokens` go to further
+    forwards against the cache of prefix + pending."""
     _check_model(model)
+    counts = counts if counts is not None else TokenCounts()
+    pending = list(pending)
     if not questions:
         return torch.zeros(0, len(labels))
+    if any(not label for label in labels):
+        raise ValueError("every label needs at least one token")
     if any(len(q) == 0 for q in questions):
-        # Move the prefix's last token into every question: its position then
+        # The prefix's last token joins every question: its position then
         # predicts the first label token like any question's last token.
-        prefix, last = prefix.without_last()
-        questions = [[last] + list(q) for q in questions]
-    counts = counts if counts is not None else TokenCounts()
+        if not pending:
+            if prefix is None:
+                raise ValueError("score_shared: empty prefix and an empty question")
+            prefix, last = prefix.without_last()
+            pending = [last]
+        questions = [[pending[-1]] + list(q) for q in questions]
+        pending = pending[:-1]
     common = _common_prefix(questions)
     if common:
-        # Question tokens shared by every question ("Part-of-speech tag of the
-        # word") see only the prefix and each other: run them once, as prefix.
-        prefix = encode_prefix(model, common, past=prefix, counts=counts)
+        # Tokens every question starts with ("Part-of-speech tag of the word")
+        # see only the prefix and each other: they run once, as prefix.
+        pending += common
         questions = [q[len(common):] for q in questions]
+    if prefix is None and not pending:
+        raise ValueError("score_shared: empty prefix")
     device = model.device
-    P = prefix.length
-    tree_ids, tree_seg, tree_offset, kept_index, target_token, target_label = _label_layout(labels)
-    S = len(tree_ids)
-    seg = torch.tensor(tree_seg, dtype=torch.long)
-    offset = torch.tensor(tree_offset, dtype=torch.long)
     vocab = _vocab_size(model)
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
+    label_extra = sum(len(l) - 1 for l in labels)
+    cache = prefix.cache(1) if prefix is not None else None
+    start = prefix.length if prefix is not None else 0
     result = torch.zeros(len(questions), len(labels))
-    i = 0
-    while i < len(order):
-        q_max_guess = len(questions[order[i]])
-        n_rows = _rows_per_chunk(q_max_guess + S, 1 + S, vocab, max_batch_tokens, max_logit_floats)
-        chunk = order[i:i + n_rows]
-        q_max = max(len(questions[c]) for c in chunk)
-        while len(chunk) > 1 and len(chunk) * (q_max + S) > max_batch_tokens:
-            chunk = chunk[:-1]
-            q_max = max(len(questions[c]) for c in chunk)
-        i += len(chunk)
-        B, R = len(chunk), q_max + S
-        # Row: [pads][question][label tokens]; questions right-aligned so the
-        # kept logit positions are the same for every row.
-        input_ids = torch.zeros(B, R, dtype=torch.long)
-        positions = torch.full((B, R), P, dtype=torch.long)
-        kind = torch.zeros(B, R, dtype=torch.long)  # 0 pad, 1 question, 2 label
-        row_seg = torch.full((B, R), -1, dtype=torch.long)
-        for r, c in enumerate(chunk):
-            q = questions[c]
-            a = len(q)
-            input_ids[r, q_max - a:q_max] = torch.tensor(q, dtype=torch.long)
-            positions[r, q_max - a:q_max] = P + torch.arange(a)
-            kind[r, q_max - a:q_max] = 1
-            if S:
-                input_ids[r, q_max:] = torch.tensor(tree_ids, dtype=torch.long)
-                positions[r, q_max:] = P + a + offset
-                kind[r, q_max:] = 2
-                row_seg[r, q_max:] = seg
-        if (kind == 0).any():
-            pad_id = getattr(model.config, "pad_token_id", None)
-            input_ids[kind == 0] = int(pad_id) if pad_id is not None and pad_id >= 0 else 0
-        qx = torch.arange(R)
-        before = qx[None, :] <= qx[:, None]  # key index <= query index
-        k_kind, q_kind = kind[:, None, :], kind[:, :, None]
-        same_label = (row_seg[:, None, :] == row_seg[:, :, None]) & (k_kind == 2) & (q_kind == 2)
-        new_visible = before[None] & (((k_kind == 1) & (q_kind > 0)) | same_label)
-        new_visible |= torch.eye(R, dtype=torch.bool)[None]  # pads see themselves
-        visible = torch.cat([torch.ones(B, R, P, dtype=torch.bool), new_visible], dim=2)
-        k_pos = torch.cat([torch.arange(P)[None].expand(B, P), positions], dim=1)
+    todo = list(range(len(questions)))
+    while todo:
+        group: dict[int, list[int]] = {}
+        size = len(pending)
+        while todo:
+            cost = len(questions[todo[0]]) + label_extra
+            if group and ((size + cost) > max_tokens or
+                          (len(group) + 1) * (1 + label_extra) * vocab > max_logit_floats):
+                break
+            qn = todo.pop(0)
+            group[qn] = questions[qn]
+            size += cost
+        tree = _build_tree(pending, start, group, labels)
+        n_cached = cache.get_seq_length() if cache is not None else 0
+        visible = _tree_visibility(tree, n_cached)
+        positions = torch.tensor([tree.pos])
+        k_pos = torch.cat([torch.arange(n_cached)[None], positions], dim=1)
         mask = _attention_masks(model.config, visible, positions, k_pos)
-        if isinstance(mask, dict):
-            mask = {k: v.to(device) for k, v in mask.items()}
-        else:
-            mask = mask.to(device)
-        keep = torch.arange(q_max - 1, R, device=device)
-        out = model(input_ids=input_ids.to(device), attention_mask=mask,
-                    position_ids=positions.to(device), past_key_values=prefix.cache(B),
-                    use_cache=True, logits_to_keep=keep)
-        counts.add(int((kind > 0).sum()), B * R)
-        scores = _gather_logprobs(out.logits, kept_index, target_token, target_label, len(labels))
-        result[torch.tensor(chunk)] = scores.cpu()
+        mask = {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        out = model(input_ids=torch.tensor([tree.ids], device=device), attention_mask=mask,
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=torch.tensor(tree.kept, device=device))
+        counts.add(len(tree.ids), len(tree.ids))
+        logits = out.logits[0].float()  # [kept, vocab]
+        lse = torch.logsumexp(logits, dim=-1)
+        slots = torch.tensor([t[2] for t in tree.targets], device=device)
+        tokens = torch.tensor([t[3] for t in tree.targets], device=device)
+        values = (logits[slots, tokens] - lse[slots]).cpu().tolist()
+        for (qn, j, _, _), value in zip(tree.targets, values):
+            result[qn, j] += value
+        if todo:
+            # Keep prefix + pending in the cache, drop this group's questions.
+            cache = out.past_key_values
+            cache.crop(-(cache.get_seq_length() - start - len(pending)))  # negative: tokens to drop
+            start, pending = start + len(pending), []
     return result
 
 
