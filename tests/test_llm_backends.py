@@ -91,3 +91,14 @@ def test_chat_only_server_generates_but_cannot_score():
         assert client.api == "chat" and len(out) == 1
         with pytest.raises(BackendError, match="use --mode generate"):
             client.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
+
+
+def test_hf_seq2seq_backend():
+    backend = HFBackend(str(tiny_model_dir("t5")), threads=1)
+    shared = backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
+    assert shared.logprobs.shape == (3, 4) and bool((shared.logprobs < 0).all())
+    backend.scoring = "naive"
+    naive = backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
+    torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-4, rtol=0)
+    out = backend.generate([SENTENCE + q for q in QUESTIONS], max_new_tokens=4, context=CONTEXT)
+    assert len(out) == 3 and all(isinstance(o, str) and "\n" not in o for o in out)
