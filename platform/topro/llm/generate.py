@@ -68,7 +68,7 @@ def greedy_generate_shared(model, prefix: PrefixState, suffixes: list[list[int]]
         k_pos = torch.cat([torch.arange(P)[None].expand(B, P), positions], dim=1)
         k_valid = torch.cat([torch.ones(B, P, dtype=torch.bool), real], dim=1)
         cache = prefix.cache(B)
-        mask = _attention_masks(model.config, visible, positions, k_pos)
+        mask = _attention_masks(model.config, visible, positions, k_pos, model.dtype)
         out = model(input_ids=input_ids.to(device), attention_mask=_to_device(mask, device),
                     position_ids=positions.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         counts.add(int(real.sum()), B * L)
@@ -96,7 +96,7 @@ def greedy_generate_shared(model, prefix: PrefixState, suffixes: list[list[int]]
             last_pos = last_pos + 1
             k_pos = torch.cat([k_pos, last_pos[:, None]], dim=1)
             k_valid = torch.cat([k_valid, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
-            mask = _attention_masks(model.config, k_valid[:, None, :], last_pos[:, None], k_pos)
+            mask = _attention_masks(model.config, k_valid[:, None, :], last_pos[:, None], k_pos, model.dtype)
             out = model(input_ids=next_tokens[:, None].to(device), attention_mask=_to_device(mask, device),
                         position_ids=last_pos[:, None].to(device), past_key_values=cache, use_cache=True,
                         logits_to_keep=1)

@@ -50,9 +50,6 @@ __all__ = [
     "normalise",
 ]
 
-MASKED = torch.finfo(torch.float32).min
-
-
 @dataclass
 class TokenCounts:
     """Work done by the model: `tokens` real (non-pad) token positions run
@@ -131,7 +128,8 @@ def _window_by_layer_type(config) -> dict[str, int | None]:
     return windows
 
 
-def _attention_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+def _attention_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     dtype: torch.dtype = torch.float32):
     """Float additive masks [B, 1, Q, K] from a boolean visibility [B, Q, K],
     windowed per layer type by real positions. One tensor when all layer types
     see the same keys (no window is crossed), else a dict by layer type (the
@@ -141,7 +139,7 @@ def _attention_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: 
     masks: dict[str, torch.Tensor] = {}
     for kind, window in windows.items():
         seen = visible if window is None or int(distance.max()) < window else visible & (distance < window)
-        masks[kind] = torch.zeros(seen.shape, dtype=torch.float32).masked_fill_(~seen, MASKED)[:, None]
+        masks[kind] = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
     if len(masks) == 1:
         return next(iter(masks.values()))
     first = next(iter(masks.values()))
@@ -310,7 +308,7 @@ def score_shared(model, prefix: PrefixState | None, questions: list[list[int]], 
         visible = _tree_visibility(tree, n_cached)
         positions = torch.tensor([tree.pos])
         k_pos = torch.cat([torch.arange(n_cached)[None], positions], dim=1)
-        mask = _attention_masks(model.config, visible, positions, k_pos)
+        mask = _attention_masks(model.config, visible, positions, k_pos, model.dtype)
         mask = {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
         if cache is None:
             from transformers import DynamicCache
