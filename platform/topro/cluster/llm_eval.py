@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from topro.llm.backends import Backend, load_backend
-from topro.llm.evaluate import LLMEvalConfig, evaluate_language, finish_record, prepare
+from topro.llm.evaluate import LLMEvalConfig, RunSetup, evaluate_language, finish_record, prepare
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,12 @@ def cached_backend(model: str, options: dict[str, Any]) -> Backend:
     return _BACKENDS[key]
 
 
-def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any]) -> tuple[str, dict, str]:
+def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any],
+                  setup: RunSetup) -> tuple[str, dict, str]:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {lang} %(name)s: %(message)s")
     cfg = LLMEvalConfig(**cfg_fields)
     backend = cached_backend(cfg.model, options)
-    return lang, evaluate_language(backend, cfg, lang), backend.name
+    return lang, evaluate_language(backend, cfg, lang, setup), backend.name
 
 
 def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[str, Any], *,
@@ -40,10 +41,11 @@ def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[st
     from topro.cluster.runtime import init_ray
 
     ray = init_ray(address, include_dashboard=False)
-    setup = prepare(cfg)  # fail early (bad format, task, demos) before any worker starts
+    setup = prepare(cfg)  # once: fails early (bad format, task, demos), shipped to every task
+    setup_ref = ray.put(setup)
     threads = options.get("threads") or max(1, int(cpus_per_task))
     task = ray.remote(num_cpus=cpus_per_task)(_evaluate_one)
-    refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}) for lang in langs]
+    refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in langs]
     languages, names = {}, set()
     for lang, record, name in ray.get(refs):
         languages[lang] = record
