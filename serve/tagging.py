@@ -161,8 +161,8 @@ api.add_middleware(BodySizeLimit, limit=BODY_LIMIT)
 
 
 def body_limit_for(args: TaggingArgs) -> int:
-    """Bytes of the largest request within the limits, JSON-escaped words (\\uXXXX) included, doubled."""
-    return 2 * args.max_sentences * args.max_words * (6 * args.max_word_chars + 3) + 4096
+    """Bytes of the largest request within the limits, every character JSON-escaped (\\uXXXX)."""
+    return args.max_sentences * args.max_words * (6 * args.max_word_chars + 3) + 4096
 
 
 def _replica_name() -> str:
@@ -330,7 +330,7 @@ class TaggerDeployment:
                 "max_models_per_replica": self.args.max_models_per_replica,
                 "replica": self.replica,
                 "loaded": [r.tagger.info.as_dict() for r in self.loaded.values()],
-                "limits": self.limits.model_dump(),
+                "limits": {**self.limits.model_dump(), "max_body_bytes": BODY_LIMIT["max_bytes"]},
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s}}
 
