@@ -28,15 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve import Application
 
-from serve.schemas import (ErrorResponse, Limits, RequestProblem, TagRequest, TagResponse, check_limits,
-                           describe_validation_errors)
+from serve.http import body_limit, make_api
+from serve.schemas import Limits, RequestProblem, TagRequest, TagResponse, check_limits, describe_validation_errors
 
 log = logging.getLogger("ray.serve")
 
@@ -113,56 +111,7 @@ def check_model_uris(cfg: TaggingArgs) -> None:
 
 # --- HTTP -------------------------------------------------------------------------
 
-api = FastAPI(title="topro tagging", description=__doc__.split("\n\n")[0],
-              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                         413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-    errors = list(err.errors())
-    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
-    if bad_json:
-        reason = (bad_json[0].get("ctx") or {}).get("error", "")
-        return JSONResponse({"detail": f"malformed JSON body: {reason}".rstrip(": ")}, status_code=400)
-    content_type = request.headers.get("content-type", "")
-    if content_type and "json" not in content_type.lower():
-        return JSONResponse({"detail": f"Content-Type {content_type!r}: send application/json"}, status_code=415)
-    return JSONResponse({"detail": describe_validation_errors(errors)}, status_code=422)
-
-
-@api.exception_handler(RequestProblem)
-async def _refused(request: Request, err: RequestProblem) -> JSONResponse:
-    return JSONResponse({"detail": err.message}, status_code=err.status)
-
-
-class BodySizeLimit:
-    """Refuse a body whose declared size exceeds ``limit["max_bytes"]`` (413) before it is read (pure ASGI)."""
-
-    def __init__(self, app, limit: dict[str, int]):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            max_bytes = self.limit["max_bytes"]
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length" and value.isdigit() and int(value) > max_bytes:
-                    response = JSONResponse({"detail": f"body of {int(value)} bytes; the limit is {max_bytes}"},
-                                            status_code=413)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-# One replica per process: the replica sets this from its args (room for the largest valid request).
-BODY_LIMIT = {"max_bytes": 8 * 1024 * 1024}
-api.add_middleware(BodySizeLimit, limit=BODY_LIMIT)
-
-
-def body_limit_for(args: TaggingArgs) -> int:
-    """Bytes of the largest request within the limits, every character JSON-escaped (\\uXXXX)."""
-    return args.max_sentences * args.max_words * (6 * args.max_word_chars + 3) + 4096
+api = make_api("topro tagging", __doc__.split("\n\n")[0])
 
 
 def _replica_name() -> str:
@@ -222,7 +171,8 @@ class TaggerDeployment:
 
             torch.set_num_threads(self.args.torch_threads)
         self.limits = self.args.limits()
-        BODY_LIMIT["max_bytes"] = body_limit_for(self.args)
+        api.state.max_body_bytes = body_limit(self.args.max_sentences, self.args.max_words,
+                                              self.args.max_word_chars)
         self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models), self.args.allow_registry_ids)
         self.loaded: dict[str, ResidentModel] = {}
         self.replica = _replica_name()
@@ -330,7 +280,7 @@ class TaggerDeployment:
                 "max_models_per_replica": self.args.max_models_per_replica,
                 "replica": self.replica,
                 "loaded": [r.tagger.info.as_dict() for r in self.loaded.values()],
-                "limits": {**self.limits.model_dump(), "max_body_bytes": BODY_LIMIT["max_bytes"]},
+                "limits": {**self.limits.model_dump(), "max_body_bytes": api.state.max_body_bytes},
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s}}
 

@@ -1,9 +1,15 @@
-"""The tagging endpoint over real HTTP: real Ray Serve on 127.0.0.1, real checkpoints, a real MLflow registry.
+"""The endpoints over real HTTP: real Ray Serve on 127.0.0.1, real checkpoints, a real MLflow registry, real
+(tiny) language models.
 
-One Serve application for the module (start-up is the slow part): the trained
-tiny udpos checkpoint from a path as ``default``, an untrained PAN-X vanilla
-checkpoint as ``panx``, and the registry's ``models:/topro-udpos-topro@champion``
-by header; at most 2 models per replica, so the third one loaded evicts one.
+One Serve instance for the module (start-up is the slow part), with four apps:
+- ``tagging`` at /: the trained tiny udpos checkpoint from a path as ``default``,
+  an untrained PAN-X vanilla checkpoint as ``panx``, and the registry's
+  ``models:/topro-udpos-topro@champion`` by header; at most 2 models per
+  replica, so the third one loaded evicts one.
+- ``llm`` at /llm: a tiny local Llama (Hugging Face folder), ToPro score mode.
+- ``remote-llm`` at /remote-llm: the same model behind an OpenAI-compatible
+  server on 127.0.0.1 (tests/llm_server.py), reached over HTTP.
+- ``dead-llm`` at /dead-llm: an OpenAI-compatible URL where nothing listens.
 """
 import concurrent.futures
 import importlib.util
@@ -66,24 +72,55 @@ def ray_for_serve(request):
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_registry):
-    from ray import serve
+def openai_upstream():
+    """An OpenAI-compatible server over the tiny Llama, on 127.0.0.1, in this process."""
+    from llm_server import TinyOpenAIServer
+    from llm_tiny import tiny_model
 
+    model, tok = tiny_model("llama")
+    with TinyOpenAIServer(model, tok, name="tiny-llama") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_registry, openai_upstream):
+    from llm_tiny import tiny_model_dir
+    from ray import serve as ray_serve
+
+    from serve.llm import make_app as make_llm_app
     from serve.tagging import make_app
 
     port = free_port()
     actor_options = {"num_cpus": 1}
     if ray_for_serve:
         actor_options["runtime_env"] = ray_for_serve
-    app = make_app({"model": str(tiny_topro_checkpoint),
+    llm_options = {"LLMTagger": {"num_replicas": 1, "ray_actor_options": {**actor_options, "num_cpus": 0.3}}}
+    llm_limits = {"max_sentences": 2, "max_words": 12, "max_batch_size": 4, "threads": 1}
+    tagging = make_app({"model": str(tiny_topro_checkpoint),
                     "models": {"panx": str(untrained_checkpoint("panx", "vanilla"))},
                     "tracking_uri": model_registry["uri"], "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
                     "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2},
                    {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": actor_options}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="tagging", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    apps = {
+        "tagging": ("/", tagging),
+        "llm": ("/llm", make_llm_app({"model": str(tiny_model_dir("llama")), **llm_limits}, llm_options)),
+        "remote-llm": ("/remote-llm", make_llm_app({"model": openai_upstream.url + "/v1", "api_model": "tiny-llama",
+                                                          **llm_limits}, llm_options)),
+        "dead-llm": ("/dead-llm", make_llm_app({"model": f"http://127.0.0.1:{free_port()}/v1", "retries": 0,
+                                                      "timeout": 5, **llm_limits}, llm_options)),
+    }
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # All four deploy together (run_many), and this returns once every app is RUNNING (or raises).
+    ray_serve.run_many([ray_serve.RunTarget(app, name=name, route_prefix=prefix)
+                        for name, (prefix, app) in apps.items()])
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    ray_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def endpoint(serve_url):
+    return serve_url
 
 
 def tag(url, body, model_id=None, timeout=120):
@@ -175,3 +212,59 @@ def test_bad_input_gets_4xx_with_a_message_and_the_replica_lives_on(endpoint):
     assert len(rows) >= 20
     assert alive  # same replica as before, and it tagged a good request afterwards
     assert requests.get(f"{endpoint}/healthz", timeout=30).status_code == 200
+
+
+# --- POST /llm/tag --------------------------------------------------------------------------------
+
+UDPOS_TAGS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
+              "SCONJ", "SYM", "VERB", "X"}
+
+
+def test_llm_tag_with_a_local_model_matches_the_library(serve_url):
+    from llm_tiny import tiny_model_dir
+    from topro.data.readers import Sentence
+    from topro.llm.backends import HFBackend
+    from topro.llm.evaluate import LLMEvalConfig, predict_sentences, prepare
+
+    info = requests.get(f"{serve_url}/llm/models", timeout=30).json()
+    assert info["ready"] and info["task"] == "udpos" and info["format"] == "topro" and info["mode"] == "score"
+    assert info["method"] == "llm-topro-score-0shot"
+    words = ["Das", "ist", "gut", "."]
+    r = requests.post(f"{serve_url}/llm/tag", json={"sentences": [words], "lang": "de"}, timeout=120)
+    assert r.status_code == 200, r.text
+    [sentence] = r.json()["sentences"]
+    assert [w["word"] for w in sentence["words"]] == words and sentence["lang"] == "de"
+    assert all(w["tag"] in UDPOS_TAGS and 0.0 < w["prob"] <= 1.0 and not w["format_failed"]
+               for w in sentence["words"])
+    # The endpoint is the library, not a copy of it: the same tags as topro.llm in this process.
+    cfg = LLMEvalConfig(task="udpos", model=str(tiny_model_dir("llama")))
+    [expected] = predict_sentences(HFBackend(cfg.model, threads=1), prepare(cfg), cfg, [Sentence(words, [])])
+    assert [w["tag"] for w in sentence["words"]] == expected.tags
+
+
+def test_llm_tag_through_an_openai_compatible_upstream(serve_url, openai_upstream):
+    before = openai_upstream.requests
+    r = requests.post(f"{serve_url}/remote-llm/tag", json={"text": "Das ist gut"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["backend"].endswith("#tiny-llama") and openai_upstream.requests > before
+    assert [w["word"] for w in body["sentences"][0]["words"]] == ["Das", "ist", "gut"]
+    assert all(w["tag"] in UDPOS_TAGS and w["prob"] is not None for w in body["sentences"][0]["words"])
+    local = requests.post(f"{serve_url}/llm/tag", json={"text": "Das ist gut"}, timeout=120).json()
+    assert [w["tag"] for w in local["sentences"][0]["words"]] == [w["tag"] for w in body["sentences"][0]["words"]]
+
+
+def test_llm_bad_input_and_an_unreachable_upstream_get_messages_not_500(serve_url):
+    for body, status, message in [({"sentences": [["a"], []]}, 422, "sentences[1]: a sentence needs at least one word"),
+                                  ({"sentences": [["a"]] * 3}, 413, "the limit is 2"),
+                                  ({"text": " ".join(["x"] * 13)}, 413, "the limit is 12 words"),
+                                  ({"sentence": "a"}, 422, "unknown field")]:
+        r = requests.post(f"{serve_url}/llm/tag", json=body, timeout=60)
+        assert r.status_code == status and message in r.json()["detail"], (body, r.status_code, r.text)
+    r = requests.post(f"{serve_url}/llm/tag", data="{oops", headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
+    r = requests.post(f"{serve_url}/dead-llm/tag", json={"text": "Das ist gut"}, timeout=120)
+    assert r.status_code == 503 and "is not available" in r.json()["detail"], r.text
+    health = requests.get(f"{serve_url}/dead-llm/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["llm"] == "unavailable" and health["detail"]
+    assert requests.post(f"{serve_url}/llm/tag", json={"text": "gut"}, timeout=120).status_code == 200

@@ -2,6 +2,7 @@
 
     topro serve --model runs/udpos-topro/checkpoint --port 8000
     topro serve --model models:/topro-udpos-topro@champion --models panx=models:/topro-panx-topro@champion
+    topro serve --model runs/udpos-topro/checkpoint --llm-model http://127.0.0.1:8001/v1   # + POST /llm/tag
 
 It deploys the applications of ``serve/config.yaml`` (the file the RayService
 manifest embeds), so batching, limits, autoscaling and replica options are the
@@ -28,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", help="checkpoint folder or models:/<name>@<alias> (default: the config's)")
     p.add_argument("--models", nargs="*", default=[], metavar="ID=URI",
                    help="more model ids clients may name in the serve_multiplexed_model_id header")
+    p.add_argument("--llm-model", help="the llm app's LLM: HF folder or hub id, or an OpenAI-compatible URL "
+                                       "(default: the config's, else $TOPRO_LLM_MODEL)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's http_options.port, 8000)")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
     p.add_argument("--config", default=None, help=f"Serve config (default: {DEFAULT_CONFIG} of the project)")
@@ -82,7 +85,7 @@ def _parse_models(pairs: list[str]) -> dict[str, str]:
 
 
 def build_applications(config: dict[str, Any], *, model: str | None = None, models: dict[str, str] | None = None,
-                       only: list[str] | None = None) -> list[tuple[str, str, Any]]:
+                       llm_model: str | None = None, only: list[str] | None = None) -> list[tuple[str, str, Any]]:
     """(name, route_prefix, Application) for each app of a Serve config, deployment options applied."""
     import importlib
 
@@ -96,6 +99,8 @@ def build_applications(config: dict[str, Any], *, model: str | None = None, mode
                 args["model"] = model
             if models:
                 args["models"] = {**args.get("models", {}), **models}
+        if app["name"] == "llm" and llm_model:
+            args["model"] = llm_model
         options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
         module_name, _, attr = app["import_path"].replace(":", ".").rpartition(".")
         module = importlib.import_module(module_name)
@@ -128,10 +133,12 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        apps = build_applications(config, model=args.model, models=models, only=only)
+        apps = build_applications(config, model=args.model, models=models, llm_model=args.llm_model, only=only)
         serve.start(http_options={"host": host, "port": port})
-        for name, route_prefix, application in apps:
-            serve.run(application, name=name, route_prefix=route_prefix)
+        # Deployed together; returns once every app is RUNNING, raises if one fails.
+        serve.run_many([serve.RunTarget(application, name=name, route_prefix=route_prefix)
+                        for name, route_prefix, application in apps])
+        for name, route_prefix, _ in apps:
             print(f"topro serve: {name} ready at http://{host}:{port}{route_prefix.rstrip('/')}/", flush=True)
         while not stop.wait(1.0):
             pass
