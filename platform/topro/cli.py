@@ -28,14 +28,23 @@ def _add_train(sub) -> None:
 def cmd_train(args) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output,
                       workers=args.workers, strategy=args.strategy)
-    if cfg.strategy == "local" and cfg.workers == 1:
+    train_and_evaluate(cfg, address=args.address)
+    return 0
+
+
+def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: bool | None = None) -> dict:
+    """Train (in-process, or on Ray Train when ``on_ray`` or the config asks for workers), print the
+    best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``."""
+    if on_ray is None:
+        on_ray = cfg.strategy != "local" or cfg.workers > 1
+    if not on_ray:
         from topro.train import train
 
         summary = train(cfg)
     else:
         from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
 
-        summary = train_on_ray(cfg, address=args.address)
+        summary = train_on_ray(cfg, address=address)
     metric = next(k for k in summary if k.startswith("best_dev_"))
     print(f"best {metric}: {summary[metric]:.4f} (step {summary['best_step']}); "
           f"checkpoint: {summary['checkpoint']}")
@@ -48,7 +57,7 @@ def cmd_train(args) -> int:
         path = write_json(Path(cfg.output_dir) / "eval.json", record)
         print(format_table(record))
         print(f"per-language results: {path}")
-    return 0
+    return summary
 
 
 def _add_evaluate(sub) -> None:

@@ -57,6 +57,8 @@ class LossModule(torch.nn.Module):
     DDP and DeepSpeed only see parameter use that happens inside their
     wrapper's forward; ToPro's loss calls the encoder and the MLM head
     separately, so the wrapper must wrap the whole loss, not the model.
+    ``scores=True`` returns the method's label log-probabilities instead
+    (evaluation through the wrapper, which ZeRO-3 needs to gather parameters).
     """
 
     def __init__(self, method: Method, model: torch.nn.Module):
@@ -64,7 +66,9 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.method = method  # not a Module: not part of the state dict
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], scores: bool = False) -> torch.Tensor:
+        if scores:
+            return self.method.label_log_probs(self.model, batch)
         return self.method.loss(self.model, batch)
 
 
@@ -115,9 +119,9 @@ class LocalStrategy:
         """The plain model (what the method evaluates and saves)."""
         return wrapped.model
 
-    def full_parameters(self):
-        """Context in which every parameter is whole on this rank (ZeRO-3 gathers them)."""
-        return nullcontext()
+    def evaluation(self, method: Method, model) -> tuple[Method, torch.nn.Module]:
+        """The (method, model) pair that evaluation predicts with: here the method and the plain model."""
+        return method, self.unwrap(model)
 
     def average(self, value: float) -> float:
         """Mean of ``value`` over workers (also makes every rank take the same decision)."""
@@ -249,10 +253,10 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
 
     def evaluate_and_keep(train_loss: float, epoch: int) -> bool:
         """Evaluate dev; keep the best; return True when early stopping says stop."""
-        with strategy.full_parameters():
-            dev = evaluate_sentences(method, strategy.unwrap(model), task, dev_sentences, viterbi=cfg.viterbi,
-                                     device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
-                                     max_examples=cfg.batch_size * 4)
+        eval_method, eval_model = strategy.evaluation(method, model)
+        dev = evaluate_sentences(eval_method, eval_model, task, dev_sentences, viterbi=cfg.viterbi, device=device,
+                                 dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                                 max_examples=cfg.batch_size * 4)
         # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
         metric = strategy.average(dev[task.metric])
         record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),

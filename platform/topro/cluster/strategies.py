@@ -183,15 +183,20 @@ class DeepSpeedStrategy(RayStrategy):
     def unwrap(self, wrapped) -> torch.nn.Module:
         return wrapped.module.model
 
-    def full_parameters(self):
+    def evaluation(self, method, model):
         if self.zero_stage != 3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()), modifier_rank=None)
+            return method, self.unwrap(model)
+        # ZeRO-3 gathers a parameter only inside a forward that owns it (or registered it, see setup):
+        # predict through the engine, so the label scores run inside LossModule.forward.
+        return ScoresThroughModule(method), model
 
     def save_model(self, method, model, folder: Path) -> None:
-        with self.full_parameters():  # ZeRO-3: every rank takes part in gathering
+        gathered = nullcontext()
+        if self.zero_stage == 3:  # every rank takes part in gathering the partitioned parameters
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=None)
+        with gathered:
             if self.is_main:
                 method.save(self.unwrap(model), folder)
 
@@ -204,6 +209,20 @@ class DeepSpeedStrategy(RayStrategy):
                                              load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
+
+
+class ScoresThroughModule:
+    """A method whose ``label_log_probs(module, batch)`` calls ``module(batch, scores=True)`` (a LossModule
+    or an engine wrapping one); everything else is the wrapped method's."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __getattr__(self, name: str):
+        return getattr(self.method, name)
+
+    def label_log_probs(self, module, batch):
+        return module(batch, scores=True)
 
 
 def _direct_access_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
