@@ -103,3 +103,68 @@ def ray_local():
     ray = init_ray()
     yield ray
     ray.shutdown()
+
+
+# --- trained checkpoints and a model registry (serving tests) --------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_topro_checkpoint(tmp_path_factory, tiny_udpos) -> Path:
+    """A tiny udpos ToPro checkpoint, really trained (30 sentences, 1 epoch)."""
+    from topro.config import TrainConfig, load_config
+    from topro.train import train
+
+    out = tmp_path_factory.mktemp("tiny-topro-run")
+    summary = train(load_config(TrainConfig, str(REPO / "configs/train/udpos-topro.yaml"),
+                                ["max_train_sentences=30", "max_dev_sentences=10", "epochs=1", "eval_langs=[]",
+                                 "progress=false", f"output_dir={out}"]))
+    return Path(summary["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory):
+    """Factory: a checkpoint of ``method`` on ``task`` with the tiny model's initial weights (no training)."""
+    from topro.data import get_task
+    from topro.methods import MethodSpec, build_method
+    from topro.models import build_tiny_model
+
+    made: dict[tuple, Path] = {}
+
+    def make(task: str, method: str, **spec) -> Path:
+        key = (task, method, tuple(sorted(spec.items())))
+        if key not in made:
+            model_path = str(build_tiny_model(task, str(DATA_DIR)))
+            m = build_method(MethodSpec(method=method, task=task, labels=list(get_task(task).labels),
+                                        base_model="tiny", **spec), model_path)
+            folder = tmp_path_factory.mktemp(f"untrained-{task}-{method}")
+            m.save(m.build_model(model_path), folder)
+            made[key] = folder
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory, tiny_topro_checkpoint):
+    """A real MLflow registry in a temporary SQLite store holding ``topro-udpos-topro@champion`` (the
+    trained tiny checkpoint, logged as a run's ``checkpoint`` artifact). Yields the tracking URI, which is
+    also ``$MLFLOW_TRACKING_URI`` while the session lasts."""
+    import mlflow
+
+    from topro.tracking import register_checkpoint
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("serving-tests", artifact_location=str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment, run_name="tiny-udpos-topro") as run:
+        mlflow.log_artifacts(str(tiny_topro_checkpoint), "checkpoint")
+    version = register_checkpoint(run.info.run_id, "topro-udpos-topro", "champion")
+    yield {"uri": uri, "run_id": run.info.run_id, "version": version,
+           "model": "models:/topro-udpos-topro@champion"}
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+        mlflow.set_tracking_uri(previous)

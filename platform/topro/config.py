@@ -97,7 +97,11 @@ class TrainConfig:
     prefix_dropout: float = 0.1
     """Prompt-Tuning: dropout on the prefix key/values."""
     freeze_backbone: bool = True
-    """Soft ToPro: keep the backbone frozen (Prompt-Tuning always freezes it)."""
+    """Soft ToPro: keep the backbone frozen and train only the prompt vectors (``false``: fine-tune both).
+    Prompt-Tuning always freezes it."""
+    soft_prompt_placement: Literal["replace", "prefix"] = "replace"
+    """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
+    text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).

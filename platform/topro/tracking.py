@@ -57,29 +57,54 @@ def register_checkpoint(run_id: str, name: str, alias: str | None = "champion",
     return version.version
 
 
+def is_registry_uri(uri: str) -> bool:
+    return uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def _model_version(uri: str):
+    """The registry's ``ModelVersion`` behind ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    from mlflow import MlflowClient
+
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, number = ref.split("/", 1)
+        return client.get_model_version(name, number)
+    raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def describe_model_uri(uri: str) -> dict[str, str | None]:
+    """Where a model URI comes from, without downloading anything.
+
+    ``models:/`` URIs: the registered name, version, run id and source artifact
+    (raises ``mlflow.exceptions.MlflowException`` when the name, alias or version
+    is unknown). ``runs:/`` URIs: the run id. Paths: just the path.
+    """
+    if uri.startswith("models:/"):
+        version = _model_version(uri)
+        return {"registered_model": version.name, "version": str(version.version), "run_id": version.run_id,
+                "source": version.source}
+    if uri.startswith("runs:/"):
+        return {"registered_model": None, "version": None, "run_id": uri[len("runs:/"):].split("/", 1)[0],
+                "source": uri}
+    return {"registered_model": None, "version": None, "run_id": None, "source": uri}
+
+
 def resolve_checkpoint(uri: str, cache: str | os.PathLike | None = None) -> Path:
     """A local checkpoint folder for a path, ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``runs:/`` URI."""
-    if not uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if not is_registry_uri(uri):
         path = Path(uri).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"{uri}: no such checkpoint folder")
         return path
     import mlflow
-    from mlflow import MlflowClient
 
     source = uri
     if uri.startswith("models:/"):
-        client = MlflowClient()
-        ref = uri[len("models:/"):]
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.split("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise ValueError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        source = version.source
+        source = _model_version(uri).source
     root = Path(cache or Path(os.environ.get("TOPRO_CACHE", Path.home() / ".cache" / "topro")) / "registry")
     target = root / hashlib.sha1(source.encode()).hexdigest()[:16]
     if not (target / "topro.json").is_file():

@@ -39,6 +39,7 @@ from topro.config import TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
+from topro.methods.base import count_parameters
 from topro.models import load_tokenizer, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       verbalizer=cfg.verbalizer or task.default_verbalizer,
                       label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
                       extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
-                             "freeze_backbone": cfg.freeze_backbone, "base_model_path": model_path})
+                             "freeze_backbone": cfg.freeze_backbone,
+                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path})
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
@@ -215,7 +217,11 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    module = LossModule(method, method.build_model(model_path))
+    base_model = method.build_model(model_path)
+    n_trainable, n_total = count_parameters(base_model)
+    log.info("%s: %d trainable of %d parameters (%.3f%%)", method.name, n_trainable, n_total,
+             100 * n_trainable / max(n_total, 1))
+    module = LossModule(method, base_model)
     optimizer, scheduler = build_optimizer(cfg, module, total_steps)
     model = strategy.setup(module, optimizer, scheduler)
     device = strategy.device
@@ -237,6 +243,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_trimmed_prompts": sum(int(e.trimmed_context) for e in examples),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "steps_per_epoch": steps_per_epoch,
+        "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
     train_seconds, train_examples, train_tokens = 0.0, 0, 0
 

@@ -34,7 +34,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
                                               "HF_HUB_OFFLINE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH")
                    if k in os.environ}
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+        # address="local": always a new in-process Ray; with None, Ray would join any cluster that a
+        # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (someone else's, on a shared box).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  log_to_driver=log_to_driver,
                  runtime_env={"env_vars": {**local_ray_env(), **passthrough}})

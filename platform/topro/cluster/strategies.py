@@ -96,7 +96,12 @@ class RayStrategy(LocalStrategy):
 
         A marker in the run's storage remembers that the fault happened, so the
         worker group restarted by Ray (which replays steps after the last
-        checkpoint) does not kill itself again.
+        checkpoint) does not kill itself again. Before dying, the worker waits
+        until Ray's controller has registered every checkpoint reported so far:
+        the controller collects reports by polling workers (every 2 s), and a
+        report still unread when a worker dies is lost, so a real crash right
+        after a report resumes from the checkpoint before it. Waiting makes the
+        test deterministic: it resumes from the latest checkpoint.
         """
         cfg = self.cfg
         if cfg.fault_step is None or step != cfg.fault_step or self.fault_marker is None:
@@ -104,6 +109,7 @@ class RayStrategy(LocalStrategy):
         if self.rank != min(1, self.world_size - 1):
             return
         import pyarrow.fs
+        import ray.train
 
         fs, path = pyarrow.fs.FileSystem.from_uri(self.fault_marker)
         if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
@@ -111,6 +117,7 @@ class RayStrategy(LocalStrategy):
         fs.create_dir(os.path.dirname(path), recursive=True)
         with fs.open_output_stream(path) as out:
             out.write(json.dumps({"step": step, "rank": self.rank, "pid": os.getpid()}).encode())
+        ray.train.get_all_reported_checkpoints()
         log.warning("fault injection: killing worker rank %d (pid %d) at step %d", self.rank, os.getpid(), step)
         for handler in logging.getLogger().handlers:
             handler.flush()

@@ -2,7 +2,9 @@
 
 The registry maps a method name to a factory. ToPro picks its masked-LM or
 seq2seq implementation from the model's config, so ``method: topro`` works
-for mBERT, XLM-R and mT5 alike.
+for mBERT, XLM-R and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
+few tensors on a frozen backbone; their checkpoints hold only those tensors
+and name the backbone, which ``load_model`` fetches (see ``trained_only``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,20 @@ def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     return Vanilla(spec, tokenizer)
 
 
-METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {"vanilla": _vanilla, "topro": _topro}
+def _prompt_tuning(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    from topro.methods.prompt_tuning import PromptTuning
+
+    return PromptTuning(spec, tokenizer)
+
+
+def _topro_soft(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    from topro.methods.topro_soft import ToProSoft
+
+    return ToProSoft(spec, tokenizer)
+
+
+METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {
+    "vanilla": _vanilla, "topro": _topro, "prompt_tuning": _prompt_tuning, "topro_soft": _topro_soft}
 
 
 def register_method(name: str, factory: Callable[[MethodSpec, object, str], Method]) -> None:

@@ -163,6 +163,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of ``model``; a tied (shared) weight counts once."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def label_token_ids(tokenizer, words: list[str], policy: str) -> list[int]:
     """One vocabulary id per label word, checked at start-up.
 

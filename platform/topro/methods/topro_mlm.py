@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +91,24 @@ class ToProMLM:
 
         return AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
 
+    def question_ids(self, sentence: Sentence, pieces: list[list[int]]) -> list[list[int]]:
+        """The hand-written question's token ids, one question per word."""
+        return self.tokenizer(topro_questions(self.template, sentence.words, self.tokenizer.mask_token),
+                              add_special_tokens=False)["input_ids"]
+
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
+        return self.encode_with(sentences, self.question_ids)
+
+    def encode_with(self, sentences: list[Sentence],
+                    question_ids: Callable[[Sentence, list[list[int]]], list[list[int]]]) -> list[Encoded]:
+        """One (sentence, question) pair per word; ``question_ids(sentence, word_pieces)`` supplies the
+        questions (each holding the mask id), so other question forms (soft prompts) reuse this layout."""
         mask_id = self.tokenizer.mask_token_id
         layout = self.layout
         out = []
         for s_index, sentence in enumerate(sentences):
             pieces = word_pieces(self.tokenizer, sentence.words)
-            questions = self.tokenizer(topro_questions(self.template, sentence.words, self.tokenizer.mask_token),
-                                       add_special_tokens=False)["input_ids"]
+            questions = question_ids(sentence, pieces)
             for w_index, question in enumerate(questions):
                 budget = self.spec.max_length - layout.pair_overhead - len(question)
                 context, trimmed = context_window(pieces, w_index, budget)

@@ -1,0 +1,53 @@
+"""LLM evaluation fanned out over languages: one Ray task per language.
+
+The only Ray-aware part of LLM evaluation. Each worker process loads the
+model once and keeps it in `_BACKENDS` (keyed by model and backend options),
+so a worker that runs several languages loads it once. With no address Ray
+starts locally on 127.0.0.1 (`topro.cluster.runtime.init_ray`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from topro.llm.backends import Backend, load_backend
+from topro.llm.evaluate import LLMEvalConfig, RunSetup, evaluate_language, finish_record, prepare
+
+log = logging.getLogger(__name__)
+
+_BACKENDS: dict[tuple, Backend] = {}
+
+
+def cached_backend(model: str, options: dict[str, Any]) -> Backend:
+    """The process's backend for `model` and `options`, loaded on first use."""
+    key = (model, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key not in _BACKENDS:
+        _BACKENDS[key] = load_backend(model, **options)
+    return _BACKENDS[key]
+
+
+def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any],
+                  setup: RunSetup) -> tuple[str, dict, str]:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {lang} %(name)s: %(message)s")
+    cfg = LLMEvalConfig(**cfg_fields)
+    backend = cached_backend(cfg.model, options)
+    return lang, evaluate_language(backend, cfg, lang, setup), backend.name
+
+
+def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[str, Any], *,
+                          address: str | None = None, cpus_per_task: float = 1.0) -> dict[str, Any]:
+    """One Ray task per language; the same record as the sequential path."""
+    from topro.cluster.runtime import init_ray
+
+    ray = init_ray(address, include_dashboard=False)
+    setup = prepare(cfg)  # once: fails early (bad format, task, demos), shipped to every task
+    setup_ref = ray.put(setup)
+    threads = options.get("threads") or max(1, int(cpus_per_task))
+    task = ray.remote(num_cpus=cpus_per_task)(_evaluate_one)
+    refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in langs]
+    languages, names = {}, set()
+    for lang, record, name in ray.get(refs):
+        languages[lang] = record
+        names.add(name)
+    return finish_record(cfg, setup, languages, names.pop() if len(names) == 1 else cfg.model)

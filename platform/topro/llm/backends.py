@@ -1,0 +1,371 @@
+"""Where the language model runs: a local Hugging Face model, or an
+OpenAI-compatible HTTP server. Both meet one small interface:
+
+- `score(context, sentence, questions, continuations) -> ScoreResult`:
+  log p(continuation_j | context + sentence + question_i), summed over the
+  continuation's tokens, for every pair. `context` (instruction and
+  demonstrations) is the same for a whole run, `sentence` for one sentence.
+- `generate(prompts, max_new_tokens, stop, context) -> list[str]`: greedy
+  completions of context + prompt_i.
+
+Each keeps a `TokenCounts` of the work done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from topro.llm.generate import greedy_generate_shared
+from topro.llm.scoring import (PrefixState, TokenCounts, encode_prefix, score_naive, score_shared,
+                               score_seq2seq_naive, score_seq2seq_shared)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    logprobs: torch.Tensor  # [n_questions, n_continuations], summed over tokens
+    continuation_tokens: list[int]  # token count of each continuation (length normalisation)
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+class Backend(Protocol):
+    name: str
+    counts: TokenCounts
+
+    def score(self, context: str, sentence: str, questions: list[str],
+              continuations: list[str]) -> ScoreResult: ...
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]: ...
+
+
+def cut_at_stop(text: str, stop: str | None) -> str:
+    if stop and stop in text:
+        return text[:text.index(stop)]
+    return text
+
+
+# --- local Hugging Face models ---------------------------------------------------
+
+class HFBackend:
+    """A local causal or seq2seq LM (folder or hub id), batched, CPU or GPU.
+
+    Causal LMs score with the shared-prefix cache (`scoring="shared"`): the
+    run's context is encoded once and kept (LRU of a few), each sentence
+    extends it once, and all questions x labels run as one tree-masked batch.
+    `scoring="naive"` runs every prompt in full (the reference)."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "fp32",
+                 scoring: str = "shared", batch_tokens: int = 4096, generate_batch_size: int = 32,
+                 threads: int | None = None, attn_implementation: str = "sdpa"):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        if scoring not in ("shared", "naive"):
+            raise ValueError(f"scoring: {scoring!r} is not 'shared' or 'naive'")
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = model
+        self.scoring = scoring
+        self.batch_tokens = batch_tokens
+        self.generate_batch_size = generate_batch_size
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        config = AutoConfig.from_pretrained(model)
+        self.is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
+        self.model = cls.from_pretrained(model, dtype=torch_dtype,
+                                         attn_implementation=attn_implementation).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        # Prepend BOS ourselves when the tokenizer would (pieces are tokenized
+        # without special tokens and concatenated).
+        probe = tok("a").input_ids
+        self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
+        self.counts = TokenCounts()
+        self._contexts: OrderedDict[str, PrefixState] = OrderedDict()
+        self._ids_cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids_cache:
+            if len(self._ids_cache) > 50_000:
+                self._ids_cache.clear()
+            self._ids_cache[text] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._ids_cache[text]
+
+    def _context_state(self, context: str) -> PrefixState | None:
+        ids = self.bos + self.ids(context)
+        if not ids:
+            return None
+        if context not in self._contexts:
+            self._contexts[context] = encode_prefix(self.model, ids, counts=self.counts)
+            while len(self._contexts) > 4:
+                self._contexts.popitem(last=False)
+        self._contexts.move_to_end(context)
+        return self._contexts[context]
+
+    def score(self, context: str, sentence: str, questions: list[str],
+              continuations: list[str]) -> ScoreResult:
+        cont_ids = [self.ids(c) for c in continuations]
+        for c, ids in zip(continuations, cont_ids):
+            if not ids:
+                raise BackendError(f"continuation {c!r} has no tokens")
+        q_ids = [self.ids(q) for q in questions]
+        if self.is_seq2seq:
+            tok = self.tokenizer
+            prompts = [tok(context + sentence + q).input_ids for q in questions]
+            fn = score_seq2seq_shared if self.scoring == "shared" else score_seq2seq_naive
+            kwargs = {"max_batch_tokens": self.batch_tokens} if self.scoring == "shared" else {}
+            scores = fn(self.model, prompts, cont_ids, self.counts, **kwargs)
+        elif self.scoring == "shared":
+            state = self._context_state(context)
+            sent_ids = self.ids(sentence) if state is not None else self.bos + self.ids(sentence)
+            if state is None and not sent_ids:
+                raise BackendError("empty prompt prefix: the format renders no context and no sentence")
+            scores = score_shared(self.model, state, q_ids, cont_ids, self.counts, pending=sent_ids,
+                                  max_tokens=self.batch_tokens)
+        else:
+            prefix = self.bos + self.ids(context) + self.ids(sentence)
+            scores = score_naive(self.model, prefix, q_ids, cont_ids, self.counts,
+                                 max_batch_tokens=self.batch_tokens)
+        return ScoreResult(scores, [len(c) for c in cont_ids])
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]:
+        """Greedy completions of context + prompt_i. Causal LMs encode the
+        context once (cached like scoring's) and decode all prompts against it."""
+        state = None if self.is_seq2seq else self._context_state(context)
+        if state is None:
+            return self._generate_hf([context + p for p in prompts], max_new_tokens, stop)
+        tok = self.tokenizer
+        eos = {t for t in [tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
+               for t in (t if isinstance(t, list) else [t]) if t is not None}
+        stop_check = (lambda ids: stop in tok.decode(ids, skip_special_tokens=True)) if stop else None
+        new = greedy_generate_shared(self.model, state, [self.ids(p) for p in prompts], max_new_tokens,
+                                     stop=stop_check, eos_ids=eos, counts=self.counts,
+                                     batch_rows=self.generate_batch_size)
+        return [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop) for ids in new]
+
+    @torch.inference_mode()
+    def _generate_hf(self, prompts: list[str], max_new_tokens: int, stop: str | None) -> list[str]:
+        """Plain batched `model.generate` (seq2seq models, prompts without a context)."""
+        tok = self.tokenizer
+        tok.padding_side = "right" if self.is_seq2seq else "left"
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.generate_batch_size):
+            chunk = order[start:start + self.generate_batch_size]
+            batch = tok([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(self.device)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                          temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+            if stop and not self.is_seq2seq:
+                kwargs.update(stop_strings=[stop], tokenizer=tok)
+            out = self.model.generate(**batch, **kwargs)
+            new = out if self.is_seq2seq else out[:, batch["input_ids"].shape[1]:]
+            prompt_tokens = int(batch["attention_mask"].sum())
+            generated = int((new != tok.pad_token_id).sum())
+            self.counts.add(prompt_tokens + generated, batch["input_ids"].numel() + new.numel())
+            for i, row in zip(chunk, new):
+                outputs[i] = cut_at_stop(tok.decode(row, skip_special_tokens=True), stop)
+        return outputs
+
+
+# --- OpenAI-compatible HTTP servers ------------------------------------------------
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class HTTPSettings:
+    timeout: float = 60.0  # seconds per request
+    retries: int = 4  # further attempts after the first
+    backoff: float = 0.5  # seconds, doubled per attempt (or the server's Retry-After)
+    concurrency: int = 8  # requests in flight at once
+    prompts_per_request: int = 32  # completions take a list of prompts
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server (vLLM, llama.cpp, TGI, OpenAI, ...).
+
+    Scoring uses `/v1/completions` with `echo` and `logprobs` (the prompt's own
+    token log-probabilities), summing the tokens from the continuation's first
+    character on; a server without prompt log-probabilities cannot score
+    (use generate mode). Generation uses `/v1/completions`, or
+    `/v1/chat/completions` when the server has no completions endpoint (or
+    `api="chat"`). Requests run `concurrency` at a time with retries on
+    connection errors, timeouts and 408/409/429/5xx."""
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 api: str = "auto", settings: HTTPSettings | None = None):
+        import requests
+
+        if api not in ("auto", "completions", "chat"):
+            raise ValueError(f"api: {api!r} is not auto, completions or chat")
+        url = base_url.rstrip("/")
+        self.base_url = url if url.endswith("/v1") else url + "/v1"
+        self.settings = settings or HTTPSettings()
+        self.api = api
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(self.settings.concurrency, 10))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.counts = TokenCounts()
+        self._lock = threading.Lock()
+        self.model = model or self._first_model()
+        self.name = f"{self.base_url}#{self.model}"
+
+    # transport
+    def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
+        import requests
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        url = self.base_url + path
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            wait = s.backoff * (2 ** attempt)
+            try:
+                resp = self.session.request(method, url, json=payload, headers=headers, timeout=s.timeout)
+            except (requests.ConnectionError, requests.Timeout) as err:
+                problem = f"{type(err).__name__}: {err}"
+            else:
+                if resp.status_code < 300:
+                    return resp.json()
+                problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                if resp.status_code not in RETRY_STATUS:
+                    raise BackendError(f"{method} {url}: {problem}")
+                retry_after = resp.headers.get("Retry-After")
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    wait = float(retry_after)
+            if attempt == s.retries:
+                raise BackendError(f"{method} {url}: gave up after {s.retries + 1} attempts; last: {problem}")
+            log.warning("%s %s: %s; retry %d/%d in %.1fs", method, url, problem, attempt + 1, s.retries, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _first_model(self) -> str:
+        data = self._request("GET", "/models").get("data") or []
+        if not data:
+            raise BackendError(f"{self.base_url}/models lists no model; pass the model name")
+        return data[0]["id"]
+
+    def _count(self, response: dict) -> None:
+        usage = response.get("usage") or {}
+        tokens = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+        with self._lock:
+            self.counts.add(tokens, tokens)
+
+    def _map(self, fn, items: list) -> list:
+        if len(items) <= 1 or self.settings.concurrency <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(self.settings.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    def _completions(self, prompts: list[str], **params) -> list[dict]:
+        """Choices for each prompt, in order; prompts go in groups, concurrently."""
+        n = self.settings.prompts_per_request
+        groups = [prompts[i:i + n] for i in range(0, len(prompts), n)]
+
+        def run(group: list[str]) -> list[dict]:
+            response = self._request("POST", "/completions", {"model": self.model, "prompt": group, **params})
+            self._count(response)
+            choices = sorted(response.get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != len(group):
+                raise BackendError(f"{self.base_url}/completions returned {len(choices)} choices "
+                                   f"for {len(group)} prompts")
+            return choices
+
+        return [c for group in self._map(run, groups) for c in group]
+
+    # interface
+    def score(self, context: str, sentence: str, questions: list[str],
+              continuations: list[str]) -> ScoreResult:
+        if self.api == "chat":
+            raise BackendError("score mode needs /v1/completions with prompt logprobs; "
+                               "this backend is set to chat: use --mode generate")
+        base = [context + sentence + q for q in questions]
+        prompts = [b + c for b in base for c in continuations]
+        boundaries = [len(b) for b in base for _ in continuations]
+        choices = self._completions(prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+        n_c = len(continuations)
+        scores = torch.zeros(len(questions), n_c)
+        token_counts = [0] * n_c
+        for k, (choice, boundary, prompt) in enumerate(zip(choices, boundaries, prompts)):
+            lp = choice.get("logprobs") or {}
+            tokens, values, offsets = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
+            if not tokens or values is None or offsets is None:
+                raise BackendError(f"{self.base_url}/completions gave no prompt logprobs (echo=true, "
+                                   "logprobs=1); this server cannot score: use --mode generate")
+            total, count = 0.0, 0
+            for tok_text, value, offset in zip(tokens, values, offsets):
+                # Continuation tokens: those ending after the boundary and
+                # starting before the prompt's end (the generated token is not).
+                if offset >= len(prompt) or offset + len(tok_text) <= boundary:
+                    continue
+                if value is None:
+                    raise BackendError(f"no logprob for continuation token {tok_text!r}")
+                total += float(value)
+                count += 1
+            if count == 0:
+                raise BackendError(f"no tokens found for continuation {prompt[boundary:]!r}")
+            scores[k // n_c, k % n_c] = total
+            token_counts[k % n_c] = count
+        return ScoreResult(scores, token_counts)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
+                 context: str = "") -> list[str]:
+        prompts = [context + p for p in prompts]
+        if self.api in ("auto", "completions"):
+            try:
+                params = {"max_tokens": max_new_tokens, "temperature": 0}
+                if stop:
+                    params["stop"] = [stop]
+                choices = self._completions(prompts, **params)
+                return [cut_at_stop(c.get("text") or "", stop) for c in choices]
+            except BackendError as err:
+                if self.api == "completions" or not any(f"HTTP {s}" in str(err) for s in (404, 405)):
+                    raise
+                log.warning("no /v1/completions at %s; generating through /v1/chat/completions", self.base_url)
+                self.api = "chat"
+
+        def chat(prompt: str) -> str:
+            payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": max_new_tokens, "temperature": 0}
+            if stop:
+                payload["stop"] = [stop]
+            response = self._request("POST", "/chat/completions", payload)
+            self._count(response)
+            message = (response.get("choices") or [{}])[0].get("message") or {}
+            return cut_at_stop(message.get("content") or "", stop)
+
+        return self._map(chat, prompts)
+
+
+def is_http(model: str) -> bool:
+    return model.startswith(("http://", "https://"))
+
+
+def load_backend(model: str, **options) -> Backend:
+    """`http(s)://...` -> OpenAIBackend; a folder or hub id -> HFBackend.
+    Options not meant for the chosen backend are ignored."""
+    if is_http(model):
+        settings = HTTPSettings(**{k: options[k] for k in ("timeout", "retries", "backoff", "concurrency",
+                                                           "prompts_per_request") if options.get(k) is not None})
+        return OpenAIBackend(model, model=options.get("api_model"), api=options.get("api") or "auto",
+                             settings=settings)
+    keys = ("device", "dtype", "scoring", "batch_tokens", "generate_batch_size", "threads")
+    return HFBackend(model, **{k: options[k] for k in keys if options.get(k) is not None})

@@ -1,0 +1,284 @@
+"""LLM evaluation of one language: sentences -> prompts -> predictions -> metrics.
+
+Four ways to get a sentence's tags, by format style and mode:
+- topro + score: every word's question is answered by the label word of
+  highest log-likelihood (summed over its tokens, optionally per token).
+- topro + generate: greedy answer to every word's question, matched to a
+  label word; unmatched answers are format failures.
+- sentence + generate: the whole-sentence baseline; the answer's `word/TAG`
+  pairs are parsed tolerantly and aligned to the words; words without a valid
+  tag are format failures.
+- sentence + score: the same prompt decoded under constraint, word by word:
+  the model's own pairs so far, then the tag of highest likelihood (no format
+  failure can occur).
+Format failures get the task's fallback tag (O, or X), so the metric pays for
+them, and are reported per language (`format_failure_rate`, over words).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from topro.data import Sentence, get_task, load_split
+from topro.data.tasks import Task
+from topro.llm.backends import Backend
+from topro.llm.formats import (PromptFormat, load_format, render_context, render_pair,
+                               render_sentence_prompt, render_topro, select_demos)
+from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
+from topro.metrics import score_task, viterbi_iob2
+
+log = logging.getLogger(__name__)
+
+MODES = ("score", "generate")
+
+
+@dataclass
+class LLMEvalConfig:
+    """What to evaluate; everything here is logged as run parameters."""
+
+    task: str
+    model: str
+    format: str = "topro"  # a format name (formats/*.yaml) or a YAML path
+    mode: str = "score"  # score | generate
+    shots: int = 0
+    seed: int = 42  # demonstration sampling
+    split: str = "dev"
+    max_sentences: int | None = None  # first N sentences per language
+    data_dir: str | None = None
+    demo_lang: str = "en"
+    demo_split: str = "train"
+    verbalizer: str | None = None  # overrides the format's / task's default
+    length_norm: bool = False  # score: mean instead of summed token log-prob
+    max_new_tokens: int | None = None  # generate; default from the prompt
+    generate_sentences: int = 32  # sentences whose prompts go to the backend together
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {MODES}")
+        if self.shots < 0:
+            raise ValueError(f"shots: {self.shots} is negative")
+
+    @property
+    def method(self) -> str:
+        return f"llm-{load_format(self.format).name}-{self.mode}-{self.shots}shot"
+
+
+@dataclass
+class RunSetup:
+    """What every language of a run shares: format, labels, demonstrations."""
+
+    task: Task
+    fmt: PromptFormat
+    label_words: dict[str, str]  # tag -> label word as the format shows it
+    context: str  # instruction + demonstrations
+    fallback: str  # tag given to a word whose answer failed
+    demos: list = field(default_factory=list)
+
+
+def fallback_tag(task: Task) -> str:
+    """Same rule as fine-tuned evaluation: O for span tasks, else X (or the first label)."""
+    if task.scheme == "iob2":
+        return "O"
+    return "X" if "X" in task.labels else task.labels[0]
+
+
+def prepare(cfg: LLMEvalConfig) -> RunSetup:
+    task = get_task(cfg.task)
+    fmt = load_format(cfg.format)
+    fmt.for_task(task.name)
+    if fmt.label_words == "tags":
+        words = {tag: tag for tag in task.labels}
+    else:
+        from topro.prompts import get_verbalizer
+
+        words = dict(get_verbalizer(task.name, cfg.verbalizer or fmt.verbalizer).words)
+        words = {tag: words[tag] for tag in task.labels}
+    demos = []
+    if cfg.shots:
+        train = load_split(task, cfg.demo_lang, cfg.demo_split, cfg.data_dir)
+        demos = select_demos(train, cfg.shots, cfg.seed, fmt.style)
+    context = render_context(fmt, task.name, words, demos)
+    return RunSetup(task, fmt, words, context, fallback_tag(task), demos)
+
+
+@dataclass
+class SentenceResult:
+    tags: list[str]
+    failed: list[bool]
+    reasons: dict[str, int] = field(default_factory=dict)
+    log_probs: np.ndarray | None = None  # [n_words, n_labels] in score mode (label-normalised)
+
+
+def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sentence: Sentence) -> SentenceResult:
+    labels = setup.task.labels
+    prompts = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, sentence.words)
+    result = backend.score(prompts.context, prompts.sentence, prompts.questions,
+                           [prompts.answers[tag] for tag in labels])
+    scores = result.logprobs
+    if cfg.length_norm:
+        scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
+    best = scores.argmax(dim=1).tolist()
+    log_probs = torch.log_softmax(scores.double(), dim=1).numpy()
+    return SentenceResult([labels[i] for i in best], [False] * len(sentence), {}, log_probs)
+
+
+def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sentence: Sentence) -> SentenceResult:
+    """Constrained greedy decoding of the whole-sentence format."""
+    labels = setup.task.labels
+    task_name = setup.task.name
+    answer = render_sentence_prompt(setup.fmt, task_name, sentence.words)
+    tags, rows = [], []
+    for word in sentence.words:
+        head, label_template = render_pair(setup.fmt, task_name, word)
+        continuations = [label_template.format(label=setup.label_words[t]) for t in labels]
+        result = backend.score(setup.context, answer, [head], continuations)
+        scores = result.logprobs[0]
+        if cfg.length_norm:
+            scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
+        best = int(scores.argmax())
+        tags.append(labels[best])
+        rows.append(torch.log_softmax(scores.double(), dim=0).numpy())
+        answer += head + continuations[best]
+    return SentenceResult(tags, [False] * len(sentence), {}, np.stack(rows) if rows else None)
+
+
+def _generate_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
+                    sentences: list[Sentence]) -> list[SentenceResult]:
+    lookup = label_lookup(setup.label_words)
+    prompts, owner = [], []
+    for s_index, sentence in enumerate(sentences):
+        p = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, sentence.words)
+        prompts.extend(p.sentence + q for q in p.questions)
+        owner.extend([s_index] * len(sentence))
+    longest = max(len(w) for w in setup.label_words.values())
+    outputs = backend.generate(prompts, cfg.max_new_tokens or min(16, longest + 4), stop="\n",
+                               context=setup.context)
+    results = [SentenceResult([], [], {}) for _ in sentences]
+    for s_index, text in zip(owner, outputs):
+        tag = match_label(text, lookup)
+        r = results[s_index]
+        r.tags.append(tag if tag is not None else setup.fallback)
+        r.failed.append(tag is None)
+        if tag is None:
+            r.reasons["unmatched"] = r.reasons.get("unmatched", 0) + 1
+    return results
+
+
+def _sentence_budget(setup: RunSetup, sentence: Sentence) -> int:
+    """Generation cap for a whole-sentence answer: a generous estimate of its
+    tokens (about two characters per token), the stop string ends it sooner."""
+    longest = max(len(w) for w in setup.label_words.values())
+    chars = sum(len(w) + longest + 2 for w in sentence.words)
+    return min(2048, chars // 2 + 16)
+
+
+def _generate_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
+                       sentences: list[Sentence]) -> list[SentenceResult]:
+    lookup = label_lookup(setup.label_words)
+    prompts = [render_sentence_prompt(setup.fmt, setup.task.name, s.words) for s in sentences]
+    budget = cfg.max_new_tokens or max(_sentence_budget(setup, s) for s in sentences)
+    outputs = backend.generate(prompts, budget, stop="\n", context=setup.context)
+    results = []
+    for sentence, text in zip(sentences, outputs):
+        parsed = parse_tagged_answer(text, sentence.words, lookup, setup.fallback)
+        results.append(SentenceResult(parsed.tags, parsed.failed, parsed.reasons))
+    return results
+
+
+def predict_sentences(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
+                      sentences: list[Sentence]) -> list[SentenceResult]:
+    style, mode = setup.fmt.style, cfg.mode
+    results: list[SentenceResult] = []
+    if mode == "score":
+        one = _score_topro if style == "topro" else _score_sentence
+        for sentence in sentences:
+            results.append(one(backend, setup, cfg, sentence))
+            _progress(len(results), len(sentences))
+        return results
+    many = _generate_topro if style == "topro" else _generate_sentence
+    step = max(1, cfg.generate_sentences)
+    for start in range(0, len(sentences), step):
+        results.extend(many(backend, setup, cfg, sentences[start:start + step]))
+        _progress(len(results), len(sentences), step)
+    return results
+
+
+def _progress(done: int, total: int, every: int = 10) -> None:
+    if done % every == 0 or done == total:
+        log.info("%d/%d sentences", done, total)
+
+
+def language_record(setup: RunSetup, sentences: list[Sentence], results: list[SentenceResult]) -> dict[str, Any]:
+    task = setup.task
+    gold = [s.tags for s in sentences]
+    pred = [r.tags for r in results]
+    record = score_task(task, gold, pred)
+    if task.scheme == "iob2" and all(r.log_probs is not None for r in results):
+        # Valid-IOB2 decoding of the same label scores, as fine-tuned evaluation reports it.
+        vit = [[task.labels[i] for i in viterbi_iob2(r.log_probs, task.labels)] for r in results]
+        v = score_task(task, gold, vit)
+        record["viterbi"] = {k: v[k] for k in ("f1", "precision", "recall", "accuracy")}
+    n_words = sum(len(s) for s in sentences)
+    failed = sum(sum(r.failed) for r in results)
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r.reasons.items():
+            reasons[k] = reasons.get(k, 0) + v
+    record.update(
+        n_sentences=len(sentences), n_words=n_words, n_truncated_words=0,
+        format_failure_rate=failed / n_words if n_words else 0.0,
+        format_failed_words=failed,
+        sentence_format_failure_rate=(sum(any(r.failed) for r in results) / len(results)) if results else 0.0,
+        format_failure_reasons=reasons,
+    )
+    return record
+
+
+def evaluate_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
+                      setup: RunSetup | None = None) -> dict[str, Any]:
+    """The per-language record: the task's metrics, sizes, format failures, work and time."""
+    setup = setup or prepare(cfg)
+    sentences = load_split(setup.task, lang, cfg.split, cfg.data_dir, limit=cfg.max_sentences)
+    before = (backend.counts.tokens, backend.counts.padded, backend.counts.forwards)
+    start = time.perf_counter()
+    results = predict_sentences(backend, setup, cfg, sentences)
+    seconds = time.perf_counter() - start
+    record = language_record(setup, sentences, results)
+    record.update(seconds=round(seconds, 3), model_tokens=backend.counts.tokens - before[0],
+                  model_padded_tokens=backend.counts.padded - before[1],
+                  model_calls=backend.counts.forwards - before[2])
+    log.info("%s %s: %s=%.4f, format failures %.3f, %d sentences in %.1fs", cfg.task, lang,
+             setup.task.metric, record[setup.task.metric], record["format_failure_rate"], len(sentences), seconds)
+    return record
+
+
+def run_params(cfg: LLMEvalConfig, setup: RunSetup) -> dict[str, Any]:
+    params = asdict(cfg)
+    params.update(method=cfg.method, style=setup.fmt.style, label_words=setup.fmt.label_words,
+                  demos=[f"{' '.join(d.words)} | {d.words[d.word_index] if d.word_index >= 0 else '*'}"
+                         for d in setup.demos])
+    return params
+
+
+def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend) -> dict[str, Any]:
+    """Every language one after another with one backend (the sequential path)."""
+    setup = prepare(cfg)
+    languages = {lang: evaluate_language(backend, cfg, lang, setup) for lang in langs}
+    return finish_record(cfg, setup, languages, backend.name)
+
+
+def finish_record(cfg: LLMEvalConfig, setup: RunSetup, languages: dict[str, dict], model_name: str) -> dict:
+    from statistics import fmean
+
+    from topro.evaluate import results_record
+
+    record = results_record(setup.task, cfg.method, model_name, languages,
+                            extra={"split": cfg.split, "params": run_params(cfg, setup)})
+    if languages:
+        record["average"]["format_failure_rate"] = fmean(r["format_failure_rate"] for r in languages.values())
+    return record

@@ -1,0 +1,221 @@
+"""Soft ToPro: ToPro with a continuous template (K trainable prompt vectors).
+
+Same decomposition as ToPro (one prompt per word, sentence and question as a
+segment pair, label-word logits at the mask), but the question's wording is
+learned. ``soft_prompt_placement`` says where the K vectors go:
+
+- ``replace`` (default): the template's text is dropped; each text span of the
+  template (``The pos tag of`` | ``is a kind of:`` | ``.``) becomes a run of
+  soft vectors, K split over the spans in proportion to their token counts, so
+  the question keeps the template's shape: ``[soft] word [soft] <mask> [soft]``.
+  Each vector starts as the embedding of its span's tokens (cycled), so with K
+  equal to the template's token count training starts exactly at hand-written
+  ToPro.
+- ``prefix``: the hand-written question stays and K soft vectors go in front of
+  it (initialised from the template's tokens, cycled).
+
+The backbone is frozen (only the K x hidden prompt trains, plus any part the
+pretrained checkpoint lacks, such as the MLM head of an encoder published
+without one: a frozen random head would be noise) or fine-tuned with it
+(``freeze_backbone``). Soft slots travel through encoding as negative token
+ids (slot k is ``-1 - k``), so ToPro's encoding, trimming and mask bookkeeping
+are reused unchanged; ``collate`` turns them into a ``soft_index`` map.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from topro.data.readers import Sentence
+from topro.methods.base import Encoded, MethodSpec, collate_common, count_parameters
+from topro.methods.topro_mlm import ToProMLM, label_logits_at
+from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
+                                        load_backbone, load_trained_only, read_meta, save_trained_only, trained_names)
+from topro.prompts import Template
+
+PLACEMENTS = ("replace", "prefix")
+SOFT_PROMPT = "soft_prompt"
+
+
+def split_proportionally(total: int, weights: list[int]) -> list[int]:
+    """``total`` split into integers proportional to ``weights`` (largest remainder; sums to ``total``)."""
+    whole = sum(weights)
+    shares = [total * w / whole for w in weights]
+    counts = [int(s) for s in shares]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - shares[i], i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+@dataclass
+class SoftQuestion:
+    """The question as a sequence of parts, and the token whose embedding initialises each soft slot."""
+
+    placement: str
+    parts: list[tuple[str, list[int]]] = field(default_factory=list)
+    """``("soft", slots)``, ``("word", [])`` or ``("mask", [])`` (replace placement only)."""
+    init_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.init_token_ids)
+
+
+def soft_question(template: Template, tokenizer, n_prompts: int, placement: str) -> SoftQuestion:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"soft_prompt_placement must be one of {PLACEMENTS}, got {placement!r}")
+    if n_prompts < 0:
+        raise ValueError(f"prefix_length (soft prompt vectors) must be >= 0, got {n_prompts}")
+    pieces = [p for p in re.split(r"(\{word\}|\{mask\})", template.question)]
+    spans = [tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p not in ("{word}", "{mask}") else None
+             for p in pieces]
+    text_spans = [ids for ids in spans if ids]
+    if not text_spans and n_prompts:
+        raise ValueError(f"template {template.name!r} has no text to turn into soft prompt vectors")
+    if placement == "prefix":
+        everything = [t for ids in text_spans for t in ids]
+        return SoftQuestion("prefix", init_token_ids=[everything[k % len(everything)] for k in range(n_prompts)])
+    counts = iter(split_proportionally(n_prompts, [len(ids) for ids in text_spans]))
+    question = SoftQuestion("replace")
+    for piece, ids in zip(pieces, spans):
+        if piece in ("{word}", "{mask}"):
+            question.parts.append((piece.strip("{}"), []))
+        elif ids:
+            n = next(counts)
+            start = question.n_slots
+            question.init_token_ids.extend(ids[k % len(ids)] for k in range(n))
+            if n:
+                question.parts.append(("soft", list(range(start, start + n))))
+    return question
+
+
+def slot_id(slot: int) -> int:
+    """The placeholder token id of soft slot ``slot`` (negative, so it never clashes with the vocabulary)."""
+    return -1 - slot
+
+
+class SoftPromptMLM(nn.Module):
+    """A masked LM whose inputs carry trainable prompt vectors at the soft slots."""
+
+    def __init__(self, mlm: nn.Module, prompt_init: torch.Tensor, label_ids: torch.Tensor, freeze_backbone: bool):
+        super().__init__()
+        self.mlm = mlm
+        self.mlm.requires_grad_(not freeze_backbone)
+        # A part the pretrained checkpoint lacks (e5 ships no MLM head) is random: frozen it would be noise,
+        # so it trains with the prompt and is checkpointed with it.
+        params = dict(mlm.named_parameters())
+        for name in fresh_parameters(mlm):
+            params[name].requires_grad_(True)
+        self.soft_prompt = nn.Parameter(prompt_init.detach().clone())
+        self.register_buffer("label_ids", label_ids.clone(), persistent=False)
+
+    def forward(self, input_ids, soft_index, attention_mask, label_rows, label_positions,
+                token_type_ids=None) -> torch.Tensor:
+        """Label-word logits at the masks [labelled words, n_labels]."""
+        embeds = self.mlm.get_input_embeddings()(input_ids)
+        if self.soft_prompt.shape[0]:
+            soft = self.soft_prompt[soft_index.clamp(min=0)].to(embeds.dtype)
+            embeds = torch.where((soft_index >= 0).unsqueeze(-1), soft, embeds)
+        base = getattr(self.mlm, self.mlm.base_model_prefix)
+        hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
+                      token_type_ids=token_type_ids).last_hidden_state
+        return label_logits_at(self.mlm, hidden[label_rows, label_positions], self.label_ids)
+
+
+def soft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "soft_index", "attention_mask", "token_type_ids", "label_rows", "label_positions")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+class ToProSoft:
+    name = "topro_soft"
+
+    def __init__(self, spec: MethodSpec, tokenizer):
+        self.spec = spec
+        self.cloze = ToProMLM(spec, tokenizer)  # template, verbalizer, label ids and prompt layout
+        self.labels = self.cloze.labels
+        self.tokenizer = tokenizer
+        self.freeze_backbone = bool(spec.extra.get("freeze_backbone", True))
+        self.question = soft_question(self.cloze.template, tokenizer, int(spec.extra.get("prefix_length", 16)),
+                                      spec.extra.get("soft_prompt_placement", "replace"))
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def question_ids(self, sentence: Sentence, pieces: list[list[int]]) -> list[list[int]]:
+        if self.question.placement == "prefix":
+            slots = [slot_id(k) for k in range(self.question.n_slots)]
+            return [slots + q for q in self.cloze.question_ids(sentence, pieces)]
+        mask_id = self.tokenizer.mask_token_id
+        out = []
+        for word in pieces:
+            ids: list[int] = []
+            for kind, slots in self.question.parts:
+                ids.extend(word if kind == "word" else [mask_id] if kind == "mask" else [slot_id(k) for k in slots])
+            out.append(ids)
+        return out
+
+    def encode(self, sentences: list[Sentence]) -> list[Encoded]:
+        return self.cloze.encode_with(sentences, self.question_ids)
+
+    def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        batch = collate_common(examples, self.cloze.layout)
+        ids = batch["input_ids"]
+        soft = ids < 0
+        batch["soft_index"] = torch.where(soft, -ids - 1, torch.full_like(ids, -1))
+        batch["input_ids"] = torch.where(soft, torch.full_like(ids, self.cloze.layout.pad_id), ids)
+        return batch
+
+    # -- model ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_mlm(path: str) -> nn.Module:
+        from transformers import AutoModelForMaskedLM
+
+        return from_pretrained_noting_fresh(AutoModelForMaskedLM, path)
+
+    def _model_on(self, mlm: nn.Module, prompt: torch.Tensor | None = None) -> SoftPromptMLM:
+        if prompt is None:  # start from the template's own token embeddings
+            table = mlm.get_input_embeddings().weight
+            prompt = table[torch.tensor(self.question.init_token_ids, dtype=torch.long)].detach()
+        return SoftPromptMLM(mlm, prompt, self.cloze.label_ids, self.freeze_backbone)
+
+    def build_model(self, model_path: str) -> SoftPromptMLM:
+        return self._model_on(self._load_mlm(model_path))
+
+    def load_model(self, checkpoint: str | Path) -> SoftPromptMLM:
+        meta = read_meta(checkpoint)
+        if meta.get("backbone_in_checkpoint"):
+            mlm = self._load_mlm(str(checkpoint))  # fine-tuned backbone: saved alongside the prompt
+        else:
+            mlm = load_backbone(self.spec, checkpoint, self._load_mlm, meta.get("backbone_fingerprint"))
+        model = self._model_on(mlm, torch.zeros(self.question.n_slots, mlm.config.hidden_size))
+        return load_trained_only(model, checkpoint, names=meta.get("trained_tensors", [SOFT_PROMPT]))
+
+    # -- training and inference -------------------------------------------------------------------------------
+    def loss(self, model, batch) -> torch.Tensor:
+        return F.cross_entropy(model(**soft_inputs(batch)).float(), batch["labels"], ignore_index=-100)
+
+    def label_log_probs(self, model, batch) -> torch.Tensor:
+        return torch.log_softmax(model(**soft_inputs(batch)).float(), dim=-1)
+
+    def meta(self) -> dict[str, Any]:
+        return {**self.cloze.meta(), "method": self.name,
+                "soft_prompt": {"placement": self.question.placement, "n_vectors": self.question.n_slots,
+                                "init_tokens": self.tokenizer.convert_ids_to_tokens(self.question.init_token_ids)}}
+
+    def save(self, model: SoftPromptMLM, folder: str | Path) -> None:
+        trainable, total = count_parameters(model)
+        # Frozen: the prompt and any freshly initialised head; fine-tuned: the prompt (the model goes whole).
+        names = trained_names(model) if self.freeze_backbone else [SOFT_PROMPT]
+        meta = {**self.meta(), "backbone_in_checkpoint": not self.freeze_backbone, "trained_tensors": names,
+                "n_trainable_params": trainable, "n_total_params": total}
+        if self.freeze_backbone:
+            meta["backbone_fingerprint"] = backbone_fingerprint(model.mlm)
+        else:
+            model.mlm.save_pretrained(folder, safe_serialization=True)
+        save_trained_only(model, folder, self.tokenizer, meta, names=names)

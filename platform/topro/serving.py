@@ -1,0 +1,208 @@
+"""Tagging unlabelled sentences with a trained checkpoint, for serving (Ray-free).
+
+``Tagger`` loads one checkpoint (a folder, or an MLflow registry URI such as
+``models:/topro-udpos-topro@champion``) and tags lists of sentences. All
+sentences of one ``tag`` call go through ``evaluate.predict`` together: every
+ToPro prompt of every sentence joins the same token-budget batches, so a
+caller that gathers sentences from many requests (the Serve deployment's
+``@serve.batch``) gets cross-request batching without more code here.
+
+``ModelCatalogue`` maps the model ids a client may ask for to URIs. A request
+can only name a configured id or (if allowed) a model in the registry, never
+a path on the server's disk.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from topro.data.readers import Sentence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "default"
+MAX_MODEL_ID_CHARS = 256
+# Registry URIs a client may name as a model id: a registered model by alias or version number.
+_REGISTRY_ID = re.compile(r"^models:/[A-Za-z0-9][\w.\-]*(@[\w.\-]+|/\d+)$")
+
+
+class UnknownModelError(LookupError):
+    """A client asked for a model id that is neither configured nor registered."""
+
+
+@dataclass(frozen=True)
+class TaggedWord:
+    word: str
+    tag: str
+    prob: float | None
+    """The model's probability of ``tag`` for this word; ``None`` when the word got no
+    prediction (cut by the model's ``max_length``; it carries the fallback tag)."""
+
+
+@dataclass
+class TaggedSentence:
+    words: list[TaggedWord]
+    lang: str = ""
+    n_truncated_words: int = 0
+    """Words the model never saw (vanilla: past ``max_length``); they carry the fallback tag."""
+    n_trimmed_prompts: int = 0
+    """ToPro prompts whose sentence context was trimmed to fit ``max_length``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelInfo:
+    """What is loaded: the id clients use, where it came from, and what it does."""
+
+    id: str
+    uri: str
+    checkpoint: str
+    task: str
+    method: str
+    labels: list[str]
+    template: str | None = None
+    verbalizer: str | None = None
+    base_model: str | None = None
+    registered_model: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    """The MLflow run that produced the checkpoint (registry URIs)."""
+    source: str | None = None
+    device: str = "cpu"
+    load_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def words_from_text(text: str) -> list[str]:
+    """Whitespace tokenisation (the endpoint's ``text`` input)."""
+    return text.split()
+
+
+class Tagger:
+    """One loaded checkpoint that tags batches of unlabelled sentences.
+
+    ``tag`` may be called from a worker thread (the Serve deployment runs it off
+    its event loop); it only reads the model, so calls need no lock, but one at
+    a time keeps CPU threads from fighting, which the caller arranges.
+    """
+
+    def __init__(self, method, model, info: ModelInfo, *, max_tokens: int = 8192, max_examples: int = 256,
+                 viterbi: bool = True):
+        from topro.data.tasks import get_task
+
+        self.method = method
+        self.model = model
+        self.info = info
+        self.task = get_task(info.task)
+        self.label_index = {label: i for i, label in enumerate(method.labels)}
+        self.max_tokens = max_tokens
+        self.max_examples = max_examples
+        # Span tasks (IOB2): decode the best valid tag sequence, so no I-X follows O.
+        self.viterbi = viterbi and self.task.scheme == "iob2"
+
+    @classmethod
+    def load(cls, uri: str, model_id: str | None = None, *, device: str = "auto", **options) -> "Tagger":
+        """Load ``uri`` (a checkpoint folder or a ``models:/`` / ``runs:/`` URI)."""
+        from topro.methods import load_checkpoint
+        from topro.models import pick_device
+        from topro.tracking import describe_model_uri, resolve_checkpoint
+
+        start = time.perf_counter()
+        origin = describe_model_uri(uri)
+        folder = resolve_checkpoint(uri)
+        dev = pick_device(device)
+        method, model = load_checkpoint(folder, dev)
+        meta = method.meta()
+        info = ModelInfo(id=model_id or uri, uri=uri, checkpoint=str(folder), task=meta["task"],
+                         method=meta["method"], labels=list(method.labels), template=meta.get("template"),
+                         verbalizer=meta.get("verbalizer"), base_model=meta.get("base_model"),
+                         registered_model=origin["registered_model"], version=origin["version"],
+                         run_id=origin["run_id"], source=origin["source"], device=str(dev),
+                         load_seconds=round(time.perf_counter() - start, 3))
+        log.info("loaded %s (%s, %s %s) from %s in %.1fs", info.id, uri, info.task, info.method, folder,
+                 info.load_seconds)
+        return cls(method, model, info, **options)
+
+    def tag(self, sentences: list[Sentence]) -> list[TaggedSentence]:
+        """Tags and their probabilities for every word of every sentence, in one prediction pass."""
+        from topro.evaluate import decode, predict
+
+        if not sentences:
+            return []
+        predictions = predict(self.method, self.model, sentences, max_tokens=self.max_tokens,
+                              max_examples=self.max_examples)
+        out = []
+        for sentence, prediction in zip(sentences, predictions):
+            tags = decode(self.task, self.method.labels, prediction, viterbi=self.viterbi)
+            words = []
+            for word, tag, row in zip(sentence.words, tags, prediction.log_probs):
+                log_prob = row[self.label_index[tag]]
+                prob = None if np.isnan(log_prob) else round(float(math.exp(log_prob)), 6)
+                words.append(TaggedWord(word, tag, prob))
+            out.append(TaggedSentence(words, sentence.lang, prediction.truncated_words,
+                                      prediction.trimmed_prompts))
+        return out
+
+
+@dataclass
+class ModelCatalogue:
+    """The model ids a client may name, and the URI behind each.
+
+    ``default`` answers requests that name no model. ``named`` adds ids of the
+    operator's choosing (``{"panx": "models:/topro-panx-topro@champion"}``).
+    With ``allow_registry_ids`` a client may also name any registered model
+    directly (``models:/<name>@<alias>`` or ``models:/<name>/<version>``); it is
+    looked up in the registry before anything is loaded, so an unknown one is
+    refused without evicting a loaded model.
+    """
+
+    default: str
+    named: dict[str, str] = field(default_factory=dict)
+    allow_registry_ids: bool = True
+    _checked: set[str] = field(default_factory=set, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ids(self) -> dict[str, str]:
+        return {DEFAULT_MODEL_ID: self.default, **self.named}
+
+    def uri_for(self, model_id: str | None) -> str:
+        """The URI of ``model_id`` (empty or None: the default); raises ``UnknownModelError``."""
+        if not model_id:
+            return self.default
+        known = self.ids()
+        if model_id in known:
+            return known[model_id]
+        shown = model_id if len(model_id) <= 80 else model_id[:77] + "..."
+        choices = f"known ids: {sorted(known)}"
+        if self.allow_registry_ids:
+            choices += " or a registered model as models:/<name>@<alias> or models:/<name>/<version>"
+        if len(model_id) > MAX_MODEL_ID_CHARS or not _REGISTRY_ID.match(model_id) or not self.allow_registry_ids:
+            raise UnknownModelError(f"unknown model id {shown!r}; {choices}")
+        with self._lock:
+            if model_id in self._checked:
+                return model_id
+        from topro.tracking import describe_model_uri
+
+        try:
+            describe_model_uri(model_id)
+        except Exception as err:  # MlflowException: no such name, alias or version
+            raise UnknownModelError(f"unknown model id {shown!r}: not in the model registry "
+                                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); {choices}") from None
+        with self._lock:
+            self._checked.add(model_id)
+        return model_id
+
+
+__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "TaggedSentence", "TaggedWord", "Tagger",
+           "UnknownModelError", "words_from_text"]

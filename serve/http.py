@@ -1,0 +1,66 @@
+"""What every topro Serve app's HTTP face shares: status codes and messages for bad requests, a body-size cap.
+
+- Malformed JSON: 400. A body that is not JSON (Content-Type): 415. Wrong shape or
+  types: 422, one line naming each bad field (``sentences[0][1]: Input should be a
+  valid string``). ``RequestProblem(status, message)`` raised anywhere: that status.
+- A declared body larger than ``app.state.max_body_bytes``: 413, before it is read.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from serve.schemas import ErrorResponse, RequestProblem, describe_validation_errors
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    errors = list(err.errors())
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if bad_json:
+        reason = (bad_json[0].get("ctx") or {}).get("error", "")
+        return JSONResponse({"detail": f"malformed JSON body: {reason}".rstrip(": ")}, status_code=400)
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.lower():
+        return JSONResponse({"detail": f"Content-Type {content_type!r}: send application/json"}, status_code=415)
+    return JSONResponse({"detail": describe_validation_errors(errors)}, status_code=422)
+
+
+async def refused(request: Request, err: RequestProblem) -> JSONResponse:
+    return JSONResponse({"detail": err.message}, status_code=err.status)
+
+
+class BodySizeLimit:
+    """Refuse a body whose declared size exceeds the app's ``state.max_body_bytes`` (413), unread (pure ASGI)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            max_bytes = getattr(scope["app"].state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+            for key, value in scope.get("headers", ()):
+                if key == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                    response = JSONResponse({"detail": f"body of {int(value)} bytes; the limit is {max_bytes}"},
+                                            status_code=413)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def make_api(title: str, description: str) -> FastAPI:
+    """A FastAPI app with the shared error handling and body-size cap."""
+    api = FastAPI(title=title, description=description,
+                  responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)})
+    api.add_exception_handler(RequestValidationError, invalid_request)
+    api.add_exception_handler(RequestProblem, refused)
+    api.add_middleware(BodySizeLimit)
+    api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+    return api
+
+
+def body_limit(max_sentences: int, max_words: int, max_word_chars: int) -> int:
+    """Bytes of the largest request within the limits, every character JSON-escaped (\\uXXXX)."""
+    return max_sentences * max_words * (6 * max_word_chars + 3) + 4096

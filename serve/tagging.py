@@ -1,0 +1,303 @@
+"""Ray Serve application ``tagging``: the HTTP tagging endpoint over ``topro.serving.Tagger``.
+
+    POST /tag      {"sentences": [["Das", "ist", "gut"]], "lang": "de"}  or  {"text": "Das ist gut"}
+    GET  /healthz  this replica is up, and what it holds
+    GET  /models   the model ids a client may ask for, and what this replica has loaded
+
+The model is chosen per request by the header ``serve_multiplexed_model_id``
+(none: the ``default`` model, i.e. the ``model`` arg). Serve's model
+multiplexing routes a request to a replica that already holds its model and
+keeps at most ``max_models_per_replica`` per replica (least recently used
+out). Requests that arrive together are tagged together: ``@serve.batch``
+gathers up to ``max_batch_size`` requests, and all ToPro prompts of all their
+sentences go through the model in one ``Tagger.tag`` call per model.
+
+Everything about the model lives in ``topro.serving``; this module is the
+Serve and HTTP shell: argument checks, request checks, batching, status codes.
+Bad input never reaches the batch: it is answered 4xx with a message before.
+
+Start it with ``serve run serve/config.yaml`` or ``topro serve --model ...``.
+"""
+# No `from __future__ import annotations` here: the class is pickled by value (see below), and FastAPI must
+# read the request model from real annotations, not from names it would look up in the pickled globals.
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+from ray.serve import Application
+
+from serve.http import body_limit, make_api
+from serve.schemas import Limits, RequestProblem, TagRequest, TagResponse, check_limits, describe_validation_errors
+
+log = logging.getLogger("ray.serve")
+
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+
+
+class TaggingArgs(BaseModel):
+    """The application's ``args`` (serve/config.yaml). Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Default model: a checkpoint folder or models:/<name>@<alias> | /<version>.")
+    models: dict[str, str] = Field(default_factory=dict,
+                                   description="More model ids clients may name in the header, id -> URI.")
+    allow_registry_ids: bool = Field(True, description="Clients may also name any registered models:/ URI.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Requests tagged together at most.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=5.0, description="Longest wait to fill a batch.")
+    max_sentences: int = Field(64, ge=1, description="Sentences per request.")
+    max_words: int = Field(200, ge=1, description="Words per sentence.")
+    max_word_chars: int = Field(100, ge=1, description="Characters per word.")
+    max_models_per_replica: int = Field(3, ge=1, description="Models one replica keeps loaded (LRU).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: Ray's "
+                                                              "OMP_NUM_THREADS, i.e. the replica's num_cpus).")
+    max_tokens: int = Field(8192, ge=128, description="Token budget of one forward pass.")
+    max_examples: int = Field(256, ge=1, description="Prompts in one forward pass at most.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
+                                                       "else sqlite:///mlflow.db, made absolute).")
+
+    @model_validator(mode="after")
+    def _check_ids(self) -> "TaggingArgs":
+        from topro.serving import DEFAULT_MODEL_ID
+
+        if DEFAULT_MODEL_ID in self.models:
+            raise ValueError(f"models: {DEFAULT_MODEL_ID!r} is the id of 'model'; name the others differently")
+        return self
+
+    def limits(self) -> Limits:
+        return Limits(max_sentences=self.max_sentences, max_words=self.max_words,
+                      max_word_chars=self.max_word_chars)
+
+
+def parse_args(args: dict[str, Any], app: str = "tagging") -> TaggingArgs:
+    """Validated args, or a ``ValueError`` naming each bad key."""
+    try:
+        return TaggingArgs.model_validate(args or {})
+    except ValidationError as err:
+        raise ValueError(f"serve app {app!r}: bad args: {describe_validation_errors(err.errors())}") from None
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The tracking URI with a relative SQLite path made absolute: replicas do not share the driver's cwd."""
+    from topro.tracking import tracking_uri
+
+    resolved = tracking_uri(uri)
+    prefix = "sqlite:///"
+    if resolved.startswith(prefix) and not resolved[len(prefix):].startswith("/"):
+        resolved = prefix + str(Path(resolved[len(prefix):]).resolve())
+    return resolved
+
+
+def check_model_uris(cfg: TaggingArgs) -> None:
+    """Fail at build time, with the arg's name, for a checkpoint folder that does not exist."""
+    from topro.tracking import is_registry_uri
+
+    for key, uri in {"model": cfg.model, **{f"models.{k}": v for k, v in cfg.models.items()}}.items():
+        if is_registry_uri(uri):
+            continue  # checked against the registry when a replica loads it
+        path = Path(uri).expanduser()
+        if not (path / "topro.json").is_file():
+            raise ValueError(f"serve app 'tagging': args.{key}={uri!r} is not a topro checkpoint folder "
+                             "(no topro.json there) nor a models:/ URI")
+
+
+# --- HTTP -------------------------------------------------------------------------
+
+api = make_api("topro tagging", __doc__.split("\n\n")[0])
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return "local"
+
+
+def _warn_if_batches_cannot_fill(max_batch_size: int) -> None:
+    """A replica takes at most max_ongoing_requests at once; fewer than max_batch_size caps every batch."""
+    try:
+        ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
+    except Exception:
+        return
+    if ongoing < max_batch_size:
+        log.warning("max_ongoing_requests=%d < max_batch_size=%d: batches never exceed %d requests; "
+                    "raise max_ongoing_requests in the deployment config", ongoing, max_batch_size, ongoing)
+
+
+@dataclass
+class TagJob:
+    """One request's work inside a batch."""
+
+    resident: "ResidentModel"
+    sentences: list
+    done: dict[str, Any] = field(default_factory=dict)
+
+
+class ResidentModel:
+    """A loaded ``Tagger`` as Serve's multiplexer holds it; Serve calls ``__del__`` when it evicts it."""
+
+    def __init__(self, tagger, registry: dict[str, "ResidentModel"]):
+        self.tagger = tagger
+        self._registry = registry
+        registry[tagger.info.id] = self
+
+    def __del__(self):
+        if self._registry.get(self.tagger.info.id) is self:
+            del self._registry[self.tagger.info.id]
+
+
+# Everything the class uses is defined above it: @serve.deployment pickles the class (by value, with the
+# globals it names) when the decorator runs, so a helper defined further down is missing in the replica.
+@serve.deployment(name="Tagger", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
+                  health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class TaggerDeployment:
+    async def __init__(self, args: dict[str, Any]):
+        from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue
+
+        self.args = parse_args(args)
+        if self.args.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.args.tracking_uri
+        if self.args.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.args.torch_threads)
+        self.limits = self.args.limits()
+        api.state.max_body_bytes = body_limit(self.args.max_sentences, self.args.max_words,
+                                              self.args.max_word_chars)
+        self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models), self.args.allow_registry_ids)
+        self.loaded: dict[str, ResidentModel] = {}
+        self.replica = _replica_name()
+        self.started = time.time()
+        # The cap is an arg, so the multiplexed loader is made here, not with a class decorator. It must
+        # wrap a plain function: Serve keeps its LRU cache as an attribute of it (not settable on a method).
+        async def load_model(model_id: str) -> ResidentModel:
+            return await self._load_model(model_id)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(
+            load_model)
+        self._tag_batch.set_max_batch_size(self.args.max_batch_size)
+        self._tag_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        _warn_if_batches_cannot_fill(self.args.max_batch_size)
+        # Load the default model now: a bad `model` arg fails the deployment at start, not each request.
+        await self._get_model(DEFAULT_MODEL_ID)
+
+    async def _load_model(self, model_id: str) -> ResidentModel:
+        from topro.serving import Tagger
+
+        uri = self.catalogue.uri_for(model_id)
+        tagger = await asyncio.to_thread(Tagger.load, uri, model_id, device=self.args.device,
+                                         max_tokens=self.args.max_tokens, max_examples=self.args.max_examples)
+        return ResidentModel(tagger, self.loaded)
+
+    async def _resident_for_request(self) -> ResidentModel:
+        from topro.serving import DEFAULT_MODEL_ID, UnknownModelError
+
+        model_id = serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
+        if model_id not in self.loaded:
+            # Check the id before the multiplexer sees it: loading an unknown id would first evict a good model.
+            try:
+                await asyncio.to_thread(self.catalogue.uri_for, model_id)
+            except UnknownModelError as err:
+                raise RequestProblem(404, f"{err} (header {MODEL_ID_HEADER})") from None
+        try:
+            return await self._get_model(model_id)
+        except Exception as err:
+            log.exception("loading model %r failed", model_id)
+            raise RequestProblem(503, f"model {model_id!r} could not be loaded: {type(err).__name__}: "
+                                      f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
+
+    @api.post("/tag", response_model=TagResponse)
+    async def tag(self, body: TagRequest):
+        """Tags and their probabilities for every word; the model answering is named in `model`."""
+        from topro.data.readers import Sentence
+
+        word_lists = check_limits(body, self.limits)
+        resident = await self._resident_for_request()
+        lang = body.lang or ""
+        job = TagJob(resident, [Sentence(words, [], lang) for words in word_lists])
+        await self._tag_batch(job)
+        if "error" in job.done:
+            return JSONResponse({"detail": job.done["error"]}, status_code=500)
+        info = resident.tagger.info
+        return JSONResponse({
+            "model": {"id": info.id, "uri": info.uri, "task": info.task, "method": info.method,
+                      "run_id": info.run_id},
+            "sentences": [{**s.as_dict(), "lang": body.lang} for s in job.done["tagged"]],
+            "batch": job.done["batch"],
+        })
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _tag_batch(self, jobs: list[TagJob]) -> list[None]:
+        """Tag the sentences of all ``jobs``: one ``Tagger.tag`` call per model among them."""
+        by_model: dict[int, list[TagJob]] = {}
+        for job in jobs:
+            by_model.setdefault(id(job.resident), []).append(job)
+        for group in by_model.values():
+            tagger = group[0].resident.tagger
+            sentences = [s for job in group for s in job.sentences]
+            start = time.perf_counter()
+            try:
+                # Off the event loop, so requests keep arriving (and the next batch fills) meanwhile.
+                tagged = await asyncio.to_thread(tagger.tag, sentences)
+            except Exception as err:  # a model failure fails its own group only, never the replica
+                log.exception("tagging %d sentences with %s failed", len(sentences), tagger.info.id)
+                for job in group:
+                    job.done["error"] = f"tagging failed: {type(err).__name__}: {err}"
+                continue
+            batch = {"requests": len(group), "sentences": len(sentences), "replica": self.replica,
+                     "seconds": round(time.perf_counter() - start, 4)}
+            offset = 0
+            for job in group:
+                job.done["tagged"] = tagged[offset:offset + len(job.sentences)]
+                job.done["batch"] = batch
+                offset += len(job.sentences)
+        return [None] * len(jobs)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        import torch
+
+        return {"status": "ok", "replica": self.replica, "uptime_s": round(time.time() - self.started, 1),
+                "models_loaded": sorted(self.loaded), "torch_threads": torch.get_num_threads()}
+
+    @api.get("/models")
+    async def models(self) -> dict[str, Any]:
+        """The ids a client may send in the header, and what this replica holds."""
+        from topro.serving import DEFAULT_MODEL_ID
+
+        return {"default": DEFAULT_MODEL_ID, "header": MODEL_ID_HEADER,
+                "available": [{"id": k, "uri": v} for k, v in self.catalogue.ids().items()],
+                "registry_ids_allowed": self.catalogue.allow_registry_ids,
+                "max_models_per_replica": self.args.max_models_per_replica,
+                "replica": self.replica,
+                "loaded": [r.tagger.info.as_dict() for r in self.loaded.values()],
+                "limits": {**self.limits.model_dump(), "max_body_bytes": api.state.max_body_bytes},
+                "batching": {"max_batch_size": self.args.max_batch_size,
+                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s}}
+
+
+def make_app(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """The application for ``args``; ``deployment_options`` (by deployment name) as in a Serve config's
+    ``deployments:`` list, for callers that deploy without a config file (``topro serve``)."""
+    cfg = parse_args(args)
+    check_model_uris(cfg)
+    cfg.tracking_uri = absolute_tracking_uri(cfg.tracking_uri)
+    deployment = TaggerDeployment
+    options = (deployment_options or {}).get("Tagger")
+    if options:
+        deployment = deployment.options(**options)
+    return deployment.bind(cfg.model_dump())
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for ``import_path: serve.tagging:build_app`` (args from the Serve config)."""
+    return make_app(args)

@@ -1,0 +1,114 @@
+"""Ray Train on a real local Ray: DDP and DeepSpeed over gloo with two CPU workers, real data, the tiny model.
+
+Runs are kept very small (tens of sentences, short inputs); each ``fit`` costs
+about 20 s of Ray start-up on top.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from topro.cli import main
+from topro.config import ConfigError, TrainConfig, load_config
+from topro.methods import load_checkpoint
+
+# vanilla learns visibly in a few steps with the tiny model, so its dev scores are worth comparing
+SMALL_VANILLA = ["max_train_sentences=80", "max_dev_sentences=30", "epochs=2", "max_length=64", "batch_size=8",
+                 "learning_rate=3e-3", "eval_langs=[]", "progress=false", "num_threads=1"]
+SMALL_TOPRO = ["max_train_sentences=24", "max_dev_sentences=15", "epochs=1", "max_length=48", "batch_size=32",
+               "learning_rate=1e-3", "eval_langs=[]", "progress=false"]
+
+
+def test_ddp_on_two_workers_matches_one_worker(tmp_path, data_dir, tiny_udpos, ray_local):
+    """The same config on 1 (in-process) and 2 Ray workers: same steps, similar loss and English dev score."""
+    args = ["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir), *SMALL_VANILLA]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    assert main([*args, "--output", str(tmp_path / "two"), "--workers", "2", "--strategy", "ddp"]) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    # the global batch does not depend on the number of workers
+    assert two["steps_per_epoch"] == one["steps_per_epoch"] and two["steps"] == one["steps"]
+    assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]]
+    for a, b in zip(one["history"], two["history"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"]
+    assert one["best_dev_accuracy"] > 0.3  # it learned something, so the comparison means something
+    assert abs(two["best_dev_accuracy"] - one["best_dev_accuracy"]) < 0.05
+    # the consolidated export was copied to RUN/checkpoint and loads like a single-process one
+    assert two["checkpoint"] == str(tmp_path / "two" / "checkpoint")
+    method, model = load_checkpoint(two["checkpoint"])
+    assert method.name == "vanilla" and sum(p.numel() for p in model.parameters()) > 0
+    assert Path(two["ray_checkpoint"]).parent.name == f"checkpoint-step{two['best_step']:06d}"
+
+
+def test_deepspeed_zero2_survives_a_killed_worker(tmp_path, data_dir, tiny_udpos, ray_local):
+    """ZeRO-2 on two workers; rank 1 is SIGKILLed at step 7: the group restarts from the step-5 checkpoint."""
+    from topro.cluster.trainer import best_checkpoint_path, build_trainer, fault_injected_at
+
+    cfg = load_config(TrainConfig, "configs/train/udpos-topro.yaml",
+                      [*SMALL_TOPRO, f"data_dir={data_dir}", f"output_dir={tmp_path / 'run'}", "workers=2",
+                       "strategy=deepspeed", "deepspeed_config=zero2", "eval_every_steps=5", "fault_step=7",
+                       "max_failures=1", "patience=100"])
+    result = build_trainer(cfg).fit()
+    assert result.error is None
+    summary = result.return_value
+    fault = fault_injected_at(cfg)
+    assert fault is not None and fault["step"] == 7 and fault["rank"] == 1
+    # resumed from the last checkpoint before the fault, not from step 0
+    assert summary["resumed_from_step"] == 5
+    assert summary["steps"] == summary["steps_per_epoch"] > 10
+    assert [h["step"] for h in summary["history"]][:2] == [5, 10]  # history survived the restart
+    metrics = result.metrics
+    assert {"epoch", "step", "train_loss", "dev_accuracy", "best_dev_accuracy", "best_step"} <= set(metrics)
+    # every rank wrote its ZeRO shards into the same Ray checkpoint
+    state = Path(result.checkpoint.path) / "state"
+    assert {p.name for p in state.iterdir()} >= {"mp_rank_00_model_states.pt",
+                                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    # the best checkpoint's consolidated export loads
+    export = best_checkpoint_path(result)
+    assert Path(export).parent.name == f"checkpoint-step{metrics['best_step']:06d}"
+    method, model = load_checkpoint(export)
+    assert method.name == "topro" and model is not None
+
+
+def test_deepspeed_config_fills_auto_from_the_run():
+    from topro.cluster.strategies import deepspeed_config
+
+    cfg = TrainConfig(strategy="deepspeed", deepspeed_config="zero2", workers=2, batch_size=32, grad_accum=3,
+                      max_grad_norm=0.5)
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 3, 96)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False and "optimizer" not in ds
+    assert deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/zero3.yaml", dtype="bf16"))["bf16"]["enabled"]
+    for stage in range(4):
+        assert deepspeed_config(TrainConfig(deepspeed_config=f"zero{stage}"))["zero_optimization"]["stage"] == stage
+
+
+def test_deepspeed_config_errors_are_clear(tmp_path):
+    from topro.cluster.strategies import deepspeed_config
+
+    with pytest.raises(ConfigError, match="no such file"):
+        deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/zero9.yaml"))
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="fp16 is not supported by DeepSpeed on CPU"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(fp16)))
+    adam = tmp_path / "adam.yaml"
+    adam.write_text("optimizer: {type: Adam}\n")
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(adam)))
+    clash = tmp_path / "clash.yaml"
+    clash.write_text("gradient_accumulation_steps: 4\n")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(clash), grad_accum=2))
+
+
+def test_cli_help_shows_the_scale_out_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--workers" in out and "--strategy" in out and "--address" in out

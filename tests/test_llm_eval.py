@@ -1,0 +1,77 @@
+"""End to end: `topro eval-llm` on real XTREME sentences with a tiny causal LM,
+sequential and as a Ray fan-out, the JSON record and the MLflow run."""
+import json
+
+import pytest
+
+from llm_tiny import tiny_model_dir
+from topro.llm.backends import HFBackend
+from topro.llm.cli import run
+from topro.llm.evaluate import LLMEvalConfig, evaluate_llm
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return str(tiny_model_dir("gemma3"))
+
+
+@pytest.fixture(scope="module")
+def backend(model_path):
+    return HFBackend(model_path, threads=1)
+
+
+def test_cli_writes_record_and_mlflow_run(model_path, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "udpos.json"
+    code = run(["--task", "udpos", "--model", model_path, "--langs", "de,en", "--max-sentences", "2",
+                "--shots", "2", "--no-ray", "--threads", "1", "--tracking-uri", uri, "--output", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["method"] == "llm-topro-score-2shot" and record["metric"] == "accuracy"
+    de = record["languages"]["de"]
+    assert de["n_sentences"] == 2 and de["n_words"] > 0 and de["format_failure_rate"] == 0.0
+    assert {"accuracy", "xtreme_seqeval_f1", "model_tokens", "n_truncated_words"} <= set(de)
+    assert len(record["params"]["demos"]) == 2
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["topro-llm"], output_format="list")
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert {"accuracy.de", "accuracy.en", "format_failure_rate.de", "accuracy.avg"} <= set(metrics)
+    assert runs[0].data.params["shots"] == "2"
+    artifacts = mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)
+    assert [a.path for a in artifacts] == ["udpos.json"]
+
+
+def test_topro_cli_registers_eval_llm():
+    from topro.cli import build_parser
+
+    args = build_parser().parse_args(["eval-llm", "--task", "panx", "--model", "m", "--mode", "generate"])
+    assert args.mode == "generate" and args.func.__module__ == "topro.llm.cli"
+
+
+@pytest.mark.parametrize("fmt,mode", [("sentence", "generate"), ("sentence", "score"), ("topro", "generate")])
+def test_other_formats_and_modes_report_failures(backend, model_path, fmt, mode):
+    cfg = LLMEvalConfig(task="panx", model=model_path, format=fmt, mode=mode, shots=1, max_sentences=2,
+                        max_new_tokens=8)
+    r = evaluate_llm(cfg, ["de"], backend)["languages"]["de"]
+    assert 0.0 <= r["format_failure_rate"] <= 1.0 and "f1" in r
+    if mode == "score":
+        assert r["format_failure_rate"] == 0.0 and "viterbi" in r
+    else:
+        # A random tiny model answers nonsense: the failures are counted, with reasons.
+        assert r["format_failed_words"] == sum(r["format_failure_reasons"].values())
+
+
+def test_ray_fan_out_matches_sequential(backend, model_path):
+    from topro.cluster.llm_eval import evaluate_llm_parallel
+
+    cfg = LLMEvalConfig(task="panx", model=model_path, shots=1, max_sentences=2)
+    sequential = evaluate_llm(cfg, ["de", "en"], backend)
+    parallel = evaluate_llm_parallel(cfg, ["de", "en"], {"threads": 1}, cpus_per_task=1)
+    for lang in ("de", "en"):
+        assert parallel["languages"][lang]["f1"] == sequential["languages"][lang]["f1"]
+        assert parallel["languages"][lang]["accuracy"] == sequential["languages"][lang]["accuracy"]
+    assert parallel["method"] == sequential["method"] == "llm-topro-score-1shot"

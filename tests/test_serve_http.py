@@ -1,0 +1,270 @@
+"""The endpoints over real HTTP: real Ray Serve on 127.0.0.1, real checkpoints, a real MLflow registry, real
+(tiny) language models.
+
+One Serve instance for the module (start-up is the slow part), with four apps:
+- ``tagging`` at /: the trained tiny udpos checkpoint from a path as ``default``,
+  an untrained PAN-X vanilla checkpoint as ``panx``, and the registry's
+  ``models:/topro-udpos-topro@champion`` by header; at most 2 models per
+  replica, so the third one loaded evicts one.
+- ``llm`` at /llm: a tiny local Llama (Hugging Face folder), ToPro score mode.
+- ``remote-llm`` at /remote-llm: the same model behind an OpenAI-compatible
+  server on 127.0.0.1 (tests/llm_server.py), reached over HTTP.
+- ``dead-llm`` at /dead-llm: an OpenAI-compatible URL where nothing listens.
+"""
+import concurrent.futures
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+HEADER = "serve_multiplexed_model_id"
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bad_inputs = _load_module("serve_bad_inputs", REPO / "benchmarks" / "bad_inputs.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_for_serve(request):
+    """The suite's shared Ray (``ray_local``) if there is one, else a local Ray for this module.
+
+    Replicas import ``serve.*`` and ``topro`` from this checkout: its folders go on the workers' PYTHONPATH
+    (the environment, for a Ray started here; a runtime_env otherwise)."""
+    paths = [str(REPO), str(REPO / "platform")]
+    try:
+        request.getfixturevalue("ray_local")
+        owned = False
+    except pytest.FixtureLookupError:
+        owned = False
+    import ray
+
+    runtime_env = None
+    if ray.is_initialized():
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+    else:
+        current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in current if p not in paths])
+        from topro.cluster.runtime import init_ray
+
+        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        owned = True
+    yield runtime_env
+    if owned:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def openai_upstream():
+    """An OpenAI-compatible server over the tiny Llama, on 127.0.0.1, in this process."""
+    from llm_server import TinyOpenAIServer
+    from llm_tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    with TinyOpenAIServer(model, tok, name="tiny-llama") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_registry, openai_upstream):
+    from llm_tiny import tiny_model_dir
+    from ray import serve as ray_serve
+
+    from serve.llm import make_app as make_llm_app
+    from serve.tagging import make_app
+
+    port = free_port()
+    actor_options = {"num_cpus": 1}
+    if ray_for_serve:
+        actor_options["runtime_env"] = ray_for_serve
+    llm_options = {"LLMTagger": {"num_replicas": 1, "ray_actor_options": {**actor_options, "num_cpus": 0.3}}}
+    llm_limits = {"max_sentences": 2, "max_words": 12, "max_batch_size": 4, "threads": 1}
+    tagging = make_app({"model": str(tiny_topro_checkpoint),
+                    "models": {"panx": str(untrained_checkpoint("panx", "vanilla"))},
+                    "tracking_uri": model_registry["uri"], "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
+                    "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2},
+                   {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": actor_options}})
+    apps = {
+        "tagging": ("/", tagging),
+        "llm": ("/llm", make_llm_app({"model": str(tiny_model_dir("llama")), **llm_limits}, llm_options)),
+        "remote-llm": ("/remote-llm", make_llm_app({"model": openai_upstream.url + "/v1", "api_model": "tiny-llama",
+                                                          **llm_limits}, llm_options)),
+        "dead-llm": ("/dead-llm", make_llm_app({"model": f"http://127.0.0.1:{free_port()}/v1", "retries": 0,
+                                                      "timeout": 5, **llm_limits}, llm_options)),
+    }
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # All four deploy together (run_many), and this returns once every app is RUNNING (or raises).
+    ray_serve.run_many([ray_serve.RunTarget(app, name=name, route_prefix=prefix)
+                        for name, (prefix, app) in apps.items()])
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    ray_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def endpoint(serve_url):
+    return serve_url
+
+
+def tag(url, body, model_id=None, timeout=120):
+    headers = {HEADER: model_id} if model_id else {}
+    return requests.post(f"{url}/tag", json=body, headers=headers, timeout=timeout)
+
+
+def test_health_and_models(endpoint):
+    health = requests.get(f"{endpoint}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = requests.get(f"{endpoint}/models", timeout=30).json()
+    assert {m["id"] for m in models["available"]} == {"default", "panx"}
+    assert models["header"] == HEADER and models["max_models_per_replica"] == 2
+    loaded = {m["id"]: m for m in models["loaded"]}
+    assert loaded["default"]["task"] == "udpos" and loaded["default"]["method"] == "topro"
+    assert loaded["default"]["template"] and loaded["default"]["verbalizer"] and len(loaded["default"]["labels"]) == 17
+    assert models["limits"]["max_words"] == 20
+
+
+def test_tag_sentences_and_text(endpoint):
+    r = tag(endpoint, {"sentences": [["Das", "ist", "gut", "."], ["Berlin"]], "lang": "de"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["id"] == "default" and body["model"]["task"] == "udpos"
+    labels = {m["id"]: m for m in requests.get(f"{endpoint}/models", timeout=30).json()["loaded"]}["default"]["labels"]
+    first, second = body["sentences"]
+    assert [w["word"] for w in first["words"]] == ["Das", "ist", "gut", "."] and first["lang"] == "de"
+    assert [w["word"] for w in second["words"]] == ["Berlin"]
+    for w in first["words"] + second["words"]:
+        assert w["tag"] in labels and 0.0 < w["prob"] <= 1.0
+    r = tag(endpoint, {"text": "  The cat\tsat \n on the mat . "})
+    assert r.status_code == 200
+    assert [w["word"] for w in r.json()["sentences"][0]["words"]] == "The cat sat on the mat .".split()
+    assert r.json()["sentences"][0]["lang"] is None
+
+
+def test_registry_model_by_header_and_multiplexing_with_a_cap(endpoint, model_registry):
+    registry_id = model_registry["model"]
+    r = tag(endpoint, {"text": "Das ist gut"}, registry_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"]["id"] == registry_id and r.json()["model"]["run_id"] == model_registry["run_id"]
+    r = tag(endpoint, {"sentences": [["Angela", "Merkel", "besuchte", "Paris"]]}, "panx")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == {"id": "panx", "uri": r.json()["model"]["uri"], "task": "panx",
+                                 "method": "vanilla", "run_id": None}
+    assert all(w["tag"] == "O" or w["tag"][:2] in ("B-", "I-") for w in r.json()["sentences"][0]["words"])
+    # Three ids used, two allowed per replica: the least recently used (default) was evicted.
+    models = requests.get(f"{endpoint}/models", timeout=30).json()
+    loaded = {m["id"]: m for m in models["loaded"]}
+    assert set(loaded) == {registry_id, "panx"}
+    assert loaded[registry_id]["registered_model"] == "topro-udpos-topro"
+    assert loaded[registry_id]["version"] == str(model_registry["version"])
+    # ... and comes back on demand.
+    r = tag(endpoint, {"text": "Das ist gut"})
+    assert r.status_code == 200 and r.json()["model"]["id"] == "default"
+    assert len(requests.get(f"{endpoint}/models", timeout=30).json()["loaded"]) == 2
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(endpoint):
+    tag(endpoint, {"text": "warm up"})
+    bodies = [{"sentences": [[f"w{i}", "ist", "gut"]] * (1 + i % 3)} for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(pool.map(lambda b: tag(endpoint, b), bodies))
+    assert [r.status_code for r in responses] == [200] * 24
+    for body, r in zip(bodies, responses):  # no answer went to the wrong request
+        assert [[w["word"] for w in s["words"]] for s in r.json()["sentences"]] == body["sentences"]
+    batch_sizes = [r.json()["batch"]["requests"] for r in responses]
+    assert max(batch_sizes) > 1, batch_sizes
+    batched = next(r.json()["batch"] for r in responses if r.json()["batch"]["requests"] > 1)
+    assert batched["sentences"] >= batched["requests"]
+
+
+def test_unknown_model_id_evicts_nothing(endpoint):
+    def loaded():
+        return {m["id"] for m in requests.get(f"{endpoint}/models", timeout=30).json()["loaded"]}
+
+    before = loaded()
+    for model_id in ("no-such-model", "models:/no-such-model@champion", "models:/topro-udpos-topro@nope"):
+        r = tag(endpoint, {"text": "Das ist gut"}, model_id)
+        assert r.status_code == 404 and "unknown model id" in r.json()["detail"]
+    assert loaded() == before
+
+
+def test_bad_input_gets_4xx_with_a_message_and_the_replica_lives_on(endpoint):
+    rows, alive = bad_inputs.run(endpoint)
+    wrong = [row for row in rows if not row["ok"]]
+    assert not wrong, wrong
+    assert all(400 <= row["status"] < 500 for row in rows)
+    assert len(rows) >= 20
+    assert alive  # same replica as before, and it tagged a good request afterwards
+    assert requests.get(f"{endpoint}/healthz", timeout=30).status_code == 200
+
+
+# --- POST /llm/tag --------------------------------------------------------------------------------
+
+UDPOS_TAGS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
+              "SCONJ", "SYM", "VERB", "X"}
+
+
+def test_llm_tag_with_a_local_model_matches_the_library(serve_url):
+    from llm_tiny import tiny_model_dir
+    from topro.data.readers import Sentence
+    from topro.llm.backends import HFBackend
+    from topro.llm.evaluate import LLMEvalConfig, predict_sentences, prepare
+
+    info = requests.get(f"{serve_url}/llm/models", timeout=30).json()
+    assert info["ready"] and info["task"] == "udpos" and info["format"] == "topro" and info["mode"] == "score"
+    assert info["method"] == "llm-topro-score-0shot"
+    words = ["Das", "ist", "gut", "."]
+    r = requests.post(f"{serve_url}/llm/tag", json={"sentences": [words], "lang": "de"}, timeout=120)
+    assert r.status_code == 200, r.text
+    [sentence] = r.json()["sentences"]
+    assert [w["word"] for w in sentence["words"]] == words and sentence["lang"] == "de"
+    assert all(w["tag"] in UDPOS_TAGS and 0.0 < w["prob"] <= 1.0 and not w["format_failed"]
+               for w in sentence["words"])
+    # The endpoint is the library, not a copy of it: the same tags as topro.llm in this process.
+    cfg = LLMEvalConfig(task="udpos", model=str(tiny_model_dir("llama")))
+    [expected] = predict_sentences(HFBackend(cfg.model, threads=1), prepare(cfg), cfg, [Sentence(words, [])])
+    assert [w["tag"] for w in sentence["words"]] == expected.tags
+
+
+def test_llm_tag_through_an_openai_compatible_upstream(serve_url, openai_upstream):
+    before = openai_upstream.requests
+    r = requests.post(f"{serve_url}/remote-llm/tag", json={"text": "Das ist gut"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["backend"].endswith("#tiny-llama") and openai_upstream.requests > before
+    assert [w["word"] for w in body["sentences"][0]["words"]] == ["Das", "ist", "gut"]
+    assert all(w["tag"] in UDPOS_TAGS and w["prob"] is not None for w in body["sentences"][0]["words"])
+    local = requests.post(f"{serve_url}/llm/tag", json={"text": "Das ist gut"}, timeout=120).json()
+    assert [w["tag"] for w in local["sentences"][0]["words"]] == [w["tag"] for w in body["sentences"][0]["words"]]
+
+
+def test_llm_bad_input_and_an_unreachable_upstream_get_messages_not_500(serve_url):
+    for body, status, message in [({"sentences": [["a"], []]}, 422, "sentences[1]: a sentence needs at least one word"),
+                                  ({"sentences": [["a"]] * 3}, 413, "the limit is 2"),
+                                  ({"text": " ".join(["x"] * 13)}, 413, "the limit is 12 words"),
+                                  ({"sentence": "a"}, 422, "unknown field")]:
+        r = requests.post(f"{serve_url}/llm/tag", json=body, timeout=60)
+        assert r.status_code == status and message in r.json()["detail"], (body, r.status_code, r.text)
+    r = requests.post(f"{serve_url}/llm/tag", data="{oops", headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
+    r = requests.post(f"{serve_url}/dead-llm/tag", json={"text": "Das ist gut"}, timeout=120)
+    assert r.status_code == 503 and "is not available" in r.json()["detail"], r.text
+    health = requests.get(f"{serve_url}/dead-llm/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["llm"] == "unavailable" and health["detail"]
+    assert requests.post(f"{serve_url}/llm/tag", json={"text": "gut"}, timeout=120).status_code == 200

@@ -1,0 +1,100 @@
+"""Start-up as an operator does it: ``serve run serve/config.yaml`` and ``topro serve``, each in its own
+process with its own loopback Ray, answered over HTTP, stopped with SIGTERM."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(REPO / "platform"), str(REPO)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # Loopback-only local Ray, as topro's init_ray sets it up (serve run starts Ray by itself).
+    env.pop("RAY_ADDRESS", None)  # a Ray of its own, never a cluster named by the caller's environment
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+               **extra)
+    return env
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"exited with {process.returncode} before answering:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    pytest.fail(f"no answer from {url} within {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail("did not stop within 90s of SIGTERM")
+
+
+def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, expected_model: str) -> int:
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        r = requests.post(f"{url}/tag", json={"text": "Das ist gut ."}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["uri"] == expected_model
+        assert [w["word"] for w in r.json()["sentences"][0]["words"]] == ["Das", "ist", "gut", "."]
+        assert requests.post(f"{url}/tag", json={"text": ""}, timeout=60).status_code == 422
+    finally:
+        code = stop(process)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=5)
+    return code
+
+
+def test_serve_run_with_the_project_config(tmp_path, model_registry):
+    """The config the RayService embeds, unchanged but for the port (8000 may be taken on a shared machine)."""
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = child_env(MLFLOW_TRACKING_URI=model_registry["uri"])
+    run_and_check([str(serve_cli), "run", str(path)], env, port, tmp_path / "serve-run.log",
+                  config["applications"][0]["args"]["model"])
+
+
+def test_topro_serve_with_a_checkpoint_and_a_port(tmp_path, tiny_topro_checkpoint):
+    port = free_port()
+    code = run_and_check([sys.executable, "-m", "topro.cli", "serve", "--model", str(tiny_topro_checkpoint),
+                          "--port", str(port), "--num-cpus", "2"], child_env(), port, tmp_path / "topro-serve.log",
+                         str(tiny_topro_checkpoint))
+    assert code == 0
+    assert "topro serve: tagging ready at http://127.0.0.1:" in (tmp_path / "topro-serve.log").read_text()
