@@ -49,6 +49,8 @@ ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
      "search_space.learning_rate.grid=[1e-3]" "eval_langs=[de,ru,fr]" max_eval_sentences=10 \
   | tee "$WORK/job.log"
 echo "job wall time: $(( $(date +%s) - start ))s"
+# The job ran this checkout's code (shipped as py_modules), not an installed copy.
+grep -q "with topro from .*runtime_resources" "$WORK/job.log" || { echo "the job did not import the shipped topro"; exit 1; }
 
 # What the job left in MLflow: a finished parent run, two finished child runs with per-language metrics,
 # and two registered models with the champion alias.

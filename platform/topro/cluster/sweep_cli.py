@@ -38,6 +38,12 @@ def cmd_sweep(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     sweep = load_sweep_config(args.config, args.overrides, data_dir=args.data_dir)  # fails before Ray starts
+    import logging
+    from pathlib import Path
+
+    import topro
+
+    logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
     from topro.cluster.sweep import run_sweep
 
     summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
