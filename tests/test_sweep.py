@@ -15,7 +15,7 @@ from topro.cli import main
 
 SWEEP = """name: mini
 base: {{task: udpos, model: tiny, max_train_sentences: 30, max_dev_sentences: 10, epochs: 1, learning_rate: 1e-3,
-        strategy: ddp, workers: 1, cpus_per_worker: 1, num_threads: 1, max_failures: 0}}
+        strategy: ddp, workers: 1, cpus_per_worker: 0.9, num_threads: 1, max_failures: 0}}
 search_space:
   method: {{grid: [topro, vanilla]}}
   seed: {{grid: [1]}}
@@ -97,8 +97,8 @@ def test_parallel_evaluation_matches_sequential(sweep_run):
     from topro.evaluate import evaluate_checkpoint
 
     checkpoint = next(t["checkpoint"] for t in sweep_run["summary"]["trials"] if t["params"]["method"] == "topro")
-    sequential = evaluate_checkpoint(checkpoint, "de,ru,fr", max_sentences=8, progress=False)
-    parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru,fr", max_sentences=8, num_workers=2)
+    sequential = evaluate_checkpoint(checkpoint, "de,ru", max_sentences=8, progress=False)
+    parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru", max_sentences=8, num_workers=2)
     assert parallel == sequential
 
 
@@ -112,3 +112,60 @@ def test_rerunning_a_finished_sweep_redoes_nothing(sweep_run, capsys):
     assert again["resumed"] and again["parent_run_id"] == sweep_run["summary"]["parent_run_id"]
     assert {c.info.run_id for c in tracking.child_runs(again["parent_run_id"])} == set(before)
     assert [r["version"] for r in again["registered"]] == [r["version"] for r in sweep_run["summary"]["registered"]]
+
+
+# --- pieces of the driver that need no cluster -------------------------------------------------------------
+
+def _sweep_config(tmp_path, text):
+    from topro.sweep_config import load_sweep_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_sweep_config(path)
+
+
+def test_search_space_scheduler_and_resources(tmp_path):
+    from ray import tune
+
+    from topro.cluster.sweep import param_space, scheduler, trial_cpus
+
+    cfg = _sweep_config(tmp_path, """name: s
+base: {task: udpos, epochs: 3, workers: 2, cpus_per_worker: 1.5}
+search_space:
+  method: {grid: [topro, vanilla]}
+  learning_rate: {loguniform: [1e-5, 1e-3]}
+  template: {choice: [topro, topro_is]}
+  epochs: {grid: [2, 5]}
+scheduler: asha
+""")
+    space = param_space(cfg)
+    assert space["method"] == tune.grid_search(["topro", "vanilla"])
+    assert isinstance(space["learning_rate"], tune.search.sample.Float)
+    assert isinstance(space["template"], tune.search.sample.Categorical)
+    asha = scheduler(cfg)
+    assert isinstance(asha, tune.schedulers.ASHAScheduler) and asha._max_t == 5  # the most epochs in the space
+    assert trial_cpus(cfg) == pytest.approx(0.1 + 2 * 1.5)
+    random = _sweep_config(tmp_path, "name: r\nsearch: random\nnum_samples: 3\n"
+                                     "search_space: {method: {grid: [topro, vanilla]}}\n")
+    assert isinstance(param_space(random)["method"], tune.search.sample.Categorical)
+
+
+def test_learning_rate_is_chosen_on_mean_english_dev_per_setting(tmp_path):
+    from topro.cluster.sweep import TrialOutcome, select_trials, setting_label, trial_train_config
+
+    cfg = _sweep_config(tmp_path, """name: s
+base: {task: udpos}
+search_space:
+  method: {grid: [topro, vanilla]}
+  learning_rate: {grid: [1e-3, 1e-4]}
+  seed: {grid: [1, 2]}
+""")
+    dev = {("topro", 1e-3): (0.9, 0.5), ("topro", 1e-4): (0.8, 0.7),  # mean 0.70 vs 0.75: 1e-4 wins
+           ("vanilla", 1e-3): (0.6, 0.6), ("vanilla", 1e-4): (0.5, 0.55)}
+    outcomes = [TrialOutcome(f"{m}{lr}{seed}", {"method": m, "learning_rate": lr, "seed": seed},
+                             trial_train_config(cfg, {"method": m, "learning_rate": lr, "seed": seed}), "TERMINATED",
+                             scores[seed - 1], "/ckpt")
+                for (m, lr), scores in dev.items() for seed in (1, 2)]
+    chosen = {(o.params["method"], o.params["learning_rate"], o.params["seed"]) for o in select_trials(cfg, outcomes)}
+    assert chosen == {("topro", 1e-4, 1), ("topro", 1e-4, 2), ("vanilla", 1e-3, 1), ("vanilla", 1e-3, 2)}
+    assert setting_label(cfg, outcomes[0].params) == "topro"

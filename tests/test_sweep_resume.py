@@ -16,12 +16,11 @@ from topro.cli import main
 
 SWEEP = """name: resumable
 base: {{task: udpos, max_train_sentences: 30, max_dev_sentences: 10, epochs: 1, learning_rate: 1e-3, method: vanilla,
-        strategy: ddp, workers: 1, cpus_per_worker: 1, num_threads: 1, max_failures: 0}}
+        strategy: ddp, workers: 1, cpus_per_worker: 0.9, num_threads: 1, max_failures: 0}}
 search_space:
   model: {{grid: [tiny, {broken}]}}
 eval_langs: [de, ru]
 max_eval_sentences: 10
-max_concurrent_trials: 1
 register_alias: null
 storage_path: {storage}
 """

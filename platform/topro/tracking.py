@@ -164,12 +164,20 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log (flattened) params; a param already logged with the same value is skipped (resumed sweeps)."""
+    """Log (flattened) params. Params already logged are kept (MLflow refuses to change them): a resumed
+    sweep logs the same values again, and a different value (e.g. the config file's path) is only noted."""
+    import logging
+
     from mlflow.entities import Param
 
     client = mlflow_client()
     have = client.get_run(run_id).data.params
-    items = [Param(k, v) for k, v in flat_params(params).items() if have.get(k) != v]
+    flat = flat_params(params)
+    changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
+    if changed:
+        logging.getLogger(__name__).warning("run %s: params %s differ from those logged first; kept the first",
+                                            run_id, changed)
+    items = [Param(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -203,8 +211,10 @@ def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id:
     return run.info.run_id
 
 
-def trial_run(parent_run_id: str, trial_id: str, run_name: str, params: dict[str, Any] | None = None) -> str:
-    """The child run of one trial under the sweep's parent run (found again after a resume)."""
+def trial_run(parent_run_id: str, trial_id: str, run_name: str, params: dict[str, Any] | None = None,
+              reopen: bool = True) -> str:
+    """The child run of one trial under the sweep's parent run (found again after a resume, and set
+    RUNNING again if ``reopen``: the trial runs again)."""
     client = mlflow_client()
     parent = client.get_run(parent_run_id)
     existing = client.search_runs([parent.info.experiment_id],
@@ -212,7 +222,7 @@ def trial_run(parent_run_id: str, trial_id: str, run_name: str, params: dict[str
                                   max_results=1)
     if existing:
         run_id = existing[0].info.run_id
-        if existing[0].info.status != "RUNNING":
+        if reopen and existing[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
     else:
         tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial",

@@ -41,5 +41,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
                  log_to_driver=log_to_driver,
                  runtime_env={"env_vars": {**local_ray_env(), **passthrough}})
     else:
+        # Inside `ray job submit`, Ray refuses a driver runtime env that sets a variable the job's own
+        # runtime env sets too; those reach the workers anyway.
+        job_env = _job_runtime_env().get("env_vars") or {}
+        passthrough = {k: v for k, v in passthrough.items() if k not in job_env}
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": passthrough})
     return ray
+
+
+def _job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver runs as (empty outside ``ray job submit``)."""
+    import json
+
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}

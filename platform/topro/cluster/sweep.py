@@ -18,11 +18,15 @@ evaluated are not evaluated again).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,15 +355,25 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
                                           callbacks=[MlflowTrialCallback(uri, parent, sweep, str(experiment_dir))],
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                           verbose=1))
-        results = tuner.fit()
+        with sigterm_as_sigint():
+            results = tuner.fit()
         train_seconds = time.perf_counter() - started
+        if results.num_terminated + results.num_errors < len(results):
+            # Tune stopped on SIGINT/SIGTERM and saved its state: nothing to evaluate yet.
+            log.warning("sweep %s interrupted with %d of %d trials finished; rerun the same command to resume",
+                        sweep.name, results.num_terminated, len(results))
+            tracking.end_run(parent, "KILLED")
+            return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
+                    "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": True,
+                    "finished_trials": results.num_terminated, "total_trials": len(results), "trials": [],
+                    "selected": [], "registered": [], "report": "", "wall_seconds": time.perf_counter() - started}
         outcomes = trial_outcomes(results, sweep, experiment_dir)
         for o in outcomes:
-            o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params))
-            if o.status == "ERROR":
-                tracking.end_run(o.run_id, "FAILED")
-            else:
-                tracking.end_run(o.run_id, "FINISHED")
+            o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params), reopen=False)
+            run = tracking.mlflow_client().get_run(o.run_id)
+            status = "FAILED" if o.status == "ERROR" else "FINISHED"
+            if run.info.status != status:
+                tracking.end_run(o.run_id, status)
         failed = [o.trial_id for o in outcomes if o.status == "ERROR"]
         if failed:
             log.warning("sweep %s: trials %s failed; the report covers the others (rerun to retry them)",
@@ -382,8 +396,23 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
         tracking.end_run(parent, "FAILED")
         raise
     return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
-            "experiment_dir": str(experiment_dir), "resumed": resumed, "trials": outcomes, "selected": selected,
+            "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": False,
+            "trials": outcomes, "selected": selected,
             "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def sigterm_as_sigint():
+    """``ray job stop`` sends SIGTERM: treat it like Ctrl-C, which Tune turns into a clean stop that
+    saves the experiment state (so the sweep resumes), instead of dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def absolute_tracking_uri(uri: str | None) -> str:

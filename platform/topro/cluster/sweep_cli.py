@@ -38,10 +38,21 @@ def cmd_sweep(args) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     sweep = load_sweep_config(args.config, args.overrides, data_dir=args.data_dir)  # fails before Ray starts
+    import logging
+    from pathlib import Path
+
+    import topro
+
+    logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
     from topro.cluster.sweep import run_sweep
 
     summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
                         config_path=args.config)
+    if summary["interrupted"]:
+        print(f"sweep {summary['name']} interrupted ({summary['finished_trials']}/{summary['total_trials']} trials "
+              f"finished); "
+              f"rerun the same command to resume it", file=sys.stderr)
+        return 130
     sys.stdout.write("\n" + summary["report"] + "\n")
     for reg in summary["registered"]:
         print(f"registered {reg['uri']} (version {reg['version']}, English dev {reg['dev_score']:.4f})")
