@@ -76,10 +76,10 @@ def test_zero_length_prefix_is_the_plain_backbone(request, family, data_dir):
     with torch.no_grad():
         hidden = model.backbone(**inputs).last_hidden_state
         expected = reference(**inputs).last_hidden_state
-        logits = method.label_log_probs(model, batch).exp()
+        log_probs = method.label_log_probs(model, batch)
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(hidden[mask], expected[mask], atol=1e-5, rtol=1e-5)
-    assert logits.shape == (len(batch["labels"]), 17)
+    assert log_probs.shape == (len(batch["labels"]), 17)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
