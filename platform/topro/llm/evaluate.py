@@ -236,6 +236,10 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
         record["viterbi"] = {k: v[k] for k in ("f1", "precision", "recall", "accuracy")}
     n_words = sum(len(s) for s in sentences)
     failed = sum(sum(r.failed) for r in results)
+    predicted: dict[str, int] = {}
+    for r in results:  # shows a model stuck on one label at a glance
+        for tag in r.tags:
+            predicted[tag] = predicted.get(tag, 0) + 1
     reasons: dict[str, int] = {}
     for r in results:
         for k, v in r.reasons.items():
@@ -246,6 +250,7 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
         format_failed_words=failed,
         sentence_format_failure_rate=(sum(any(r.failed) for r in results) / len(results)) if results else 0.0,
         format_failure_reasons=reasons,
+        predicted_label_counts=dict(sorted(predicted.items(), key=lambda kv: -kv[1])),
     )
     return record
 
