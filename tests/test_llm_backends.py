@@ -1,5 +1,7 @@
 """Backends: a local HF model, and the OpenAI-compatible client against a real
 HTTP server on 127.0.0.1 (retries on 503, timeouts, concurrency limit, chat fallback)."""
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def server():
 def test_hf_shared_and_naive_agree(hf):
     shared = hf.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
     naive_backend = HFBackend.__new__(HFBackend)
-    naive_backend.__dict__.update(hf.__dict__, scoring="naive", _contexts={})
+    naive_backend.__dict__.update(hf.__dict__, scoring="naive", _contexts=OrderedDict())
     naive = naive_backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
     torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-4, rtol=0)
     assert shared.continuation_tokens == [len(hf.ids(a)) for a in ANSWERS]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from llm_tiny import tiny_model
-from topro.llm.scoring import (TokenCounts, encode_prefix, normalise, score_naive, score_shared,
-                               score_seq2seq_naive, score_seq2seq_shared)
+from topro.llm.scoring import (ScoringItem, TokenCounts, encode_prefix, normalise, score_naive,
+                               score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many)
 
 SENTENCE = "Wilhelm von Zuccalmaglio wrote the long song in Berlin ."
 LABELS = ["thing", "verb", "auxiliar", "other", "organisation", "name", "X"]
@@ -46,6 +46,30 @@ def test_shared_prefix_equals_naive(kind):
     chunked = score_shared(model, state, questions, labels, chunked_counts, pending=prefix[12:], max_tokens=120)
     torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=0)
     assert chunked_counts.forwards > 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_many_sentences_packed_into_forwards(kind):
+    model, tok = tiny_model(kind)
+    context = encode(tok, "Part-of-speech tag: thing verb other\n", True)
+    sentences = ["Wilhelm wrote .", "the long song in Berlin was written there by him .", "X", "a b"]
+    items, expected = [], []
+    for text in sentences:
+        pending = encode(tok, "Sentence: " + text + "\n")
+        questions = [encode(tok, f"Tag of the word {w} is") for w in text.split()]
+        items.append(ScoringItem(pending, questions))
+        labels = [encode(tok, " " + label) for label in LABELS]
+        expected.append(score_naive(model, context + pending, questions, labels))
+    items.append(ScoringItem(encode(tok, "Sentence: none\n"), []))
+    state = encode_prefix(model, context)
+    for budget, max_forwards in [(4096, 1), (150, 6)]:
+        counts = TokenCounts()
+        got = score_shared_many(model, state, items, labels, counts, max_tokens=budget)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+        assert got[-1].shape == (0, len(labels))
+        assert 1 <= counts.forwards <= max_forwards
+    assert counts.forwards > 2  # the long sentence was split, the short ones packed
 
 
 def test_two_level_prefix_and_empty_question():

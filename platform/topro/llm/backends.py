@@ -4,7 +4,8 @@ OpenAI-compatible HTTP server. Both meet one small interface:
 - `score(context, sentence, questions, continuations) -> ScoreResult`:
   log p(continuation_j | context + sentence + question_i), summed over the
   continuation's tokens, for every pair. `context` (instruction and
-  demonstrations) is the same for a whole run, `sentence` for one sentence.
+  demonstrations) is the same for a whole run, `sentence` for one sentence;
+  `score_many` does the same for several sentences at once.
 - `generate(prompts, max_new_tokens, stop, context) -> list[str]`: greedy
   completions of context + prompt_i.
 
@@ -24,8 +25,8 @@ from typing import Protocol
 import torch
 
 from topro.llm.generate import greedy_generate_shared
-from topro.llm.scoring import (PrefixState, TokenCounts, encode_prefix, score_naive, score_shared,
-                               score_seq2seq_naive, score_seq2seq_shared)
+from topro.llm.scoring import (PrefixState, ScoringItem, TokenCounts, encode_prefix, score_naive,
+                               score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class Backend(Protocol):
 
     def score(self, context: str, sentence: str, questions: list[str],
               continuations: list[str]) -> ScoreResult: ...
+
+    def score_many(self, context: str, sentences: list[tuple[str, list[str]]],
+                   continuations: list[str]) -> list[ScoreResult]: ...
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
                  context: str = "") -> list[str]: ...
@@ -118,12 +122,30 @@ class HFBackend:
         self._contexts.move_to_end(context)
         return self._contexts[context]
 
-    def score(self, context: str, sentence: str, questions: list[str],
-              continuations: list[str]) -> ScoreResult:
+    def score_many(self, context: str, sentences: list[tuple[str, list[str]]],
+                   continuations: list[str]) -> list[ScoreResult]:
+        """`score` for several (sentence, questions) after the same context;
+        causal LMs with shared scoring pack them into as few forwards as fit."""
+        if self.is_seq2seq or self.scoring != "shared" or not sentences:
+            return [self.score(context, s, q, continuations) for s, q in sentences]
+        cont_ids = self._continuation_ids(continuations)
+        state = self._context_state(context)
+        if state is None:
+            return [self.score(context, s, q, continuations) for s, q in sentences]
+        items = [ScoringItem(self.ids(s), [self.ids(q) for q in qs]) for s, qs in sentences]
+        scores = score_shared_many(self.model, state, items, cont_ids, self.counts, max_tokens=self.batch_tokens)
+        return [ScoreResult(x, [len(c) for c in cont_ids]) for x in scores]
+
+    def _continuation_ids(self, continuations: list[str]) -> list[list[int]]:
         cont_ids = [self.ids(c) for c in continuations]
         for c, ids in zip(continuations, cont_ids):
             if not ids:
                 raise BackendError(f"continuation {c!r} has no tokens")
+        return cont_ids
+
+    def score(self, context: str, sentence: str, questions: list[str],
+              continuations: list[str]) -> ScoreResult:
+        cont_ids = self._continuation_ids(continuations)
         q_ids = [self.ids(q) for q in questions]
         if self.is_seq2seq:
             tok = self.tokenizer
@@ -294,15 +316,17 @@ class OpenAIBackend:
     # interface
     def score(self, context: str, sentence: str, questions: list[str],
               continuations: list[str]) -> ScoreResult:
+        return self._score_prompts([context + sentence + q for q in questions], continuations)
+
+    def _score_prompts(self, base: list[str], continuations: list[str]) -> ScoreResult:
         if self.api == "chat":
             raise BackendError("score mode needs /v1/completions with prompt logprobs; "
                                "this backend is set to chat: use --mode generate")
-        base = [context + sentence + q for q in questions]
         prompts = [b + c for b in base for c in continuations]
         boundaries = [len(b) for b in base for _ in continuations]
         choices = self._completions(prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
         n_c = len(continuations)
-        scores = torch.zeros(len(questions), n_c)
+        scores = torch.zeros(len(base), n_c)
         token_counts = [0] * n_c
         for k, (choice, boundary, prompt) in enumerate(zip(choices, boundaries, prompts)):
             lp = choice.get("logprobs") or {}
@@ -325,6 +349,22 @@ class OpenAIBackend:
             scores[k // n_c, k % n_c] = total
             token_counts[k % n_c] = count
         return ScoreResult(scores, token_counts)
+
+    def score_many(self, context: str, sentences: list[tuple[str, list[str]]],
+                   continuations: list[str]) -> list[ScoreResult]:
+        """All sentences' prompts go out together, so requests overlap across sentences."""
+        if not sentences:
+            return []
+        flat = [q for _, qs in sentences for q in qs]
+        sentence_of = [s for s, qs in sentences for _ in qs]
+        if not flat:
+            return [ScoreResult(torch.zeros(0, len(continuations)), [0] * len(continuations)) for _ in sentences]
+        result = self._score_prompts([context + s + q for s, q in zip(sentence_of, flat)], continuations)
+        out, row = [], 0
+        for _, qs in sentences:
+            out.append(ScoreResult(result.logprobs[row:row + len(qs)], result.continuation_tokens))
+            row += len(qs)
+        return out
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
                  context: str = "") -> list[str]:

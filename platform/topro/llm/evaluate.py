@@ -56,6 +56,7 @@ class LLMEvalConfig:
     length_norm: bool = False  # score: mean instead of summed token log-prob
     max_new_tokens: int | None = None  # generate; default from the prompt
     generate_sentences: int = 32  # sentences whose prompts go to the backend together
+    score_sentences: int = 16  # likewise for scoring (the backend packs them into forwards)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -114,17 +115,22 @@ class SentenceResult:
     log_probs: np.ndarray | None = None  # [n_words, n_labels] in score mode (label-normalised)
 
 
-def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sentence: Sentence) -> SentenceResult:
+def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
+                 sentences: list[Sentence]) -> list[SentenceResult]:
     labels = setup.task.labels
-    prompts = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, sentence.words)
-    result = backend.score(prompts.context, prompts.sentence, prompts.questions,
-                           [prompts.answers[tag] for tag in labels])
-    scores = result.logprobs
-    if cfg.length_norm:
-        scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
-    best = scores.argmax(dim=1).tolist()
-    log_probs = torch.log_softmax(scores.double(), dim=1).numpy()
-    return SentenceResult([labels[i] for i in best], [False] * len(sentence), {}, log_probs)
+    rendered = [render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, s.words)
+                for s in sentences]
+    answers = [rendered[0].answers[t] for t in labels]
+    scored = backend.score_many(setup.context, [(p.sentence, p.questions) for p in rendered], answers)
+    out = []
+    for sentence, result in zip(sentences, scored):
+        scores = result.logprobs
+        if cfg.length_norm:
+            scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
+        best = scores.argmax(dim=1).tolist()
+        log_probs = torch.log_softmax(scores.double(), dim=1).numpy()
+        out.append(SentenceResult([labels[i] for i in best], [False] * len(sentence), {}, log_probs))
+    return out
 
 
 def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sentence: Sentence) -> SentenceResult:
@@ -194,11 +200,16 @@ def predict_sentences(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
                       sentences: list[Sentence]) -> list[SentenceResult]:
     style, mode = setup.fmt.style, cfg.mode
     results: list[SentenceResult] = []
-    if mode == "score":
-        one = _score_topro if style == "topro" else _score_sentence
+    if mode == "score" and style == "sentence":
         for sentence in sentences:
-            results.append(one(backend, setup, cfg, sentence))
+            results.append(_score_sentence(backend, setup, cfg, sentence))
             _progress(len(results), len(sentences))
+        return results
+    if mode == "score":
+        step = max(1, cfg.score_sentences)
+        for start in range(0, len(sentences), step):
+            results.extend(_score_topro(backend, setup, cfg, sentences[start:start + step]))
+            _progress(len(results), len(sentences), step)
         return results
     many = _generate_topro if style == "topro" else _generate_sentence
     step = max(1, cfg.generate_sentences)
@@ -225,6 +236,10 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
         record["viterbi"] = {k: v[k] for k in ("f1", "precision", "recall", "accuracy")}
     n_words = sum(len(s) for s in sentences)
     failed = sum(sum(r.failed) for r in results)
+    predicted: dict[str, int] = {}
+    for r in results:  # shows a model stuck on one label at a glance
+        for tag in r.tags:
+            predicted[tag] = predicted.get(tag, 0) + 1
     reasons: dict[str, int] = {}
     for r in results:
         for k, v in r.reasons.items():
@@ -235,6 +250,7 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
         format_failed_words=failed,
         sentence_format_failure_rate=(sum(any(r.failed) for r in results) / len(results)) if results else 0.0,
         format_failure_reasons=reasons,
+        predicted_label_counts=dict(sorted(predicted.items(), key=lambda kv: -kv[1])),
     )
     return record
 

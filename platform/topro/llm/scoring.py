@@ -14,7 +14,8 @@ Two implementations of the same numbers:
 - `score_shared`: the run's context (instruction + demonstrations) is
   encoded once and its key/value cache reused for every sentence. Then one
   forward with a batch of one runs the sentence, every question and every
-  label as a tree: the sequence holds the sentence tokens, then per question
+  label as a tree (`score_shared`; `score_shared_many` packs several
+  sentences' trees into one forward): the sequence holds the sentence tokens, then per question
   its tokens followed by each label's tokens (all but the last, which is only
   predicted); a 4-D attention mask lets each token see only its ancestors (a
   label sees the prefix, its own question and its own earlier tokens, never
@@ -43,7 +44,9 @@ __all__ = [
     "TokenCounts",
     "PrefixState",
     "encode_prefix",
+    "ScoringItem",
     "score_shared",
+    "score_shared_many",
     "score_naive",
     "score_seq2seq_shared",
     "score_seq2seq_naive",
@@ -186,21 +189,32 @@ def _common_prefix(questions: list[list[int]]) -> list[int]:
 
 
 @dataclass
+class ScoringItem:
+    """One sentence's share of a shared-prefix forward: `pending` prefix tokens
+    not in the cache (the sentence) and one token list per question."""
+
+    pending: list[int]
+    questions: list[list[int]]
+
+
+@dataclass
 class _Tree:
-    """One forward's sequence: pending prefix tokens, then per question its
-    tokens and every label's tokens but the last, as parallel lists."""
+    """One forward's sequence as parallel lists: per sentence its pending
+    tokens, then per question its tokens and every label's tokens but the last."""
 
     ids: list[int] = field(default_factory=list)
     pos: list[int] = field(default_factory=list)
-    group: list[int] = field(default_factory=list)  # -1 pending, else question number
+    sent: list[int] = field(default_factory=list)  # sentence (item) number
+    group: list[int] = field(default_factory=list)  # -1 pending, else a question's unique number
     seg: list[int] = field(default_factory=list)  # -1 pending/question, else label number
     kept: list[int] = field(default_factory=list)  # sequence indices whose logits are read
-    # (question, label, kept slot, target token) per scored label token
-    targets: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (item, question, label, kept slot, target token) per scored label token
+    targets: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
-    def add(self, token: int, pos: int, group: int, seg: int) -> int:
+    def add(self, token: int, pos: int, sent: int, group: int, seg: int) -> int:
         self.ids.append(token)
         self.pos.append(pos)
+        self.sent.append(sent)
         self.group.append(group)
         self.seg.append(seg)
         return len(self.ids) - 1
@@ -209,41 +223,168 @@ class _Tree:
         self.kept.append(index)
         return len(self.kept) - 1
 
+    def add_sentence(self, item: int, pending: list[int], start: int, questions: dict[int, list[int]],
+                     labels: list[list[int]]) -> None:
+        for k, token in enumerate(pending):
+            self.add(token, start + k, item, -1, -1)
+        base = start + len(pending)
+        for qn, q in questions.items():
+            group = len(self.ids)  # the question's first index: unique within the tree
+            last = None
+            for k, token in enumerate(q):
+                last = self.add(token, base + k, item, group, -1)
+            first_slot = self.keep(last)  # predicts every label's first token
+            for j, label in enumerate(labels):
+                slot = first_slot
+                for t, token in enumerate(label):
+                    self.targets.append((item, qn, j, slot, token))
+                    if t < len(label) - 1:  # the last label token is only predicted
+                        slot = self.keep(self.add(token, base + len(q) + t, item, group, j))
 
-def _build_tree(pending: list[int], start: int, questions: dict[int, list[int]],
-                labels: list[list[int]]) -> _Tree:
-    tree = _Tree()
-    for k, token in enumerate(pending):
-        tree.add(token, start + k, -1, -1)
-    base = start + len(pending)
-    for qn, q in questions.items():
-        last = None
-        for k, token in enumerate(q):
-            last = tree.add(token, base + k, qn, -1)
-        first_slot = tree.keep(last)  # predicts every label's first token
-        for j, label in enumerate(labels):
-            slot = first_slot
-            for t, token in enumerate(label):
-                tree.targets.append((qn, j, slot, token))
-                if t < len(label) - 1:  # the last label token is only predicted
-                    slot = tree.keep(tree.add(token, base + len(q) + t, qn, j))
-    return tree
+    def visibility(self, n_cached: int) -> torch.Tensor:
+        """[1, T, n_cached + T]: everything sees the cache; within its own
+        sentence a token sees the earlier pending tokens, a question's tokens
+        see their own earlier tokens, a label's tokens also their own earlier
+        label tokens; nothing sees another sentence, question or label."""
+        sent, group, seg = torch.tensor(self.sent), torch.tensor(self.group), torch.tensor(self.seg)
+        T = len(self.ids)
+        idx = torch.arange(T)
+        earlier = idx[None, :] <= idx[:, None]
+        same_sent = sent[None, :] == sent[:, None]
+        key_pending = (group == -1)[None, :]
+        same_group = group[None, :] == group[:, None]
+        same_branch = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
+        new = earlier & same_sent & (key_pending | (same_group & same_branch))
+        return torch.cat([torch.ones(T, n_cached, dtype=torch.bool), new], dim=1)[None]
 
 
-def _tree_visibility(tree: _Tree, n_cached: int) -> torch.Tensor:
-    """[1, T, n_cached + T]: everything sees the cache; pending tokens see earlier
-    pending tokens; a question's tokens see the pending tokens and its own
-    earlier tokens; a label's tokens also see their own earlier label tokens."""
-    group = torch.tensor(tree.group)
-    seg = torch.tensor(tree.seg)
-    T = len(tree.ids)
-    idx = torch.arange(T)
-    earlier = idx[None, :] <= idx[:, None]
-    key_pending = (group == -1)[None, :]
-    same_group = group[None, :] == group[:, None]
-    same_branch = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
-    new = earlier & (key_pending | (same_group & same_branch))
-    return torch.cat([torch.ones(T, n_cached, dtype=torch.bool), new], dim=1)[None]
+def _tree_forward(model, tree: _Tree, cache, counts: TokenCounts):
+    """Run a tree against `cache` (or none); returns (log-prob of every target, output)."""
+    from transformers import DynamicCache
+
+    device = model.device
+    n_cached = cache.get_seq_length() if cache is not None else 0
+    positions = torch.tensor([tree.pos])
+    k_pos = torch.cat([torch.arange(n_cached)[None], positions], dim=1)
+    mask = _attention_masks(model.config, tree.visibility(n_cached), positions, k_pos, model.dtype)
+    mask = {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
+    out = model(input_ids=torch.tensor([tree.ids], device=device), attention_mask=mask,
+                position_ids=positions.to(device), past_key_values=cache if cache is not None else DynamicCache(),
+                use_cache=True, logits_to_keep=torch.tensor(tree.kept, device=device))
+    counts.add(len(tree.ids), len(tree.ids))
+    logits = out.logits[0].float()  # [kept, vocab]
+    lse = torch.logsumexp(logits, dim=-1)
+    slots = torch.tensor([t[3] for t in tree.targets], device=device)
+    tokens = torch.tensor([t[4] for t in tree.targets], device=device)
+    return (logits[slots, tokens] - lse[slots]).cpu().tolist(), out
+
+
+def _normalise_item(prefix: PrefixState | None, item: ScoringItem):
+    """(prefix, pending, questions) with empty questions and shared question
+    tokens handled; the prefix changes only when an empty question needs the
+    cached prefix's last token."""
+    pending, questions = list(item.pending), [list(q) for q in item.questions]
+    if any(len(q) == 0 for q in questions):
+        # The prefix's last token joins every question: its position then
+        # predicts the first label token like any question's last token.
+        if not pending:
+            if prefix is None:
+                raise ValueError("score_shared: empty prefix and an empty question")
+            prefix, last = prefix.without_last()
+            pending = [last]
+        questions = [[pending[-1]] + q for q in questions]
+        pending = pending[:-1]
+    common = _common_prefix(questions)
+    if common:
+        # Tokens every question starts with ("Part-of-speech tag of the word")
+        # see only the prefix and each other: they run once, as prefix.
+        pending += common
+        questions = [q[len(common):] for q in questions]
+    if prefix is None and not pending:
+        raise ValueError("score_shared: empty prefix")
+    return prefix, pending, questions
+
+
+@torch.inference_mode()
+def score_shared_many(model, prefix: PrefixState | None, items: list[ScoringItem], labels: list[list[int]],
+                      counts: TokenCounts | None = None, *, max_tokens: int = 4096,
+                      max_logit_floats: int = 64_000_000) -> list[torch.Tensor]:
+    """`score_shared` for several sentences after the same cached prefix: as
+    many whole sentences as fit in `max_tokens` share one forward (a forward
+    costs at least one read of the weights, however few its tokens), each
+    seeing only the prefix and itself. A sentence too large for one forward
+    is scored alone, its questions spread over several forwards."""
+    _check_model(model)
+    counts = counts if counts is not None else TokenCounts()
+    if any(not label for label in labels):
+        raise ValueError("every label needs at least one token")
+    vocab = _vocab_size(model)
+    extra = sum(len(l) - 1 for l in labels)
+    results: list[torch.Tensor | None] = [None] * len(items)
+    packable: list[tuple[int, list[int], list[list[int]]]] = []
+    for i, item in enumerate(items):
+        if not item.questions:
+            results[i] = torch.zeros(0, len(labels))
+            continue
+        item_prefix, pending, questions = _normalise_item(prefix, item)
+        size = len(pending) + sum(len(q) + extra for q in questions)
+        kept = len(questions) * (1 + extra)
+        if item_prefix is prefix and prefix is not None and size <= max_tokens \
+                and kept * vocab <= max_logit_floats:
+            packable.append((i, pending, questions))
+        else:
+            results[i] = _score_alone(model, item_prefix, pending, questions, labels, counts,
+                                      max_tokens, max_logit_floats)
+    while packable:
+        tree, size, kept, members = _Tree(), 0, 0, []
+        while packable:
+            i, pending, questions = packable[0]
+            s = len(pending) + sum(len(q) + extra for q in questions)
+            k = len(questions) * (1 + extra)
+            if members and (size + s > max_tokens or (kept + k) * vocab > max_logit_floats):
+                break
+            packable.pop(0)
+            tree.add_sentence(i, pending, prefix.length, dict(enumerate(questions)), labels)
+            members.append((i, len(questions)))
+            size, kept = size + s, kept + k
+        values, _ = _tree_forward(model, tree, prefix.cache(1), counts)
+        for i, n in members:
+            results[i] = torch.zeros(n, len(labels))
+        for (i, qn, j, _, _), value in zip(tree.targets, values):
+            results[i][qn, j] += value
+    return results
+
+
+def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens, max_logit_floats):
+    """One sentence; questions beyond `max_tokens` go to further forwards
+    against the cache of prefix + pending."""
+    vocab = _vocab_size(model)
+    extra = sum(len(l) - 1 for l in labels)
+    cache = prefix.cache(1) if prefix is not None else None
+    start = prefix.length if prefix is not None else 0
+    result = torch.zeros(len(questions), len(labels))
+    todo = list(range(len(questions)))
+    while todo:
+        group: dict[int, list[int]] = {}
+        size = len(pending)
+        while todo:
+            cost = len(questions[todo[0]]) + extra
+            if group and ((size + cost) > max_tokens or (len(group) + 1) * (1 + extra) * vocab > max_logit_floats):
+                break
+            qn = todo.pop(0)
+            group[qn] = questions[qn]
+            size += cost
+        tree = _Tree()
+        tree.add_sentence(0, pending, start, group, labels)
+        values, out = _tree_forward(model, tree, cache, counts)
+        for (_, qn, j, _, _), value in zip(tree.targets, values):
+            result[qn, j] += value
+        if todo:
+            # Keep prefix + pending in the cache, drop this group's questions.
+            cache = out.past_key_values
+            cache.crop(-(cache.get_seq_length() - start - len(pending)))  # negative: tokens to drop
+            start, pending = start + len(pending), []
+    return result
 
 
 @torch.inference_mode()
@@ -260,77 +401,14 @@ def score_shared(model, prefix: PrefixState | None, questions: list[list[int]], 
     each label right after its question, and logits are taken only where a
     label token is predicted. Questions beyond `max_tokens` go to further
     forwards against the cache of prefix + pending."""
-    _check_model(model)
-    counts = counts if counts is not None else TokenCounts()
-    pending = list(pending)
     if not questions:
         return torch.zeros(0, len(labels))
+    _check_model(model)
     if any(not label for label in labels):
         raise ValueError("every label needs at least one token")
-    if any(len(q) == 0 for q in questions):
-        # The prefix's last token joins every question: its position then
-        # predicts the first label token like any question's last token.
-        if not pending:
-            if prefix is None:
-                raise ValueError("score_shared: empty prefix and an empty question")
-            prefix, last = prefix.without_last()
-            pending = [last]
-        questions = [[pending[-1]] + list(q) for q in questions]
-        pending = pending[:-1]
-    common = _common_prefix(questions)
-    if common:
-        # Tokens every question starts with ("Part-of-speech tag of the word")
-        # see only the prefix and each other: they run once, as prefix.
-        pending += common
-        questions = [q[len(common):] for q in questions]
-    if prefix is None and not pending:
-        raise ValueError("score_shared: empty prefix")
-    device = model.device
-    vocab = _vocab_size(model)
-    label_extra = sum(len(l) - 1 for l in labels)
-    cache = prefix.cache(1) if prefix is not None else None
-    start = prefix.length if prefix is not None else 0
-    result = torch.zeros(len(questions), len(labels))
-    todo = list(range(len(questions)))
-    while todo:
-        group: dict[int, list[int]] = {}
-        size = len(pending)
-        while todo:
-            cost = len(questions[todo[0]]) + label_extra
-            if group and ((size + cost) > max_tokens or
-                          (len(group) + 1) * (1 + label_extra) * vocab > max_logit_floats):
-                break
-            qn = todo.pop(0)
-            group[qn] = questions[qn]
-            size += cost
-        tree = _build_tree(pending, start, group, labels)
-        n_cached = cache.get_seq_length() if cache is not None else 0
-        visible = _tree_visibility(tree, n_cached)
-        positions = torch.tensor([tree.pos])
-        k_pos = torch.cat([torch.arange(n_cached)[None], positions], dim=1)
-        mask = _attention_masks(model.config, visible, positions, k_pos, model.dtype)
-        mask = {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-        out = model(input_ids=torch.tensor([tree.ids], device=device), attention_mask=mask,
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=torch.tensor(tree.kept, device=device))
-        counts.add(len(tree.ids), len(tree.ids))
-        logits = out.logits[0].float()  # [kept, vocab]
-        lse = torch.logsumexp(logits, dim=-1)
-        slots = torch.tensor([t[2] for t in tree.targets], device=device)
-        tokens = torch.tensor([t[3] for t in tree.targets], device=device)
-        values = (logits[slots, tokens] - lse[slots]).cpu().tolist()
-        for (qn, j, _, _), value in zip(tree.targets, values):
-            result[qn, j] += value
-        if todo:
-            # Keep prefix + pending in the cache, drop this group's questions.
-            cache = out.past_key_values
-            cache.crop(-(cache.get_seq_length() - start - len(pending)))  # negative: tokens to drop
-            start, pending = start + len(pending), []
-    return result
+    counts = counts if counts is not None else TokenCounts()
+    item_prefix, pending, questions = _normalise_item(prefix, ScoringItem(list(pending), questions))
+    return _score_alone(model, item_prefix, pending, questions, labels, counts, max_tokens, max_logit_floats)
 
 
 @torch.inference_mode()
