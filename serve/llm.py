@@ -31,7 +31,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve.http import body_limit, make_api
-from serve.schemas import Limits, RequestProblem, TagRequest, check_limits, describe_validation_errors
+from serve.schemas import (Limits, LLMTagResponse, RequestProblem, TagRequest, check_limits,
+                           describe_validation_errors)
 
 log = logging.getLogger("ray.serve")
 
@@ -159,7 +160,7 @@ class LLMTaggerDeployment:
                 self.backend_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
                 log.warning("LLM %s not available: %s", self.model, self.backend_error)
 
-    @api.post("/tag")
+    @api.post("/tag", response_model=LLMTagResponse)
     async def tag(self, body: TagRequest):
         """Tags of every word by ToPro prompts to the LLM; in score mode with their probabilities."""
         from topro.data.readers import Sentence

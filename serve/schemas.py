@@ -139,9 +139,43 @@ class TagResponse(BaseModel):
     batch: BatchInfo
 
 
+class LLMTaggedWordOut(BaseModel):
+    word: str
+    tag: str
+    prob: float | None = Field(description="Score mode: the tag's share of the label words' likelihood; "
+                                           "generate mode: null.")
+    format_failed: bool = Field(description="Generate mode: the answer matched no label (fallback tag).")
+
+
+class LLMTaggedSentenceOut(BaseModel):
+    words: list[LLMTaggedWordOut]
+    lang: str | None = None
+    n_format_failed: int = 0
+
+
+class LLMRef(BaseModel):
+    backend: str | None
+    task: str
+    format: str
+    mode: str
+    shots: int
+
+
+class LLMBatchInfo(BaseModel):
+    requests: int
+    sentences: int
+    seconds: float
+
+
+class LLMTagResponse(BaseModel):
+    model: LLMRef
+    sentences: list[LLMTaggedSentenceOut]
+    batch: LLMBatchInfo
+
+
 class ErrorResponse(BaseModel):
     detail: str
 
 
-__all__ = ["BatchInfo", "ErrorResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
+__all__ = ["BatchInfo", "ErrorResponse", "LLMTagResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
            "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "describe_validation_errors"]

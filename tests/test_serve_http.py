@@ -123,6 +123,9 @@ def endpoint(serve_url):
     return serve_url
 
 
+from serve.schemas import TagResponse  # noqa: E402  (the repository root is on pytest's pythonpath)
+
+
 def tag(url, body, model_id=None, timeout=120):
     headers = {HEADER: model_id} if model_id else {}
     return requests.post(f"{url}/tag", json=body, headers=headers, timeout=timeout)
@@ -146,6 +149,7 @@ def test_tag_sentences_and_text(endpoint):
     body = r.json()
     assert body["model"]["id"] == "default" and body["model"]["task"] == "udpos"
     labels = {m["id"]: m for m in requests.get(f"{endpoint}/models", timeout=30).json()["loaded"]}["default"]["labels"]
+    TagResponse.model_validate(body)  # the documented response schema
     first, second = body["sentences"]
     assert [w["word"] for w in first["words"]] == ["Das", "ist", "gut", "."] and first["lang"] == "de"
     assert [w["word"] for w in second["words"]] == ["Berlin"]

@@ -30,6 +30,7 @@ def child_env(**extra) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     # Loopback-only local Ray, as topro's init_ray sets it up (serve run starts Ray by itself).
     env.pop("RAY_ADDRESS", None)  # a Ray of its own, never a cluster named by the caller's environment
+    env.pop("TOPRO_LLM_MODEL", None)
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
                **extra)
     return env
@@ -70,6 +71,10 @@ def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, exp
         assert r.json()["model"]["uri"] == expected_model
         assert [w["word"] for w in r.json()["sentences"][0]["words"]] == ["Das", "ist", "gut", "."]
         assert requests.post(f"{url}/tag", json={"text": ""}, timeout=60).status_code == 422
+        # The config's second app deploys too; with no LLM configured it says so instead of failing.
+        assert requests.get(f"{url}/llm/healthz", timeout=30).json()["llm"] == "unavailable"
+        r = requests.post(f"{url}/llm/tag", json={"text": "Das ist gut"}, timeout=60)
+        assert r.status_code == 503 and "no LLM configured" in r.json()["detail"]
     finally:
         code = stop(process)
     with pytest.raises(requests.ConnectionError):
