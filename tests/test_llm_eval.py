@@ -75,3 +75,23 @@ def test_ray_fan_out_matches_sequential(backend, model_path):
         assert parallel["languages"][lang]["f1"] == sequential["languages"][lang]["f1"]
         assert parallel["languages"][lang]["accuracy"] == sequential["languages"][lang]["accuracy"]
     assert parallel["method"] == sequential["method"] == "llm-topro-score-1shot"
+
+
+def test_calibration_removes_the_label_prior(backend, model_path):
+    from topro.llm.evaluate import _score_topro, prepare
+    from topro.data import load_split
+
+    plain = LLMEvalConfig(task="panx", model=model_path, max_sentences=2)
+    calibrated = LLMEvalConfig(task="panx", model=model_path, max_sentences=2, calibrate=True)
+    assert calibrated.method == "llm-topro-score-0shot-calibrated"
+    setup = prepare(plain)
+    sentences = load_split("panx", "de", "dev", limit=2)
+    a = _score_topro(backend, setup, plain, sentences)
+    b = _score_topro(backend, setup, calibrated, sentences)
+    # Per sentence, every word's label scores move by the same prior vector
+    # (up to each row's normaliser).
+    for x, y in zip(a, b):
+        shift = x.log_probs - y.log_probs
+        shift = shift - shift[:, :1]
+        assert shift.shape == (len(x.tags), 7)
+        assert abs(shift - shift[0]).max() < 1e-5 and abs(shift[0]).max() > 1e-3

@@ -8,8 +8,8 @@ from topro.llm.formats import (FormatError, list_formats, load_format, render_co
                                render_pair, render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
 
-PANX_WORDS = {"B-LOC": "location", "B-ORG": "organisation", "B-PER": "person", "I-LOC": "place",
-              "I-ORG": "body", "I-PER": "name", "O": "other"}
+PANX_WORDS = {"O": "other", "B-PER": "person", "I-PER": "name", "B-ORG": "organisation", "I-ORG": "body",
+              "B-LOC": "location", "I-LOC": "place"}  # the task's label order
 
 
 @dataclass

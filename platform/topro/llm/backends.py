@@ -67,9 +67,11 @@ class HFBackend:
     """A local causal or seq2seq LM (folder or hub id), batched, CPU or GPU.
 
     Causal LMs score with the shared-prefix cache (`scoring="shared"`): the
-    run's context is encoded once and kept (LRU of a few), each sentence
-    extends it once, and all questions x labels run as one tree-masked batch.
-    `scoring="naive"` runs every prompt in full (the reference)."""
+    run's context is encoded once and kept (LRU of a few); a sentence with all
+    its questions x labels then runs as one tree-masked forward against it
+    (`score_many`: several sentences per forward, up to `batch_tokens`).
+    `scoring="naive"` runs every prompt in full (the reference). Generation
+    decodes all prompts of a call against the cached context."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "fp32",
                  scoring: str = "shared", batch_tokens: int = 4096, generate_batch_size: int = 32,

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbalizer", help="verbalizer name (default: the format's, else the task's)")
     p.add_argument("--length-norm", action="store_true",
                    help="score multi-token labels by mean instead of summed token log-prob")
+    p.add_argument("--calibrate", action="store_true",
+                   help="score mode: contextual calibration (divide out the label words' prior, "
+                        "measured on a content-free word)")
     p.add_argument("--max-new-tokens", type=int, help="generation cap (default from the prompt)")
     p.add_argument("--output", help="JSON file to write (default outputs/llm/<task>-<method>.json)")
     local = p.add_argument_group("local Hugging Face model")
@@ -83,6 +86,7 @@ def main(args) -> int:
     cfg = LLMEvalConfig(task=args.task, model=args.model, format=args.format, mode=args.mode, shots=args.shots,
                         seed=args.seed, split=args.split, max_sentences=args.max_sentences,
                         data_dir=args.data_dir, verbalizer=args.verbalizer, length_norm=args.length_norm,
+                        calibrate=args.calibrate,
                         max_new_tokens=args.max_new_tokens)
     langs = resolve_languages(cfg.task, args.langs, cfg.data_dir, cfg.split)
     if not langs:

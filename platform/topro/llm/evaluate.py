@@ -2,7 +2,8 @@
 
 Four ways to get a sentence's tags, by format style and mode:
 - topro + score: every word's question is answered by the label word of
-  highest log-likelihood (summed over its tokens, optionally per token).
+  highest log-likelihood (summed over its tokens, optionally per token;
+  optionally calibrated against a content-free word).
 - topro + generate: greedy answer to every word's question, matched to a
   label word; unmatched answers are format failures.
 - sentence + generate: the whole-sentence baseline; the answer's `word/TAG`
@@ -54,6 +55,8 @@ class LLMEvalConfig:
     demo_split: str = "train"
     verbalizer: str | None = None  # overrides the format's / task's default
     length_norm: bool = False  # score: mean instead of summed token log-prob
+    calibrate: bool = False  # score: contextual calibration against a content-free word
+    content_free_word: str = "N/A"
     max_new_tokens: int | None = None  # generate; default from the prompt
     generate_sentences: int = 32  # sentences whose prompts go to the backend together
     score_sentences: int = 16  # likewise for scoring (the backend packs them into forwards)
@@ -66,7 +69,8 @@ class LLMEvalConfig:
 
     @property
     def method(self) -> str:
-        return f"llm-{load_format(self.format).name}-{self.mode}-{self.shots}shot"
+        calibrated = "-calibrated" if self.calibrate and self.mode == "score" else ""
+        return f"llm-{load_format(self.format).name}-{self.mode}-{self.shots}shot{calibrated}"
 
 
 @dataclass
@@ -121,12 +125,21 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
     rendered = [render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, s.words)
                 for s in sentences]
     answers = [rendered[0].answers[t] for t in labels]
-    scored = backend.score_many(setup.context, [(p.sentence, p.questions) for p in rendered], answers)
+    extra = []
+    if cfg.calibrate:
+        # Contextual calibration (Zhao et al., 2021): one more question per
+        # sentence about a content-free word measures the label words' prior
+        # in this context; dividing it out removes the bias toward some words.
+        extra = [setup.fmt.for_task(setup.task.name).question.format(word=cfg.content_free_word)]
+    scored = backend.score_many(setup.context, [(p.sentence, p.questions + extra) for p in rendered], answers)
     out = []
     for sentence, result in zip(sentences, scored):
         scores = result.logprobs
         if cfg.length_norm:
             scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
+        if cfg.calibrate:
+            prior = torch.log_softmax(scores[-1].double(), dim=0).to(scores.dtype)
+            scores = scores[:-1] - prior
         best = scores.argmax(dim=1).tolist()
         log_probs = torch.log_softmax(scores.double(), dim=1).numpy()
         out.append(SentenceResult([labels[i] for i in best], [False] * len(sentence), {}, log_probs))

@@ -190,7 +190,9 @@ def select_demos(sentences: list, k: int, seed: int, style: str,
 # --- rendering -------------------------------------------------------------------
 
 def label_list(words: dict[str, str]) -> str:
-    return " ".join(words.values())
+    """The tag set as the prompt lists it: label words in tag-name order, which
+    is the paper's ("location organisation person place body name other")."""
+    return " ".join(words[tag] for tag in sorted(words))
 
 
 @dataclass
