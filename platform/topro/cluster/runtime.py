@@ -15,7 +15,8 @@ LOCAL_OBJECT_STORE_BYTES = 768 * 1024 * 1024
 
 def local_ray_env() -> dict[str, str]:
     """Environment for a loopback-only local Ray (also given to Ray workers)."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+    # RAY_USAGE_STATS_ENABLED=0: a local Ray's dashboard otherwise reports usage to usage-stats.ray.io.
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
             "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
 

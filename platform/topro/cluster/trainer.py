@@ -157,6 +157,10 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
 
     init_ray(address)
     cfg = prepare_config(cfg)
+    name, storage = run_location(cfg)
+    if (Path(storage) / name / "checkpoint_manager_snapshot.json").is_file():
+        log.warning("run %s already has checkpoints in %s: continuing from the latest (another output_dir or "
+                    "run_name starts afresh)", name, storage)
     trainer = build_trainer(cfg)
     result = trainer.fit()
     if result.error is not None:
