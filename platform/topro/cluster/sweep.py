@@ -377,6 +377,9 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             # Tune saved its state; the trial that was running counts as finished in `results`, so the
             # state (not this run's results) decides what a rerun does. Nothing is evaluated yet.
             log.warning("sweep %s stopped; rerun the same command to resume it", sweep.name)
+            for run in tracking.child_runs(parent):
+                if run.info.status == "RUNNING":  # stopped mid-trial: reopened when the trial resumes
+                    tracking.end_run(run.info.run_id, "KILLED")
             tracking.end_run(parent, "KILLED")
             return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
                     "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": True,
