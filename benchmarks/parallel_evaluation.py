@@ -45,10 +45,11 @@ def main() -> int:
                                      progress=False)
     sequential_s = time.perf_counter() - start
 
+    stats: dict = {}
     start = time.perf_counter()
     parallel = evaluate_checkpoint_parallel(checkpoint, args.langs, address=args.address, data_dir=args.data_dir,
                                             max_sentences=args.max_sentences, num_workers=args.workers,
-                                            cpus_per_worker=args.cpus_per_worker, progress=False)
+                                            cpus_per_worker=args.cpus_per_worker, progress=False, stats=stats)
     parallel_s = time.perf_counter() - start
 
     metric = sequential["metric"]
@@ -57,7 +58,8 @@ def main() -> int:
     result = {"checkpoint": args.checkpoint, "languages": len(sequential["languages"]),
               "max_sentences": args.max_sentences, "cluster_cpus": cpus,
               "sequential_seconds": round(sequential_s, 1), "parallel_seconds": round(parallel_s, 1),
-              "speedup": round(sequential_s / parallel_s, 2), "identical_records": parallel == sequential,
+              "speedup": round(sequential_s / parallel_s, 2),
+              "parallel_workers": stats["workers"], "model_loads": stats["model_loads"], "identical_records": parallel == sequential,
               "languages_that_differ": differences, f"average_{metric}": sequential["average"][metric]}
     print(json.dumps(result, indent=2))
     if args.output:

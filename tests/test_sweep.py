@@ -97,9 +97,11 @@ def test_parallel_evaluation_matches_sequential(sweep_run):
     from topro.evaluate import evaluate_checkpoint
 
     checkpoint = next(t["checkpoint"] for t in sweep_run["summary"]["trials"] if t["params"]["method"] == "topro")
-    sequential = evaluate_checkpoint(checkpoint, "de,ru", max_sentences=8, progress=False)
-    parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru", max_sentences=8, num_workers=2)
+    sequential = evaluate_checkpoint(checkpoint, "de,ru,fr", max_sentences=6, progress=False)
+    stats = {}
+    parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru,fr", max_sentences=6, num_workers=2, stats=stats)
     assert parallel == sequential
+    assert stats["items"] == 3 and stats["model_loads"] == 2  # once per worker, not once per language
 
 
 def test_rerunning_a_finished_sweep_redoes_nothing(sweep_run, capsys):

@@ -1,10 +1,12 @@
 """An interrupted sweep resumes without redoing finished trials.
 
-The interruption is a trial that fails on purpose: its model folder exists
-(so validation passes) but is empty. The first run finishes the other trial,
-evaluates and reports it, and marks the sweep failed. Once the folder holds
-a model, rerunning the same command restarts only the failed trial: the
-finished one is neither trained nor evaluated again.
+Two interruptions. A trial that fails on purpose: its model folder exists (so
+validation passes) but is empty; the first run finishes the other trial,
+evaluates and reports it, and marks the sweep failed; once the folder holds a
+model, rerunning the same command resumes only the failed trial. And Ctrl-C
+(SIGINT) once the first of two trials finished: the sweep stops cleanly, and
+the rerun runs only the second. Either way the finished trial is neither
+trained nor evaluated again.
 """
 import json
 import shutil
@@ -18,7 +20,7 @@ SWEEP = """name: resumable
 base: {{task: udpos, max_train_sentences: 30, max_dev_sentences: 10, epochs: 1, learning_rate: 1e-3, method: vanilla,
         strategy: ddp, workers: 1, cpus_per_worker: 0.9, num_threads: 1, max_failures: 0}}
 search_space:
-  model: {{grid: [tiny, {broken}]}}
+  {search_space}
 eval_langs: [de, ru]
 max_eval_sentences: 10
 register_alias: null
@@ -35,7 +37,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray
     broken = tmp_path / "model-not-there-yet"
     broken.mkdir()
     config = tmp_path / "sweep.yaml"
-    config.write_text(SWEEP.format(broken=broken, storage=tmp_path / "sweeps"))
+    config.write_text(SWEEP.format(search_space=f"model: {{grid: [tiny, {broken}]}}", storage=tmp_path / "sweeps"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     code, first = _sweep(config, uri, tmp_path / "first.json")
@@ -68,3 +70,55 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray
     assert all(tracking.EVALUATED_TAG in c.data.tags for c in children)
     assert client.get_run(first["parent_run_id"]).info.status == "FINISHED"
     assert "| vanilla (model=model-not-there-yet) | 1 |" in second["report"]
+
+
+def test_sweep_stopped_after_its_first_trial_resumes_with_the_rest(tmp_path, ray_local, tiny_udpos):
+    """Ctrl-C (here: SIGINT to this process) once the first trial finished; the rerun does only the rest."""
+    import os
+    import signal
+    import threading
+    import time
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP.format(search_space="seed: {grid: [1, 2]}", storage=tmp_path / "sweeps"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.configure(uri)
+
+    def stop_after_first_trial():
+        client = MlflowClient()
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            try:
+                exp = client.get_experiment_by_name("topro-sweep-resumable")
+                runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
+            except Exception:  # the store is being created
+                runs = []
+            if any(r.data.tags.get("topro.kind") == "trial" for r in runs):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(1)
+
+    watcher = threading.Thread(target=stop_after_first_trial, daemon=True)
+    watcher.start()
+    code = main(["sweep", "--config", str(config), "--tracking-uri", uri, "max_concurrent_trials=1"])
+    watcher.join()
+    assert code == 130
+    tracking.configure(uri)
+    client = MlflowClient()
+    parent = tracking.find_sweep_run("resumable")
+    assert parent.info.status == "KILLED"
+    finished = [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "FINISHED"]
+    assert len(finished) == 1
+    first = finished[0]
+    trained_at = (tmp_path / "sweeps" / "resumable" / "trials" / first.data.tags[tracking.TRIAL_TAG] / "checkpoint" /
+                  "model.safetensors").stat().st_mtime_ns
+
+    code, summary = _sweep(config, uri, tmp_path / "resumed.json")
+    assert code == 0 and summary["resumed"] and summary["parent_run_id"] == parent.info.run_id
+    assert [t["status"] for t in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert (tmp_path / "sweeps" / "resumable" / "trials" / first.data.tags[tracking.TRIAL_TAG] / "checkpoint" /
+            "model.safetensors").stat().st_mtime_ns == trained_at  # not trained again
+    assert len(client.get_metric_history(first.info.run_id, "dev_accuracy")) == 1
+    children = tracking.child_runs(parent.info.run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

@@ -96,8 +96,12 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
                                   max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
                                   dtype: str = "fp32", num_workers: int | None = None,
                                   cpus_per_worker: float = 1.0, address: str | None = None,
-                                  progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job."""
+                                  progress: bool = True, stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job.
+
+    ``stats``, if given, receives ``workers``, ``items`` (checkpoint-language pairs), ``model_loads`` and
+    ``seconds``.
+    """
     from topro.cluster.runtime import init_ray
     from topro.evaluate import resolve_languages, results_record
 
@@ -164,8 +168,11 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     finally:
         for actor in actors:
             ray.kill(actor)
+    seconds = time.perf_counter() - start
     log.info("parallel evaluation: %d languages x checkpoints on %d workers in %.1fs, %d model loads",
-             n_items, workers, time.perf_counter() - start, sum(loads.values()))
+             n_items, workers, seconds, sum(loads.values()))
+    if stats is not None:
+        stats.update(workers=workers, items=n_items, model_loads=sum(loads.values()), seconds=seconds)
     return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
                            extra={"checkpoint": str(job.checkpoint), "split": split})
             for i, (job, meta) in enumerate(zip(jobs, metas))]
@@ -175,11 +182,12 @@ def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str,
                                  task: str | None = None, data_dir: str | None = None, split: str = "dev",
                                  max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
                                  dtype: str = "fp32", progress: bool = True, num_workers: int | None = None,
-                                 cpus_per_worker: float = 1.0) -> dict[str, Any]:
+                                 cpus_per_worker: float = 1.0, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """Like ``topro.evaluate.evaluate_checkpoint``, one Ray actor task per language; the same record."""
     langs = langs if isinstance(langs, str) else tuple(langs)
     [record] = evaluate_checkpoints_parallel([EvaluationJob(str(checkpoint), langs, task)], data_dir=data_dir,
                                              split=split, max_sentences=max_sentences, viterbi=viterbi,
                                              device=device, dtype=dtype, num_workers=num_workers,
-                                             cpus_per_worker=cpus_per_worker, address=address, progress=progress)
+                                             cpus_per_worker=cpus_per_worker, address=address, progress=progress,
+                                             stats=stats)
     return record

@@ -38,7 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from topro import tracking
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task
-from topro.sweep_config import SweepConfig, dimensions, sweep_to_dict, trial_train_config
+from topro.sweep_config import SweepConfig, dimensions, grid_size, sweep_to_dict, trial_train_config
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,27 @@ def trial_cpus(sweep: SweepConfig) -> float:
     return sweep.driver_cpus + max(c.workers * c.cpus_per_worker for c in candidates)
 
 
+def check_trial_fits(sweep: SweepConfig) -> None:
+    """Refuse a trial the cluster cannot hold: Ray Train would wait for its worker group forever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    base = trial_train_config(sweep, {})
+    if base.cpus_per_worker > largest_node or trial_cpus(sweep) > cpus:
+        raise ConfigError(f"sweep {sweep.name!r}: a trial needs {trial_cpus(sweep):g} CPUs (driver_cpus "
+                          f"{sweep.driver_cpus:g} + workers {base.workers} x cpus_per_worker {base.cpus_per_worker:g}) "
+                          f"but the cluster has {cpus:g} (largest node {largest_node:g}); lower cpus_per_worker "
+                          f"or workers")
+
+
 def concurrent_trials(sweep: SweepConfig) -> int:
+    """``max_concurrent_trials``, or as many trials as the cluster's CPUs hold."""
     import ray
 
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // trial_cpus(sweep)))
+    return max(1, int(ray.cluster_resources().get("CPU", 0.0) // trial_cpus(sweep)))
 
 
 def scheduler(sweep: SweepConfig):
@@ -327,6 +341,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
     state_file = experiment_dir / STATE_FILE
     state = check_resumable(state_file, sweep) if state_file.is_file() else {}
     ray = init_ray(address)
+    check_trial_fits(sweep)
     experiment = sweep.experiment or f"topro-sweep-{sweep.name}"
     parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
                                       run_id=state.get("parent_run_id"))
@@ -355,18 +370,21 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
                                           callbacks=[MlflowTrialCallback(uri, parent, sweep, str(experiment_dir))],
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                           verbose=1))
-        with sigterm_as_sigint():
+        with graceful_stop() as stopped:
             results = tuner.fit()
         train_seconds = time.perf_counter() - started
-        if results.num_terminated + results.num_errors < len(results):
-            # Tune stopped on SIGINT/SIGTERM and saved its state: nothing to evaluate yet.
-            log.warning("sweep %s interrupted with %d of %d trials finished; rerun the same command to resume",
-                        sweep.name, results.num_terminated, len(results))
+        if stopped.is_set():
+            # Tune saved its state; the trial that was running counts as finished in `results`, so the
+            # state (not this run's results) decides what a rerun does. Nothing is evaluated yet.
+            log.warning("sweep %s stopped; rerun the same command to resume it", sweep.name)
+            for run in tracking.child_runs(parent):
+                if run.info.status == "RUNNING":  # stopped mid-trial: reopened when the trial resumes
+                    tracking.end_run(run.info.run_id, "KILLED")
             tracking.end_run(parent, "KILLED")
             return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
                     "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": True,
-                    "finished_trials": results.num_terminated, "total_trials": len(results), "trials": [],
-                    "selected": [], "registered": [], "report": "", "wall_seconds": time.perf_counter() - started}
+                    "total_trials": grid_size(sweep), "trials": [], "selected": [], "registered": [],
+                    "report": "", "wall_seconds": time.perf_counter() - started}
         outcomes = trial_outcomes(results, sweep, experiment_dir)
         for o in outcomes:
             o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params), reopen=False)
@@ -402,17 +420,38 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
 
 
 @contextlib.contextmanager
-def sigterm_as_sigint():
-    """``ray job stop`` sends SIGTERM: treat it like Ctrl-C, which Tune turns into a clean stop that
-    saves the experiment state (so the sweep resumes), instead of dying mid-write."""
+def graceful_stop():
+    """Ctrl-C (SIGINT) or ``ray job stop`` (SIGTERM) during the trials: Tune stops cleanly and saves its
+    state, so the same command resumes; a second signal stops at once. Yields an event set on a stop.
+
+    Tune's own SIGINT handler does not say afterwards whether it fired, so ours does the noting and
+    asks Tune to stop through SIGUSR1, which Tune handles the same way.
+    """
+    stopped = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+    def handler(signum, frame):
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if stopped.is_set() or not tune_listens:
+            raise KeyboardInterrupt
+        stopped.set()
+        log.warning("stop requested (signal %d): ending the running trials and saving the sweep's state", signum)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield
+        yield stopped
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if previous_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 def absolute_tracking_uri(uri: str | None) -> str:

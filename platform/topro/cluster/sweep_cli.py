@@ -49,8 +49,7 @@ def cmd_sweep(args) -> int:
     summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
                         config_path=args.config)
     if summary["interrupted"]:
-        print(f"sweep {summary['name']} interrupted ({summary['finished_trials']}/{summary['total_trials']} trials "
-              f"finished); "
+        print(f"sweep {summary['name']} ({summary['total_trials']} trials) stopped; "
               f"rerun the same command to resume it", file=sys.stderr)
         return 130
     sys.stdout.write("\n" + summary["report"] + "\n")
