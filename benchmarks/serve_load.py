@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py --model runs/udpos-topro/checkpoint --clients 1,8,32 --duration 20
 
-1. Offline: the same checkpoint in this process (``topro.serving.Tagger``), every
+1. Offline (while the endpoint idles): the same checkpoint in this process (``topro.serving.Tagger``), every
    sentence in one ``tag`` call, with as many torch threads as a replica gets
    (``--offline-threads``, default 1 = the config's ``num_cpus: 1``): the
    throughput the model allows without HTTP, queueing or request batching.
@@ -202,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     n_words = sum(len(s) for s in sentences)
     print(f"{len(sentences)} {args.task} {args.lang}/{args.split} sentences, {n_words} words "
           f"({n_words / len(sentences):.1f} per sentence); model {args.model}", flush=True)
-    offline_before = offline_throughput(args.model, sentences, args.offline_threads, args.offline_seconds)
-    print(f"offline (before): {offline_before['sentences_per_s']:.1f} sentences/s", flush=True)
-
+    # The endpoint starts first (the part that can fail on a busy machine), then offline runs while it idles.
     started_here = args.url is None
     url = args.url or start_endpoint(args.model, Path(args.config), args.replicas, args.num_cpus)
     runs = []
     try:
+        offline_before = offline_throughput(args.model, sentences, args.offline_threads, args.offline_seconds)
+        print(f"offline (before): {offline_before['sentences_per_s']:.1f} sentences/s", flush=True)
         for clients in counts:
             result = asyncio.run(drive(url, sentences, clients, args.duration, args.warmup, args.max_requests,
                                        args.per_request, args.model_id, args.timeout))

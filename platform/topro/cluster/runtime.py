@@ -8,9 +8,16 @@ local dashboard. Neither is touched when joining a real cluster.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
+
+log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 768 * 1024 * 1024
+# Ray gives a starting raylet a fixed 30 s to register with the GCS. On a busy shared machine (load
+# average 15-20 on 2 cores, measured) that fails now and then; a fresh attempt usually succeeds.
+LOCAL_START_ATTEMPTS = 3
 
 
 def local_ray_env() -> dict[str, str]:
@@ -37,10 +44,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
     if address is None:
         # address="local": always a new in-process Ray; with None, Ray would join any cluster that a
         # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (someone else's, on a shared box).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 log_to_driver=log_to_driver,
-                 runtime_env={"env_vars": {**local_ray_env(), **passthrough}})
+        _start_local(ray, address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=log_to_driver,
+                     runtime_env={"env_vars": {**local_ray_env(), **passthrough}})
     else:
         # Inside `ray job submit`, Ray refuses a driver runtime env that sets a variable the job's own
         # runtime env sets too; those reach the workers anyway.
@@ -58,3 +65,34 @@ def _job_runtime_env() -> dict:
         return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     except (ValueError, AttributeError):
         return {}
+
+
+def _start_local(ray, **init_kwargs) -> None:
+    """``ray.init`` of a local Ray, tried again if the node times out during start-up.
+
+    A failed start leaves its GCS and raylet running as children of this process; they are stopped (by
+    pid: only processes this process started during that attempt) before the next attempt.
+    """
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        started = time.time()
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            leftovers = []
+            for child in me.children(recursive=True):
+                try:
+                    if child.create_time() >= started - 1:
+                        child.kill()
+                        leftovers.append(child)
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(leftovers, timeout=10)
+            ray.shutdown()
+            log.warning("local Ray did not start (attempt %d of %d: %s); trying again", attempt,
+                        LOCAL_START_ATTEMPTS, str(err).split(".")[0])
