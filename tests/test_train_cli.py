@@ -37,3 +37,25 @@ def test_train_then_evaluate(tmp_path, data_dir, task, method, capsys):
 def test_bad_override_exits_with_named_error(capsys):
     assert main(["train", "--config", "configs/train/udpos-topro.yaml", "lerning_rate=1"]) == 2
     assert "unknown key 'lerning_rate'" in capsys.readouterr().err
+
+
+def test_freeze_embeddings_keeps_the_word_vectors_and_trains_the_rest(tmp_path, data_dir, tiny_udpos):
+    """``freeze_embeddings=true``: word vectors leave training unchanged, the encoder moves, counts say so."""
+    runs = {}
+    for freeze in ("true", "false"):
+        out = tmp_path / freeze
+        assert main(["train", "--config", "configs/train/udpos-topro.yaml", "--data-dir", str(data_dir),
+                     "--output", str(out), "max_train_sentences=10", "max_dev_sentences=5", "epochs=1",
+                     "max_steps=2", "eval_langs=[]", "progress=false", "learning_rate=1e-2",
+                     f"freeze_embeddings={freeze}"]) == 0
+        runs[freeze] = (json.loads((out / "metrics.json").read_text()),
+                        load_file(out / "checkpoint" / "model.safetensors"))
+    base = load_file(f"{tiny_udpos}/model.safetensors")
+    key = next(k for k in base if k.endswith("word_embeddings.weight"))
+    layer = next(k for k in base if "encoder.layer.0" in k and k.endswith("dense.weight"))
+    frozen_metrics, frozen = runs["true"]
+    trained_metrics, trained = runs["false"]
+    assert (frozen[key] == base[key]).all()
+    assert not (trained[key] == base[key]).all()
+    assert not (frozen[layer] == base[layer]).all()
+    assert trained_metrics["n_trainable_params"] - frozen_metrics["n_trainable_params"] == base[key].numel()

@@ -91,6 +91,12 @@ class TrainConfig:
     """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
     progress: bool = True
     """Show progress bars."""
+    freeze_embeddings: bool | None = None
+    """Keep the input word-embedding matrix fixed. ``None`` (auto): frozen for pretrained models, trained
+    for the randomly initialised ``tiny``. Freezing it keeps English fine-tuning from moving English
+    token vectors away from the other languages' (Wu & Dredze 2019; Artetxe et al. 2020), and with a
+    250k-word vocabulary (XLM-R, e5) it is most of the work of a step: measured 3.7x faster ToPro
+    steps for multilingual-e5-small on 2 CPU cores (benchmarks/topro_training_speed.py)."""
     # Method-specific settings (ignored by methods that do not use them).
     prefix_length: int = 16
     """Prompt-Tuning / soft ToPro: number of trainable prompt vectors."""

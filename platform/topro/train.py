@@ -40,7 +40,7 @@ from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
-from topro.models import load_tokenizer, pick_device, resolve_model_path
+from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,25 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                              "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path})
 
 
+def embeddings_frozen(cfg: TrainConfig) -> bool:
+    """``cfg.freeze_embeddings``, with ``None`` meaning: frozen unless the model is the random ``tiny``."""
+    if cfg.freeze_embeddings is None:
+        return cfg.model != TINY
+    return cfg.freeze_embeddings
+
+
+def freeze_input_embeddings(model: torch.nn.Module) -> None:
+    """Stop gradients to the word-embedding matrix (and to an output layer tied to it)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if get is not None else None
+    if embeddings is None:  # wrappers (soft prompts) expose their backbone's
+        inner = [m for m in model.modules() if m is not model and hasattr(m, "get_input_embeddings")]
+        embeddings = inner[0].get_input_embeddings() if inner else None
+    if embeddings is None:
+        raise ValueError(f"freeze_embeddings: {type(model).__name__} has no input embeddings to freeze")
+    embeddings.weight.requires_grad_(False)
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
@@ -222,6 +241,8 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     base_model = method.build_model(model_path)
+    if embeddings_frozen(cfg):
+        freeze_input_embeddings(base_model)
     n_trainable, n_total = count_parameters(base_model)
     log.info("%s: %d trainable of %d parameters (%.3f%%)", method.name, n_trainable, n_total,
              100 * n_trainable / max(n_total, 1))
