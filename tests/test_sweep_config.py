@@ -67,3 +67,16 @@ def test_base_may_be_a_train_config_file(tmp_path):
 def test_bad_keys_and_values_are_named(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep_config(_write(tmp_path, BASE), [override])
+
+
+def test_relative_paths_are_resolved_on_the_driver(tmp_path, monkeypatch, data_dir):
+    """Trials run in their own working folders: a relative data dir or model folder must not reach them."""
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    relative = Path("..") / tmp_path.name / "data"
+    cfg = load_sweep_config(_write(tmp_path, BASE.replace("model: tiny", "model: models/m")), [],
+                            data_dir=str(relative))
+    assert cfg.base["data_dir"] == str((tmp_path / "data").resolve())
+    assert cfg.base["model"] == str((tmp_path / "models" / "m").resolve())
+    cfg = load_sweep_config(_write(tmp_path, BASE), ["search_space.model.grid=[tiny,models/m]"])
+    assert cfg.search_space["model"] == {"grid": ["tiny", str((tmp_path / "models" / "m").resolve())]}

@@ -259,7 +259,20 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
     validate(cfg)
     # Values as their fields' types ("1e-3" read by YAML 1.1 as a string becomes 0.001).
     cfg.search_space = {d.field: {d.kind: list(d.values)} for d in dimensions(cfg)}
+    # Trials run in their own working folders: relative paths mean what they mean here, on the driver.
+    if cfg.base.get("data_dir"):
+        cfg.base["data_dir"] = str(Path(cfg.base["data_dir"]).expanduser().resolve())
+    cfg.base["model"] = _local_folder_absolute(cfg.base["model"])
+    if "model" in cfg.search_space:
+        cfg.search_space["model"] = {kind: [_local_folder_absolute(m) for m in values]
+                                     for kind, values in cfg.search_space["model"].items()}
     return cfg
+
+
+def _local_folder_absolute(model: str) -> str:
+    """A model given as an existing local folder, as an absolute path; hub ids and ``tiny`` unchanged."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
 
 def sweep_to_dict(cfg: SweepConfig) -> dict[str, Any]:

@@ -41,6 +41,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
     passthrough = {k: os.environ[k] for k in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "MLFLOW_TRACKING_URI",
                                               "HF_HUB_OFFLINE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH")
                    if k in os.environ}
+    # Ray workers run in other working folders: relative paths are made absolute here, on the driver.
+    for key in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH"):
+        if passthrough.get(key) and "://" not in passthrough[key]:
+            passthrough[key] = os.pathsep.join(os.path.abspath(os.path.expanduser(p))
+                                               for p in passthrough[key].split(os.pathsep) if p)
     if address is None:
         # address="local": always a new in-process Ray; with None, Ray would join any cluster that a
         # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (someone else's, on a shared box).
