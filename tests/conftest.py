@@ -101,6 +101,8 @@ def ray_local():
     from topro.cluster.runtime import init_ray
 
     ray = init_ray()
+    # Loopback only: a node on the machine's external address would send traffic off the box.
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}, ray.nodes()
     yield ray
     ray.shutdown()
 

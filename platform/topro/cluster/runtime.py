@@ -47,6 +47,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
             passthrough[key] = os.pathsep.join(os.path.abspath(os.path.expanduser(p))
                                                for p in passthrough[key].split(os.pathsep) if p)
     if address is None:
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import: where something imported it before
+        # this call (Tune, Train), the setdefault above came too late and 127.0.0.1 would be "resolved"
+        # to the machine's external address.
+        import ray._private.ray_constants as ray_constants
+        from ray._common.utils import env_bool
+
+        ray_constants.ENABLE_RAY_CLUSTER = env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, True)
         # address="local": always a new in-process Ray; with None, Ray would join any cluster that a
         # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (someone else's, on a shared box).
         _start_local(ray, address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
