@@ -55,6 +55,22 @@ def test_tagger_tags_with_probabilities_from_a_trained_checkpoint(tiny_topro_che
     assert tagger.tag([]) == []
 
 
+def test_tagger_token_budget_defaults_by_device_and_changes_no_prediction(tiny_topro_checkpoint, data_dir):
+    from topro.serving import Tagger
+
+    assert Tagger.load(str(tiny_topro_checkpoint), device="cpu").max_tokens == 2048
+    sentences = _unlabelled(load_split("udpos", "de", "dev", data_dir, limit=12))
+    outputs = []
+    for budget in (256, 8192):
+        tagger = Tagger.load(str(tiny_topro_checkpoint), device="cpu", max_tokens=budget)
+        assert tagger.max_tokens == budget
+        outputs.append(tagger.tag(sentences))
+    small, large = outputs
+    for a, b in zip(small, large):
+        assert [w.tag for w in a.words] == [w.tag for w in b.words]
+        assert all(math.isclose(x.prob, y.prob, abs_tol=1e-4) for x, y in zip(a.words, b.words))
+
+
 def test_tagger_span_task_decodes_valid_iob2_and_marks_truncated_words(untrained_checkpoint):
     from topro.serving import Tagger
 

@@ -89,6 +89,17 @@ def words_from_text(text: str) -> list[str]:
     return text.split()
 
 
+def default_max_tokens(device) -> int:
+    """Padded tokens per forward pass when none is given.
+
+    On CPU a smaller pass is faster: 2048 tokens keep a pass's activations in
+    cache, while at 8192 every pass page-faults its buffers in afresh
+    (multilingual-e5-small ToPro, one thread: 4.6 against 3.7 sentences/s).
+    An accelerator wants large passes.
+    """
+    return 2048 if str(device).startswith("cpu") else 8192
+
+
 class Tagger:
     """One loaded checkpoint that tags batches of unlabelled sentences.
 
@@ -97,7 +108,7 @@ class Tagger:
     a time keeps CPU threads from fighting, which the caller arranges.
     """
 
-    def __init__(self, method, model, info: ModelInfo, *, max_tokens: int = 8192, max_examples: int = 256,
+    def __init__(self, method, model, info: ModelInfo, *, max_tokens: int | None = None, max_examples: int = 256,
                  viterbi: bool = True):
         from topro.data.tasks import get_task
 
@@ -106,7 +117,7 @@ class Tagger:
         self.info = info
         self.task = get_task(info.task)
         self.label_index = {label: i for i, label in enumerate(method.labels)}
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens or default_max_tokens(info.device)
         self.max_examples = max_examples
         # Span tasks (IOB2): decode the best valid tag sequence, so no I-X follows O.
         self.viterbi = viterbi and self.task.scheme == "iob2"
@@ -205,4 +216,4 @@ class ModelCatalogue:
 
 
 __all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "TaggedSentence", "TaggedWord", "Tagger",
-           "UnknownModelError", "words_from_text"]
+           "UnknownModelError", "default_max_tokens", "words_from_text"]
