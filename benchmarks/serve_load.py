@@ -15,7 +15,10 @@
    ``--duration`` seconds after a short warm-up, at most ``--max-requests``.
    Printed: requests, errors (non-200 answers and transport failures), throughput
    (requests/s, sentences/s, words/s), latency p50/p95/p99, mean requests per
-   model call, and throughput as a fraction of offline.
+   model call, the share of the window the model ran and its pace while it ran
+   (sentences/s over its calls' own time: the gap to offline is model
+   efficiency inside the replica; the rest is time the model sat idle), and
+   throughput as a fraction of offline.
 4. Offline again at the end: the machine is shared, so the offline figure is
    the mean of the two, and both are printed.
 
@@ -89,6 +92,7 @@ async def drive(url: str, sentences: list[list[str]], clients: int, duration: fl
     latencies: list[float] = []
     errors: dict[str, int] = {}
     batch_requests: list[int] = []
+    model_calls: dict[tuple[str, int], tuple[int, float]] = {}  # (replica, call id) -> (sentences, seconds)
     counted = {"requests": 0, "sentences": 0, "words": 0}
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -117,19 +121,26 @@ async def drive(url: str, sentences: list[list[str]], clients: int, duration: fl
             counted["requests"] += 1
             counted["sentences"] += len(body)
             counted["words"] += sum(len(s) for s in body)
-            batch_requests.append(payload["batch"]["requests"])
+            batch = payload["batch"]
+            batch_requests.append(batch["requests"])
+            model_calls[(batch["replica"], batch["id"])] = (batch["sentences"], batch["seconds"])
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         await asyncio.gather(*(client(i, session) for i in range(clients)))
     window = min(loop.time(), deadline) - measure_from
+    model_seconds = sum(seconds for _, seconds in model_calls.values())
     return {"clients": clients, "seconds": round(window, 2), **counted, "errors": sum(errors.values()),
             "error_kinds": errors, "requests_per_s": counted["requests"] / window,
             "sentences_per_s": counted["sentences"] / window, "words_per_s": counted["words"] / window,
             "p50_ms": 1000 * percentile(latencies, 0.50), "p95_ms": 1000 * percentile(latencies, 0.95),
             "p99_ms": 1000 * percentile(latencies, 0.99),
-            "mean_batch_requests": statistics.fmean(batch_requests) if batch_requests else float("nan")}
+            "mean_batch_requests": statistics.fmean(batch_requests) if batch_requests else float("nan"),
+            # Where the time went: the model's own pace inside the replica, and how much of the window it ran.
+            "model_calls": len(model_calls), "model_busy": model_seconds / window,
+            "model_sentences_per_s": (sum(n for n, _ in model_calls.values()) / model_seconds
+                                      if model_seconds else float("nan"))}
 
 
 def free_port() -> int:
@@ -226,12 +237,13 @@ def main(argv: list[str] | None = None) -> int:
           f"mean {offline:.1f} sentences/s ({offline * n_words / len(sentences):.0f} words/s)")
     print(f"endpoint: {url} ({args.per_request} sentence(s) per request, {args.duration:.0f} s per row)\n")
     print("| clients | requests | errors | req/s | sentences/s | words/s | p50 ms | p95 ms | p99 ms "
-          "| requests per model call | endpoint / offline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| requests per model call | model busy | model sentences/s | endpoint / offline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} "
               f"| {r['sentences_per_s']:.1f} | {r['words_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-              f"| {r['p99_ms']:.0f} | {r['mean_batch_requests']:.1f} | {r['sentences_per_s'] / offline:.2f} |")
+              f"| {r['p99_ms']:.0f} | {r['mean_batch_requests']:.1f} | {r['model_busy']:.0%} "
+              f"| {r['model_sentences_per_s']:.1f} | {r['sentences_per_s'] / offline:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "sentences": len(sentences), "words": n_words,
                                                "offline": [offline_before, offline_after],

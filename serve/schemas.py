@@ -127,6 +127,8 @@ class ModelRef(BaseModel):
 class BatchInfo(BaseModel):
     """How the request was served (for observing batching)."""
 
+    id: int = Field(description="The model call's number on its replica: requests with the same replica and "
+                                "id shared one model call.")
     requests: int = Field(description="Requests answered by the same model call as this one.")
     sentences: int = Field(description="Sentences in that model call.")
     replica: str

@@ -21,6 +21,7 @@ Start it with ``serve run serve/config.yaml`` or ``topro serve --model ...``.
 # No `from __future__ import annotations` here: the class is pickled by value (see below), and FastAPI must
 # read the request model from real annotations, not from names it would look up in the pickled globals.
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -51,7 +52,9 @@ class TaggingArgs(BaseModel):
                                    description="More model ids clients may name in the header, id -> URI.")
     allow_registry_ids: bool = Field(True, description="Clients may also name any registered models:/ URI.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Requests tagged together at most.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=5.0, description="Longest wait to fill a batch.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0, description=(
+        "Longest wait to fill a batch once the model is free. Requests that arrive while it runs are held "
+        "and go together anyway (BatchGate), so waiting more only delays an idle model."))
     max_sentences: int = Field(64, ge=1, description="Sentences per request.")
     max_words: int = Field(200, ge=1, description="Words per sentence.")
     max_word_chars: int = Field(100, ge=1, description="Characters per word.")
@@ -59,7 +62,8 @@ class TaggingArgs(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: Ray's "
                                                               "OMP_NUM_THREADS, i.e. the replica's num_cpus).")
-    max_tokens: int = Field(8192, ge=128, description="Token budget of one forward pass.")
+    max_tokens: int | None = Field(None, ge=128, description="Padded tokens in one forward pass (default: 2048 "
+                                                             "on CPU, 8192 on an accelerator).")
     max_examples: int = Field(256, ge=1, description="Prompts in one forward pass at most.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                                                        "else sqlite:///mlflow.db, made absolute).")
@@ -132,6 +136,36 @@ def _warn_if_batches_cannot_fill(max_batch_size: int) -> None:
                     "raise max_ongoing_requests in the deployment config", ongoing, max_batch_size, ongoing)
 
 
+class BatchGate:
+    """Holds requests back while a batch is with the model, so the next batch forms when the model is free.
+
+    ``@serve.batch`` (Ray 2.60) forms the next batch as soon as the current one is handed on, and that batch
+    then waits for the model. Under load a batch therefore holds only the requests that arrived within
+    ``batch_wait_timeout_s`` of each other, not all those that queued during the last model call: 6 to 8 of
+    32 for multilingual-e5-small at 32 clients. Requests wait here instead and enter the batch queue
+    together when the running batch ends.
+    """
+
+    def __init__(self):
+        self._running = 0
+        self._free = asyncio.Event()
+        self._free.set()
+
+    async def wait_until_free(self) -> None:
+        await self._free.wait()
+
+    @contextlib.contextmanager
+    def model_busy(self):
+        self._running += 1
+        self._free.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._free.set()
+
+
 @dataclass
 class TagJob:
     """One request's work inside a batch."""
@@ -184,6 +218,8 @@ class TaggerDeployment:
 
         self._get_model = serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(
             load_model)
+        self.gate = BatchGate()
+        self.model_calls = 0
         self._tag_batch.set_max_batch_size(self.args.max_batch_size)
         self._tag_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         _warn_if_batches_cannot_fill(self.args.max_batch_size)
@@ -224,6 +260,7 @@ class TaggerDeployment:
         resident = await self._resident_for_request()
         lang = body.lang or ""
         job = TagJob(resident, [Sentence(words, [], lang) for words in word_lists])
+        await self.gate.wait_until_free()
         await self._tag_batch(job)
         if "error" in job.done:
             return JSONResponse({"detail": job.done["error"]}, status_code=500)
@@ -235,9 +272,14 @@ class TaggerDeployment:
             "batch": job.done["batch"],
         })
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _tag_batch(self, jobs: list[TagJob]) -> list[None]:
         """Tag the sentences of all ``jobs``: one ``Tagger.tag`` call per model among them."""
+        with self.gate.model_busy():
+            await self._tag_jobs(jobs)
+        return [None] * len(jobs)
+
+    async def _tag_jobs(self, jobs: list[TagJob]) -> None:
         by_model: dict[int, list[TagJob]] = {}
         for job in jobs:
             by_model.setdefault(id(job.resident), []).append(job)
@@ -253,14 +295,14 @@ class TaggerDeployment:
                 for job in group:
                     job.done["error"] = f"tagging failed: {type(err).__name__}: {err}"
                 continue
-            batch = {"requests": len(group), "sentences": len(sentences), "replica": self.replica,
+            self.model_calls += 1
+            batch = {"id": self.model_calls, "requests": len(group), "sentences": len(sentences), "replica": self.replica,
                      "seconds": round(time.perf_counter() - start, 4)}
             offset = 0
             for job in group:
                 job.done["tagged"] = tagged[offset:offset + len(job.sentences)]
                 job.done["batch"] = batch
                 offset += len(job.sentences)
-        return [None] * len(jobs)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
