@@ -296,8 +296,8 @@ class TaggerDeployment:
                     job.done["error"] = f"tagging failed: {type(err).__name__}: {err}"
                 continue
             self.model_calls += 1
-            batch = {"id": self.model_calls, "requests": len(group), "sentences": len(sentences), "replica": self.replica,
-                     "seconds": round(time.perf_counter() - start, 4)}
+            batch = {"id": self.model_calls, "requests": len(group), "sentences": len(sentences),
+                     "replica": self.replica, "seconds": round(time.perf_counter() - start, 4)}
             offset = 0
             for job in group:
                 job.done["tagged"] = tagged[offset:offset + len(job.sentences)]
