@@ -145,13 +145,19 @@ def tiny_model_dir(kind: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(kind: str):
-    """(model, tokenizer) loaded for scoring: fp32, eval mode, sdpa attention."""
+def tiny_model(kind: str, dtype=None):
+    """(model, tokenizer) loaded for scoring: eval mode, sdpa attention, float64 by default.
+
+    Float64 because the tests compare two orders of summation (shared-prefix vs
+    naive scoring): summed label log-probs of the random models are ~-150 to
+    -190, where float32 results differed by up to 6.9e-4 on some CPUs (another
+    kernel, another order), while float64 agrees to ~1e-10 on any CPU and
+    thread count."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     torch.set_num_threads(1)
     path = tiny_model_dir(kind)
     cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
-    model = cls.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = cls.from_pretrained(path, attn_implementation="sdpa", dtype=dtype or torch.float64).eval()
     return model, AutoTokenizer.from_pretrained(path)

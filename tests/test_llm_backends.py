@@ -34,7 +34,7 @@ def test_hf_shared_and_naive_agree(hf):
     naive_backend = HFBackend.__new__(HFBackend)
     naive_backend.__dict__.update(hf.__dict__, scoring="naive", _contexts=OrderedDict())
     naive = naive_backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
-    torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-8, rtol=1e-10)
     assert shared.continuation_tokens == [len(hf.ids(a)) for a in ANSWERS]
     assert len(hf._contexts) == 1  # the context was cached for the next sentence
 
@@ -96,11 +96,11 @@ def test_chat_only_server_generates_but_cannot_score():
 
 
 def test_hf_seq2seq_backend():
-    backend = HFBackend(str(tiny_model_dir("t5")), threads=1)
+    backend = HFBackend(str(tiny_model_dir("t5")), threads=1, dtype="fp64")
     shared = backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
     assert shared.logprobs.shape == (3, 4) and bool((shared.logprobs < 0).all())
     backend.scoring = "naive"
     naive = backend.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
-    torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared.logprobs, naive.logprobs, atol=1e-8, rtol=1e-10)
     out = backend.generate([SENTENCE + q for q in QUESTIONS], max_new_tokens=4, context=CONTEXT)
     assert len(out) == 3 and all(isinstance(o, str) and "\n" not in o for o in out)

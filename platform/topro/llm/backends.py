@@ -88,7 +88,9 @@ class HFBackend:
         self.generate_batch_size = generate_batch_size
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        # fp64 is for reference checks (the equivalence tests), not for speed.
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                       "fp64": torch.float64}[dtype]
         config = AutoConfig.from_pretrained(model)
         self.is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
