@@ -169,8 +169,10 @@ def check_train_config(train: TrainConfig, where: str) -> None:
     from topro.methods import METHODS
     from topro.prompts import get_template, get_verbalizer
 
+    from topro.metrics import resolve_selection_metric
+
     try:
-        get_task(train.task)
+        resolve_selection_metric(get_task(train.task), train.selection_metric)
         if train.method not in METHODS:
             raise ConfigError(f"unknown method {train.method!r}; known methods: {sorted(METHODS)}")
         get_template(train.task, train.template)
