@@ -88,6 +88,10 @@ class TrainConfig:
     """torch intra-op threads (``None``: torch's default)."""
     viterbi: bool = True
     """For IOB2 tasks, also report scores of the Viterbi-decoded valid sequence."""
+    selection_metric: str | None = None
+    """English dev score that selects the checkpoint (and ranks sweep trials); ``None``: the task's headline
+    (``accuracy`` for UDPOS, ``f1`` = seqeval default-mode span F1 for PAN-X). PAN-X also takes ``f1_strict``,
+    ``viterbi_f1`` or ``accuracy``; UDPOS ``xtreme_seqeval_f1``. Named in ``metrics.json``, MLflow and the report."""
     output_dir: str = "outputs/run"
     """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
     progress: bool = True

@@ -127,10 +127,12 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
 
 
 def check_names(cfg: TrainConfig) -> None:
-    """Task, method, template and verbalizer exist (what was found only after building the model)."""
+    """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    get_task(cfg.task)
+    from topro.metrics import resolve_selection_metric
+
+    resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
     if cfg.method not in BUILTIN_METHODS:  # importing the registry imports torch: only when needed
         from topro.methods import METHODS
     if cfg.method not in BUILTIN_METHODS and cfg.method not in METHODS:

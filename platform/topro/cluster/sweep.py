@@ -38,6 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from topro import tracking
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task
+from topro.metrics import resolve_selection_metric
 from topro.sweep_config import SweepConfig, dimensions, grid_size, sweep_to_dict, trial_train_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ TRIAL_FIELDS = ("base", "search_space", "search", "num_samples", "scheduler", "g
 # --- inside each trial ---------------------------------------------------------------------------------------
 
 class SweepReportCallback(TuneReportCallback):
-    """Forward Ray Train reports to Tune, adding the task's headline dev metric under one name for any task."""
+    """Forward Ray Train reports to Tune, adding the run's selection metric (English dev) under one name for any task."""
 
     def __init__(self, task_metric: str):
         super().__init__()
@@ -84,7 +85,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment_dir: str) -
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, params, experiment_dir, trial_id)
-    callback = SweepReportCallback(get_task(cfg.task).metric)
+    callback = SweepReportCallback(resolve_selection_metric(get_task(cfg.task), cfg.selection_metric))
     trainer = build_trainer(cfg, name=cfg.run_name, storage_path=cfg.storage_path, callbacks=[callback])
     result = trainer.fit()
     if result.error is not None:
@@ -509,7 +510,9 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
                                                 cpus_per_worker=sweep.eval_cpus_per_worker, address=address)
         for t, record in zip(todo, records):
             record.update(max_sentences=max_sentences, trial_id=t.trial_id, setting=setting_label(sweep, t.params),
-                          seed=t.config.seed, learning_rate=t.config.learning_rate, dev_score=t.dev_score)
+                          seed=t.config.seed, learning_rate=t.config.learning_rate, dev_score=t.dev_score,
+                          selection_metric=resolve_selection_metric(get_task(t.config.task),
+                                                                    t.config.selection_metric))
             t.record = record
             workdir = Path(sweep.storage_path).expanduser().resolve() / sweep.name / "trials" / t.trial_id / "evaluation"
             tracking.log_evaluation(t.run_id, record, workdir)
