@@ -108,6 +108,16 @@ class TrainConfig:
     soft_prompt_placement: Literal["replace", "prefix"] = "replace"
     """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
     text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
+    prompt_packing: Literal["per_word", "sentence"] = "per_word"
+    """ToPro / soft ToPro on masked LMs: ``per_word`` is the paper's one prompt per word (each holding the
+    whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
+    (the sentence sees only itself, each question the sentence and itself, at its single-prompt positions),
+    so a sentence costs about sentence + n x question tokens instead of n x (sentence + question). A
+    different computation: a checkpoint is trained and served in one mode (``topro.json`` records it).
+    ``batch_size`` counts questions in both modes."""
+    max_packed_length: int = 512
+    """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,
+    each with its own sentence window); every question still sees at most ``max_length`` positions."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
@@ -135,6 +145,20 @@ class TrainConfig:
     """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
     keep_checkpoints: int = 1
     """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_packing not in ("per_word", "sentence"):
+            raise ConfigError(f"prompt_packing: {self.prompt_packing!r} is not one of ['per_word', 'sentence']")
+        if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
+            raise ConfigError(f"prompt_packing={self.prompt_packing!r}: method {self.method!r} cannot pack "
+                              f"prompts; only {list(PACKABLE_METHODS)} (on masked LMs) can")
+        if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
+            raise ConfigError(f"max_packed_length={self.max_packed_length} must be at least "
+                              f"max_length={self.max_length}")
+
+
+PACKABLE_METHODS = ("topro", "topro_soft")
+"""Methods that take ``prompt_packing: sentence``."""
 
 
 T = TypeVar("T")
