@@ -17,6 +17,12 @@ os.environ.setdefault("TOPRO_CACHE", str(REPO / ".cache" / "topro-test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Ray workers (Serve's HTTP proxy among them) import this checkout's `serve` and `topro`; the proxy loads the
+# model-id header check from it, as `topro serve` arranges.
+_paths = [str(REPO), str(REPO / "platform")]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    _paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _paths])
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
 
 
 @pytest.fixture(scope="session")

@@ -69,3 +69,31 @@ def test_two_column_conll(tmp_path):
     path.write_text("-DOCSTART- O\n\nBerlin B-LOC\nis O\n")
     [sentence] = read_conll(path, labels=get_task("panx").labels)
     assert sentence.tags == ["B-LOC", "O"]
+
+
+def test_invalid_utf8_is_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes("Das\tDET\nist\tAUX\n\nMädchen\tNOUN\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1.tsv:4: not valid UTF-8 \(byte 0xe4 at column 2\)"):
+        read_xtreme_tsv(path)
+
+
+def test_utf8_bom_is_not_kept_in_the_first_word(tmp_path):
+    for name, text, read in [("bom.tsv", "Das\tDET\nist\tAUX\n", read_xtreme_tsv),
+                             ("bom.conllu", "1\tDas\tder\tDET\t_\t_\t0\troot\t_\t_\n", read_conllu),
+                             ("bom.conll", "Berlin B-LOC\n", read_conll)]:
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert read(path)[0].words[0] in ("Das", "Berlin"), name
+
+
+def test_conllu_errors_name_the_line_after_multiword_and_empty_node_lines(tmp_path):
+    path = tmp_path / "x.conllu"
+    rows = ["# text = Vámonos al mar", "1-2\tVámonos\t_\t_\t_\t_\t_\t_\t_\t_",
+            "1\tVamos\tir\tVERB\t_\t_\t0\troot\t_\t_", "2\tnos\tnosotros\tPRON\t_\t_\t1\tobj\t_\t_",
+            "2.1\tX\t_\tNOUN\t_\t_\t_\t_\t_\t_", "3\tal\ta\tBADTAG\t_\t_\t1\tcase\t_\t_"]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError, match=r"x.conllu:6: unknown tag 'BADTAG' for word 'al'"):
+        read_conllu(path, labels=get_task("udpos").labels)
+    [sentence] = read_conllu(path)
+    assert sentence.source.endswith("x.conllu:3")  # its first word, not the comment

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from topro.batching import token_budget_batches
-from topro.config import ConfigError, TrainConfig
+from topro.config import ConfigError, TrainConfig, from_dict
 from topro.data import get_task, load_split
 from topro.data.readers import Sentence
 from topro.evaluate import predict
@@ -190,15 +190,17 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tiny_udpos):
 
 def test_methods_that_cannot_pack_are_refused_by_name(tiny_udpos, tiny_mt5):
     for method in ("vanilla", "prompt_tuning"):
-        with pytest.raises(ConfigError, match=f"method '{method}' cannot pack"):
-            TrainConfig(method=method, prompt_packing="sentence")
+        with pytest.raises(ConfigError, match=f"field 'prompt_packing': method '{method}' cannot pack"):
+            from_dict(TrainConfig, {"method": method, "prompt_packing": "sentence"})
         with pytest.raises(ValueError, match=f"method '{method}' cannot pack"):
             make(tiny_udpos, method=method, prompt_packing="sentence")
     with pytest.raises(ValueError, match="method 'topro' on the encoder-decoder"):
         make(tiny_mt5, prompt_packing="sentence")
     with pytest.raises(ConfigError, match="prompt_packing"):
-        TrainConfig(prompt_packing="words")
-    TrainConfig(method="topro_soft", prompt_packing="sentence")  # packable: accepted
+        from_dict(TrainConfig, {"prompt_packing": "words"})
+    with pytest.raises(ConfigError, match="max_packed_length"):
+        from_dict(TrainConfig, {"prompt_packing": "sentence", "max_packed_length": 64})
+    from_dict(TrainConfig, {"method": "topro_soft", "prompt_packing": "sentence"})  # packable: accepted
 
 
 def test_prompt_packing_is_sweepable_and_checked_per_trial(tmp_path):

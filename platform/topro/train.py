@@ -35,11 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from topro.batching import split_batches, token_budget_batches
-from topro.config import TrainConfig, to_dict
+from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
+from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task)
+    selection = resolve_selection_metric(task, cfg.selection_metric)
+    if selection == "viterbi_f1" and not cfg.viterbi:
+        raise ConfigError("selection_metric: 'viterbi_f1' needs viterbi: true")
     model_path = resolve_model_path(cfg.model, task.name, cfg.data_dir)
     tokenizer = load_tokenizer(model_path)
     method = build_method(method_spec(cfg, model_path), model_path, tokenizer)
@@ -272,6 +276,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_trimmed_prompts": sum(len(e.words) * int(e.trimmed_context) for e in examples),
         "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
+        "selection_metric": selection,
         "steps_per_epoch": steps_per_epoch,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
@@ -284,9 +289,12 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
                                  dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
                                  max_examples=cfg.batch_size * 4)
         # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
-        metric = strategy.average(dev[task.metric])
+        metric = strategy.average(metric_value(dev, selection))
         record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),
-                  f"dev_{task.metric}": metric, "dev_accuracy": dev["accuracy"]}
+                  f"dev_{task.metric}": dev[task.metric], "dev_accuracy": dev["accuracy"],
+                  f"dev_{selection}": metric}
+        if task.scheme == "iob2":
+            record["dev_f1_strict"] = dev["f1_strict"]
         if "viterbi" in dev:
             record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
         state.history.append(record)
@@ -297,7 +305,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
             state.bad_evaluations += 1
         if strategy.is_main:
             log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", epoch, state.step, record["train_loss"],
-                     task.metric, metric, " (best)" if improved else "")
+                     selection, metric, " (best)" if improved else "")
         strategy.after_evaluation(state, record, improved=improved, method=method, model=model)
         return state.bad_evaluations >= cfg.patience
 
@@ -354,7 +362,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     all_examples = strategy.average(float(train_examples)) * strategy.world_size
     all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
     summary.update({
-        "best_step": state.best_step, f"best_dev_{task.metric}": state.best_metric,
+        "best_step": state.best_step, f"best_dev_{selection}": state.best_metric,
         "history": state.history, "steps": state.step,
         "resumed_from_step": state.resumed_from_step,
         "train_seconds": train_seconds,
