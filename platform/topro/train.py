@@ -175,7 +175,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
                       extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
                              "freeze_backbone": cfg.freeze_backbone,
-                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path})
+                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
+                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
