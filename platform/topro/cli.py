@@ -35,6 +35,9 @@ def cmd_train(args) -> int:
 def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: bool | None = None) -> dict:
     """Train (in-process, or on Ray Train when ``on_ray`` or the config asks for workers), print the
     best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``."""
+    from topro.precheck import check_train
+
+    check_train(cfg)  # data, languages, model, names: seconds, before Ray starts or a model loads
     if on_ray is None:
         on_ray = cfg.strategy != "local" or cfg.workers > 1
     if not on_ray:
@@ -78,7 +81,11 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from topro.evaluate import evaluate_checkpoint, write_results
+    from topro.precheck import check_evaluate
+
+    args.langs = ",".join(check_evaluate(args.checkpoint, args.langs, task=args.task, split=args.split,
+                                         data_dir=args.data_dir, max_sentences=args.max_sentences))
+    from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
 
     kwargs = dict(task=args.task, data_dir=args.data_dir, split=args.split, max_sentences=args.max_sentences,
                   viterbi=not args.no_viterbi, device=args.device)

@@ -270,6 +270,21 @@ def trial_outcomes(results, sweep: SweepConfig, experiment_dir: Path) -> list[Tr
     return outcomes
 
 
+# Errors a rerun cannot cure: the configuration or the data must change first.
+NOT_TRANSIENT = ("ConfigError", "DataFormatError", "FormatError", "ValueError", "TypeError", "KeyError",
+                 "FileNotFoundError")
+
+
+def failure_advice(errors: list[BaseException]) -> str:
+    """What to do about failed trials: fix the input for a configuration or data error, else rerun."""
+    text = " ".join(f"{type(e).__name__}: {e}" for e in errors)
+    named = [name for name in NOT_TRANSIENT if f"{name}:" in text]
+    if named:
+        return (f"they failed with {named[0]}, which a rerun does not cure: see the trial's error above, fix the "
+                f"configuration or data, then rerun the same command (finished trials are kept)")
+    return "rerun the same command to retry them; finished trials are kept"
+
+
 def compared_fields(sweep: SweepConfig) -> list[str]:
     """Searched fields the report compares (everything but ``select_over`` and ``seed``)."""
     return [d.field for d in dimensions(sweep) if d.field not in sweep.select_over and d.field != "seed"]
@@ -394,9 +409,9 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             if run.info.status != status:
                 tracking.end_run(o.run_id, status)
         failed = [o.trial_id for o in outcomes if o.status == "ERROR"]
+        advice = failure_advice([r.error for r in results if r.error is not None]) if failed else ""
         if failed:
-            log.warning("sweep %s: trials %s failed; the report covers the others (rerun to retry them)",
-                        sweep.name, failed)
+            log.warning("sweep %s: trials %s failed; the report covers the others (%s)", sweep.name, failed, advice)
         selected = select_trials(sweep, outcomes)
         eval_seconds = evaluate_trials(sweep, selected, address)
         registered = register_champions(sweep, selected)
@@ -416,7 +431,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
         raise
     return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
             "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": False,
-            "trials": outcomes, "selected": selected,
+            "trials": outcomes, "selected": selected, "failure_advice": advice,
             "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
 
 
