@@ -54,6 +54,12 @@ class TrainConfig:
     """Use only the first N sentences of each evaluation language."""
     max_length: int = 128
     """Maximum tokens per model input; sentences are trimmed, prompts' questions never."""
+    long_sentences: Literal["window", "truncate"] = "window"
+    """Vanilla and Prompt-Tuning, for a sentence longer than ``max_length``: ``window`` encodes it in
+    overlapping windows and labels each word in the window where it has most context (every word is
+    predicted, as with ToPro); ``truncate`` cuts it off (later words count as wrong, ``n_truncated_words``)."""
+    window_stride: int | None = None
+    """Tokens shared by consecutive windows of a long sentence (``None``: half of ``max_length``)."""
     max_tokens_per_batch: int = 4096
     """Token budget of one micro-batch (padded length x examples)."""
     batch_size: int = 32

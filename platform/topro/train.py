@@ -176,7 +176,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
                              "freeze_backbone": cfg.freeze_backbone,
                              "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
-                             "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length})
+                             "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
+                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
