@@ -13,20 +13,44 @@ import random
 from typing import Sequence
 
 
+def length_buckets(lengths: Sequence[int], width: float = 0.125, min_width: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length, shortest bucket first: a bucket spans
+    lengths from its shortest ``s`` up to ``max(s + min_width, s * (1 + width))``,
+    so padding inside a batch of one bucket stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    limit = -1
+    for i in order:
+        if not buckets or lengths[i] > limit:
+            buckets.append([])
+            limit = max(lengths[i] + min_width, int(lengths[i] * (1 + width)))
+        buckets[-1].append(i)
+    return buckets
+
+
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
                          shuffle: bool = False, seed: int = 0) -> list[list[int]]:
     """Index batches whose padded size (longest x count) fits ``max_tokens``.
 
-    With ``shuffle``, lengths are bucketed after a random tie-break and the
-    batch order is shuffled, so each epoch sees different neighbours.
+    Without ``shuffle``: examples in length order, each batch as large as fits
+    (evaluation). With ``shuffle`` (training): examples are grouped into length
+    buckets (``length_buckets``), shuffled within each bucket, cut into batches
+    sized for the bucket's longest example, and the batch order is shuffled; so
+    batches differ across epochs and seeds while staying length-homogeneous, and
+    the number of batches depends only on the lengths (not on the seed).
     """
     if max_tokens < 1 or max_examples < 1:
         raise ValueError("max_tokens and max_examples must be positive")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
     if shuffle:
-        rng.shuffle(order)
-    order.sort(key=lambda i: lengths[i])  # stable: shuffled ties stay shuffled
+        rng = random.Random(seed)
+        batches = []
+        for bucket in length_buckets(lengths):
+            rng.shuffle(bucket)
+            size = max(1, min(max_examples, max_tokens // max(1, max(lengths[i] for i in bucket))))
+            batches.extend(bucket[k:k + size] for k in range(0, len(bucket), size))
+        rng.shuffle(batches)
+        return batches
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
@@ -39,8 +63,6 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: 
         longest = new_longest
     if current:
         batches.append(current)
-    if shuffle:
-        rng.shuffle(batches)
     return batches
 
 
