@@ -119,6 +119,16 @@ class TrainConfig:
     soft_prompt_placement: Literal["replace", "prefix"] = "replace"
     """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
     text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
+    prompt_packing: Literal["per_word", "sentence"] = "per_word"
+    """ToPro / soft ToPro on masked LMs: ``per_word`` is the paper's one prompt per word (each holding the
+    whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
+    (the sentence sees only itself, each question the sentence and itself, at its single-prompt positions),
+    so a sentence costs about sentence + n x question tokens instead of n x (sentence + question). A
+    different computation: a checkpoint is trained and served in one mode (``topro.json`` records it).
+    ``batch_size`` counts questions in both modes."""
+    max_packed_length: int = 512
+    """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,
+    each with its own sentence window); every question still sees at most ``max_length`` positions."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
@@ -149,7 +159,20 @@ class TrainConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
-        return check_ranges(self, TRAIN_RANGES)
+        return check_ranges(self, TRAIN_RANGES) + self._packing_problems()
+
+    def _packing_problems(self) -> list[tuple[str, str]]:
+        if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
+            return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
+                                       f"only {list(PACKABLE_METHODS)} (on masked LMs) can")]
+        if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
+            return [("max_packed_length", f"must be at least max_length={self.max_length}, "
+                                          f"got {self.max_packed_length}")]
+        return []
+
+
+PACKABLE_METHODS = ("topro", "topro_soft")
+"""Methods that take ``prompt_packing: sentence``."""
 
 
 def _at_least(lo: float, optional: bool = False):

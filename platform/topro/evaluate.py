@@ -51,7 +51,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
            for s in sentences]
     for e in examples:
         out[e.sentence].truncated_words += e.truncated_words
-        out[e.sentence].trimmed_prompts += int(e.trimmed_context)
+        out[e.sentence].trimmed_prompts += len(e.words) * int(e.trimmed_context)  # packed rows hold several
     batches = token_budget_batches([e.length for e in examples], max_tokens, max_examples)
     for batch_ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
         chunk = [examples[i] for i in batch_ids]

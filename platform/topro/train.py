@@ -176,6 +176,7 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
                              "freeze_backbone": cfg.freeze_backbone,
                              "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
+                             "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
                              "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
 
 
@@ -208,10 +209,12 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     return optimizer, scheduler
 
 
-def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's micro-batches of ``epoch``: its slices of the global token-budget batches."""
+def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, world_size: int,
+                  sizes: list[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches of ``epoch``: its slices of the global token-budget batches
+    (``sizes``: what each example counts towards ``batch_size``, see ``Encoded.batch_units``)."""
     batches = token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.batch_size, shuffle=True,
-                                   seed=cfg.seed + epoch)
+                                   seed=cfg.seed + epoch, sizes=sizes)
     return split_batches(batches, rank, world_size)
 
 
@@ -238,9 +241,10 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
     examples = method.encode(train_sentences)
     lengths = [e.length for e in examples]
+    sizes = [e.batch_units for e in examples]
 
     # The number of batches depends only on the lengths, not on the epoch's shuffle.
-    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size))
+    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
     if batches_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
@@ -270,7 +274,8 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_sentences": len(train_sentences), "n_train_words": n_train_words,
         "n_train_examples": len(examples),
         "n_train_truncated_words": sum(e.truncated_words for e in examples),
-        "n_train_trimmed_prompts": sum(int(e.trimmed_context) for e in examples),
+        "n_train_trimmed_prompts": sum(len(e.words) * int(e.trimmed_context) for e in examples),
+        "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
         "steps_per_epoch": steps_per_epoch,
@@ -308,7 +313,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     # A run resumed after it had decided to stop stops again.
     stop = state.bad_evaluations >= cfg.patience or bool(cfg.max_steps and state.step >= cfg.max_steps)
     while state.epoch < cfg.epochs and not stop:
-        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size)
+        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
         skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum
         model.train()
