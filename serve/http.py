@@ -4,8 +4,15 @@
   types: 422, one line naming each bad field (``sentences[0][1]: Input should be a
   valid string``). ``RequestProblem(status, message)`` raised anywhere: that status.
 - A declared body larger than ``app.state.max_body_bytes``: 413, before it is read.
+- A ``serve_multiplexed_model_id`` header that is not an id (printable ASCII, at most 256 characters): 400.
+  Serve's HTTP proxy decodes that header as UTF-8 before any app code runs and answers a plain-text 500
+  when it cannot, so ``proxy_middlewares`` puts the same check into the proxy: ``topro serve`` sets
+  ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.http:proxy_middlewares`` for the Ray it starts (set it
+  on the head node of a real cluster).
 """
 from __future__ import annotations
+
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +21,10 @@ from fastapi.responses import JSONResponse
 from serve.schemas import ErrorResponse, RequestProblem, describe_validation_errors
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "serve.http:proxy_middlewares"
+_MODEL_ID_VALUE = re.compile(rb"^[\x21-\x7e]{0,256}$")
 
 
 async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -50,6 +61,33 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
+class ModelIdHeaderCheck:
+    """Refuse (400) a model-id header whose value is not printable ASCII of at most 256 bytes (pure ASGI)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for key, value in scope.get("headers", ()):
+                if key.lower().replace(b"-", b"_") == MODEL_ID_HEADER.encode() and not _MODEL_ID_VALUE.match(
+                        value.strip()):
+                    shown = value[:40].decode("latin-1")
+                    response = JSONResponse({"detail": f"header {MODEL_ID_HEADER}: {shown!r} is not a model id "
+                                                       "(printable ASCII, at most 256 characters; see GET /models)"},
+                                            status_code=400)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def proxy_middlewares() -> list:
+    """Middlewares for Serve's HTTP proxy (``$RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ModelIdHeaderCheck)]
+
+
 def make_api(title: str, description: str) -> FastAPI:
     """A FastAPI app with the shared error handling and body-size cap."""
     api = FastAPI(title=title, description=description,
@@ -57,6 +95,7 @@ def make_api(title: str, description: str) -> FastAPI:
     api.add_exception_handler(RequestValidationError, invalid_request)
     api.add_exception_handler(RequestProblem, refused)
     api.add_middleware(BodySizeLimit)
+    api.add_middleware(ModelIdHeaderCheck)
     api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
     return api
 

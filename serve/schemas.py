@@ -72,12 +72,26 @@ def check_limits(request: TagRequest, limits: Limits) -> list[list[str]]:
             raise RequestProblem(413, f"{at}: {len(words)} words; the limit is {limits.max_words} words "
                                       "per sentence")
         for j, word in enumerate(words):
+            problem = unencodable(word)
+            if problem:
+                raise RequestProblem(422, f"{at}[{j}]: {problem}")
             if not word.strip():
                 raise RequestProblem(422, f"{at}[{j}]: empty or whitespace-only word")
             if len(word) > limits.max_word_chars:
                 raise RequestProblem(413, f"{at}[{j}]: a word of {len(word)} characters; the limit is "
                                           f"{limits.max_word_chars}")
     return word_lists
+
+
+def unencodable(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (JSON lets a lone surrogate such as ``"\\ud800"`` through,
+    and the tokenizer then fails the whole model call), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"character {err.start} (U+{ord(text[err.start]):04X}) cannot be encoded as UTF-8 "
+                "(a lone UTF-16 surrogate); send valid Unicode text")
+    return None
 
 
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
@@ -180,4 +194,5 @@ class ErrorResponse(BaseModel):
 
 
 __all__ = ["BatchInfo", "ErrorResponse", "LLMTagResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
-           "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "describe_validation_errors"]
+           "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "describe_validation_errors",
+           "unencodable"]

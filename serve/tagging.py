@@ -188,6 +188,72 @@ class ResidentModel:
             del self._registry[self.tagger.info.id]
 
 
+@dataclass
+class Outcome:
+    """What one request got from ``tag_requests``: its tagged sentences, or an HTTP status and message."""
+
+    tagged: list | None = None
+    error: str | None = None
+    status: int = 200
+    first_of_call: bool = False
+    """The first request answered by its model call (the replica counts model calls by it)."""
+    call_requests: int = 0
+    call_sentences: int = 0
+    call_seconds: float = 0.0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:300] if str(err) else ""
+    return f"{type(err).__name__}: {text}".rstrip(": ")
+
+
+async def tag_requests(tag, request_sentences: list[list], model_id: str = "") -> list[Outcome]:
+    """Tag several requests' sentences in one model call (``tag``: ``Tagger.tag``); if that call fails,
+    tag each request alone, so a request the model cannot take fails by itself and the others are answered.
+
+    A request that fails alone while others of the same batch succeed is the input's fault (422, its cause
+    logged); one that fails with nothing to compare against is a server fault (500, logged), unless the
+    error is a text-encoding one (422)."""
+
+    async def call(group: list[list]) -> list[Outcome]:
+        sentences = [s for sents in group for s in sents]
+        start = time.perf_counter()
+        # Off the event loop, so requests keep arriving (and the next batch fills) meanwhile.
+        tagged = await asyncio.to_thread(tag, sentences)
+        seconds = round(time.perf_counter() - start, 4)
+        out, offset = [], 0
+        for i, sents in enumerate(group):
+            out.append(Outcome(tagged[offset:offset + len(sents)], first_of_call=i == 0, call_requests=len(group),
+                               call_sentences=len(sentences), call_seconds=seconds))
+            offset += len(sents)
+        return out
+
+    try:
+        return await call(request_sentences)
+    except Exception as err:  # a model failure fails its own requests only, never the replica
+        if len(request_sentences) == 1:
+            return [_failed(err, model_id, others_ok=False)]
+        log.warning("tagging %d requests together with %s failed (%s); tagging each alone", len(request_sentences),
+                    model_id, _first_line(err))
+    outcomes: list[Outcome | BaseException] = []
+    for sents in request_sentences:
+        try:
+            outcomes.extend(await call([sents]))
+        except Exception as err:
+            outcomes.append(err)
+    others_ok = any(isinstance(o, Outcome) for o in outcomes)
+    return [o if isinstance(o, Outcome) else _failed(o, model_id, others_ok) for o in outcomes]
+
+
+def _failed(err: BaseException, model_id: str, others_ok: bool) -> Outcome:
+    if others_ok or isinstance(err, UnicodeError):
+        log.warning("a request's sentences could not be tagged by %s (input fault, 422): %s", model_id,
+                    _first_line(err), exc_info=err)
+        return Outcome(error=f"the model could not tag these sentences: {_first_line(err)}", status=422)
+    log.error("tagging with %s failed (500)", model_id, exc_info=err)
+    return Outcome(error=f"tagging failed: {_first_line(err)}", status=500)
+
+
 # Everything the class uses is defined above it: @serve.deployment pickles the class (by value, with the
 # globals it names) when the decorator runs, so a helper defined further down is missing in the replica.
 @serve.deployment(name="Tagger", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
@@ -263,7 +329,7 @@ class TaggerDeployment:
         await self.gate.wait_until_free()
         await self._tag_batch(job)
         if "error" in job.done:
-            return JSONResponse({"detail": job.done["error"]}, status_code=500)
+            return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
         info = resident.tagger.info
         return JSONResponse({
             "model": {"id": info.id, "uri": info.uri, "task": info.task, "method": info.method,
@@ -285,24 +351,16 @@ class TaggerDeployment:
             by_model.setdefault(id(job.resident), []).append(job)
         for group in by_model.values():
             tagger = group[0].resident.tagger
-            sentences = [s for job in group for s in job.sentences]
-            start = time.perf_counter()
-            try:
-                # Off the event loop, so requests keep arriving (and the next batch fills) meanwhile.
-                tagged = await asyncio.to_thread(tagger.tag, sentences)
-            except Exception as err:  # a model failure fails its own group only, never the replica
-                log.exception("tagging %d sentences with %s failed", len(sentences), tagger.info.id)
-                for job in group:
-                    job.done["error"] = f"tagging failed: {type(err).__name__}: {err}"
-                continue
-            self.model_calls += 1
-            batch = {"id": self.model_calls, "requests": len(group), "sentences": len(sentences),
-                     "replica": self.replica, "seconds": round(time.perf_counter() - start, 4)}
-            offset = 0
-            for job in group:
-                job.done["tagged"] = tagged[offset:offset + len(job.sentences)]
-                job.done["batch"] = batch
-                offset += len(job.sentences)
+            outcomes = await tag_requests(tagger.tag, [job.sentences for job in group], tagger.info.id)
+            for job, outcome in zip(group, outcomes):
+                if outcome.error:
+                    job.done["error"], job.done["status"] = outcome.error, outcome.status
+                    continue
+                self.model_calls += 1 if outcome.first_of_call else 0
+                job.done["tagged"] = outcome.tagged
+                job.done["batch"] = {"id": self.model_calls, "requests": outcome.call_requests,
+                                     "sentences": outcome.call_sentences, "replica": self.replica,
+                                     "seconds": outcome.call_seconds}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

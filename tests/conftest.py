@@ -17,6 +17,12 @@ os.environ.setdefault("TOPRO_CACHE", str(REPO / ".cache" / "topro-test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Ray workers (Serve's HTTP proxy among them) import this checkout's `serve` and `topro`; the proxy loads the
+# model-id header check from it, as `topro serve` arranges.
+_paths = [str(REPO), str(REPO / "platform")]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    _paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _paths])
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +138,7 @@ def untrained_checkpoint(tmp_path_factory):
     made: dict[tuple, Path] = {}
 
     def make(task: str, method: str, **spec) -> Path:
-        key = (task, method, tuple(sorted(spec.items())))
+        key = (task, method, repr(sorted(spec.items())))
         if key not in made:
             model_path = str(build_tiny_model(task, str(DATA_DIR)))
             m = build_method(MethodSpec(method=method, task=task, labels=list(get_task(task).labels),

@@ -34,6 +34,7 @@ def _load_module(name: str, path: Path):
 
 
 bad_inputs = _load_module("serve_bad_inputs", REPO / "benchmarks" / "bad_inputs.py")
+poison_mix = _load_module("serve_poison_mix", REPO / "benchmarks" / "poison_mix.py")
 
 
 def free_port() -> int:
@@ -267,6 +268,37 @@ def test_bad_input_gets_4xx_with_a_message_and_the_replica_lives_on(endpoint):
     assert len(rows) >= 20
     assert alive  # same replica as before, and it tagged a good request afterwards
     assert requests.get(f"{endpoint}/healthz", timeout=30).status_code == 200
+
+
+def test_a_poison_sender_fails_no_good_request(endpoint):
+    """6 clients send good requests for 6 s while one sends a lone surrogate every 0.3 s (the issue's mix:
+    before, 177 of 1,101 good requests got 500 from the batch the poison shared)."""
+    result = poison_mix.run(endpoint, clients=6, seconds=6, poison_every=0.3)
+    assert result["good_failed"] == 0, result
+    assert result["good"]["ok"] >= 6 and sum(result["poison"].values()) >= 3, result
+    assert all(k.startswith("422 sentences[0][1]: character 0 (U+D800)") for k in result["poison"]), result
+
+
+def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(tiny_topro_checkpoint):
+    """Beyond validation: the real tagger fails on one request's sentences inside a shared model call; that
+    request alone fails (422, the others succeeded alone), the others get the tags they get on their own."""
+    import asyncio
+
+    from serve.tagging import tag_requests
+    from topro.data.readers import Sentence
+    from topro.serving import Tagger
+
+    tagger = Tagger.load(str(tiny_topro_checkpoint))
+    first, second = [Sentence(["Das", "ist", "gut"], [])], [Sentence(["Berlin"], []), Sentence(["ja", "."], [])]
+    poison = [Sentence(["a", "\ud800"], [])]  # what validation refuses; here it reaches the tokenizer
+    outcomes = asyncio.run(tag_requests(tagger.tag, [first, poison, second], "default"))
+    assert [o.status for o in outcomes] == [200, 422, 200], outcomes
+    assert "could not tag these sentences: TypeError" in outcomes[1].error and outcomes[1].tagged is None
+    alone = tagger.tag(first + second)
+    assert [[(w.word, w.tag) for w in s.words] for o in (outcomes[0], outcomes[2]) for s in o.tagged] == \
+        [[(w.word, w.tag) for w in s.words] for s in alone]
+    [only] = asyncio.run(tag_requests(tagger.tag, [poison], "default"))
+    assert only.status == 500 and only.error.startswith("tagging failed: TypeError")  # nothing to compare with
 
 
 # --- POST /llm/tag --------------------------------------------------------------------------------

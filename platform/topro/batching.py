@@ -29,40 +29,49 @@ def length_buckets(lengths: Sequence[int], width: float = 0.125, min_width: int 
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
-                         shuffle: bool = False, seed: int = 0) -> list[list[int]]:
+                         shuffle: bool = False, seed: int = 0, sizes: Sequence[int] | None = None) -> list[list[int]]:
     """Index batches whose padded size (longest x count) fits ``max_tokens``.
 
     Without ``shuffle``: examples in length order, each batch as large as fits
     (evaluation). With ``shuffle`` (training): examples are grouped into length
     buckets (``length_buckets``), shuffled within each bucket, cut into batches
     sized for the bucket's longest example, and the batch order is shuffled; so
-    batches differ across epochs and seeds while staying length-homogeneous, and
-    the number of batches depends only on the lengths (not on the seed).
+    batches differ across epochs and seeds while staying length-homogeneous.
+    ``sizes``: what each example counts towards ``max_examples`` (default 1;
+    a packed ToPro row counts its questions); one example always fits. The
+    number of batches depends only on the (length, size) multiset, never on
+    the seed (steps per epoch are known before the first epoch).
     """
     if max_tokens < 1 or max_examples < 1:
         raise ValueError("max_tokens and max_examples must be positive")
+    size_of = (lambda i: sizes[i]) if sizes is not None else (lambda i: 1)
+    rng = random.Random(seed)
     if shuffle:
-        rng = random.Random(seed)
-        batches = []
-        for bucket in length_buckets(lengths):
+        groups = length_buckets(lengths)
+        for bucket in groups:
             rng.shuffle(bucket)
-            size = max(1, min(max_examples, max_tokens // max(1, max(lengths[i] for i in bucket))))
-            batches.extend(bucket[k:k + size] for k in range(0, len(bucket), size))
-        rng.shuffle(batches)
-        return batches
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            bucket.sort(key=size_of)  # stable: shuffled within equal sizes
+    else:
+        groups = [sorted(range(len(lengths)), key=lambda i: (lengths[i], size_of(i)))]
     batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        new_longest = max(longest, lengths[i])
-        if current and (len(current) >= max_examples or new_longest * (len(current) + 1) > max_tokens):
+    for group in groups:
+        # A shuffled bucket is cut as if every example had the bucket's longest length.
+        bucket_longest = max(lengths[i] for i in group) if shuffle and group else 0
+        current: list[int] = []
+        longest = units = 0
+        for i in group:
+            new_longest = max(longest, lengths[i], bucket_longest)
+            size = size_of(i)
+            if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens):
+                batches.append(current)
+                current, new_longest, units = [], max(lengths[i], bucket_longest), 0
+            current.append(i)
+            longest = new_longest
+            units += size
+        if current:
             batches.append(current)
-            current, new_longest = [], lengths[i]
-        current.append(i)
-        longest = new_longest
-    if current:
-        batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
     return batches
 
 

@@ -126,6 +126,9 @@ def cmd_serve(args) -> int:
 
     from topro.cluster.runtime import init_ray
 
+    # Serve's HTTP proxy answers a header it cannot decode with a plain 500; this middleware answers 400
+    # first (it takes effect for a Ray started here; a cluster's head needs the same variable).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False)
     from ray import serve
 

@@ -29,30 +29,51 @@ class Sentence:
 
 
 def _check_tags(sentences: list[Sentence], labels: Iterable[str] | None, path: Path,
-                lines: list[int]) -> None:
+                word_lines: list[list[int]]) -> None:
+    """``word_lines``: per sentence, the line number of each word (CoNLL-U interleaves lines that are not
+    words: multiword ranges, empty nodes, comments)."""
     if labels is None:
         return
     allowed = set(labels)
-    for sentence, first_line in zip(sentences, lines):
+    for sentence, numbers in zip(sentences, word_lines):
         for offset, tag in enumerate(sentence.tags):
             if tag not in allowed:
                 raise DataFormatError(
-                    f"{path}:{first_line + offset}: unknown tag {tag!r} for word "
+                    f"{path}:{numbers[offset]}: unknown tag {tag!r} for word "
                     f"{sentence.words[offset]!r}; allowed tags: {sorted(allowed)}")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line break), the file decoded as UTF-8; a bad byte is reported with
+    its line, and a UTF-8 byte-order mark at the start is dropped (not kept in the first word)."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        number = data.count(b"\n", 0, err.start) + 1
+        raise DataFormatError(f"{path}:{number}: not valid UTF-8 (byte "
+                              f"{data[err.start]:#04x} at column {err.start - line_start + 1}); re-encode the "
+                              "file as UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        yield number, line.rstrip("\r")
 
 
 def _blocks(path: Path) -> Iterator[tuple[int, list[tuple[int, str]]]]:
     """Yield (first line number, [(line number, line)]) per blank-line separated block."""
     block: list[tuple[int, str]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if line.strip() == "":
-                if block:
-                    yield block[0][0], block
-                    block = []
-                continue
-            block.append((number, line))
+    for number, line in _lines(path):
+        if line.strip() == "":
+            if block:
+                yield block[0][0], block
+                block = []
+            continue
+        block.append((number, line))
     if block:  # the last sentence may lack a trailing blank line
         yield block[0][0], block
 
@@ -70,9 +91,9 @@ def read_xtreme_tsv(path: str | Path, lang: str = "", labels: Iterable[str] | No
                     limit: int | None = None) -> list[Sentence]:
     """XTREME's ``word<TAB>tag`` format, one token per line, blank line between sentences."""
     path = _open_checked(path)
-    sentences, starts = [], []
+    sentences, starts = [], []  # starts: per sentence, each word's line
     for start, block in _blocks(path):
-        words, tags = [], []
+        words, tags, numbers = [], [], []
         for number, line in block:
             if "\t" not in line:
                 raise DataFormatError(f"{path}:{number}: expected 'word<TAB>tag', got {line!r} (no tab)")
@@ -84,8 +105,9 @@ def read_xtreme_tsv(path: str | Path, lang: str = "", labels: Iterable[str] | No
                 raise DataFormatError(f"{path}:{number}: empty word in {line!r}")
             words.append(word)
             tags.append(tag)
+            numbers.append(number)
         sentences.append(Sentence(words, tags, lang, f"{path}:{start}"))
-        starts.append(start)
+        starts.append(numbers)
         if limit is not None and len(sentences) >= limit:
             break
     if not sentences:
@@ -98,9 +120,9 @@ def read_conllu(path: str | Path, lang: str = "", labels: Iterable[str] | None =
                 limit: int | None = None) -> list[Sentence]:
     """CoNLL-U: the UPOS column; multiword ranges (``1-2``) and empty nodes (``1.1``) are skipped."""
     path = _open_checked(path)
-    sentences, starts = [], []
+    sentences, starts = [], []  # starts: per sentence, each word's line
     for start, block in _blocks(path):
-        words, tags, first = [], [], None
+        words, tags, numbers = [], [], []
         for number, line in block:
             if line.startswith("#"):
                 continue
@@ -112,12 +134,12 @@ def read_conllu(path: str | Path, lang: str = "", labels: Iterable[str] | None =
                 continue
             if not token_id.isdigit():
                 raise DataFormatError(f"{path}:{number}: bad token id {token_id!r}")
-            first = first or number
             words.append(cols[1])
             tags.append(cols[3])
+            numbers.append(number)
         if words:
-            sentences.append(Sentence(words, tags, lang, f"{path}:{first}"))
-            starts.append(first)
+            sentences.append(Sentence(words, tags, lang, f"{path}:{numbers[0]}"))
+            starts.append(numbers)
         if limit is not None and len(sentences) >= limit:
             break
     if not sentences:
@@ -130,21 +152,21 @@ def read_conll(path: str | Path, lang: str = "", labels: Iterable[str] | None = 
                limit: int | None = None) -> list[Sentence]:
     """Two-column CoNLL: ``word tag`` split on whitespace; ``-DOCSTART-`` lines are skipped."""
     path = _open_checked(path)
-    sentences, starts = [], []
+    sentences, starts = [], []  # starts: per sentence, each word's line
     for start, block in _blocks(path):
-        words, tags, first = [], [], None
+        words, tags, numbers = [], [], []
         for number, line in block:
             cols = line.split()
             if cols and cols[0] == "-DOCSTART-":
                 continue
             if len(cols) != 2:
                 raise DataFormatError(f"{path}:{number}: expected 'word tag' (2 columns), got {line!r}")
-            first = first or number
             words.append(cols[0])
             tags.append(cols[1])
+            numbers.append(number)
         if words:
-            sentences.append(Sentence(words, tags, lang, f"{path}:{first}"))
-            starts.append(first)
+            sentences.append(Sentence(words, tags, lang, f"{path}:{numbers[0]}"))
+            starts.append(numbers)
         if limit is not None and len(sentences) >= limit:
             break
     if not sentences:
