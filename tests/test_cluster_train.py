@@ -177,3 +177,51 @@ def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
         assert not marker.exists()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_local_two_worker_run_listens_only_on_loopback(tmp_path, data_dir, ray_local):
+    """Every socket that this process and its descendants (Ray's servers, the Train workers, the torch
+    rendezvous) bind during a 2-worker DDP run is on a loopback address. Before LoopbackTorchConfig, rank 0's
+    TCPStore listened on every interface."""
+    import ipaddress
+    import socket
+    import threading
+
+    import psutil
+
+    seen: dict[tuple[str, int, str], str] = {}
+    stop = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not stop.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    for conn in proc.net_connections(kind="inet"):
+                        bound = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and conn.laddr)
+                        if bound:
+                            seen[(conn.laddr.ip, conn.laddr.port, conn.type.name)] = " ".join(proc.cmdline()[:3])[:120]
+                except psutil.Error:
+                    pass
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert main(["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir),
+                     "--output", str(tmp_path / "run"), "--workers", "2", "--strategy", "ddp",
+                     *[a for a in SMALL_VANILLA if not a.startswith(("epochs=", "max_train"))], "epochs=1",
+                     "max_train_sentences=32"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+    outside = {k: v for k, v in seen.items() if not loopback(k[0])}
+    print("bound sockets:", *sorted(f"{ip}:{port}/{kind} {who}" for (ip, port, kind), who in seen.items()),
+          sep="\n  ")
+    assert not outside, outside
+    workers = [v for v in seen.values() if "ray::" in v or "default_worker" in v]
+    assert len(seen) >= 5 and workers, seen  # Ray's servers and the workers' were seen, so it looked
