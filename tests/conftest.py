@@ -138,7 +138,7 @@ def untrained_checkpoint(tmp_path_factory):
     made: dict[tuple, Path] = {}
 
     def make(task: str, method: str, **spec) -> Path:
-        key = (task, method, tuple(sorted(spec.items())))
+        key = (task, method, repr(sorted(spec.items())))
         if key not in made:
             model_path = str(build_tiny_model(task, str(DATA_DIR)))
             m = build_method(MethodSpec(method=method, task=task, labels=list(get_task(task).labels),

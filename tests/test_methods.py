@@ -42,10 +42,10 @@ def test_topro_prompt_keeps_question_and_mask_when_sentence_is_trimmed(tiny_udpo
     assert sum(e.trimmed_context for e in examples) > 0
 
 
-def test_vanilla_counts_truncated_words_and_still_scores_them(tiny_udpos, data_dir):
+def test_vanilla_truncate_counts_truncated_words_and_still_scores_them(tiny_udpos, data_dir):
     from topro.evaluate import evaluate_sentences
 
-    method = build_method(spec("vanilla", max_length=16), tiny_udpos)
+    method = build_method(spec("vanilla", max_length=16, extra={"long_sentences": "truncate"}), tiny_udpos)
     model = method.build_model(tiny_udpos)
     sentences = load_split("udpos", "en", "dev", data_dir, limit=30)
     examples = method.encode(sentences)
@@ -55,6 +55,61 @@ def test_vanilla_counts_truncated_words_and_still_scores_them(tiny_udpos, data_d
     result = evaluate_sentences(method, model, "udpos", sentences)
     assert result["n_truncated_words"] == truncated
     assert result["n_words"] == sum(len(s) for s in sentences)  # truncated words stay in the denominator
+    assert result["n_seen_words"] == result["n_words"] - truncated  # the seen-word score is named as such
+
+
+def _long_sentence(data_dir, n_parts=8):
+    from topro.data.readers import Sentence
+
+    parts = load_split("udpos", "en", "dev", data_dir, limit=40)[10:10 + n_parts]
+    return Sentence([w for p in parts for w in p.words], [t for p in parts for t in p.tags], "en", "joined")
+
+
+@pytest.mark.parametrize("method_name", ["vanilla", "prompt_tuning", "topro", "topro_soft"])
+def test_every_method_predicts_every_word_of_a_sentence_several_times_max_length(method_name, tiny_udpos,
+                                                                                 data_dir):
+    from topro.evaluate import evaluate_sentences, predict
+
+    max_length = 24
+    method = build_method(spec(method_name, max_length=max_length), tiny_udpos)
+    sentence = _long_sentence(data_dir)
+    n_tokens = sum(len(p) for p in __import__("topro.methods.base", fromlist=["x"]).word_pieces(
+        method.tokenizer, sentence.words))
+    assert n_tokens > 4 * max_length  # several times max_length
+    examples = method.encode([sentence])
+    assert all(e.length <= max_length or e.trimmed_context for e in examples)
+    labelled = sorted(w for e in examples for w in e.words)
+    assert labelled == list(range(len(sentence)))  # each word labelled exactly once
+    model = method.build_model(tiny_udpos)
+    [prediction] = predict(method, model, [sentence])
+    assert not __import__("numpy").isnan(prediction.log_probs).any()
+    result = evaluate_sentences(method, model, "udpos", [sentence])
+    assert result["n_truncated_words"] == 0 and result["n_seen_words"] == len(sentence)
+
+
+def test_vanilla_window_labels_each_word_where_it_has_most_context(tiny_udpos, data_dir):
+    import torch as _torch
+
+    method = build_method(spec("vanilla", max_length=24, extra={"window_stride": 12}), tiny_udpos)
+    sentence = _long_sentence(data_dir)
+    examples = method.encode([sentence])
+    assert len(examples) > 3
+    budget = 24 - method.layout.single_overhead
+    for e in examples:
+        assert e.length <= 24 and e.truncated_words == 0
+        inner = e.input_ids[len(method.layout.prefix):e.length - len(method.layout.single_suffix)]
+        assert 0 < len(inner) <= budget
+    # A sentence that fits is one example, the same as with truncation.
+    short = load_split("udpos", "en", "dev", data_dir, limit=3)[0]
+    wide = build_method(spec("vanilla", max_length=128), tiny_udpos)
+    cut = build_method(spec("vanilla", max_length=128, extra={"long_sentences": "truncate"}), tiny_udpos)
+    assert [e.input_ids for e in wide.encode([short])] == [e.input_ids for e in cut.encode([short])]
+    # A word's prediction comes from its window alone: re-encoding that window gives the same numbers.
+    model = method.build_model(tiny_udpos).eval()
+    with _torch.no_grad():
+        whole = method.label_log_probs(model, method.collate(examples))
+        first = method.label_log_probs(model, method.collate(examples[:1]))
+    _torch.testing.assert_close(whole[:len(examples[0].words)], first, atol=1e-5, rtol=1e-5)
 
 
 def test_label_word_policy_strict_names_word_and_tokenizer(tiny_xlmr):

@@ -9,13 +9,14 @@ from topro.metrics import accuracy, iob2_transition_mask, score_task, viterbi_io
 PANX = get_task("panx")
 
 
-def test_span_f1_is_strict_iob2():
+def test_span_f1_default_mode_headline_and_strict_beside_it():
     gold = [["B-PER", "I-PER", "O", "B-LOC"]]
-    pred = [["B-PER", "I-PER", "O", "I-LOC"]]  # I-LOC after O opens no entity in strict IOB2
+    pred = [["B-PER", "I-PER", "O", "I-LOC"]]  # I-LOC after O: a LOC span for conlleval, none in strict IOB2
     scores = score_task(PANX, gold, pred)
-    assert scores["precision"] == 1.0 and scores["recall"] == 0.5
-    assert scores["f1"] == pytest.approx(2 / 3)
-    assert scores["per_type"]["LOC"]["recall"] == 0.0
+    assert scores["f1"] == 1.0 and scores["per_type"]["LOC"]["recall"] == 1.0
+    assert scores["precision_strict"] == 1.0 and scores["recall_strict"] == 0.5
+    assert scores["f1_strict"] == pytest.approx(2 / 3)
+    assert scores["per_type_strict"]["LOC"]["recall"] == 0.0
     assert scores["accuracy"] == 0.75
 
 
@@ -47,3 +48,68 @@ def test_viterbi_matches_brute_force_over_valid_sequences():
 
 def test_accuracy():
     assert accuracy([["a", "b"], ["c"]], [["a", "x"], ["c"]]) == pytest.approx(2 / 3)
+
+
+# --- golden tests: fixed gold/prediction files, topro's scores against seqeval called directly -------------
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
+
+
+def _read_plain(path):
+    """An independent reader: blank-line separated ``word<TAB>tag`` blocks -> tag lists."""
+    blocks = path.read_text().strip().split("\n\n")
+    return [[line.split("\t")[1] for line in block.splitlines()] for block in blocks]
+
+
+def test_golden_panx_both_f1_modes_equal_seqeval_and_differ():
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    from topro.evaluate import score_files
+
+    gold, pred = _read_plain(GOLDEN / "panx-gold.tsv"), _read_plain(GOLDEN / "panx-pred.tsv")
+    scores = score_files("panx", GOLDEN / "panx-gold.tsv", GOLDEN / "panx-pred.tsv")
+    default = f1_score(gold, pred)  # seqeval's default: conlleval-style, what XTREME's run_tag.py reports
+    strict = f1_score(gold, pred, mode="strict", scheme=IOB2)
+    assert scores["f1"] == pytest.approx(default, abs=1e-12)
+    assert scores["precision"] == pytest.approx(precision_score(gold, pred), abs=1e-12)
+    assert scores["recall"] == pytest.approx(recall_score(gold, pred), abs=1e-12)
+    assert scores["f1_strict"] == pytest.approx(strict, abs=1e-12)
+    assert scores["recall_strict"] == pytest.approx(recall_score(gold, pred, mode="strict", scheme=IOB2), abs=1e-12)
+    assert abs(default - strict) > 0.02  # the files hold I- tags that open spans: the modes must differ
+    for kind in ("PER", "ORG", "LOC"):
+        assert scores["per_type"][kind]["f1"] == pytest.approx(
+            f1_score(gold, pred, average=None)[["LOC", "ORG", "PER"].index(kind)], abs=1e-12)
+    n = sum(len(g) for g in gold)
+    assert scores["accuracy"] == pytest.approx(sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p)) / n)
+    print(f"golden PAN-X: f1 (seqeval default) {default:.6f}, f1_strict {strict:.6f}")
+
+
+def test_golden_udpos_accuracy_and_xtreme_f1():
+    from seqeval.metrics import f1_score
+
+    from topro.evaluate import score_files
+
+    gold, pred = _read_plain(GOLDEN / "udpos-gold.tsv"), _read_plain(GOLDEN / "udpos-pred.tsv")
+    scores = score_files("udpos", GOLDEN / "udpos-gold.tsv", GOLDEN / "udpos-pred.tsv")
+    hits = sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p))
+    assert scores["accuracy"] == pytest.approx(hits / sum(len(g) for g in gold), abs=1e-12)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        xtreme = f1_score(gold, pred)
+    assert scores["xtreme_seqeval_f1"] == pytest.approx(xtreme, abs=1e-12)
+    assert abs(scores["accuracy"] - xtreme) > 0.01  # not the same number under another name
+    print(f"golden UDPOS: accuracy {scores['accuracy']:.6f}, xtreme_seqeval_f1 {xtreme:.6f}")
+
+
+def test_selection_metric_is_checked_by_name():
+    from topro.config import ConfigError
+    from topro.metrics import resolve_selection_metric
+
+    assert resolve_selection_metric(PANX, None) == "f1"
+    assert resolve_selection_metric(get_task("udpos"), None) == "accuracy"
+    assert resolve_selection_metric(PANX, "f1_strict") == "f1_strict"
+    with pytest.raises(ConfigError, match="selection_metric: 'f1_strcit'.*f1_strict"):
+        resolve_selection_metric(PANX, "f1_strcit")
+    with pytest.raises(ConfigError, match="selection_metric"):
+        resolve_selection_metric(get_task("udpos"), "f1")

@@ -74,9 +74,12 @@ def test_tagger_token_budget_defaults_by_device_and_changes_no_prediction(tiny_t
 def test_tagger_span_task_decodes_valid_iob2_and_marks_truncated_words(untrained_checkpoint):
     from topro.serving import Tagger
 
-    folder = untrained_checkpoint("panx", "vanilla", max_length=12)
-    tagger = Tagger.load(str(folder))
     words = "Angela Merkel besuchte gestern die Universität von Paris und sprach mit vielen Studenten .".split()
+    # By default a long sentence is read in overlapping windows: every word is tagged.
+    [whole] = Tagger.load(str(untrained_checkpoint("panx", "vanilla", max_length=12))).tag([Sentence(words, [])])
+    assert whole.n_truncated_words == 0 and all(w.prob is not None for w in whole.words)
+    folder = untrained_checkpoint("panx", "vanilla", max_length=12, extra={"long_sentences": "truncate"})
+    tagger = Tagger.load(str(folder))
     [out] = tagger.tag([Sentence(words, [])])
     tags = [w.tag for w in out.words]
     for prev, tag in zip(["O"] + tags, tags):  # viterbi: no I-X after O or another type

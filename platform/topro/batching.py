@@ -14,11 +14,13 @@ from typing import Sequence
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
-                         shuffle: bool = False, seed: int = 0) -> list[list[int]]:
+                         shuffle: bool = False, seed: int = 0, sizes: Sequence[int] | None = None) -> list[list[int]]:
     """Index batches whose padded size (longest x count) fits ``max_tokens``.
 
     With ``shuffle``, lengths are bucketed after a random tie-break and the
     batch order is shuffled, so each epoch sees different neighbours.
+    ``sizes``: what each example counts towards ``max_examples`` (default 1;
+    a packed ToPro row counts its questions); one example always fits.
     """
     if max_tokens < 1 or max_examples < 1:
         raise ValueError("max_tokens and max_examples must be positive")
@@ -26,17 +28,22 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: 
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
-    order.sort(key=lambda i: lengths[i])  # stable: shuffled ties stay shuffled
+    # Stable: shuffled ties stay shuffled. Ties in length are ordered by size, so the number of
+    # batches depends only on the (length, size) multiset, never on the epoch's shuffle.
+    order.sort(key=lambda i: (lengths[i], sizes[i] if sizes is not None else 1))
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
+    units = 0
     for i in order:
         new_longest = max(longest, lengths[i])
-        if current and (len(current) >= max_examples or new_longest * (len(current) + 1) > max_tokens):
+        size = sizes[i] if sizes is not None else 1
+        if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens):
             batches.append(current)
-            current, new_longest = [], lengths[i]
+            current, new_longest, units = [], lengths[i], 0
         current.append(i)
         longest = new_longest
+        units += size
     if current:
         batches.append(current)
     if shuffle:

@@ -35,6 +35,9 @@ def cmd_train(args) -> int:
 def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: bool | None = None) -> dict:
     """Train (in-process, or on Ray Train when ``on_ray`` or the config asks for workers), print the
     best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``."""
+    from topro.precheck import check_train
+
+    check_train(cfg)  # data, languages, model, names: seconds, before Ray starts or a model loads
     if on_ray is None:
         on_ray = cfg.strategy != "local" or cfg.workers > 1
     if not on_ray:
@@ -45,16 +48,17 @@ def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: boo
         from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
 
         summary = train_on_ray(cfg, address=address)
-    metric = next(k for k in summary if k.startswith("best_dev_"))
+    metric = f"best_dev_{summary['selection_metric']}"
     print(f"best {metric}: {summary[metric]:.4f} (step {summary['best_step']}); "
           f"checkpoint: {summary['checkpoint']}")
     if cfg.eval_langs:
-        from topro.evaluate import evaluate_checkpoint, write_json
+        from topro.evaluate import evaluate_checkpoint, write_results
 
         record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
                                      max_sentences=cfg.max_eval_sentences, viterbi=cfg.viterbi,
                                      device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
-        path = write_json(Path(cfg.output_dir) / "eval.json", record)
+        record["selection_metric"] = summary["selection_metric"]
+        path = write_results(Path(cfg.output_dir) / "eval.json", record)
         print(format_table(record))
         print(f"per-language results: {path}")
     return summary
@@ -66,7 +70,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--task", help="task name (default: the checkpoint's)")
     p.add_argument("--langs", default="all", help="comma-separated languages, or 'all' (default)")
     p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--split", default="dev")
+    p.add_argument("--split", choices=["dev", "test"],
+                   help="split scored in each language (default: the task's final split where it is at hand, "
+                        "test for UDPOS, dev for PAN-X; dev otherwise)")
     p.add_argument("--max-sentences", type=int, help="first N sentences per language")
     p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -77,7 +83,16 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from topro.evaluate import evaluate_checkpoint, write_json
+    from topro.precheck import check_evaluate, checkpoint_meta
+
+    if args.split is None:
+        from topro.data.loading import default_split
+
+        task_name = args.task or checkpoint_meta(args.checkpoint).get("task") or "udpos"
+        args.split = default_split(task_name, args.data_dir, [x for x in args.langs.split(",") if x])
+    args.langs = ",".join(check_evaluate(args.checkpoint, args.langs, task=args.task, split=args.split,
+                                         data_dir=args.data_dir, max_sentences=args.max_sentences))
+    from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
 
     kwargs = dict(task=args.task, data_dir=args.data_dir, split=args.split, max_sentences=args.max_sentences,
                   viterbi=not args.no_viterbi, device=args.device)
@@ -87,22 +102,34 @@ def cmd_evaluate(args) -> int:
         record = evaluate_checkpoint_parallel(args.checkpoint, args.langs, address=args.address, **kwargs)
     else:
         record = evaluate_checkpoint(args.checkpoint, args.langs, **kwargs)
-    write_json(args.output, record)
+    write_results(args.output, record)
     print(format_table(record))
     print(f"per-language results: {args.output}")
     return 0
 
 
 def format_table(record: dict) -> str:
-    """A Markdown table of one results record: language, headline metric, sizes, truncation."""
+    """A Markdown table of one results record: language, headline metric (and the other F1 mode for
+    span tasks), sizes, truncation and the headline over the words the model saw."""
     metric = record["metric"]
-    rows = [f"| lang | {metric} | accuracy | sentences | words | truncated words |", "|---|---|---|---|---|---|"]
+    first = next(iter(record["languages"].values()), {})
+    extra = [k for k in ("f1_strict",) if k in first]
+    seen = f"{metric}_seen_words" if f"{metric}_seen_words" in first else None
+    head = [metric, *extra, "accuracy"] if metric != "accuracy" else [metric, *extra]
+    cols = head + ["sentences", "words", "truncated words"] + ([seen] if seen else [])
+    rows = ["| lang | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for lang, r in record["languages"].items():
-        rows.append(f"| {lang} | {r[metric]:.4f} | {r['accuracy']:.4f} | {r['n_sentences']} | {r['n_words']} "
-                    f"| {r['n_truncated_words']} |")
+        cells = [f"{r[k]:.4f}" for k in head] + [str(r["n_sentences"]), str(r["n_words"]),
+                                                 str(r["n_truncated_words"])]
+        if seen:
+            cells.append(f"{r[seen]:.4f}")
+        rows.append(f"| {lang} | " + " | ".join(cells) + " |")
     avg = record["average"]
-    rows.append(f"| average | {avg.get(metric, float('nan')):.4f} | {avg.get('accuracy', float('nan')):.4f} "
-                f"| | | |")
+    cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + ["", "", ""] + (
+        [f"{avg.get(seen, float('nan')):.4f}"] if seen else [])
+    rows.append("| average | " + " | ".join(cells) + " |")
+    if record.get("selection_metric"):
+        rows.append(f"\nCheckpoint selected on English dev {record['selection_metric']}.")
     return "\n".join(rows)
 
 

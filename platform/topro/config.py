@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ class TrainConfig:
     """Use only the first N sentences of each evaluation language."""
     max_length: int = 128
     """Maximum tokens per model input; sentences are trimmed, prompts' questions never."""
+    long_sentences: Literal["window", "truncate"] = "window"
+    """Vanilla and Prompt-Tuning, for a sentence longer than ``max_length``: ``window`` encodes it in
+    overlapping windows and labels each word in the window where it has most context (every word is
+    predicted, as with ToPro); ``truncate`` cuts it off (later words count as wrong, ``n_truncated_words``)."""
+    window_stride: int | None = None
+    """Tokens shared by consecutive windows of a long sentence (``None``: half of ``max_length``)."""
     max_tokens_per_batch: int = 4096
     """Token budget of one micro-batch (padded length x examples)."""
     batch_size: int = 32
@@ -87,6 +94,10 @@ class TrainConfig:
     """torch intra-op threads (``None``: torch's default)."""
     viterbi: bool = True
     """For IOB2 tasks, also report scores of the Viterbi-decoded valid sequence."""
+    selection_metric: str | None = None
+    """English dev score that selects the checkpoint (and ranks sweep trials); ``None``: the task's headline
+    (``accuracy`` for UDPOS, ``f1`` = seqeval default-mode span F1 for PAN-X). PAN-X also takes ``f1_strict``,
+    ``viterbi_f1`` or ``accuracy``; UDPOS ``xtreme_seqeval_f1``. Named in ``metrics.json``, MLflow and the report."""
     output_dir: str = "outputs/run"
     """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
     progress: bool = True
@@ -108,6 +119,16 @@ class TrainConfig:
     soft_prompt_placement: Literal["replace", "prefix"] = "replace"
     """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
     text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
+    prompt_packing: Literal["per_word", "sentence"] = "per_word"
+    """ToPro / soft ToPro on masked LMs: ``per_word`` is the paper's one prompt per word (each holding the
+    whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
+    (the sentence sees only itself, each question the sentence and itself, at its single-prompt positions),
+    so a sentence costs about sentence + n x question tokens instead of n x (sentence + question). A
+    different computation: a checkpoint is trained and served in one mode (``topro.json`` records it).
+    ``batch_size`` counts questions in both modes."""
+    max_packed_length: int = 512
+    """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,
+    each with its own sentence window); every question still sees at most ``max_length`` positions."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
@@ -135,6 +156,74 @@ class TrainConfig:
     """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
     keep_checkpoints: int = 1
     """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
+        return check_ranges(self, TRAIN_RANGES) + self._packing_problems()
+
+    def _packing_problems(self) -> list[tuple[str, str]]:
+        if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
+            return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
+                                       f"only {list(PACKABLE_METHODS)} (on masked LMs) can")]
+        if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
+            return [("max_packed_length", f"must be at least max_length={self.max_length}, "
+                                          f"got {self.max_packed_length}")]
+        return []
+
+
+PACKABLE_METHODS = ("topro", "topro_soft")
+"""Methods that take ``prompt_packing: sentence``."""
+
+
+def _at_least(lo: float, optional: bool = False):
+    def check(value):
+        if value is None and optional:
+            return None
+        if value is None or not value >= lo:  # also catches nan
+            return f"must be at least {lo:g}{' (or null)' if optional else ''}, got {value!r}"
+        return None
+    return check
+
+
+def _positive(value):
+    if value is None or not math.isfinite(value) or value <= 0:
+        return f"must be a positive finite number, got {value!r}"
+    return None
+
+
+def _fraction(value):
+    if value is None or not 0 <= value < 1:
+        return f"must be in [0, 1), got {value!r}"
+    return None
+
+
+def _finite_non_negative(value):
+    if value is None or not math.isfinite(value) or value < 0:
+        return f"must be a finite number >= 0, got {value!r}"
+    return None
+
+
+TRAIN_RANGES: dict[str, Any] = {
+    "epochs": _at_least(1), "grad_accum": _at_least(1), "batch_size": _at_least(1),
+    "max_tokens_per_batch": _at_least(1), "max_length": _at_least(8), "patience": _at_least(1),
+    "workers": _at_least(1), "keep_checkpoints": _at_least(1), "max_failures": _at_least(0),
+    "prefix_length": _at_least(1),
+    "max_steps": _at_least(1, optional=True), "eval_every_steps": _at_least(1, optional=True),
+    "max_train_sentences": _at_least(1, optional=True), "max_dev_sentences": _at_least(1, optional=True),
+    "max_eval_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
+    "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
+    "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
+    "warmup_ratio": _fraction, "prefix_dropout": _fraction,
+}
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for name, check in ranges.items():
+        message = check(getattr(cfg, name))
+        if message:
+            out.append((name, message))
+    return out
 
 
 T = TypeVar("T")
@@ -205,18 +294,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ``ConfigError``."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config",
+              sources: dict[str, str] | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ``ConfigError``.
+
+    ``sources`` names where a key came from when it was not ``where`` (``"command line"`` for an
+    override), so the message points at what the user typed. A class with a ``problems()`` method
+    has its values checked too (a value of the right type that no run could use, e.g. ``epochs=0``).
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    sources = sources or {}
     kwargs = {}
     for key, value in data.items():
+        at = sources.get(key, where)
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}: field {key!r}")
-    return cls(**kwargs)
+            raise ConfigError(f"{at}: unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{at}: field {key!r}")
+    obj = cls(**kwargs)
+    for name, message in getattr(obj, "problems", lambda: [])():
+        raise ConfigError(f"{sources.get(name, where)}: field {name!r}: {message}")
+    return obj
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -261,14 +361,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+COMMAND_LINE = "command line"
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 **extra: Any) -> T:
-    """Load ``cls`` from a YAML file, then apply ``key=value`` overrides and keyword extras."""
+    """Load ``cls`` from a YAML file, then apply ``key=value`` overrides and keyword extras.
+
+    An error names the file for keys from the file and the command line for overrides and extras.
+    """
     data = read_yaml(path) if path else {}
     where = str(path) if path else "config"
-    data = deep_merge(data, parse_overrides(overrides or []))
-    data = deep_merge(data, {k: v for k, v in extra.items() if v is not None})
-    return from_dict(cls, data, where)
+    parsed = parse_overrides(overrides or [])
+    given = {k: v for k, v in extra.items() if v is not None}
+    sources = {key: COMMAND_LINE for key in [*parsed, *given]}
+    data = deep_merge(data, parsed)
+    data = deep_merge(data, given)
+    return from_dict(cls, data, where, sources)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Predict, reassemble per-word predictions into sentences, score per language (Ray-free)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from contextlib import nullcontext
@@ -16,7 +17,7 @@ from topro.batching import token_budget_batches
 from topro.data.readers import Sentence
 from topro.data.tasks import Task, get_task
 from topro.methods import Method
-from topro.metrics import score_task, viterbi_iob2
+from topro.metrics import accuracy, score_task, span_scores, viterbi_iob2
 
 # Label predicted for a word that got no prediction (cut by max_length): it is
 # still scored, so truncation costs recall instead of vanishing from the metric.
@@ -50,7 +51,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
            for s in sentences]
     for e in examples:
         out[e.sentence].truncated_words += e.truncated_words
-        out[e.sentence].trimmed_prompts += int(e.trimmed_context)
+        out[e.sentence].trimmed_prompts += len(e.words) * int(e.trimmed_context)  # packed rows hold several
     batches = token_budget_batches([e.length for e in examples], max_tokens, max_examples)
     for batch_ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
         chunk = [examples[i] for i in batch_ids]
@@ -78,17 +79,48 @@ def decode(task: Task, labels: list[str], prediction: SentencePrediction, viterb
     return [fallback if miss else labels[int(row.argmax())] for row, miss in zip(lp, missing)]
 
 
+def sentence_digest(sentence: Sentence) -> str:
+    """A short fingerprint of a sentence's words: comparisons check both runs scored the same sentences."""
+    return hashlib.sha1("\u241f".join(sentence.words).encode()).hexdigest()[:12]
+
+
+def seen_word_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
+                     predictions: list[SentencePrediction]) -> dict[str, Any]:
+    """Scores over the words the model saw (had a prediction for), named as such.
+
+    The headline scores count every word, a word cut off by ``max_length`` as
+    its fallback label; these drop such words from gold and prediction alike.
+    """
+    seen = [~np.isnan(p.log_probs).any(axis=1) for p in predictions]
+    gold_seen = [[t for t, keep in zip(g, mask) if keep] for g, mask in zip(gold, seen)]
+    pred_seen = [[t for t, keep in zip(q, mask) if keep] for q, mask in zip(pred, seen)]
+    out: dict[str, Any] = {"n_seen_words": int(sum(m.sum() for m in seen)),
+                           "accuracy_seen_words": accuracy(gold_seen, pred_seen)}
+    if task.scheme == "iob2":
+        out["f1_seen_words"] = span_scores(gold_seen, pred_seen)["f1"]
+    return out
+
+
 def score_language(task: Task, labels: list[str], sentences: list[Sentence],
-                   predictions: list[SentencePrediction], viterbi: bool = True) -> dict[str, Any]:
+                   predictions: list[SentencePrediction], viterbi: bool = True,
+                   keep_predictions: bool = True) -> dict[str, Any]:
+    """Every score of one language; with ``keep_predictions`` also the per-sentence predictions
+    (``predictions``: sentence digests, gold and predicted tags, what ``topro compare`` resamples)."""
     gold = [s.tags for s in sentences]
     pred = [decode(task, labels, p) for p in predictions]
     result = score_task(task, gold, pred)
     if viterbi and task.scheme == "iob2":
-        vit = score_task(task, gold, [decode(task, labels, p, viterbi=True) for p in predictions])
-        result["viterbi"] = {k: vit[k] for k in ("f1", "precision", "recall", "accuracy")}
+        vit_pred = [decode(task, labels, p, viterbi=True) for p in predictions]
+        vit = score_task(task, gold, vit_pred)
+        result["viterbi"] = {k: vit[k] for k in ("f1", "precision", "recall", "f1_strict", "accuracy")}
     result.update(n_sentences=len(sentences), n_words=sum(len(s) for s in sentences),
                   n_truncated_words=sum(p.truncated_words for p in predictions),
                   n_trimmed_prompts=sum(p.trimmed_prompts for p in predictions))
+    result.update(seen_word_scores(task, gold, pred, predictions))
+    if keep_predictions:
+        result["predictions"] = {"digests": [sentence_digest(s) for s in sentences], "gold": gold, "pred": pred}
+        if viterbi and task.scheme == "iob2":
+            result["predictions"]["viterbi"] = vit_pred
     return result
 
 
@@ -99,12 +131,18 @@ def evaluate_sentences(method: Method, model, task: Task | str, sentences: list[
     return score_language(task, method.labels, sentences, predictions, viterbi=viterbi)
 
 
-AVERAGED = ("accuracy", "f1", "xtreme_seqeval_f1")
+AVERAGED = ("accuracy", "f1", "f1_strict", "xtreme_seqeval_f1", "accuracy_seen_words", "f1_seen_words")
+PREDICTIONS = "predictions"
+"""Key of the per-sentence predictions in a language's result (kept out of ``eval.json``, see ``split_predictions``)."""
 
 
 def results_record(task: Task | str, method: str, model: str, languages: dict[str, dict[str, Any]],
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The per-language results document (also what ``topro evaluate`` writes)."""
+    """The per-language results document (also what ``topro evaluate`` writes).
+
+    ``metric`` is the task's headline score; per-sentence predictions, if the
+    language results carry them, stay in the record (``split_predictions`` takes them out).
+    """
     task = get_task(task)
     average: dict[str, Any] = {}
     for key in AVERAGED:
@@ -125,6 +163,33 @@ def results_record(task: Task | str, method: str, model: str, languages: dict[st
     return record
 
 
+def split_predictions(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the record without per-sentence predictions, {lang: predictions}): they are stored side by side."""
+    languages, predictions = {}, {}
+    for lang, result in record["languages"].items():
+        result = dict(result)
+        if PREDICTIONS in result:
+            predictions[lang] = result.pop(PREDICTIONS)
+        languages[lang] = result
+    return {**record, "languages": languages}, predictions
+
+
+def predictions_path(results_path: str | Path) -> Path:
+    """Where the per-sentence predictions of ``results_path`` (``X.json``) live: ``X.predictions.json``."""
+    path = Path(results_path)
+    return path.with_name(path.stem + ".predictions.json")
+
+
+def write_results(path: str | Path, record: dict[str, Any]) -> Path:
+    """The results JSON at ``path`` and, if the record has them, its per-sentence predictions beside it."""
+    summary, predictions = split_predictions(record)
+    if predictions:
+        summary["predictions_file"] = predictions_path(path).name
+        write_json(predictions_path(path), {"task": record["task"], "method": record["method"],
+                                            "split": record.get("split"), "languages": predictions})
+    return write_json(path, summary)
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +204,28 @@ def evaluate_language(method: Method, model, task: Task | str, lang: str, *, dat
     from topro.data import load_split
 
     sentences = load_split(task, lang, split, data_dir, limit=max_sentences)
+    check_gold_labels(task, lang, split, data_dir, sentences)
     return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+
+
+def check_gold_labels(task: Task | str, lang: str, split: str, data_dir: str | None,
+                      sentences: list[Sentence]) -> None:
+    """Refuse to score a span task's split whose gold labels are all ``O`` (hidden test labels): it would
+    score 0 and look like a result."""
+    from topro.data import load_split
+    from topro.data.readers import DataFormatError
+
+    task = get_task(task)
+    if task.scheme != "iob2" or any(t != "O" for s in sentences for t in s.tags):
+        return
+    everything = load_split(task, lang, split, data_dir)  # a short prefix may hold no entity by chance
+    if any(t != "O" for s in everything for t in s.tags):
+        return
+    source = sentences[0].source.rsplit(":", 1)[0] if sentences else f"{task.name} {split}-{lang}"
+    raise DataFormatError(f"{source}: every gold label of the {task.name} {split} split of {lang!r} is 'O' "
+                          f"({sum(len(s) for s in everything)} words): its labels are hidden (XTREME withholds "
+                          f"them for some test sets), so it cannot be scored; use a copy with labels or "
+                          f"--split dev")
 
 
 def resolve_languages(task: Task | str, langs: list[str] | str, data_dir: str | None, split: str = "dev") -> list[str]:
@@ -175,3 +261,18 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
                                           dtype=dtype, progress=progress, desc=lang)
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
                           extra={"checkpoint": str(checkpoint), "split": split})
+
+
+def score_files(task: Task | str, gold_path: str | Path, pred_path: str | Path) -> dict[str, Any]:
+    """Score a prediction file against a gold file of the same words (both in the task's file format)."""
+    from topro.data.readers import READERS, DataFormatError
+
+    task = get_task(task)
+    gold = READERS[task.format](gold_path, labels=task.labels)
+    pred = READERS[task.format](pred_path, labels=task.labels)
+    if len(gold) != len(pred):
+        raise DataFormatError(f"{pred_path}: {len(pred)} sentences, but {gold_path} has {len(gold)}")
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        if g.words != p.words:
+            raise DataFormatError(f"{p.source}: sentence {i} has other words than {g.source}")
+    return score_task(task, [s.tags for s in gold], [s.tags for s in pred])

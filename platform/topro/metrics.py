@@ -1,12 +1,19 @@
 """Scores over reassembled sentences, and valid-IOB2 decoding (Ray-free).
 
-Each number is named for what it is:
+Each number is named for what it is, and the IOB2 ones are what XTREME reports:
 - ``accuracy``: token accuracy over all words.
-- ``f1`` (IOB2 tasks): seqeval span micro-F1, strict IOB2 (an ``I-`` tag that
-  does not continue a span of its type starts no entity), with ``precision``,
-  ``recall`` and ``per_type`` scores.
+- ``f1`` (IOB2 tasks): seqeval's *default* (conlleval-style) span micro-F1, the
+  number XTREME's ``run_tag.py`` and the ToPro authors report: an ``I-X`` that
+  does not continue an ``X`` span starts one. With ``precision``, ``recall`` and
+  ``per_type`` scores.
+- ``f1_strict`` (IOB2 tasks): strict IOB2 span micro-F1 (such an ``I-X`` starts
+  no entity), with ``precision_strict``, ``recall_strict``, ``per_type_strict``.
+  Both modes agree on valid IOB2 sequences (e.g. Viterbi-decoded ones).
 - ``xtreme_seqeval_f1`` (tag tasks): what XTREME reports for UDPOS, seqeval's
   default-mode F1 applied to raw tags. It is not accuracy; both are reported.
+
+Which of them selects checkpoints is ``selection_metric`` (``selection_metrics``
+lists the valid names per task).
 """
 from __future__ import annotations
 
@@ -26,9 +33,12 @@ def accuracy(gold: list[list[str]], pred: list[list[str]]) -> float:
     return hits / total if total else 0.0
 
 
-def span_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    """Strict IOB2 span micro precision/recall/F1 and per-type scores."""
-    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+def span_scores(gold: list[list[str]], pred: list[list[str]], strict: bool = False) -> dict:
+    """Span micro precision/recall/F1 and per-type scores: seqeval default (conlleval) or strict IOB2."""
+    kwargs = {"mode": "strict", "scheme": IOB2} if strict else {}
+    with warnings.catch_warnings():  # seqeval warns on an I- that starts a span in default mode: expected
+        warnings.simplefilter("ignore")
+        report = classification_report(gold, pred, output_dict=True, zero_division=0, **kwargs)
     micro = report["micro avg"]
     per_type = {name: {"precision": float(v["precision"]), "recall": float(v["recall"]),
                        "f1": float(v["f1-score"]), "support": int(v["support"])}
@@ -44,11 +54,40 @@ def score_task(task: Task, gold: list[list[str]], pred: list[list[str]]) -> dict
     scores = {"accuracy": accuracy(gold, pred)}
     if task.scheme == "iob2":
         scores.update(span_scores(gold, pred))
+        strict = span_scores(gold, pred, strict=True)
+        scores.update({f"{k}_strict": v for k, v in strict.items()})
     else:
         with warnings.catch_warnings():  # seqeval warns that POS tags are not NE tags: known
             warnings.simplefilter("ignore")
             scores["xtreme_seqeval_f1"] = float(f1_score(gold, pred, zero_division=0))
     return scores
+
+
+def selection_metrics(task: Task) -> list[str]:
+    """Names a run may select checkpoints (and a sweep rank trials) by, for ``task``."""
+    if task.scheme == "iob2":
+        return ["f1", "f1_strict", "viterbi_f1", "accuracy"]
+    return ["accuracy", "xtreme_seqeval_f1"]
+
+
+def resolve_selection_metric(task: Task, name: str | None) -> str:
+    """``name``, or the task's headline metric when ``None``; an unknown name raises naming the field."""
+    from topro.config import ConfigError
+
+    if name is None:
+        return task.metric
+    allowed = selection_metrics(task)
+    if name not in allowed:
+        raise ConfigError(f"selection_metric: {name!r} is not a score of task {task.name!r}; "
+                          f"choose one of {allowed}")
+    return name
+
+
+def metric_value(scores: dict, name: str) -> float:
+    """``name`` (one of ``selection_metrics``) read off a ``score_language`` result."""
+    if name == "viterbi_f1":
+        return scores["viterbi"]["f1"]
+    return scores[name]
 
 
 def iob2_transition_mask(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from topro.config import ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from topro.config import COMMAND_LINE, ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 DISCRETE_KINDS = ("grid", "choice")
@@ -165,16 +165,10 @@ def trial_train_config(cfg: SweepConfig, params: dict[str, Any], **fixed: Any) -
 
 def check_train_config(train: TrainConfig, where: str) -> None:
     """Look up what a trial needs by name (task, method, template, verbalizer, model folder)."""
-    from topro.data import get_task
-    from topro.methods import METHODS
-    from topro.prompts import get_template, get_verbalizer
+    from topro.precheck import check_names
 
     try:
-        get_task(train.task)
-        if train.method not in METHODS:
-            raise ConfigError(f"unknown method {train.method!r}; known methods: {sorted(METHODS)}")
-        get_template(train.task, train.template)
-        get_verbalizer(train.task, train.verbalizer)
+        check_names(train)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     model = train.model
@@ -244,18 +238,23 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
     sweep_fields = {f.name for f in dataclasses.fields(SweepConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     parsed = parse_overrides(overrides or [])
+    check_override_keys(parsed, sweep_fields, train_fields)
+    base_from_command_line = set(parsed["base"]) if isinstance(parsed.get("base"), dict) else set()
     for key in list(parsed):
         if key not in sweep_fields and key in train_fields:
             parsed.setdefault("base", {})[key] = parsed.pop(key)
+            base_from_command_line.add(key)
     if isinstance(parsed.get("base"), str):
         parsed["base"] = dict(_resolve_base(parsed["base"], None))
     data = deep_merge(data, parsed)
     for key, value in extra.items():  # e.g. data_dir from the command line goes into the base
         if value is not None:
             data.setdefault("base", {})[key] = value
-    cfg = from_dict(SweepConfig, data, where)
+            base_from_command_line.add(key)
+    cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in parsed})
     # Freeze every base field (defaults included): a resumed sweep must see the same trials.
-    cfg.base = to_dict(from_dict(TrainConfig, cfg.base, f"{where}: base"))
+    cfg.base = to_dict(from_dict(TrainConfig, cfg.base, f"{where}: base",
+                                 {key: f"{COMMAND_LINE}: base" for key in base_from_command_line}))
     validate(cfg)
     # Values as their fields' types ("1e-3" read by YAML 1.1 as a string becomes 0.001).
     cfg.search_space = {d.field: {d.kind: list(d.values)} for d in dimensions(cfg)}
@@ -267,6 +266,25 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
         cfg.search_space["model"] = {kind: [_local_folder_absolute(m) for m in values]
                                      for kind, values in cfg.search_space["model"].items()}
     return cfg
+
+
+def check_override_keys(parsed: dict[str, Any], sweep_fields: set[str], train_fields: set[str]) -> None:
+    """Unknown override keys are named as typed on the command line, with the nearest field a sweep takes
+    (its own fields and, as a shorthand for ``base.<field>``, every training field)."""
+    def unknown(key: str, choices: set[str], prefix: str = "") -> ConfigError:
+        close = difflib.get_close_matches(key, sorted(choices), n=1)
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        return ConfigError(f"{COMMAND_LINE}: unknown key {prefix + key!r}{hint}")
+
+    for key, value in parsed.items():
+        if key == "base" and isinstance(value, dict):
+            for sub in value:
+                if sub not in train_fields:
+                    raise unknown(sub, train_fields, "base.")
+        elif key == "search_space" and isinstance(value, dict):
+            continue  # parse_dimension names these, with the searchable fields
+        elif key not in sweep_fields and key not in train_fields:
+            raise unknown(key, sweep_fields | train_fields)
 
 
 def _local_folder_absolute(model: str) -> str:

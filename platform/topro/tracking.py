@@ -124,6 +124,7 @@ SWEEP_TAG = "topro.sweep"
 KIND_TAG = "topro.kind"
 TRIAL_TAG = "topro.trial_id"
 EVALUATED_TAG = "topro.evaluated"
+PREDICTIONS_FILE = "predictions.json"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 # Per-report training metrics worth a history in MLflow (Tune adds many bookkeeping keys).
 TRAINING_METRIC_PREFIXES = ("train_", "dev_", "best_dev_")
@@ -282,6 +283,9 @@ def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
         out[f"{metric}.{lang}"] = r[metric]
         if metric != "accuracy":
             out[f"accuracy.{lang}"] = r["accuracy"]
+        for key in ("f1_strict", "accuracy_seen_words", "f1_seen_words"):
+            if key in r and key != metric:
+                out[f"{key}.{lang}"] = r[key]
         if "viterbi" in r:
             out[f"viterbi_f1.{lang}"] = r["viterbi"]["f1"]
     if headline:
@@ -296,19 +300,31 @@ def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLike) -> None:
-    """Metrics of a results record plus artifacts: the JSON, a per-language CSV, a bar chart by family."""
+    """Metrics of a results record plus artifacts: the JSON, the per-sentence predictions
+    (``predictions.json``, what ``topro compare`` resamples), a per-language CSV, a bar chart by family."""
     from topro import reports
+    from topro.evaluate import split_predictions
 
     client = mlflow_client()
+    record, predictions = split_predictions(record)
     log_metrics(run_id, evaluation_metrics(record))
     folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
+    if predictions:
+        record["predictions_file"] = PREDICTIONS_FILE
+        (folder / PREDICTIONS_FILE).write_text(json.dumps(
+            {"task": record["task"], "method": record["method"], "split": record.get("split"),
+             "languages": predictions}, ensure_ascii=False))
     (folder / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     reports.write_csv(reports.language_rows(record), folder / "per_language.csv")
     reports.plot_language_bars({record["method"]: {k: v[record["metric"]] for k, v in record["languages"].items()}},
                                folder / "per_language_by_family.png", metric=record["metric"],
                                title=f"{record['task']} {record['method']}: zero-shot {record['metric']} by language")
     client.log_artifacts(run_id, str(folder), "evaluation")
+    if record.get("selection_metric"):
+        client.set_tag(run_id, "topro.selection_metric", record["selection_metric"])
+    if record.get("mlm_head_untrained"):
+        client.set_tag(run_id, "topro.mlm_head_untrained", "true")
     client.set_tag(run_id, EVALUATED_TAG, ",".join(sorted(record["languages"])))
 
 
@@ -318,6 +334,17 @@ def load_evaluation(run_id: str) -> dict[str, Any] | None:
 
     try:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/eval.json")
+    except Exception:
+        return None
+    return json.loads(text)
+
+
+def load_predictions(run_id: str) -> dict[str, Any] | None:
+    """The per-sentence predictions logged by ``log_evaluation`` (``None`` if the run has none)."""
+    import mlflow
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/{PREDICTIONS_FILE}")
     except Exception:
         return None
     return json.loads(text)

@@ -35,11 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from topro.batching import split_batches, token_budget_batches
-from topro.config import TrainConfig, to_dict
+from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
+from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
                       extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
                              "freeze_backbone": cfg.freeze_backbone,
-                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path})
+                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
+                             "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
+                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -206,10 +209,12 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     return optimizer, scheduler
 
 
-def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's micro-batches of ``epoch``: its slices of the global token-budget batches."""
+def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, world_size: int,
+                  sizes: list[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches of ``epoch``: its slices of the global token-budget batches
+    (``sizes``: what each example counts towards ``batch_size``, see ``Encoded.batch_units``)."""
     batches = token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.batch_size, shuffle=True,
-                                   seed=cfg.seed + epoch)
+                                   seed=cfg.seed + epoch, sizes=sizes)
     return split_batches(batches, rank, world_size)
 
 
@@ -226,6 +231,9 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task)
+    selection = resolve_selection_metric(task, cfg.selection_metric)
+    if selection == "viterbi_f1" and not cfg.viterbi:
+        raise ConfigError("selection_metric: 'viterbi_f1' needs viterbi: true")
     model_path = resolve_model_path(cfg.model, task.name, cfg.data_dir)
     tokenizer = load_tokenizer(model_path)
     method = build_method(method_spec(cfg, model_path), model_path, tokenizer)
@@ -233,9 +241,10 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
     examples = method.encode(train_sentences)
     lengths = [e.length for e in examples]
+    sizes = [e.batch_units for e in examples]
 
     # The number of batches depends only on the lengths, not on the epoch's shuffle.
-    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size))
+    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
     if batches_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
@@ -265,8 +274,10 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_sentences": len(train_sentences), "n_train_words": n_train_words,
         "n_train_examples": len(examples),
         "n_train_truncated_words": sum(e.truncated_words for e in examples),
-        "n_train_trimmed_prompts": sum(int(e.trimmed_context) for e in examples),
+        "n_train_trimmed_prompts": sum(len(e.words) * int(e.trimmed_context) for e in examples),
+        "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
+        "selection_metric": selection,
         "steps_per_epoch": steps_per_epoch,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
@@ -279,9 +290,12 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
                                  dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
                                  max_examples=cfg.batch_size * 4)
         # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
-        metric = strategy.average(dev[task.metric])
+        metric = strategy.average(metric_value(dev, selection))
         record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),
-                  f"dev_{task.metric}": metric, "dev_accuracy": dev["accuracy"]}
+                  f"dev_{task.metric}": dev[task.metric], "dev_accuracy": dev["accuracy"],
+                  f"dev_{selection}": metric}
+        if task.scheme == "iob2":
+            record["dev_f1_strict"] = dev["f1_strict"]
         if "viterbi" in dev:
             record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
         state.history.append(record)
@@ -292,14 +306,14 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
             state.bad_evaluations += 1
         if strategy.is_main:
             log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", epoch, state.step, record["train_loss"],
-                     task.metric, metric, " (best)" if improved else "")
+                     selection, metric, " (best)" if improved else "")
         strategy.after_evaluation(state, record, improved=improved, method=method, model=model)
         return state.bad_evaluations >= cfg.patience
 
     # A run resumed after it had decided to stop stops again.
     stop = state.bad_evaluations >= cfg.patience or bool(cfg.max_steps and state.step >= cfg.max_steps)
     while state.epoch < cfg.epochs and not stop:
-        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size)
+        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
         skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum
         model.train()
@@ -349,7 +363,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     all_examples = strategy.average(float(train_examples)) * strategy.world_size
     all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
     summary.update({
-        "best_step": state.best_step, f"best_dev_{task.metric}": state.best_metric,
+        "best_step": state.best_step, f"best_dev_{selection}": state.best_metric,
         "history": state.history, "steps": state.step,
         "resumed_from_step": state.resumed_from_step,
         "train_seconds": train_seconds,

@@ -34,6 +34,7 @@ import torch
 
 from topro.config import ConfigError, TrainConfig, read_yaml
 from topro.data import get_task
+from topro.metrics import resolve_selection_metric
 from topro.train import LocalStrategy, LoopState, save_loop_state
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RayStrategy(LocalStrategy):
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.metric = get_task(cfg.task).metric
+        self.metric = resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
         self.fault_marker = fault_marker
 
     @property

@@ -38,6 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from topro import tracking
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task
+from topro.metrics import resolve_selection_metric
 from topro.sweep_config import SweepConfig, dimensions, grid_size, sweep_to_dict, trial_train_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ TRIAL_FIELDS = ("base", "search_space", "search", "num_samples", "scheduler", "g
 # --- inside each trial ---------------------------------------------------------------------------------------
 
 class SweepReportCallback(TuneReportCallback):
-    """Forward Ray Train reports to Tune, adding the task's headline dev metric under one name for any task."""
+    """Forward Ray Train reports to Tune, adding the run's selection metric (English dev) under one name for any task."""
 
     def __init__(self, task_metric: str):
         super().__init__()
@@ -84,7 +85,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment_dir: str) -
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, params, experiment_dir, trial_id)
-    callback = SweepReportCallback(get_task(cfg.task).metric)
+    callback = SweepReportCallback(resolve_selection_metric(get_task(cfg.task), cfg.selection_metric))
     trainer = build_trainer(cfg, name=cfg.run_name, storage_path=cfg.storage_path, callbacks=[callback])
     result = trainer.fit()
     if result.error is not None:
@@ -269,6 +270,21 @@ def trial_outcomes(results, sweep: SweepConfig, experiment_dir: Path) -> list[Tr
     return outcomes
 
 
+# Errors a rerun cannot cure: the configuration or the data must change first.
+NOT_TRANSIENT = ("ConfigError", "DataFormatError", "FormatError", "ValueError", "TypeError", "KeyError",
+                 "FileNotFoundError")
+
+
+def failure_advice(errors: list[BaseException]) -> str:
+    """What to do about failed trials: fix the input for a configuration or data error, else rerun."""
+    text = " ".join(f"{type(e).__name__}: {e}" for e in errors)
+    named = [name for name in NOT_TRANSIENT if f"{name}:" in text]
+    if named:
+        return (f"they failed with {named[0]}, which a rerun does not cure: see the trial's error above, fix the "
+                f"configuration or data, then rerun the same command (finished trials are kept)")
+    return "rerun the same command to retry them; finished trials are kept"
+
+
 def compared_fields(sweep: SweepConfig) -> list[str]:
     """Searched fields the report compares (everything but ``select_over`` and ``seed``)."""
     return [d.field for d in dimensions(sweep) if d.field not in sweep.select_over and d.field != "seed"]
@@ -393,9 +409,9 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             if run.info.status != status:
                 tracking.end_run(o.run_id, status)
         failed = [o.trial_id for o in outcomes if o.status == "ERROR"]
+        advice = failure_advice([r.error for r in results if r.error is not None]) if failed else ""
         if failed:
-            log.warning("sweep %s: trials %s failed; the report covers the others (rerun to retry them)",
-                        sweep.name, failed)
+            log.warning("sweep %s: trials %s failed; the report covers the others (%s)", sweep.name, failed, advice)
         selected = select_trials(sweep, outcomes)
         eval_seconds = evaluate_trials(sweep, selected, address)
         registered = register_champions(sweep, selected)
@@ -415,7 +431,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
         raise
     return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
             "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": False,
-            "trials": outcomes, "selected": selected,
+            "trials": outcomes, "selected": selected, "failure_advice": advice,
             "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
 
 
@@ -494,7 +510,9 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
                                                 cpus_per_worker=sweep.eval_cpus_per_worker, address=address)
         for t, record in zip(todo, records):
             record.update(max_sentences=max_sentences, trial_id=t.trial_id, setting=setting_label(sweep, t.params),
-                          seed=t.config.seed, learning_rate=t.config.learning_rate, dev_score=t.dev_score)
+                          seed=t.config.seed, learning_rate=t.config.learning_rate, dev_score=t.dev_score,
+                          selection_metric=resolve_selection_metric(get_task(t.config.task),
+                                                                    t.config.selection_metric))
             t.record = record
             workdir = Path(sweep.storage_path).expanduser().resolve() / sweep.name / "trials" / t.trial_id / "evaluation"
             tracking.log_evaluation(t.run_id, record, workdir)

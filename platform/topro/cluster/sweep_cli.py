@@ -37,7 +37,10 @@ def cmd_sweep(args) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+    from topro.precheck import check_sweep
+
     sweep = load_sweep_config(args.config, args.overrides, data_dir=args.data_dir)  # fails before Ray starts
+    check_sweep(sweep)  # data, languages, models: once, here on the driver, before Ray or MLflow start
     import logging
     from pathlib import Path
 
@@ -67,6 +70,8 @@ def cmd_sweep(args) -> int:
         with open(args.summary, "w") as f:
             json.dump(summary_json(summary), f, indent=2, default=str)
     failed = [t for t in summary["trials"] if t.status == "ERROR"]
+    if failed:
+        print(f"{len(failed)} trials failed: {summary.get('failure_advice', '')}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -79,8 +79,13 @@ def backend_options(args) -> dict:
 
 
 def main(args) -> int:
+    from topro.precheck import check_llm
+
+    langs = check_llm(task=args.task, model=args.model, format=args.format, langs=args.langs, split=args.split,
+                      data_dir=args.data_dir, verbalizer=args.verbalizer, shots=args.shots,
+                      max_sentences=args.max_sentences)  # seconds, before torch, Ray or the model load
     from topro.cli import format_table
-    from topro.evaluate import resolve_languages, write_json
+    from topro.evaluate import write_json
     from topro.llm.evaluate import LLMEvalConfig
 
     cfg = LLMEvalConfig(task=args.task, model=args.model, format=args.format, mode=args.mode, shots=args.shots,
@@ -88,7 +93,6 @@ def main(args) -> int:
                         data_dir=args.data_dir, verbalizer=args.verbalizer, length_norm=args.length_norm,
                         calibrate=args.calibrate,
                         max_new_tokens=args.max_new_tokens)
-    langs = resolve_languages(cfg.task, args.langs, cfg.data_dir, cfg.split)
     if not langs:
         raise ValueError(f"no languages with a {cfg.split} split for task {cfg.task!r}")
     options = backend_options(args)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from topro.config import PACKABLE_METHODS
 from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
 
 
@@ -23,6 +24,9 @@ def _is_seq2seq(model_path: str) -> bool:
 
 def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     if _is_seq2seq(model_path):
+        if spec.extra.get("prompt_packing", "per_word") != "per_word":
+            raise ValueError(f"prompt_packing={spec.extra['prompt_packing']!r}: method 'topro' on the "
+                             f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
         from topro.methods.topro_seq2seq import ToProSeq2Seq
 
         return ToProSeq2Seq(spec, tokenizer)
@@ -61,6 +65,10 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
     """The method of ``spec`` for the model at ``model_path`` (tokenizer loaded from there if not given)."""
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
+    packing = spec.extra.get("prompt_packing", "per_word")
+    if packing != "per_word" and spec.method not in PACKABLE_METHODS:
+        raise ValueError(f"prompt_packing={packing!r}: method {spec.method!r} cannot pack prompts; "
+                         f"only {list(PACKABLE_METHODS)} can")
     if tokenizer is None:
         from topro.models import load_tokenizer
 

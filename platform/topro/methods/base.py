@@ -43,6 +43,11 @@ class Encoded:
     def length(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def batch_units(self) -> int:
+        """What this example counts towards ``batch_size`` (1; a packed ToPro row: its questions)."""
+        return 1
+
 
 class Method(Protocol):
     """What training, evaluation and serving need from a method."""

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from topro.data.readers import Sentence
 from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, label_token_ids, model_inputs,
                                 pair_layout, word_pieces)
+from topro.methods.packing import (check_packing, check_positions, collate_packed, fit_questions, pack_sentence,
+                                   packed_inputs)
 from topro.prompts import get_template, get_verbalizer, topro_questions
 
 
@@ -65,6 +67,9 @@ def full_vocab_label_logits(model, batch: dict[str, torch.Tensor], label_ids: to
 
 
 class ToProMLM:
+    """``spec.extra["prompt_packing"]``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
+    per sentence window, see ``methods/packing.py``); ``max_packed_length`` bounds a packed row."""
+
     name = "topro"
 
     def __init__(self, spec: MethodSpec, tokenizer):
@@ -80,16 +85,26 @@ class ToProMLM:
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
         self.label_ids = torch.tensor(label_token_ids(tokenizer, self.label_words, spec.label_word_policy))
+        self.packing = check_packing(spec.extra.get("prompt_packing", "per_word"), self.name)
+        self.max_packed_length = int(spec.extra.get("max_packed_length", 512))
+        self.max_questions_per_row = spec.extra.get("max_questions_per_row")  # None: as many as fit
+        if self.packing == "sentence" and self.max_packed_length < spec.max_length:
+            raise ValueError(f"max_packed_length={self.max_packed_length} must be at least "
+                             f"max_length={spec.max_length}")
 
     def build_model(self, model_path: str) -> torch.nn.Module:
         from transformers import AutoModelForMaskedLM
 
-        return AutoModelForMaskedLM.from_pretrained(model_path)
+        model = AutoModelForMaskedLM.from_pretrained(model_path)
+        check_positions(model, self.spec.max_length)
+        return model
 
     def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
         from transformers import AutoModelForMaskedLM
 
-        return AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
+        model = AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
+        check_positions(model, self.spec.max_length)
+        return model
 
     def question_ids(self, sentence: Sentence, pieces: list[list[int]]) -> list[list[int]]:
         """The hand-written question's token ids, one question per word."""
@@ -101,14 +116,22 @@ class ToProMLM:
 
     def encode_with(self, sentences: list[Sentence],
                     question_ids: Callable[[Sentence, list[list[int]]], list[list[int]]]) -> list[Encoded]:
-        """One (sentence, question) pair per word; ``question_ids(sentence, word_pieces)`` supplies the
-        questions (each holding the mask id), so other question forms (soft prompts) reuse this layout."""
+        """One (sentence, question) pair per word, or (packed) one row per sentence window;
+        ``question_ids(sentence, word_pieces)`` supplies the questions (each holding the mask id), so other
+        question forms (soft prompts) reuse this layout."""
         mask_id = self.tokenizer.mask_token_id
         layout = self.layout
         out = []
         for s_index, sentence in enumerate(sentences):
             pieces = word_pieces(self.tokenizer, sentence.words)
-            questions = question_ids(sentence, pieces)
+            questions = fit_questions(sentence, pieces, question_ids(sentence, pieces),
+                                      self.spec.max_length - layout.pair_overhead, question_ids, self.tokenizer,
+                                      mask_id)
+            if self.packing == "sentence":
+                out.extend(pack_sentence(s_index, sentence, pieces, questions, layout, mask_id, self.label_index,
+                                         self.spec.max_length, self.max_packed_length,
+                                         self.max_questions_per_row))
+                continue
             for w_index, question in enumerate(questions):
                 budget = self.spec.max_length - layout.pair_overhead - len(question)
                 context, trimmed = context_window(pieces, w_index, budget)
@@ -125,11 +148,17 @@ class ToProMLM:
         return out
 
     def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        if self.packing == "sentence":
+            return collate_packed(examples, self.layout)
         return collate_common(examples, self.layout)
 
     def _label_logits(self, model, batch) -> torch.Tensor:
         base = getattr(model, model.base_model_prefix)
-        hidden = base(**model_inputs(batch)).last_hidden_state
+        if "packing_blocks" in batch:
+            dtype = base.get_input_embeddings().weight.dtype
+            hidden = base(input_ids=batch["input_ids"], **packed_inputs(base, batch, dtype)).last_hidden_state
+        else:
+            hidden = base(**model_inputs(batch)).last_hidden_state
         at_mask = hidden[batch["label_rows"], batch["label_positions"]]
         return label_logits_at(model, at_mask, self.label_ids.to(at_mask.device))
 
@@ -141,7 +170,7 @@ class ToProMLM:
 
     def meta(self) -> dict[str, Any]:
         return {**self.spec.__dict__, "label_words": self.label_words,
-                "label_token_ids": self.label_ids.tolist()}
+                "label_token_ids": self.label_ids.tolist(), "prompt_packing": self.packing}
 
     def save(self, model, folder: str | Path) -> None:
         folder = Path(folder)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, collate_common, count_parameters
+from topro.methods.base import Encoded, MethodSpec, count_parameters
+from topro.methods.packing import check_positions, packed_inputs
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
 from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
                                         load_backbone, load_trained_only, read_meta, save_trained_only, trained_names)
@@ -117,20 +118,28 @@ class SoftPromptMLM(nn.Module):
         self.register_buffer("label_ids", label_ids.clone(), persistent=False)
 
     def forward(self, input_ids, soft_index, attention_mask, label_rows, label_positions,
-                token_type_ids=None) -> torch.Tensor:
-        """Label-word logits at the masks [labelled words, n_labels]."""
+                token_type_ids=None, position_ids=None, packing_blocks=None) -> torch.Tensor:
+        """Label-word logits at the masks [labelled words, n_labels] (packed rows: with their
+        single-prompt ``position_ids`` and ``packing_blocks``, see ``methods/packing.py``)."""
         embeds = self.mlm.get_input_embeddings()(input_ids)
         if self.soft_prompt.shape[0]:
             soft = self.soft_prompt[soft_index.clamp(min=0)].to(embeds.dtype)
             embeds = torch.where((soft_index >= 0).unsqueeze(-1), soft, embeds)
         base = getattr(self.mlm, self.mlm.base_model_prefix)
-        hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
-                      token_type_ids=token_type_ids).last_hidden_state
+        if packing_blocks is not None:
+            packed = {"position_ids": position_ids, "packing_blocks": packing_blocks}
+            if token_type_ids is not None:
+                packed["token_type_ids"] = token_type_ids
+            hidden = base(inputs_embeds=embeds, **packed_inputs(base, packed, embeds.dtype)).last_hidden_state
+        else:
+            hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
         return label_logits_at(self.mlm, hidden[label_rows, label_positions], self.label_ids)
 
 
 def soft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "soft_index", "attention_mask", "token_type_ids", "label_rows", "label_positions")
+    keys = ("input_ids", "soft_index", "attention_mask", "token_type_ids", "label_rows", "label_positions",
+            "position_ids", "packing_blocks")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -164,7 +173,7 @@ class ToProSoft:
         return self.cloze.encode_with(sentences, self.question_ids)
 
     def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
-        batch = collate_common(examples, self.cloze.layout)
+        batch = self.cloze.collate(examples)  # per-word or packed, as the spec says
         ids = batch["input_ids"]
         soft = ids < 0
         batch["soft_index"] = torch.where(soft, -ids - 1, torch.full_like(ids, -1))
@@ -179,6 +188,7 @@ class ToProSoft:
         return from_pretrained_noting_fresh(AutoModelForMaskedLM, path)
 
     def _model_on(self, mlm: nn.Module, prompt: torch.Tensor | None = None) -> SoftPromptMLM:
+        check_positions(mlm, self.spec.max_length)
         if prompt is None:  # start from the template's own token embeddings
             table = mlm.get_input_embeddings().weight
             prompt = table[torch.tensor(self.question.init_token_ids, dtype=torch.long)].detach()

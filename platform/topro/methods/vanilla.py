@@ -1,4 +1,13 @@
-"""Vanilla token classification: a linear head labels each word's first subword."""
+"""Vanilla token classification: a linear head labels each word's first subword.
+
+A sentence longer than ``max_length`` is encoded in overlapping windows of
+whole words (consecutive windows share about ``window_stride`` tokens, as HF
+tokenizers' ``return_overflowing_tokens`` with a stride do), and each word is
+labelled by the one window where it has the most context on its shorter side.
+So every word gets a prediction, as ToPro's per-word prompts give it, and the
+methods are compared on the same words (``long_sentences: truncate`` restores
+cutting the sentence off, its lost words counted in ``n_truncated_words``).
+"""
 from __future__ import annotations
 
 import json
@@ -37,22 +46,82 @@ class Vanilla:
 
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
         budget = self.spec.max_length - self.layout.single_overhead
+        if budget < 1:
+            raise ValueError(f"max_length {self.spec.max_length} leaves no room for words after the "
+                             f"{self.layout.single_overhead} special tokens")
+        mode = self.spec.extra.get("long_sentences", "window")
+        stride = self.spec.extra.get("window_stride")
+        stride = budget // 2 if stride is None else int(stride)
+        if not 0 <= stride < budget:
+            raise ValueError(f"window_stride {stride} must be at least 0 and below the {budget} word tokens "
+                             f"max_length {self.spec.max_length} leaves")
         out = []
         for s_index, sentence in enumerate(sentences):
-            ids = list(self.layout.prefix)
-            words, positions, labels = [], [], []
-            truncated = 0
-            for w_index, pieces in enumerate(word_pieces(self.tokenizer, sentence.words)):
-                if len(ids) - len(self.layout.prefix) + len(pieces) > budget:
-                    truncated = len(sentence.words) - w_index  # this word and every later one
-                    break
-                words.append(w_index)
+            # A word longer than the whole budget keeps its first pieces (its label sits on the first one).
+            pieces = [p[:budget] for p in word_pieces(self.tokenizer, sentence.words)]
+            if mode == "truncate" or sum(len(p) for p in pieces) <= budget:
+                out.append(self._truncated(s_index, sentence, pieces, budget))
+            else:
+                out += self._windows(s_index, sentence, pieces, budget, stride)
+        return out
+
+    def _example(self, s_index: int, sentence: Sentence, pieces: list[list[int]], span: range,
+                 labelled: list[int], truncated: int = 0) -> Encoded:
+        ids = list(self.layout.prefix)
+        positions, labels = [], []
+        wanted = set(labelled)
+        for w_index in span:
+            if w_index in wanted:
                 positions.append(len(ids))
                 labels.append(self.label_index.get(sentence.tags[w_index], -100) if sentence.tags else -100)
-                ids.extend(pieces)
-            ids.extend(self.layout.single_suffix)
-            types = [self.layout.type_a] * len(ids) if self.layout.uses_token_types else None
-            out.append(Encoded(ids, s_index, words, positions, labels, types, truncated_words=truncated))
+            ids.extend(pieces[w_index])
+        ids.extend(self.layout.single_suffix)
+        types = [self.layout.type_a] * len(ids) if self.layout.uses_token_types else None
+        return Encoded(ids, s_index, list(labelled), positions, labels, types, truncated_words=truncated)
+
+    def _truncated(self, s_index: int, sentence: Sentence, pieces: list[list[int]], budget: int) -> Encoded:
+        """The sentence cut off at ``max_length``: later words get no prediction (and are counted)."""
+        used, end = 0, 0
+        while end < len(pieces) and used + len(pieces[end]) <= budget:
+            used += len(pieces[end])
+            end += 1
+        return self._example(s_index, sentence, pieces, range(end), list(range(end)),
+                             truncated=len(pieces) - end)
+
+    def _windows(self, s_index: int, sentence: Sentence, pieces: list[list[int]], budget: int,
+                 stride: int) -> list[Encoded]:
+        """Overlapping windows of whole words; each word labelled in the window giving it most context."""
+        offsets = [0]
+        for p in pieces:
+            offsets.append(offsets[-1] + len(p))
+        n = len(pieces)
+        spans, start = [], 0
+        while True:
+            end = start
+            while end < n and offsets[end + 1] - offsets[start] <= budget:
+                end += 1
+            spans.append((start, end))
+            if end >= n:
+                break
+            # The next window starts where it still shares about `stride` tokens with this one.
+            nxt = start + 1
+            while nxt < end and offsets[end] - offsets[nxt] > stride:
+                nxt += 1
+            start = max(nxt, start + 1)
+        owner: dict[int, int] = {}
+        for w in range(n):
+            best, best_context = None, -1
+            for i, (a, b) in enumerate(spans):
+                if a <= w < b:
+                    context = min(offsets[w] - offsets[a], offsets[b] - offsets[w + 1])
+                    if context > best_context:
+                        best, best_context = i, context
+            owner[w] = best
+        out = []
+        for i, (a, b) in enumerate(spans):
+            labelled = [w for w in range(a, b) if owner[w] == i]
+            if labelled:
+                out.append(self._example(s_index, sentence, pieces, range(a, b), labelled))
         return out
 
     def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:

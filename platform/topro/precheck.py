@@ -1,0 +1,230 @@
+"""Checks that run before any work starts: before Ray starts, a model loads or a folder is written.
+
+``train``, ``evaluate``, ``sweep`` and ``eval-llm`` call these first, so a mistake (a data folder that
+is not there, a language without the split it needs, a model path or hub id that does not resolve,
+an unknown method, template or verbalizer) costs seconds and leaves nothing behind, instead of
+failing after the model was built or after the first languages were evaluated. Every failure is a
+``ConfigError`` with a one-line message naming what to fix. Values of the right type that no run can
+use (``epochs=0``, ``learning_rate=nan``) are refused by ``TrainConfig.problems`` when the config loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from topro.config import ConfigError, TrainConfig
+from topro.data.loading import DATA_DIR_ENV, resolve_data_dir, split_path
+from topro.data.tasks import Task, get_task
+
+TINY = "tiny"  # topro.models.TINY, without importing torch
+BUILTIN_METHODS = ("vanilla", "topro", "prompt_tuning", "topro_soft")  # topro.methods.METHODS holds these
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub may not be used (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def data_root(task: Task, data_dir: str | None) -> Path | None:
+    """The local data folder for ``task``, checked; ``None`` means the hub (only when it is reachable)."""
+    root = resolve_data_dir(data_dir)
+    given = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+    if root is None:
+        if task.hub is None or hub_offline():
+            why = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if task.hub else \
+                f"task {task.name!r} has no hub source"
+            raise ConfigError(f"no data folder given and {why}: pass --data-dir or set {DATA_DIR_ENV} "
+                              f"to a folder holding {task.name}/{{train,dev}}-<lang>.tsv")
+        return None
+    if not root.is_dir():
+        raise ConfigError(f"data folder {str(root)!r} ({given}) does not exist")
+    if not (root / task.name).is_dir():
+        raise ConfigError(f"data folder {str(root)!r} ({given}) has no {task.name}/ folder "
+                          f"(expected {root / task.name / task.file_pattern.format(split='train', lang='en')})")
+    return root
+
+
+def check_languages(task: str | Task, needs: dict[str, Iterable[str]], data_dir: str | None,
+                    what: str = "languages") -> None:
+    """Every ``lang -> splits`` in ``needs`` has its files (a language of the task, with data)."""
+    task = get_task(task)
+    root = data_root(task, data_dir)
+    unknown = [lang for lang in needs if lang not in task.languages]
+    if unknown:
+        raise ConfigError(f"{what}: {unknown} {'is not a language' if len(unknown) == 1 else 'are not languages'} "
+                          f"of task {task.name!r}; its languages: {','.join(task.languages)}")
+    if root is None:
+        return
+    missing: dict[str, list[str]] = {}
+    for lang, splits in needs.items():
+        for split in splits:
+            if not split_path(task, lang, split, root).is_file():
+                missing.setdefault(split, []).append(lang)
+    if missing and task.hub is not None and not hub_offline():
+        return  # load_split takes what the folder lacks from the hub, or names the file it looked for
+    if missing:
+        split, langs = next(iter(missing.items()))
+        have = [lang for lang in task.languages if split_path(task, lang, split, root).is_file()]
+        raise ConfigError(f"{what}: no {split} split for {','.join(langs)} of task {task.name!r} in "
+                          f"{root / task.name}; languages with a {split} split: {','.join(have) or 'none'}")
+
+
+def expand_languages(task: str | Task, langs: list[str] | str, split: str, data_dir: str | None) -> list[str]:
+    """``all`` -> every language of the task with ``split`` data (refused when that is none); else as given."""
+    task = get_task(task)
+    if isinstance(langs, str):
+        langs = [x.strip() for x in langs.split(",") if x.strip()]
+    if langs != ["all"]:
+        return list(langs)
+    root = data_root(task, data_dir)
+    if root is None:
+        return list(task.languages)
+    have = [lang for lang in task.languages if split_path(task, lang, split, root).is_file()]
+    if not have:
+        raise ConfigError(f"no language of task {task.name!r} has a {split} split in {root / task.name}")
+    return have
+
+
+def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> None:
+    """``model`` resolves: ``tiny``, a local model folder, or a hub id (cached, or found on the hub)."""
+    if model == TINY:
+        return
+    if allow_url and model.startswith(("http://", "https://")):
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{what} {model!r} is a file, not a model folder")
+        if not (path / "config.json").is_file() and not (path / "topro.json").is_file():
+            raise ConfigError(f"{what} {model!r}: the folder has no config.json (not a Hugging Face model folder)")
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ConfigError(f"{what} {model!r}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except HFValidationError:
+        raise ConfigError(f"{what} {model!r}: no such folder, and not a valid Hugging Face hub id") from None
+    if isinstance(cached, str):
+        return
+    if hub_offline():
+        raise ConfigError(f"{what} {model!r}: no such folder, and not in the Hugging Face cache; the hub is "
+                          f"not reachable (HF_HUB_OFFLINE=1): give a local folder or 'tiny'")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{what} {model!r}: no such folder, and the Hugging Face hub knows no such model "
+                          f"(or it is private: log in with `hf auth login`)") from None
+    except Exception as err:  # no network, proxy, timeout
+        raise ConfigError(f"{what} {model!r}: no such folder, and the Hugging Face hub is not reachable "
+                          f"({type(err).__name__}); give a local folder or 'tiny'") from None
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
+    from topro.prompts import get_template, get_verbalizer
+
+    from topro.metrics import resolve_selection_metric
+
+    resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
+    if cfg.method not in BUILTIN_METHODS:  # importing the registry imports torch: only when needed
+        from topro.methods import METHODS
+    if cfg.method not in BUILTIN_METHODS and cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
+    get_template(cfg.task, cfg.template)
+    get_verbalizer(cfg.task, cfg.verbalizer)
+
+
+def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
+    """Everything ``topro train`` needs, before it starts: names, data of every language, the model."""
+    check_names(cfg)
+    check_languages(cfg.task, {cfg.train_lang: ["train", "dev"]}, cfg.data_dir, "train_lang")
+    if cfg.eval_langs:
+        langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
+        check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
+    check_model(cfg.model)
+
+
+def checkpoint_meta(checkpoint: str | Path) -> dict:
+    """The ``topro.json`` of a checkpoint folder, or a one-line error naming what is missing."""
+    folder = Path(checkpoint).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r}: no such folder")
+    meta = folder / "topro.json"
+    if not meta.is_file():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r}: no topro.json in it (not a folder `topro train` wrote; "
+                          f"it writes RUN/checkpoint/)")
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{meta}: not valid JSON ({err})") from None
+
+
+def check_evaluate(checkpoint: str | Path, langs: list[str] | str, *, task: str | None, split: str,
+                   data_dir: str | None, max_sentences: int | None = None) -> list[str]:
+    """What ``topro evaluate`` needs; returns the languages it will evaluate."""
+    meta = checkpoint_meta(checkpoint)
+    task_name = task or meta.get("task")
+    if task and meta.get("task") and task != meta["task"]:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} was trained for task {meta['task']!r}, not {task!r}")
+    if max_sentences is not None and max_sentences < 1:
+        raise ConfigError(f"--max-sentences must be at least 1, got {max_sentences}")
+    languages = expand_languages(task_name, langs, split, data_dir)
+    if not languages:
+        raise ConfigError("--langs: no languages given")
+    check_languages(task_name, {lang: [split] for lang in languages}, data_dir, "--langs")
+    return languages
+
+
+def check_sweep(sweep) -> None:
+    """A sweep's data and models, once on the driver (its names and values were checked when it loaded)."""
+    from topro.sweep_config import trial_train_config
+
+    eval_langs = sweep.eval_langs if sweep.eval_langs is not None else (sweep.base.get("eval_langs") or ["all"])
+    tasks = list(sweep.search_space.get("task", {}).get("grid", []) or
+                 sweep.search_space.get("task", {}).get("choice", [])) or [sweep.base["task"]]
+    models = list(sweep.search_space.get("model", {}).get("grid", []) or
+                  sweep.search_space.get("model", {}).get("choice", [])) or [sweep.base["model"]]
+    for task in dict.fromkeys(tasks):
+        train = trial_train_config(sweep, {"task": task, "model": models[0]}, eval_langs=eval_langs)
+        check_train(train, eval_split=sweep.eval_split)
+    for model in dict.fromkeys(models[1:]):
+        check_model(model)
+
+
+def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, split: str = "dev",
+              data_dir: str | None = None, verbalizer: str | None = None, shots: int = 0,
+              max_sentences: int | None = None, demo_lang: str = "en", demo_split: str = "train") -> list[str]:
+    """What ``topro eval-llm`` needs, without importing torch; returns the languages it will evaluate."""
+    from topro.llm.formats import load_format
+
+    task = get_task(task)
+    try:
+        fmt = load_format(format)
+        fmt.for_task(task.name)
+    except ValueError as err:
+        raise ConfigError(f"--format: {err}") from None
+    if fmt.label_words != "tags":
+        from topro.prompts import get_verbalizer
+
+        get_verbalizer(task.name, verbalizer or fmt.verbalizer)
+    if shots < 0:
+        raise ConfigError(f"--shots must be at least 0, got {shots}")
+    if max_sentences is not None and max_sentences < 1:
+        raise ConfigError(f"--max-sentences must be at least 1, got {max_sentences}")
+    languages = expand_languages(task, langs, split, data_dir)
+    if not languages:
+        raise ConfigError("--langs: no languages given")
+    check_languages(task, {lang: [split] for lang in languages}, data_dir, "--langs")
+    if shots:
+        check_languages(task, {demo_lang: [demo_split]}, data_dir, f"--shots {shots} (demonstrations)")
+    check_model(model, allow_url=True, what="--model")
+    return languages

@@ -1,0 +1,216 @@
+"""Packed ToPro (prompt_packing: sentence): layout, isolation, windowing, checkpoints, bad input.
+
+Logits are compared in float64, so the tolerances hold on any CPU and thread count.
+"""
+import json
+import logging
+
+import pytest
+import torch
+
+from topro.batching import token_budget_batches
+from topro.config import ConfigError, TrainConfig, from_dict
+from topro.data import get_task, load_split
+from topro.data.readers import Sentence
+from topro.evaluate import predict
+from topro.methods import MethodSpec, build_method, load_checkpoint
+from topro.methods.base import word_pieces
+from topro.methods.topro_mlm import label_logits_at
+
+FAMILIES = ["tiny_udpos", "tiny_xlmr"]  # BERT and XLM-R (positions from padding_idx + 1)
+
+
+def make(path, method="topro", max_length=128, **extra):
+    spec = MethodSpec(method=method, task="udpos", labels=list(get_task("udpos").labels), base_model=path,
+                      max_length=max_length, extra={"base_model_path": path, **extra})
+    return build_method(spec, path)
+
+
+def float64_model(method, path):
+    torch.manual_seed(0)
+    return method.build_model(path).double().eval()
+
+
+def by_word(method, model, examples):
+    """{(sentence, word): label logits} of ``examples`` run as one padded batch."""
+    with torch.no_grad():
+        model_logits = method._label_logits(model, method.collate(examples))  # float64, not log-softmaxed
+    keys = [(e.sentence, w) for e in examples for w in e.words]
+    return dict(zip(keys, model_logits))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_question_row_is_the_single_prompt_layout(request, family, data_dir):
+    """A packed row with one question holds exactly the single prompt's tokens and token types, and its
+    logits equal that prompt run through the model's own position ids with a hand-built mask in which the
+    sentence does not see the question (what packing changes in the computation, and nothing else)."""
+    path = request.getfixturevalue(family)
+    single = make(path)
+    packed = make(path, prompt_packing="sentence", max_questions_per_row=1)
+    model = float64_model(single, path)
+    base = getattr(model, model.base_model_prefix)
+    sentences = load_split("udpos", "ar", "dev", data_dir, limit=2)
+    one_each = packed.encode(sentences)
+    prompts = single.encode(sentences)
+    assert [(e.sentence, e.words) for e in one_each] == [(e.sentence, e.words) for e in prompts]
+    suffix = single.layout.suffix
+    for row, prompt in zip(one_each, prompts):
+        assert row.input_ids == prompt.input_ids and row.token_type_ids == prompt.token_type_ids
+        assert row.positions == prompt.positions and row.position_ids == list(range(prompt.length))
+        sentence = sentences[prompt.sentence]
+        question = single.question_ids(sentence, None)[prompt.words[0]]
+        n_sentence = prompt.length - len(question) - len(suffix)
+        visible = torch.ones(prompt.length, prompt.length, dtype=torch.bool)
+        visible[:n_sentence, n_sentence:] = False  # the sentence part never sees the question
+        inputs = {"input_ids": torch.tensor([prompt.input_ids]), "attention_mask": visible[None, None]}
+        if prompt.token_type_ids is not None:
+            inputs["token_type_ids"] = torch.tensor([prompt.token_type_ids])
+        with torch.no_grad():
+            hidden = base(**inputs).last_hidden_state[0, prompt.positions[0]]
+            expected = label_logits_at(model, hidden[None], single.label_ids)[0]
+            got = packed._label_logits(model, packed.collate([row]))[0]
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # ... and a different computation from today's per-word prompt, where the sentence sees the question.
+    with torch.no_grad():
+        today = single._label_logits(model, single.collate(prompts))
+        now = packed._label_logits(model, packed.collate(one_each))
+    assert (today - now).abs().max() > 1e-8  # float64: far above rounding, tiny on a random tiny model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_questions_are_isolated(request, family, data_dir):
+    """Each question packed with others gives the logits it gives alone with the sentence (the mask
+    isolates questions), also when rows of different lengths are padded together."""
+    path = request.getfixturevalue(family)
+    packed = make(path, prompt_packing="sentence")
+    alone = make(path, prompt_packing="sentence", max_questions_per_row=1)
+    model = float64_model(packed, path)
+    sentences = load_split("udpos", "de", "dev", data_dir, limit=4)
+    rows = packed.encode(sentences)
+    assert len(rows) < sum(len(s) for s in sentences) / 4  # really packed
+    assert max(len(r.words) for r in rows) > 5
+    together = by_word(packed, model, rows)
+    separate = by_word(alone, model, alone.encode(sentences))
+    assert together.keys() == separate.keys() == {(i, w) for i, s in enumerate(sentences) for w in range(len(s))}
+    for key in together:
+        torch.testing.assert_close(together[key], separate[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_sentence_is_windowed_over_rows_and_every_word_predicted(request, family, data_dir):
+    path = request.getfixturevalue(family)
+    packed = make(path, max_length=40, prompt_packing="sentence", max_packed_length=120)
+    sentence = max(load_split("udpos", "en", "dev", data_dir, limit=300), key=len)
+    rows = packed.encode([sentence])
+    assert len(rows) > 1 and any(r.trimmed_context for r in rows)
+    assert sorted(w for r in rows for w in r.words) == list(range(len(sentence)))
+    pieces = word_pieces(packed.tokenizer, sentence.words)
+    per_word = {e.words[0]: e for e in make(path, max_length=40).encode([sentence])}
+    mask_id = packed.tokenizer.mask_token_id
+    for row in rows:
+        assert row.length <= 120 or len(row.words) == 1
+        assert max(row.position_ids) < 40  # each question's single-prompt layout fits max_length
+        assert all(row.input_ids[at] == mask_id for at in row.positions)
+        if len(row.words) == 1:  # alone in its row: exactly the per-word prompt, window and all
+            assert row.input_ids == per_word[row.words[0]].input_ids
+            continue
+        context = row.input_ids[:row.blocks.count(0)]
+        for w in row.words:  # sharing a row: the window holds every word the row asks about
+            word = pieces[w]
+            assert any(context[i:i + len(word)] == word for i in range(len(context))), (w, sentence.words[w])
+    model = float64_model(packed, path)
+    prediction = predict(packed, model, [sentence], max_tokens=300)[0]
+    assert not torch.isnan(torch.tensor(prediction.log_probs)).any()
+    assert prediction.truncated_words == 0 and prediction.trimmed_prompts > 0
+
+
+@pytest.mark.parametrize("method", ["topro", "topro_soft"])
+def test_packed_training_checkpoint_reloads_identically(tiny_udpos, data_dir, tmp_path, method):
+    from topro.train import train
+
+    cfg = TrainConfig(task="udpos", method=method, model="tiny", data_dir=str(data_dir), max_train_sentences=12,
+                      max_dev_sentences=6, epochs=1, batch_size=16, learning_rate=1e-3, prefix_length=4,
+                      prompt_packing="sentence", output_dir=str(tmp_path / "run"), progress=False)
+    metrics = train(cfg)
+    assert metrics["n_train_examples"] < metrics["n_train_questions"] == metrics["n_train_words"]
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "topro.json").read_text())
+    assert meta["prompt_packing"] == "sentence" and meta["method"] == method
+    loaded_method, loaded = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert (loaded_method.cloze if method == "topro_soft" else loaded_method).packing == "sentence"
+    sentences = load_split("udpos", "zh", "dev", data_dir, limit=4)
+    rows = loaded_method.encode(sentences)
+    assert len(rows) == len(sentences)  # served packed, as trained
+    again_method, again = load_checkpoint(tmp_path / "run" / "checkpoint")
+    first = predict(loaded_method, loaded, sentences)
+    second = predict(again_method, again, sentences)
+    for a, b in zip(first, second):
+        assert (a.log_probs == b.log_probs).all()
+
+
+def test_training_batches_count_questions(tiny_udpos, data_dir):
+    packed = make(tiny_udpos, prompt_packing="sentence")
+    rows = packed.encode(load_split("udpos", "en", "train", data_dir, limit=60))
+    lengths, sizes = [r.length for r in rows], [r.batch_units for r in rows]
+    assert sizes == [len(r.words) for r in rows]
+    counts = set()
+    for seed in range(4):
+        batches = token_budget_batches(lengths, 4096, 32, shuffle=True, seed=seed, sizes=sizes)
+        assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+        assert all(sum(sizes[i] for i in b) <= 32 or len(b) == 1 for b in batches)
+        counts.add(len(batches))
+    assert len(counts) == 1  # the number of steps per epoch does not depend on the shuffle
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("packing", ["per_word", "sentence"])
+def test_a_very_long_word_is_cut_inside_its_question_with_a_warning(request, family, packing, caplog):
+    path = request.getfixturevalue(family)
+    method = make(path, max_length=24, prompt_packing=packing)
+    long_word = "Donaudampfschifffahrtsgesellschaft" * 2  # < 100 characters: WordPiece splits it, no [UNK]
+    sentence = Sentence(["Die", long_word, "fährt", "."], ["DET", "NOUN", "VERB", "PUNCT"], "de", "x.tsv:7")
+    with caplog.at_level(logging.WARNING, logger="topro.methods.packing"):
+        examples = method.encode([sentence])
+    assert long_word[:40] in caplog.text and "x.tsv:7" in caplog.text
+    mask_id = method.tokenizer.mask_token_id
+    assert sorted(w for e in examples for w in e.words) == [0, 1, 2, 3]
+    for e in examples:
+        positions = e.position_ids if packing == "sentence" else range(e.length)
+        assert max(positions) < 24 and all(e.input_ids[p] == mask_id for p in e.positions)
+    model = method.build_model(path).eval()
+    log_probs = predict(method, model, [sentence])[0].log_probs
+    assert not torch.isnan(torch.tensor(log_probs)).any()
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(tiny_udpos):
+    method = make(tiny_udpos, max_length=100_000)
+    with pytest.raises(ValueError, match="max_length=100000 exceeds"):
+        method.build_model(tiny_udpos)
+
+
+def test_methods_that_cannot_pack_are_refused_by_name(tiny_udpos, tiny_mt5):
+    for method in ("vanilla", "prompt_tuning"):
+        with pytest.raises(ConfigError, match=f"field 'prompt_packing': method '{method}' cannot pack"):
+            from_dict(TrainConfig, {"method": method, "prompt_packing": "sentence"})
+        with pytest.raises(ValueError, match=f"method '{method}' cannot pack"):
+            make(tiny_udpos, method=method, prompt_packing="sentence")
+    with pytest.raises(ValueError, match="method 'topro' on the encoder-decoder"):
+        make(tiny_mt5, prompt_packing="sentence")
+    with pytest.raises(ConfigError, match="prompt_packing"):
+        from_dict(TrainConfig, {"prompt_packing": "words"})
+    with pytest.raises(ConfigError, match="max_packed_length"):
+        from_dict(TrainConfig, {"prompt_packing": "sentence", "max_packed_length": 64})
+    from_dict(TrainConfig, {"method": "topro_soft", "prompt_packing": "sentence"})  # packable: accepted
+
+
+def test_prompt_packing_is_sweepable_and_checked_per_trial(tmp_path):
+    from topro.sweep_config import grid_size, load_sweep_config
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\nbase: {task: udpos, model: tiny, method: topro, epochs: 1}\n"
+                    "search_space:\n  prompt_packing: {grid: [per_word, sentence]}\n")
+    assert grid_size(load_sweep_config(path)) == 2
+    path.write_text("name: t\nbase: {task: udpos, model: tiny, epochs: 1}\n"
+                    "search_space:\n  method: {grid: [topro, vanilla]}\n  prompt_packing: {grid: [sentence]}\n")
+    with pytest.raises(ConfigError, match="method 'vanilla' cannot pack"):
+        load_sweep_config(path)
