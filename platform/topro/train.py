@@ -41,7 +41,7 @@ from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
 from topro.metrics import metric_value, resolve_selection_metric
-from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
+from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,10 @@ class LoopState:
     resumed_from_step: int | None = None
 
 
+MLM_HEAD_METHODS = ("topro", "topro_soft")
+"""Methods that score label words with the pretrained masked-LM head."""
+
+
 def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
     task = get_task(cfg.task)
     return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
@@ -177,7 +181,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                              "freeze_backbone": cfg.freeze_backbone,
                              "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
                              "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
-                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
+                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride,
+                             "mlm_head_untrained": cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path))})
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -236,7 +241,12 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         raise ConfigError("selection_metric: 'viterbi_f1' needs viterbi: true")
     model_path = resolve_model_path(cfg.model, task.name, cfg.data_dir)
     tokenizer = load_tokenizer(model_path)
-    method = build_method(method_spec(cfg, model_path), model_path, tokenizer)
+    spec = method_spec(cfg, model_path)
+    if spec.extra.get("mlm_head_untrained") and strategy.is_main:
+        log.warning("%s: %s has no masked-LM head: ToPro's head starts from random weights (not pretrained), "
+                    "so its scores are not those of the published method; flagged in metrics.json, MLflow and "
+                    "the report", cfg.method, cfg.model)
+    method = build_method(spec, model_path, tokenizer)
     train_sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
     examples = method.encode(train_sentences)
@@ -285,6 +295,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
+        "mlm_head_untrained": bool(spec.extra.get("mlm_head_untrained")),
         "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
