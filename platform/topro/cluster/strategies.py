@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import signal
 import tempfile
@@ -206,10 +208,51 @@ class DeepSpeedStrategy(RayStrategy):
         self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
 
     def load_state(self, folder: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
+        load_deepspeed_state(self.model, folder)
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed (0.19) pickles into its checkpoints, allowed on a ``weights_only`` load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_deepspeed_state(engine, folder: Path) -> None:
+    """``engine.load_checkpoint`` with every file read by ``torch.load(weights_only=True)``.
+
+    DeepSpeed itself loads with ``weights_only=False``, i.e. runs whatever a pickle in the checkpoint says:
+    anyone who can write the run's storage could run code on every worker. Here only tensors, plain
+    containers and ``deepspeed_safe_globals()`` are accepted; anything else fails the resume with torch's
+    ``UnpicklingError`` naming the refused global.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    allowed = deepspeed_safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                what = f"a pickled {found.group(1)!r}" if found else "a pickled object"
+                raise pickle.UnpicklingError(
+                    f"{path}: refusing to resume: it holds {what}, not tensors or DeepSpeed's own state; the "
+                    "checkpoint may have been tampered with (remove it, or resume from another one)") from None
+
+    previous = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        engine.checkpoint_engine = previous
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
 
 
 class ScoresThroughModule:

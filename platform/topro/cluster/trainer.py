@@ -70,6 +70,7 @@ def build_trainer(cfg: TrainConfig, *, name: str | None = None, storage_path: st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from topro.cluster.loopback import LoopbackTorchConfig
     from topro.cluster.strategies import deepspeed_config
 
     cfg = prepare_config(cfg)
@@ -94,7 +95,7 @@ def build_trainer(cfg: TrainConfig, *, name: str | None = None, storage_path: st
                                            checkpoint_score_order="max"),
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        run_config=run)
+                        run_config=run, torch_config=LoopbackTorchConfig())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
