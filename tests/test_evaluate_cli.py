@@ -27,3 +27,21 @@ def test_evaluate_takes_a_registered_model_and_keeps_files_it_did_not_write(tmp_
 
     assert main([*argv[:2], "models:/topro-udpos-topro@nope", *argv[3:-1], str(tmp_path / "x.json")]) == 2
     assert "not found in the MLflow registry" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_sweep_child_runs_get_every_score_the_evaluation_writes():
+    from topro.tracking import evaluation_metrics
+
+    record = {"metric": "accuracy", "languages": {
+        "de": {"accuracy": 0.8, "xtreme_seqeval_f1": 0.7, "accuracy_seen_words": 0.81, "n_sentences": 5,
+               "n_words": 50, "n_truncated_words": 0},
+        "en": {"accuracy": 0.9, "xtreme_seqeval_f1": 0.85, "n_sentences": 5, "n_words": 40, "n_truncated_words": 0}}}
+    metrics = evaluation_metrics(record)
+    assert metrics["xtreme_seqeval_f1.de"] == 0.7 and metrics["xtreme_seqeval_f1.en"] == 0.85
+    assert metrics["accuracy_seen_words.de"] == 0.81 and metrics["accuracy.avg_without_en"] == 0.8
+    assert not any(k.startswith("n_") for k in metrics)
+    panx = {"metric": "f1", "languages": {"de": {"f1": 0.5, "precision": 0.4, "recall": 0.6, "accuracy": 0.9,
+                                                 "f1_strict": 0.45, "viterbi": {"f1": 0.55, "precision": 0.5}}}}
+    metrics = evaluation_metrics(panx)
+    assert {"f1.de", "precision.de", "recall.de", "accuracy.de", "f1_strict.de", "viterbi_f1.de",
+            "viterbi_precision.de"} <= set(metrics)
