@@ -88,8 +88,11 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=512, type_vocab_size=2,
                         pad_token_id=vocab["[PAD]"])
-    torch.manual_seed(0)
-    model = BertForMaskedLM(config)
+    # Fixed weights, without touching the caller's random state: the run's seed
+    # must give the same run whether this builds the model or finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(config)
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".tiny-{task}-"))
     model.save_pretrained(tmp, safe_serialization=True)

@@ -257,7 +257,14 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
     if batches_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    # An optimizer step accumulates `grad_accum` micro-batches; an epoch with
+    # fewer batches than that steps once on all of them (else no step would
+    # ever be taken and gradients would pile up).
+    accum = min(cfg.grad_accum, batches_per_epoch)
+    if accum < cfg.grad_accum and strategy.is_main:
+        log.warning("an epoch has %d batches, fewer than grad_accum=%d: each epoch takes one optimizer "
+                    "step over its %d batches", batches_per_epoch, cfg.grad_accum, batches_per_epoch)
+    steps_per_epoch = batches_per_epoch // accum
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     base_model = method.build_model(model_path)
     if embeddings_frozen(cfg):
@@ -289,7 +296,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
         "mlm_head_untrained": bool(spec.extra.get("mlm_head_untrained")),
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
     train_seconds, train_examples, train_tokens = 0.0, 0, 0
@@ -326,25 +333,26 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     while state.epoch < cfg.epochs and not stop:
         batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
-        skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum
+        skip = (state.step - state.epoch * steps_per_epoch) * accum
         model.train()
         running, n_loss = 0.0, 0
-        bar = tqdm(total=min(len(batches), steps_per_epoch * cfg.grad_accum),
+        bar = tqdm(total=min(len(batches), steps_per_epoch * accum),
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
         for micro, batch_ids in enumerate(batches):
             if micro < skip:
                 continue
-            if micro >= steps_per_epoch * cfg.grad_accum:
+            if micro >= steps_per_epoch * accum:
                 break  # a remainder smaller than grad_accum is dropped: every step sees a full global batch
             start = time.perf_counter()
             chunk = [examples[i] for i in batch_ids]
             batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
-            boundary = (micro + 1) % cfg.grad_accum == 0
+            boundary = (micro + 1) % accum == 0
             with strategy.micro_step(boundary):
                 with autocast_for(device, cfg.dtype):
                     loss = model(batch)
-                strategy.backward(loss, boundary)
+                # Strategies divide by grad_accum; a shorter group still averages its batches.
+                strategy.backward(loss * (cfg.grad_accum / accum) if accum != cfg.grad_accum else loss, boundary)
             if boundary:
                 strategy.step()
                 state.step += 1
