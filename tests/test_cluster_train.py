@@ -112,3 +112,144 @@ def test_cli_help_shows_the_scale_out_options(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--workers" in out and "--strategy" in out and "--address" in out
+
+
+class _RunsCode:
+    """What a tampered checkpoint could hold: unpickling it runs code (here: creates a file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
+    """DeepSpeed loads its state with torch.load(weights_only=False): a pickle planted in the run's storage
+    runs code on resume. ``load_deepspeed_state`` loads weights-only (DeepSpeed's own types allow-listed): a
+    real ZeRO-2 state resumes, the tampered one is refused and its code never runs. World size 1, gloo."""
+    import os
+    import pickle
+    import socket
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from topro.cluster.strategies import DEEPSPEED_TAG, load_deepspeed_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        def engine():
+            torch.manual_seed(0)
+            module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+            config = {"train_batch_size": 2, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+            return deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                        dist_init_required=False)[0]
+
+        trained = engine()
+        for _ in range(3):
+            trained.backward(trained(torch.randn(2, 4)).sum())
+            trained.step()
+        trained.save_checkpoint(str(tmp_path), tag=DEEPSPEED_TAG)
+        resumed = engine()
+        load_deepspeed_state(resumed, tmp_path)
+        assert resumed.global_steps == 3
+        for a, b in zip(trained.module.parameters(), resumed.module.parameters()):
+            assert torch.equal(a, b)
+
+        marker = tmp_path / "code-ran"
+        states = tmp_path / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
+        tampered = torch.load(states, weights_only=False)
+        tampered["planted"] = _RunsCode(str(marker))
+        torch.save(tampered, states)
+        engine().load_checkpoint(str(tmp_path), tag=DEEPSPEED_TAG)  # DeepSpeed's own load runs it
+        assert marker.exists()
+        marker.unlink()
+        with pytest.raises(pickle.UnpicklingError, match=r"mp_rank_00_model_states.pt: refusing to resume: it holds a pickled 'exec'"):
+            load_deepspeed_state(engine(), tmp_path)
+        assert not marker.exists()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_local_two_worker_run_listens_only_on_loopback(tmp_path, data_dir, ray_local):
+    """Every socket that this process and its descendants (Ray's servers, the Train workers, the torch
+    rendezvous) bind during a 2-worker DDP run is on a loopback address. Before LoopbackTorchConfig, rank 0's
+    TCPStore listened on every interface."""
+    import ipaddress
+    import socket
+    import threading
+
+    import psutil
+
+    seen: dict[tuple[str, int, str], str] = {}
+    stop = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not stop.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    for conn in proc.net_connections(kind="inet"):
+                        bound = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and conn.laddr)
+                        if bound:
+                            seen[(conn.laddr.ip, conn.laddr.port, conn.type.name)] = " ".join(proc.cmdline()[:3])[:120]
+                except psutil.Error:
+                    pass
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert main(["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir),
+                     "--output", str(tmp_path / "run"), "--workers", "2", "--strategy", "ddp",
+                     *[a for a in SMALL_VANILLA if not a.startswith(("epochs=", "max_train"))], "epochs=1",
+                     "max_train_sentences=32"]) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+    outside = {k: v for k, v in seen.items() if not loopback(k[0])}
+    print("bound sockets:", *sorted(f"{ip}:{port}/{kind} {who}" for (ip, port, kind), who in seen.items()),
+          sep="\n  ")
+    assert not outside, outside
+    workers = [v for v in seen.values() if "ray::" in v or "default_worker" in v]
+    assert len(seen) >= 5 and workers, seen  # Ray's servers and the workers' were seen, so it looked
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_checkpoint_averaging_under_ray_train_exports_the_average(tmp_path, data_dir, tiny_udpos, ray_local, strategy):
+    """selection: average_top_k on two workers (DDP, DeepSpeed ZeRO-2): the copied export is the averaged model."""
+    from topro.cluster.trainer import train_on_ray
+    from topro.data import load_split
+    from topro.evaluate import evaluate_sentences
+
+    cfg = load_config(TrainConfig, "configs/train/udpos-vanilla.yaml",
+                      [*SMALL_VANILLA, "epochs=1", "eval_every_steps=2", "patience=100", f"data_dir={data_dir}",
+                       f"output_dir={tmp_path / 'run'}", "workers=2", f"strategy={strategy}",
+                       "deepspeed_config=zero2", "selection=average_top_k", "k=2"])
+    summary = train_on_ray(cfg)
+    assert summary["selection"] == "average_top_k" and len(summary["averaged_steps"]) == 2
+    assert Path(summary["ray_checkpoint"]).parent.name.endswith("-averaged")
+    method, model = load_checkpoint(summary["checkpoint"])
+    dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=30))
+    assert dev["accuracy"] == pytest.approx(summary["averaged_dev_accuracy"], abs=1e-6)
+
+
+def test_checkpoint_averaging_refuses_zero3_before_workers_start(tmp_path):
+    from topro.cluster.trainer import build_trainer
+
+    cfg = TrainConfig(strategy="deepspeed", deepspeed_config="zero3", workers=2, selection="average_last_k", k=2,
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="not supported with DeepSpeed ZeRO-3"):
+        build_trainer(cfg)

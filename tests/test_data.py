@@ -97,3 +97,75 @@ def test_conllu_errors_name_the_line_after_multiword_and_empty_node_lines(tmp_pa
         read_conllu(path, labels=get_task("udpos").labels)
     [sentence] = read_conllu(path)
     assert sentence.source.endswith("x.conllu:3")  # its first word, not the comment
+
+
+def test_registry_lists_every_xtreme_language_including_test_only_ones():
+    udpos, panx = get_task("udpos"), get_task("panx")
+    xtreme_udpos = "af ar bg de el en es et eu fa fi fr he hi hu id it ja kk ko mr nl pt ru ta te th tl tr ur vi yo zh"
+    xtreme_panx = ("af ar bg bn de el en es et eu fa fi fr he hi hu id it ja jv ka kk ko ml mr ms my nl pt ru sw "
+                   "ta te th tl tr ur vi yo zh")
+    assert set(xtreme_udpos.split()) <= set(udpos.languages)
+    assert set(xtreme_panx.split()) <= set(panx.languages)
+    assert {"th", "tl", "yo"} <= set(udpos.test_only) <= set(udpos.languages)
+    assert udpos.final_split == "test" and panx.final_split == "dev"
+
+
+def test_missing_split_offline_names_the_file_and_the_layout(data_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataFormatError) as err:
+        load_split("udpos", "th", "test", data_dir)
+    text = str(err.value)
+    assert str(data_dir / "udpos" / "test-th.tsv") in text and "only a test split" in text
+    assert "<split>-<lang>.tsv" in text and "offline" in text
+
+
+def test_missing_split_loads_through_datasets_where_a_source_is_reachable(tmp_path, monkeypatch, data_dir):
+    """A dataset folder laid out as the hub's (configs in README metadata) stands in for the hub."""
+    import json
+
+    from topro.data import tasks
+
+    hub = tmp_path / "hub"
+    (hub / "th").mkdir(parents=True)
+    rows = [{"tokens": ["a", "b"], "pos_tags": ["NOUN", "VERB"]}, {"tokens": ["c"], "pos_tags": ["PUNCT"]}]
+    (hub / "th" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (hub / "README.md").write_text("---\nconfigs:\n- config_name: udpos.Thai\n  data_files:\n"
+                                   "  - split: test\n    path: th/test.jsonl\n---\n")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    text = (tasks.BUILTIN_TASKS / "udpos.yaml").read_text().replace("path: google/xtreme", f"path: {hub}")
+    (task_dir / "udpos.yaml").write_text(text)
+    monkeypatch.setenv("TOPRO_TASKS_PATH", str(task_dir))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    tasks._registry.cache_clear()
+    try:
+        sentences = load_split("udpos", "th", "test", data_dir)  # not in data_dir: taken from the source
+    finally:
+        monkeypatch.delenv("TOPRO_TASKS_PATH")
+        tasks._registry.cache_clear()
+    assert [s.words for s in sentences] == [["a", "b"], ["c"]]
+    assert sentences[0].tags == ["NOUN", "VERB"] and sentences[0].lang == "th"
+
+
+def test_hidden_test_labels_are_refused_not_scored(tmp_path):
+    from topro.evaluate import check_gold_labels
+
+    (tmp_path / "panx").mkdir()
+    (tmp_path / "panx" / "test-de.tsv").write_text("Angela\tO\nMerkel\tO\n\nin\tO\nBerlin\tO\n")
+    (tmp_path / "panx" / "dev-de.tsv").write_text("Angela\tB-PER\nMerkel\tI-PER\n\nin\tO\nBerlin\tO\n")
+    sentences = load_split("panx", "de", "test", tmp_path)
+    with pytest.raises(DataFormatError, match=r"test-de.tsv: every gold label .* is 'O' .*hidden"):
+        check_gold_labels("panx", "de", "test", str(tmp_path), sentences)
+    all_o_prefix = load_split("panx", "de", "dev", tmp_path)[1:]  # no entity in what is scored, but the file has some
+    check_gold_labels("panx", "de", "dev", str(tmp_path), all_o_prefix)
+
+
+def test_default_split_is_test_for_udpos_where_it_is_at_hand(tmp_path, data_dir, monkeypatch):
+    from topro.data.loading import default_split
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert default_split("panx", str(data_dir)) == "dev"
+    assert default_split("udpos", str(data_dir)) == "dev"  # no test files here and no hub: dev, logged
+    (tmp_path / "udpos").mkdir()
+    (tmp_path / "udpos" / "test-th.tsv").write_text("a\tNOUN\n")
+    assert default_split("udpos", str(tmp_path)) == "test"

@@ -31,7 +31,13 @@ def test_train_then_evaluate(tmp_path, data_dir, task, method, capsys):
         assert 0.0 <= r[metric] <= 1.0 and r["n_sentences"] == 15 and "n_truncated_words" in r
     assert set(record["average"]) >= {metric, "n_languages"}
     if task == "panx":
-        assert "viterbi" in record["languages"]["de"]
+        assert "viterbi" in record["languages"]["de"] and "f1_strict" in record["languages"]["de"]
+    assert metrics["selection_metric"] == metric and f"best_dev_{metric}" in metrics
+    assert record["split"] == "dev"  # no test files here, hub offline: dev (UDPOS would default to test)
+    predictions = json.loads((tmp_path / "eval.predictions.json").read_text())
+    assert record["predictions_file"] == "eval.predictions.json"
+    de = predictions["languages"]["de"]
+    assert len(de["gold"]) == len(de["pred"]) == len(de["digests"]) == 15
 
 
 def test_bad_override_exits_with_named_error(capsys):

@@ -70,7 +70,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--task", help="task name (default: the checkpoint's)")
     p.add_argument("--langs", default="all", help="comma-separated languages, or 'all' (default)")
     p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--split", default="dev")
+    p.add_argument("--split", choices=["dev", "test"],
+                   help="split scored in each language (default: the task's final split where it is at hand, "
+                        "test for UDPOS, dev for PAN-X; dev otherwise)")
     p.add_argument("--max-sentences", type=int, help="first N sentences per language")
     p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -81,8 +83,13 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from topro.precheck import check_evaluate
+    from topro.precheck import check_evaluate, checkpoint_meta
 
+    if args.split is None:
+        from topro.data.loading import default_split
+
+        task_name = args.task or checkpoint_meta(args.checkpoint).get("task") or "udpos"
+        args.split = default_split(task_name, args.data_dir, [x for x in args.langs.split(",") if x])
     args.langs = ",".join(check_evaluate(args.checkpoint, args.langs, task=args.task, split=args.split,
                                          data_dir=args.data_dir, max_sentences=args.max_sentences))
     from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
+                         ("compare", "topro.compare_cli"),
                          ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
         try:  # commands that land with later layers register themselves here
             mod = __import__(module, fromlist=["add_parser"])

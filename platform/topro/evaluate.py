@@ -204,7 +204,28 @@ def evaluate_language(method: Method, model, task: Task | str, lang: str, *, dat
     from topro.data import load_split
 
     sentences = load_split(task, lang, split, data_dir, limit=max_sentences)
+    check_gold_labels(task, lang, split, data_dir, sentences)
     return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+
+
+def check_gold_labels(task: Task | str, lang: str, split: str, data_dir: str | None,
+                      sentences: list[Sentence]) -> None:
+    """Refuse to score a span task's split whose gold labels are all ``O`` (hidden test labels): it would
+    score 0 and look like a result."""
+    from topro.data import load_split
+    from topro.data.readers import DataFormatError
+
+    task = get_task(task)
+    if task.scheme != "iob2" or any(t != "O" for s in sentences for t in s.tags):
+        return
+    everything = load_split(task, lang, split, data_dir)  # a short prefix may hold no entity by chance
+    if any(t != "O" for s in everything for t in s.tags):
+        return
+    source = sentences[0].source.rsplit(":", 1)[0] if sentences else f"{task.name} {split}-{lang}"
+    raise DataFormatError(f"{source}: every gold label of the {task.name} {split} split of {lang!r} is 'O' "
+                          f"({sum(len(s) for s in everything)} words): its labels are hidden (XTREME withholds "
+                          f"them for some test sets), so it cannot be scored; use a copy with labels or "
+                          f"--split dev")
 
 
 def resolve_languages(task: Task | str, langs: list[str] | str, data_dir: str | None, split: str = "dev") -> list[str]:
@@ -239,7 +260,14 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang)
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
-                          extra={"checkpoint": str(checkpoint), "split": split})
+                          extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
+
+
+def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
+    if (meta.get("extra") or {}).get("mlm_head_untrained"):
+        extra = {**extra, "mlm_head_untrained": True}
+    return extra
 
 
 def score_files(task: Task | str, gold_path: str | Path, pred_path: str | Path) -> dict[str, Any]:

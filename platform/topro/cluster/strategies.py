@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import signal
 import tempfile
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 EXPORT_DIR = "model"
 """Subfolder of a Ray checkpoint holding the consolidated export (only in checkpoints that improved dev)."""
 BEST_FLAG = "is_best"
+AVERAGED_FLAG = "is_averaged"
+"""Reported metric: 1.0 on the checkpoint holding the averaged weights of ``selection: average_*``."""
 """Reported metric: 1.0 when this evaluation improved the best English dev score, else 0.0."""
 DEEPSPEED_TAG = "state"
 """DeepSpeed checkpoint tag inside each Ray checkpoint (one state per Ray checkpoint)."""
@@ -73,7 +77,8 @@ class RayStrategy(LocalStrategy):
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
-    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model) -> None:
+    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model,
+                         averaged: bool = False) -> None:
         """Checkpoint (every rank its part) and report the evaluation's metrics to Ray Train."""
         import ray.train
 
@@ -85,12 +90,17 @@ class RayStrategy(LocalStrategy):
             if self.is_main:
                 save_loop_state(state, folder)
             metrics = {**record, f"best_dev_{self.metric}": state.best_metric, "best_step": state.best_step,
-                       BEST_FLAG: float(improved)}
+                       BEST_FLAG: float(improved), AVERAGED_FLAG: float(averaged)}
+            name = checkpoint_dir_name(state.step) + ("-averaged" if averaged else "")
             # Ranks with nothing to write report no checkpoint; Ray merges the others' folders.
             checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if any(folder.iterdir()) else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def export_averaged(self, state: LoopState, record: dict[str, Any], *, method, model) -> None:
+        """The averaged weights as one more reported checkpoint, flagged best and averaged: its export wins."""
+        self.after_evaluation(state, record, improved=True, method=method, model=model, averaged=True)
 
     def step_hook(self, step: int) -> None:
         """Fault injection: at ``fault_step`` the rank-1 (or only) worker kills itself, once per run.
@@ -206,10 +216,51 @@ class DeepSpeedStrategy(RayStrategy):
         self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
 
     def load_state(self, folder: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
+        load_deepspeed_state(self.model, folder)
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed (0.19) pickles into its checkpoints, allowed on a ``weights_only`` load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_deepspeed_state(engine, folder: Path) -> None:
+    """``engine.load_checkpoint`` with every file read by ``torch.load(weights_only=True)``.
+
+    DeepSpeed itself loads with ``weights_only=False``, i.e. runs whatever a pickle in the checkpoint says:
+    anyone who can write the run's storage could run code on every worker. Here only tensors, plain
+    containers and ``deepspeed_safe_globals()`` are accepted; anything else fails the resume with torch's
+    ``UnpicklingError`` naming the refused global.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    allowed = deepspeed_safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                what = f"a pickled {found.group(1)!r}" if found else "a pickled object"
+                raise pickle.UnpicklingError(
+                    f"{path}: refusing to resume: it holds {what}, not tensors or DeepSpeed's own state; the "
+                    "checkpoint may have been tampered with (remove it, or resume from another one)") from None
+
+    previous = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        engine.checkpoint_engine = previous
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint with tag {DEEPSPEED_TAG!r}")
 
 
 class ScoresThroughModule:

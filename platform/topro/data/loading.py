@@ -29,6 +29,31 @@ def available_languages(task: str | Task, split: str, data_dir: str | os.PathLik
     return [lang for lang in task.languages if split_path(task, lang, split, root).is_file()]
 
 
+def default_split(task: Task | str, data_dir: str | None = None, langs: list[str] | None = None) -> str:
+    """What ``topro evaluate`` scores without ``--split``: the task's ``final_split`` (UDPOS: test) when it
+    is at hand, else dev (logged). Model selection never calls this: it reads English dev only."""
+    import logging
+
+    from topro.precheck import hub_offline
+
+    task = get_task(task)
+    if task.final_split == "dev":
+        return "dev"
+    root = resolve_data_dir(data_dir)
+    if root is None and not hub_offline():
+        return task.final_split
+    if root is not None:
+        wanted = [lang for lang in (langs or task.languages) if lang != "all"] or task.languages
+        if any(split_path(task, lang, task.final_split, root).is_file() for lang in wanted):
+            return task.final_split
+        if task.hub is not None and not hub_offline():
+            return task.final_split
+    logging.getLogger(__name__).warning(
+        "%s: no %s split at hand (%s, hub offline); evaluating dev instead", task.name, task.final_split,
+        root / task.name if root else "no data folder")
+    return "dev"
+
+
 def load_split(task: str | Task, lang: str, split: str, data_dir: str | os.PathLike | None = None,
                limit: int | None = None) -> list[Sentence]:
     """Sentences of ``task``'s ``split`` in ``lang``; tags are checked against the label set."""
@@ -38,11 +63,28 @@ def load_split(task: str | Task, lang: str, split: str, data_dir: str | os.PathL
         return _load_from_hub(task, lang, split, limit)
     path = split_path(task, lang, split, root)
     if not path.is_file():
-        have = available_languages(task, split, root)
-        raise DataFormatError(
-            f"{path}: no {split} split for language {lang!r} of task {task.name!r}; "
-            f"languages with a {split} split in {root}: {have}")
+        return _load_missing_split(task, lang, split, root, path, limit)
     return READERS[task.format](path, lang=lang, labels=task.labels, limit=limit)
+
+
+def _load_missing_split(task: Task, lang: str, split: str, root: Path, path: Path,
+                        limit: int | None) -> list[Sentence]:
+    """A split not in the local folder: from the hub where it is reachable, else a message saying where
+    it was looked for and how the folder is laid out."""
+    from topro.precheck import hub_offline
+
+    have = available_languages(task, split, root)
+    layout = f"{root}/{task.name}/{task.file_pattern.format(split='<split>', lang='<lang>')}"
+    only_test = f" ({lang} has only a test split in the benchmark)" if lang in task.test_only else ""
+    why = f"{path}: no {split} split for language {lang!r} of task {task.name!r}{only_test}"
+    where = f"--data-dir is laid out as {layout}; languages with a {split} split there: {have}"
+    if task.hub is None or (hub_offline() and not Path(task.hub.path).expanduser().is_dir()):
+        hub = "the hub is offline (HF_HUB_OFFLINE=1)" if task.hub else f"task {task.name!r} has no hub source"
+        raise DataFormatError(f"{why}, and {hub}; {where}")
+    try:
+        return _load_from_hub(task, lang, split, limit)
+    except DataFormatError as err:
+        raise DataFormatError(f"{why}, and the hub did not have it either ({err}); {where}") from err
 
 
 def _load_from_hub(task: Task, lang: str, split: str, limit: int | None) -> list[Sentence]:

@@ -43,7 +43,7 @@ class Task:
     labels: list[str]
     """The label set, in a fixed order (the model's class order)."""
     languages: list[str]
-    """Languages that have data for this task."""
+    """Every language of the task in the benchmark (XTREME), including those with only a test split."""
     metric: Literal["accuracy", "f1"]
     """Headline metric, used for model selection."""
     scheme: Literal["tags", "iob2"] = "tags"
@@ -56,6 +56,11 @@ class Task:
     default_template: str = "topro"
     default_verbalizer: str = "topro"
     hub: HubSource | None = None
+    test_only: list[str] = field(default_factory=list)
+    """Languages that have only a test split in the benchmark (no train or dev)."""
+    final_split: Literal["dev", "test"] = "dev"
+    """Split ``topro evaluate`` scores by default once a run is selected on English dev (``test`` where the
+    benchmark's test labels are public); model selection never reads it."""
 
 
 def task_dirs() -> list[Path]:
