@@ -13,39 +13,63 @@ import random
 from typing import Sequence
 
 
+def length_buckets(lengths: Sequence[int], width: float = 0.125, min_width: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length, shortest bucket first: a bucket spans
+    lengths from its shortest ``s`` up to ``max(s + min_width, s * (1 + width))``,
+    so padding inside a batch of one bucket stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    limit = -1
+    for i in order:
+        if not buckets or lengths[i] > limit:
+            buckets.append([])
+            limit = max(lengths[i] + min_width, int(lengths[i] * (1 + width)))
+        buckets[-1].append(i)
+    return buckets
+
+
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
                          shuffle: bool = False, seed: int = 0, sizes: Sequence[int] | None = None) -> list[list[int]]:
     """Index batches whose padded size (longest x count) fits ``max_tokens``.
 
-    With ``shuffle``, lengths are bucketed after a random tie-break and the
-    batch order is shuffled, so each epoch sees different neighbours.
+    Without ``shuffle``: examples in length order, each batch as large as fits
+    (evaluation). With ``shuffle`` (training): examples are grouped into length
+    buckets (``length_buckets``), shuffled within each bucket, cut into batches
+    sized for the bucket's longest example, and the batch order is shuffled; so
+    batches differ across epochs and seeds while staying length-homogeneous.
     ``sizes``: what each example counts towards ``max_examples`` (default 1;
-    a packed ToPro row counts its questions); one example always fits.
+    a packed ToPro row counts its questions); one example always fits. The
+    number of batches depends only on the (length, size) multiset, never on
+    the seed (steps per epoch are known before the first epoch).
     """
     if max_tokens < 1 or max_examples < 1:
         raise ValueError("max_tokens and max_examples must be positive")
+    size_of = (lambda i: sizes[i]) if sizes is not None else (lambda i: 1)
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
     if shuffle:
-        rng.shuffle(order)
-    # Stable: shuffled ties stay shuffled. Ties in length are ordered by size, so the number of
-    # batches depends only on the (length, size) multiset, never on the epoch's shuffle.
-    order.sort(key=lambda i: (lengths[i], sizes[i] if sizes is not None else 1))
+        groups = length_buckets(lengths)
+        for bucket in groups:
+            rng.shuffle(bucket)
+            bucket.sort(key=size_of)  # stable: shuffled within equal sizes
+    else:
+        groups = [sorted(range(len(lengths)), key=lambda i: (lengths[i], size_of(i)))]
     batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    units = 0
-    for i in order:
-        new_longest = max(longest, lengths[i])
-        size = sizes[i] if sizes is not None else 1
-        if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens):
+    for group in groups:
+        # A shuffled bucket is cut as if every example had the bucket's longest length.
+        bucket_longest = max(lengths[i] for i in group) if shuffle and group else 0
+        current: list[int] = []
+        longest = units = 0
+        for i in group:
+            new_longest = max(longest, lengths[i], bucket_longest)
+            size = size_of(i)
+            if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens):
+                batches.append(current)
+                current, new_longest, units = [], max(lengths[i], bucket_longest), 0
+            current.append(i)
+            longest = new_longest
+            units += size
+        if current:
             batches.append(current)
-            current, new_longest, units = [], lengths[i], 0
-        current.append(i)
-        longest = new_longest
-        units += size
-    if current:
-        batches.append(current)
     if shuffle:
         rng.shuffle(batches)
     return batches

@@ -260,7 +260,14 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang)
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
-                          extra={"checkpoint": str(checkpoint), "split": split})
+                          extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
+
+
+def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
+    if (meta.get("extra") or {}).get("mlm_head_untrained"):
+        extra = {**extra, "mlm_head_untrained": True}
+    return extra
 
 
 def score_files(task: Task | str, gold_path: str | Path, pred_path: str | Path) -> dict[str, Any]:

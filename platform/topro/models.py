@@ -1,10 +1,12 @@
 """Model and tokenizer resolution, and the built-in offline ``tiny`` model (Ray-free).
 
 ``tiny`` is a small BERT-style masked LM (random weights) with a WordPiece
-tokenizer trained on the task's own data (a sample of every language, plus
-every verbalizer's label words so each is a single token). It is built once
-into ``$TOPRO_CACHE/tiny-<task>`` and needs no download, so demos and tests
-run offline.
+tokenizer trained on the task's *train* splits only (a sample of every
+language that has one, plus every verbalizer's label words so each is a
+single token): no dev or test text, which zero-shot scores are measured on,
+shapes its vocabulary. It is built once into ``$TOPRO_CACHE/tiny-<task>-<key>``
+(default ``~/.cache/topro``) and needs no download, so demos and tests run
+offline.
 """
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ def resolve_model_path(model: str, task: str, data_dir: str | None = None) -> st
     return model
 
 
+TINY_CORPUS_SPLITS = ("train",)
+"""The only splits the tiny tokenizer reads: evaluation text (dev, test) never enters its vocabulary."""
+
+
 def _tiny_corpus(task: str, data_dir: str | None) -> list[str]:
     lines = []
-    for split in ("train", "dev"):
+    for split in TINY_CORPUS_SPLITS:
         for lang in available_languages(task, split, data_dir):
             for sentence in load_split(task, lang, split, data_dir, limit=TINY_SENTENCES_PER_LANG):
                 lines.append(" ".join(sentence.words))
@@ -51,7 +57,7 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     from topro.prompts import get_template, get_verbalizer, list_templates, list_verbalizers
 
     root = resolve_data_dir(data_dir)
-    key = hashlib.sha1(f"{task}|{root}|v1".encode()).hexdigest()[:8]
+    key = hashlib.sha1(f"{task}|{root}|v2-train-only".encode()).hexdigest()[:8]  # v1 also read dev text
     target = cache_dir() / f"tiny-{task}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -82,8 +88,11 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=512, type_vocab_size=2,
                         pad_token_id=vocab["[PAD]"])
-    torch.manual_seed(0)
-    model = BertForMaskedLM(config)
+    # Fixed weights, without touching the caller's random state: the run's seed
+    # must give the same run whether this builds the model or finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(config)
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".tiny-{task}-"))
     model.save_pretrained(tmp, safe_serialization=True)
@@ -93,6 +102,40 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+MLM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "generator_lm_head.", "pred_layer.", "vocab_projector.",
+                     "vocab_transform.")
+"""Weight-name prefixes of masked-LM heads (BERT, XLM-R/RoBERTa, ELECTRA, XLM, DistilBERT)."""
+
+
+def mlm_head_untrained(model_path: str) -> bool | None:
+    """Whether the pretrained weights at ``model_path`` lack a masked-LM head (ToPro then starts it from
+    random weights: multilingual-e5 is published as an encoder only). ``None``: cannot tell (no local
+    safetensors)."""
+    import glob
+
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, "model.safetensors")
+        except Exception:
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(file, "pt") as f:
+            if any(k.startswith(MLM_HEAD_PREFIXES) or f".{MLM_HEAD_PREFIXES[0]}" in k for k in f.keys()):
+                return False
+    return True
 
 
 def load_tokenizer(path: str):

@@ -40,8 +40,9 @@ from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
+from topro.averaging import CheckpointAverager, check_selection
 from topro.metrics import metric_value, resolve_selection_metric
-from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
+from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,10 @@ class LocalStrategy:
         if improved:
             self.save_model(method, model, self.export_dir)
 
+    def export_averaged(self, state: "LoopState", record: dict[str, Any], *, method: Method, model) -> None:
+        """Export the averaged weights (``selection: average_*``) in place of the best checkpoint."""
+        self.save_model(method, model, self.export_dir)
+
     def step_hook(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
 
@@ -167,6 +172,10 @@ class LoopState:
     resumed_from_step: int | None = None
 
 
+MLM_HEAD_METHODS = ("topro", "topro_soft")
+"""Methods that score label words with the pretrained masked-LM head."""
+
+
 def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
     task = get_task(cfg.task)
     return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
@@ -177,7 +186,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                              "freeze_backbone": cfg.freeze_backbone,
                              "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
                              "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
-                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride})
+                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride,
+                             "mlm_head_untrained": cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path))})
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -236,7 +246,12 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         raise ConfigError("selection_metric: 'viterbi_f1' needs viterbi: true")
     model_path = resolve_model_path(cfg.model, task.name, cfg.data_dir)
     tokenizer = load_tokenizer(model_path)
-    method = build_method(method_spec(cfg, model_path), model_path, tokenizer)
+    spec = method_spec(cfg, model_path)
+    if spec.extra.get("mlm_head_untrained") and strategy.is_main:
+        log.warning("%s: %s has no masked-LM head: ToPro's head starts from random weights (not pretrained), "
+                    "so its scores are not those of the published method; flagged in metrics.json, MLflow and "
+                    "the report", cfg.method, cfg.model)
+    method = build_method(spec, model_path, tokenizer)
     train_sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
     examples = method.encode(train_sentences)
@@ -247,8 +262,17 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
     if batches_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    # An optimizer step accumulates `grad_accum` micro-batches; an epoch with
+    # fewer batches than that steps once on all of them (else no step would
+    # ever be taken and gradients would pile up).
+    accum = min(cfg.grad_accum, batches_per_epoch)
+    if accum < cfg.grad_accum and strategy.is_main:
+        log.warning("an epoch has %d batches, fewer than grad_accum=%d: each epoch takes one optimizer "
+                    "step over its %d batches", batches_per_epoch, cfg.grad_accum, batches_per_epoch)
+    steps_per_epoch = batches_per_epoch // accum
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    check_selection(cfg, steps_per_epoch, getattr(strategy, "zero_stage", None))
+    averager = CheckpointAverager(cfg.selection, cfg.k)
     base_model = method.build_model(model_path)
     if embeddings_frozen(cfg):
         freeze_input_embeddings(base_model)
@@ -278,7 +302,8 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
-        "steps_per_epoch": steps_per_epoch,
+        "mlm_head_untrained": bool(spec.extra.get("mlm_head_untrained")),
+        "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
     train_seconds, train_examples, train_tokens = 0.0, 0, 0
@@ -299,6 +324,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         if "viterbi" in dev:
             record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
         state.history.append(record)
+        averager.add(strategy.unwrap(model), state.step, metric)
         improved = metric > state.best_metric
         if improved:
             state.best_metric, state.best_step, state.bad_evaluations = metric, state.step, 0
@@ -315,25 +341,26 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     while state.epoch < cfg.epochs and not stop:
         batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
-        skip = (state.step - state.epoch * steps_per_epoch) * cfg.grad_accum
+        skip = (state.step - state.epoch * steps_per_epoch) * accum
         model.train()
         running, n_loss = 0.0, 0
-        bar = tqdm(total=min(len(batches), steps_per_epoch * cfg.grad_accum),
+        bar = tqdm(total=min(len(batches), steps_per_epoch * accum),
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
         for micro, batch_ids in enumerate(batches):
             if micro < skip:
                 continue
-            if micro >= steps_per_epoch * cfg.grad_accum:
+            if micro >= steps_per_epoch * accum:
                 break  # a remainder smaller than grad_accum is dropped: every step sees a full global batch
             start = time.perf_counter()
             chunk = [examples[i] for i in batch_ids]
             batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
-            boundary = (micro + 1) % cfg.grad_accum == 0
+            boundary = (micro + 1) % accum == 0
             with strategy.micro_step(boundary):
                 with autocast_for(device, cfg.dtype):
                     loss = model(batch)
-                strategy.backward(loss, boundary)
+                # Strategies divide by grad_accum; a shorter group still averages its batches.
+                strategy.backward(loss * (cfg.grad_accum / accum) if accum != cfg.grad_accum else loss, boundary)
             if boundary:
                 strategy.step()
                 state.step += 1
@@ -359,6 +386,26 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         if not (state.history and state.history[-1]["step"] == state.step):
             stop = evaluate_and_keep(running / max(n_loss, 1), finished_epoch) or stop
 
+    averaged: dict[str, Any] = {"selection": cfg.selection}
+    if averager.active:
+        steps = averager.average_into(strategy.unwrap(model))
+        averaged.update(k=cfg.k, averaged_steps=steps)
+        if steps:
+            if len(steps) < cfg.k and strategy.is_main:
+                log.warning("selection %s: only %d of k=%d checkpoints to average (early stopping or a restart)",
+                            cfg.selection, len(steps), cfg.k)
+            eval_method, eval_model = strategy.evaluation(method, model)
+            dev = evaluate_sentences(eval_method, eval_model, task, dev_sentences, viterbi=cfg.viterbi,
+                                     device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                                     max_examples=cfg.batch_size * 4)
+            score = strategy.average(metric_value(dev, selection))
+            averaged[f"averaged_dev_{selection}"] = score
+            if strategy.is_main:
+                log.info("selection %s: averaged the checkpoints of steps %s: dev %s %.4f (best single %.4f)",
+                         cfg.selection, steps, selection, score, state.best_metric)
+            strategy.export_averaged(state, {"epoch": state.epoch, "step": state.step, f"dev_{selection}": score,
+                                             "averaged_steps": len(steps)}, method=method, model=model)
+
     # Throughput over all workers: they run in lockstep, so rank 0's time is the run's.
     all_examples = strategy.average(float(train_examples)) * strategy.world_size
     all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
@@ -370,6 +417,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "examples_per_second": all_examples / train_seconds if train_seconds else None,
         "tokens_per_second": all_tokens / train_seconds if train_seconds else None,
         "checkpoint": str(strategy.export_dir) if strategy.export_dir else None,
+        **averaged,
     })
     if strategy.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

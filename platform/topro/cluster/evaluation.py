@@ -103,7 +103,7 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     ``seconds``.
     """
     from topro.cluster.runtime import init_ray
-    from topro.evaluate import resolve_languages, results_record
+    from topro.evaluate import checkpoint_flags, resolve_languages, results_record
 
     ray = init_ray(address)
     metas = [_checkpoint_meta(job.checkpoint) for job in jobs]
@@ -174,7 +174,7 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     if stats is not None:
         stats.update(workers=workers, items=n_items, model_loads=sum(loads.values()), seconds=seconds)
     return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
-                           extra={"checkpoint": str(job.checkpoint), "split": split})
+                           extra=checkpoint_flags(meta, {"checkpoint": str(job.checkpoint), "split": split}))
             for i, (job, meta) in enumerate(zip(jobs, metas))]
 
 

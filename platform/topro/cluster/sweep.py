@@ -396,6 +396,8 @@ def trial_outcomes(results, sweep: SweepConfig, experiment_dir: Path) -> list[Tr
         if history is not None and SCORE in getattr(history, "columns", []):
             values = [v for v in history[SCORE] if v == v]
             score = max(values) if values else None
+            if "is_averaged" in history.columns and len(history) and history["is_averaged"].iloc[-1] == 1:
+                score = float(history[SCORE].iloc[-1])  # selection: average_*: the exported weights' score
         export = experiment_dir / "trials" / trial_id / "checkpoint"
         checkpoint = str(export) if (export / "topro.json").is_file() else _best_export_from_history(history)
         status = "ERROR" if result.error else "TERMINATED"
