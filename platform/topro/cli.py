@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
+                         ("compare", "topro.compare_cli"),
                          ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
         try:  # commands that land with later layers register themselves here
             mod = __import__(module, fromlist=["add_parser"])

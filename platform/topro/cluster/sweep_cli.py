@@ -49,11 +49,15 @@ def cmd_sweep(args) -> int:
     logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
     import ray
 
-    from topro.cluster.sweep import run_sweep
+    from topro.cluster.sweep import TrackingOutage, run_sweep
 
     ray_was_running = ray.is_initialized()
-    summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
-                        config_path=args.config)
+    try:
+        summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
+                            config_path=args.config)
+    except TrackingOutage as err:  # the trials are done and kept; only MLflow is missing
+        print(f"topro sweep: {err}", file=sys.stderr)
+        return 3
     if not ray_was_running and ray.is_initialized():
         # Workers' forwarded log lines arrive late: stopping the Ray this command started ends the
         # forwarding, so none prints after (and interleaves with) the summary below.
