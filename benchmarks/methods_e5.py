@@ -36,6 +36,10 @@ METHODS = {
     "topro_soft": ["learning_rate=5e-3", "batch_size=32", "prefix_length=16", "soft_prompt_placement=replace",
                    "freeze_backbone=true"],
 }
+# Variants trained with another method's config: ToPro with its questions packed per sentence
+# (``prompt_packing: sentence``, methods/packing.py), same rate and batch (questions) as ToPro.
+METHODS["topro_packed"] = [*METHODS["topro"], "prompt_packing=sentence"]
+CONFIG_OF = {"topro_packed": "topro"}
 LANGS = "en,de,es,ru,tr,ar,he,hi,zh,ja,ko"
 
 
@@ -56,7 +60,8 @@ def run_method(method: str, args) -> dict:
     else:
         out.mkdir(parents=True, exist_ok=True)
         topro = [sys.executable, "-m", "topro.cli"]
-        train = topro + ["train", "--config", f"configs/train/udpos-{method}.yaml", "--output", str(out),
+        config = CONFIG_OF.get(method, method)
+        train = topro + ["train", "--config", f"configs/train/udpos-{config}.yaml", "--output", str(out),
                          f"model={args.model}", f"max_train_sentences={args.train_sentences}",
                          f"max_dev_sentences={args.dev_sentences}", f"epochs={args.epochs}", "eval_langs=[]",
                          f"num_threads={args.threads}", "progress=false", f"seed={args.seed}", "warmup_ratio=0.1",

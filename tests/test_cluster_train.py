@@ -225,3 +225,31 @@ def test_a_local_two_worker_run_listens_only_on_loopback(tmp_path, data_dir, ray
     assert not outside, outside
     workers = [v for v in seen.values() if "ray::" in v or "default_worker" in v]
     assert len(seen) >= 5 and workers, seen  # Ray's servers and the workers' were seen, so it looked
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_checkpoint_averaging_under_ray_train_exports_the_average(tmp_path, data_dir, tiny_udpos, ray_local, strategy):
+    """selection: average_top_k on two workers (DDP, DeepSpeed ZeRO-2): the copied export is the averaged model."""
+    from topro.cluster.trainer import train_on_ray
+    from topro.data import load_split
+    from topro.evaluate import evaluate_sentences
+
+    cfg = load_config(TrainConfig, "configs/train/udpos-vanilla.yaml",
+                      [*SMALL_VANILLA, "epochs=1", "eval_every_steps=2", "patience=100", f"data_dir={data_dir}",
+                       f"output_dir={tmp_path / 'run'}", "workers=2", f"strategy={strategy}",
+                       "deepspeed_config=zero2", "selection=average_top_k", "k=2"])
+    summary = train_on_ray(cfg)
+    assert summary["selection"] == "average_top_k" and len(summary["averaged_steps"]) == 2
+    assert Path(summary["ray_checkpoint"]).parent.name.endswith("-averaged")
+    method, model = load_checkpoint(summary["checkpoint"])
+    dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=30))
+    assert dev["accuracy"] == pytest.approx(summary["averaged_dev_accuracy"], abs=1e-6)
+
+
+def test_checkpoint_averaging_refuses_zero3_before_workers_start(tmp_path):
+    from topro.cluster.trainer import build_trainer
+
+    cfg = TrainConfig(strategy="deepspeed", deepspeed_config="zero3", workers=2, selection="average_last_k", k=2,
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="not supported with DeepSpeed ZeRO-3"):
+        build_trainer(cfg)

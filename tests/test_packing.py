@@ -146,6 +146,13 @@ def test_packed_training_checkpoint_reloads_identically(tiny_udpos, data_dir, tm
     second = predict(again_method, again, sentences)
     for a, b in zip(first, second):
         assert (a.log_probs == b.log_probs).all()
+    from topro.serving import Tagger  # the endpoint's tagger serves it packed, with the same tags
+
+    tagger = Tagger.load(str(tmp_path / "run" / "checkpoint"), device="cpu")
+    assert tagger.info.prompt_packing == "sentence"
+    served = tagger.tag([Sentence(s.words, [], s.lang) for s in sentences])
+    for tagged, prediction in zip(served, first):
+        assert [w.tag for w in tagged.words] == [loaded_method.labels[i] for i in prediction.log_probs.argmax(1)]
 
 
 def test_training_batches_count_questions(tiny_udpos, data_dir):

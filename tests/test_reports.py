@@ -7,10 +7,21 @@ from topro import reports, tracking
 from topro.evaluate import results_record
 
 
-def _record(method: str, scores: dict[str, float], task: str = "udpos") -> dict:
+def _predictions(score: float, offset: int = 0) -> dict:
+    """20 sentences of 5 words with accuracy ``score``: the first round(100 * score) words right."""
+    gold = [["NOUN"] * 5 for _ in range(20)]
+    right = round(100 * score)
+    pred = [["NOUN" if (5 * i + j + offset) % 100 < right else "VERB" for j in range(5)] for i in range(20)]
+    return {"digests": [f"s{i}" for i in range(20)], "gold": gold, "pred": pred}
+
+
+def _record(method: str, scores: dict[str, float], task: str = "udpos", predictions: bool = False) -> dict:
     metric = "accuracy" if task == "udpos" else "f1"
     languages = {lang: {metric: v, "accuracy": v, "n_sentences": 10, "n_words": 100, "n_truncated_words": 0}
                  for lang, v in scores.items()}
+    if predictions:
+        for lang, v in scores.items():
+            languages[lang]["predictions"] = _predictions(v)
     return results_record(task, method, "tiny", languages)
 
 
@@ -21,7 +32,10 @@ def test_markdown_table_is_mean_and_std_over_seeds():
     table = reports.markdown_table(entries)
     assert "| setting | seeds | en | de | avg | avg w/o en |" in table
     assert "| topro | 2 | 85.0 ± 7.1 | 50.0 ± 14.1 | 67.5 ± 10.6 | 50.0 ± 14.1 |" in table
-    assert "| vanilla | 1 | 85.0 | 50.0 | 67.5 | 50.0 |" in table
+    assert "| vanilla | 1 (no spread: single seed) | 85.0 | 50.0 | 67.5 | 50.0 |" in table
+    # 95% t-interval over the two topro seeds: mean ± 12.706 * std / sqrt(2); one seed has none.
+    assert "| topro | [21.5, 148.5] | [-77.1, 177.1] |" in table
+    assert "| vanilla | n/a (1 seed) |" in table
 
 
 def test_group_averages_csv_and_plots(tmp_path):
@@ -66,7 +80,8 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
             tracking.log_metrics(run, tracking.training_metrics(
                 {"epoch": step // 10, "train_loss": 1 / step, "dev_accuracy": acc, "trial_id": "x", "pid": 1}),
                 step=step)
-        record = {**_record(method, scores), "setting": method, "seed": seed, "learning_rate": 1e-3}
+        record = {**_record(method, scores, predictions=True), "setting": method, "seed": seed,
+                  "learning_rate": 1e-3, "selection_metric": "accuracy"}
         tracking.log_evaluation(run, record, tmp_path / run)
         tracking.end_run(run)
     runs = tracking.child_runs(parent)
@@ -78,16 +93,22 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "dev_accuracy")] == [10, 20]
     assert "pid" not in first.metrics
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "evaluation")}
-    assert artifacts == {"evaluation/eval.json", "evaluation/per_language.csv",
+    assert artifacts == {"evaluation/eval.json", "evaluation/per_language.csv", "evaluation/predictions.json",
                          "evaluation/per_language_by_family.png"}
+    assert "predictions" not in tracking.load_evaluation(runs[0].info.run_id)["languages"]["de"]
+    assert len(tracking.load_predictions(runs[0].info.run_id)["languages"]["de"]["pred"]) == 20
 
     assert main(["report", "--sweep", "unit", "--tracking-uri", mlflow_store]) == 0
     out = capsys.readouterr().out
     assert "| topro | 2 | 60.0 ± 14.1 | 40.0 ± 14.1 | 50.0 ± 14.1 |" in out
-    assert "| vanilla | 1 | 40.0 | 20.0 | 30.0 |" in out
+    assert "| vanilla | 1 (no spread: single seed) | 40.0 | 20.0 | 30.0 |" in out
+    assert "selected on English dev accuracy" in out
+    # topro (seeds pooled: de 60%, ru 40%) vs vanilla (40%, 20%) on 100 words each: significant in both
+    assert "### udpos: paired bootstrap against vanilla" in out
+    assert "| de | 60.0 | 40.0 | +20.0 |" in out and "Five largest differences" in out
     report = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/per_language.csv", "report/heatmap_udpos.png",
-            "report/per_language_by_family_udpos.png"} <= report
+            "report/per_language_by_family_udpos.png", "report/significance.json"} <= report
     assert client.get_run(parent).data.metrics["udpos/topro/accuracy.avg"] == pytest.approx(0.5)
     assert tracking.find_sweep_run(parent).info.run_id == parent
 

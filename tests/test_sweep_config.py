@@ -63,6 +63,9 @@ def test_base_may_be_a_train_config_file(tmp_path):
     ("scheduler=hyperband", r"field 'scheduler': 'hyperband' is not one of"),
     ("lerning_rate=1", r"unknown key 'lerning_rate'"),
     ("base.model=/no/such/folder", r"model folder '/no/such/folder' does not exist"),
+    ("seeds=[]", r"seeds: the list is empty"),
+    ("seeds=[1,1]", r"seeds: repeated values"),
+    ("base.selection_metric=f1", r"selection_metric: 'f1' is not a score of task 'udpos'"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,3 +83,8 @@ def test_relative_paths_are_resolved_on_the_driver(tmp_path, monkeypatch, data_d
     assert cfg.base["model"] == str((tmp_path / "models" / "m").resolve())
     cfg = load_sweep_config(_write(tmp_path, BASE), ["search_space.model.grid=[tiny,models/m]"])
     assert cfg.search_space["model"] == {"grid": ["tiny", str((tmp_path / "models" / "m").resolve())]}
+
+
+def test_seeds_list_becomes_the_seed_dimension(tmp_path):
+    cfg = load_sweep_config(_write(tmp_path, BASE), ["seeds=[1,2,3]"])
+    assert cfg.search_space["seed"] == {"grid": [1, 2, 3]}

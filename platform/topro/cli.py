@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
+                         ("compare", "topro.compare_cli"),
                          ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
         try:
             mod = __import__(module, fromlist=["add_parser"])

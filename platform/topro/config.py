@@ -94,6 +94,12 @@ class TrainConfig:
     """torch intra-op threads (``None``: torch's default)."""
     viterbi: bool = True
     """For IOB2 tasks, also report scores of the Viterbi-decoded valid sequence."""
+    selection: Literal["best", "average_last_k", "average_top_k"] = "best"
+    """Which weights are exported: the ``best`` English-dev checkpoint, or the average of the weights of the
+    last ``k`` (``average_last_k``) or the best ``k`` (``average_top_k``) English-dev checkpoints
+    (Schmidt et al. 2023). Single process, DDP and DeepSpeed ZeRO-0/1/2; not ZeRO-3."""
+    k: int = 3
+    """Checkpoints averaged by ``selection: average_last_k | average_top_k`` (at most the run's evaluations)."""
     selection_metric: str | None = None
     """English dev score that selects the checkpoint (and ranks sweep trials); ``None``: the task's headline
     (``accuracy`` for UDPOS, ``f1`` = seqeval default-mode span F1 for PAN-X). PAN-X also takes ``f1_strict``,

@@ -94,8 +94,9 @@ def _pyplot():
 
 
 def plot_language_bars(series: dict[str, dict[str, float]], path: str | Path, title: str = "",
-                       metric: str = "score") -> Path:
-    """Grouped bars per language (one colour per series), languages grouped by family with family labels."""
+                       metric: str = "score", errors: dict[str, dict[str, float]] | None = None) -> Path:
+    """Grouped bars per language (one colour per series), languages grouped by family with family labels;
+    ``errors`` (series -> language -> std over seeds) draws error bars."""
     plt = _pyplot()
     langs = language_order(lang for scores in series.values() for lang in scores)
     langs = sorted(langs, key=lambda lang: (language_meta(lang)["family"], lang))
@@ -104,7 +105,10 @@ def plot_language_bars(series: dict[str, dict[str, float]], path: str | Path, ti
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(langs) * max(1, n / 2) + 2), 4.2))
     for i, (label, scores) in enumerate(series.items()):
         xs = [j + (i - (n - 1) / 2) * width for j, lang in enumerate(langs) if lang in scores]
-        ax.bar(xs, [100 * scores[lang] for lang in langs if lang in scores], width, label=label)
+        spread = (errors or {}).get(label)
+        yerr = [100 * spread.get(lang, 0.0) for lang in langs if lang in scores] if spread else None
+        ax.bar(xs, [100 * scores[lang] for lang in langs if lang in scores], width, label=label, yerr=yerr,
+               capsize=1.5 if yerr else 0, error_kw={"elinewidth": 0.6})
     ax.set_xticks(range(len(langs)), langs, fontsize=8)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 100)
@@ -128,8 +132,9 @@ def plot_language_bars(series: dict[str, dict[str, float]], path: str | Path, ti
 
 
 def plot_heatmap(matrix: dict[str, dict[str, float]], path: str | Path, title: str = "",
-                 metric: str = "score") -> Path:
-    """Rows (settings, e.g. methods) x languages, annotated with the score in percent."""
+                 metric: str = "score", marks: dict[str, set[str]] | None = None) -> Path:
+    """Rows (settings, e.g. methods) x languages, annotated with the score in percent; a cell in
+    ``marks`` (row -> languages) gets a ``*`` and a frame (significantly different from the baseline)."""
     import numpy as np
 
     plt = _pyplot()
@@ -143,9 +148,14 @@ def plot_heatmap(matrix: dict[str, dict[str, float]], path: str | Path, title: s
     for i in range(len(rows)):
         for j in range(len(langs)):
             if not math.isnan(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if values[i, j] < 60 else "black")
+                marked = langs[j] in (marks or {}).get(rows[i], set())
+                ax.text(j, i, f"{values[i, j]:.0f}{'*' if marked else ''}", ha="center", va="center", fontsize=6,
+                        color="white" if values[i, j] < 60 else "black", fontweight="bold" if marked else None)
+                if marked:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
     fig.colorbar(image, ax=ax, label=f"{metric} (%)")
+    if marks:
+        title = (title + "\n" if title else "") + "* framed: significant vs the baseline (paired bootstrap, p < 0.05)"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
@@ -181,6 +191,22 @@ def setting_means(entries: list[Scores], task: str) -> dict[str, dict[str, float
             for setting, cells in table.items()}
 
 
+def setting_stds(entries: list[Scores], task: str) -> dict[str, dict[str, float]]:
+    """setting -> language -> sample std over seeds (0 with one seed): the bar chart's error bars."""
+    table = aggregate([e for e in entries if e.task == task]).get(task, {})
+    return {setting: {c: mean_std(v)[1] for c, v in cells.items() if not c.startswith("avg")}
+            for setting, cells in table.items()}
+
+
+def format_ci(values: list[float]) -> str:
+    from topro.significance import confidence_interval
+
+    ci = confidence_interval(values)
+    if ci is None:
+        return "n/a (1 seed)" if values else "–"
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def format_cell(values: list[float]) -> str:
     if not values:
         return "–"
@@ -189,7 +215,8 @@ def format_cell(values: list[float]) -> str:
 
 
 def markdown_table(entries: list[Scores], title: str | None = None) -> str:
-    """Paper-style tables, one per task: settings x languages, averages; mean ± std over seeds, in percent."""
+    """Paper-style tables, one per task: settings x languages, averages; mean ± std over seeds, in percent,
+    then the 95% confidence interval of each mean (t over seeds). One seed is said so in the table."""
     out: list[str] = []
     if title:
         out += [f"## {title}", ""]
@@ -201,19 +228,39 @@ def markdown_table(entries: list[Scores], title: str | None = None) -> str:
         langs = language_order(lang for e in task_entries for lang in e.languages)
         averages = [c for c in ("avg", "avg w/o en") if any(c in cells for cells in settings.values())]
         seeds = sorted({e.seed for e in task_entries if e.seed is not None})
+        flagged = {e.setting for e in task_entries if e.info.get("mlm_head_untrained")}
+
+        def name(setting: str) -> str:
+            return f"{setting} †" if setting in flagged else setting
+
         out.append(f"### {task} ({metric}, %, zero-shot from English; {len(langs)} languages)")
         out.append("")
         out.append("| setting | seeds | " + " | ".join(langs + averages) + " |")
         out.append("|---|---|" + "---|" * (len(langs) + len(averages)))
         for setting, cells in settings.items():
             n = len(cells["avg"])
-            out.append(f"| {setting} | {n} | " + " | ".join(format_cell(cells.get(c, [])) for c in langs + averages)
+            count = f"{n}" if n > 1 else "1 (no spread: single seed)"
+            out.append(f"| {name(setting)} | {count} | "
+                       + " | ".join(format_cell(cells.get(c, [])) for c in langs + averages) + " |")
+        out.append("")
+        out.append(f"95% confidence interval of the mean over seeds (Student's t), {metric} %:")
+        out.append("")
+        out.append("| setting | " + " | ".join(langs + averages) + " |")
+        out.append("|---|" + "---|" * (len(langs) + len(averages)))
+        for setting, cells in settings.items():
+            out.append(f"| {name(setting)} | " + " | ".join(format_ci(cells.get(c, [])) for c in langs + averages)
                        + " |")
         notes = sorted({f"{e.setting}: {k}={v}" for e in task_entries for k, v in e.info.items()
                         if k in ("learning_rate", "selected")})
+        selection = sorted({str(e.info["selection_metric"]) for e in task_entries if e.info.get("selection_metric")})
         out.append("")
-        footer = "Mean ± sample std over seeds" if len(seeds) > 1 else "Single seed"
+        footer = "Mean ± sample std over seeds" if len(seeds) > 1 else "Single seed (no spread, no interval)"
         out.append(f"{footer} ({', '.join(map(str, seeds)) or 'n/a'}); avg: mean over the languages shown"
+                   + (f"; checkpoints and settings selected on English dev {'/'.join(selection)}" if selection else "")
                    + ("; " + "; ".join(notes) if notes else "") + ".")
+        if flagged:
+            out.append("")
+            out.append("† The pretrained checkpoint has no masked-LM head: ToPro's head started from random "
+                       "weights (not the published setup).")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

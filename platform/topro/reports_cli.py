@@ -30,11 +30,58 @@ def collect_scores(parent_run_id: str) -> tuple[list[reports.Scores], list[dict]
         info = {}
         if "learning_rate" in record:
             info["learning_rate"] = f"{record['learning_rate']:g}"
+        for key in ("selection_metric", "mlm_head_untrained"):
+            if record.get(key):
+                info[key] = record[key]
         entries.append(reports.scores_from_record(record, setting, seed=int(seed) if seed is not None else None,
                                                   **info))
         entries[-1].dev_score = record.get("dev_score")
         records.append({**record, "run_id": run.info.run_id})
     return entries, records
+
+
+def baseline_setting(settings: list[str]) -> str:
+    """What the other settings are tested against: vanilla fine-tuning where the sweep has it."""
+    return next((s for s in settings if s == "vanilla" or s.startswith("vanilla ")), settings[0])
+
+
+def significance_section(records: list[dict], task: str, seed: int = 0) -> tuple[str, dict[str, set[str]], list]:
+    """Paired bootstrap (stored per-sentence predictions, seeds pooled) of every setting against the
+    baseline on one task: the Markdown section, the significant languages per setting, the comparisons."""
+    from topro.significance import ComparisonError, Predictions, compare_predictions, comparison_markdown
+
+    groups: dict[str, list[Predictions]] = {}
+    for record in records:
+        if record["task"] != task:
+            continue
+        data = tracking.load_predictions(record["run_id"])
+        if data is None:
+            continue
+        setting = record.get("setting") or record["method"]
+        groups.setdefault(setting, []).append(Predictions(task, setting, data["languages"]))
+    if len(groups) < 2:
+        return "", {}, []
+    baseline = baseline_setting(list(groups))
+    metric = next(r["metric"] for r in records if r["task"] == task)
+    out = [f"### {task}: paired bootstrap against {baseline}", ""]
+    marks: dict[str, set[str]] = {}
+    comparisons = []
+    for setting, preds in groups.items():
+        if setting == baseline:
+            continue
+        try:
+            result = compare_predictions(preds, groups[baseline], metric, seed=seed)
+        except ComparisonError as err:
+            out += [f"{setting} vs {baseline}: not compared ({err})", ""]
+            continue
+        comparisons.append(result)
+        marks[setting] = {lang for lang, r in result["languages"].items() if r["significant"]}
+        out += [f"#### {setting} vs {baseline}", "", comparison_markdown(result)]
+        top = sorted(result["languages"].items(), key=lambda kv: -abs(kv[1]["delta"]))[:5]
+        out.append("Five largest differences: " + ", ".join(
+            f"{lang} {100 * r['delta']:+.1f} (p={r['p_value']:.4f})" for lang, r in top) + ".")
+        out.append("")
+    return "\n".join(out) + "\n", marks, comparisons
 
 
 def _slug(text: str) -> str:
@@ -50,10 +97,24 @@ def sweep_report(ref: str, log_artifacts: bool = True) -> str:
     if not entries:
         return f"## Sweep {name}\n\nNo evaluated trials yet (parent run {parent_id}).\n"
     table = reports.markdown_table(entries, title=f"Sweep {name} (MLflow run {parent_id})")
+    marks_by_task, comparisons = {}, []
+    sections = []
+    for task in sorted({e.task for e in entries}):
+        section, marks, results = significance_section(records, task)
+        if section:
+            sections.append(section)
+        marks_by_task[task] = marks
+        comparisons += results
+    if sections:
+        table += "\n## Significance (paired bootstrap over sentences)\n\n" + "\n".join(sections)
     if log_artifacts:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / "report.md").write_text(table)
+            if comparisons:
+                import json
+
+                (folder / "significance.json").write_text(json.dumps(comparisons, indent=2))
             rows = []
             for record in records:
                 for row in reports.language_rows(record):
@@ -66,9 +127,12 @@ def sweep_report(ref: str, log_artifacts: bool = True) -> str:
                 means = reports.setting_means(entries, task)
                 metric = next(e.metric for e in entries if e.task == task)
                 reports.plot_heatmap(means, folder / f"heatmap_{task}.png", metric=metric,
-                                     title=f"{name}: {task} zero-shot {metric} (mean over seeds)")
+                                     title=f"{name}: {task} zero-shot {metric} (mean over seeds)",
+                                     marks=marks_by_task.get(task))
                 reports.plot_language_bars(means, folder / f"per_language_by_family_{task}.png", metric=metric,
-                                           title=f"{name}: {task} zero-shot {metric} by language family")
+                                           title=f"{name}: {task} zero-shot {metric} by language family "
+                                                 f"(error bars: std over seeds)",
+                                           errors=reports.setting_stds(entries, task))
                 for setting in means:
                     averages = [statistics.fmean(e.languages.values()) for e in entries
                                 if e.task == task and e.setting == setting]

@@ -79,6 +79,8 @@ class ModelInfo:
     source: str | None = None
     device: str = "cpu"
     load_seconds: float = 0.0
+    prompt_packing: str = "per_word"
+    """ToPro: how the checkpoint was trained, and so is served (``sentence``: packed questions)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +142,7 @@ class Tagger:
                          verbalizer=meta.get("verbalizer"), base_model=meta.get("base_model"),
                          registered_model=origin["registered_model"], version=origin["version"],
                          run_id=origin["run_id"], source=origin["source"], device=str(dev),
+                         prompt_packing=meta.get("prompt_packing", "per_word"),
                          load_seconds=round(time.perf_counter() - start, 3))
         log.info("loaded %s (%s, %s %s) from %s in %.1fs", info.id, uri, info.task, info.method, folder,
                  info.load_seconds)

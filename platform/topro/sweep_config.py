@@ -48,6 +48,10 @@ class SweepConfig:
     search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``TrainConfig`` field -> one of ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
     ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (``hi`` exclusive)."""
+    seeds: list[int] | None = None
+    """Seeds every setting runs under (the same as ``search_space: {seed: {grid: [...]}}``); settings are
+    then selected on the mean English dev score over seeds, and the report shows mean ± std and a 95%
+    interval over them."""
     search: Literal["grid", "random"] = "grid"
     """``grid``: every combination of the grids (``num_samples`` draws of the other dimensions each);
     ``random``: ``num_samples`` random draws, grids treated as choices."""
@@ -252,6 +256,7 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
             data.setdefault("base", {})[key] = value
             base_from_command_line.add(key)
     cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in parsed})
+    apply_seeds(cfg, where)
     # Freeze every base field (defaults included): a resumed sweep must see the same trials.
     cfg.base = to_dict(from_dict(TrainConfig, cfg.base, f"{where}: base",
                                  {key: f"{COMMAND_LINE}: base" for key in base_from_command_line}))
@@ -285,6 +290,23 @@ def check_override_keys(parsed: dict[str, Any], sweep_fields: set[str], train_fi
             continue  # parse_dimension names these, with the searchable fields
         elif key not in sweep_fields and key not in train_fields:
             raise unknown(key, sweep_fields | train_fields)
+
+
+def apply_seeds(cfg: SweepConfig, where: str) -> None:
+    """``seeds: [...]`` becomes the ``seed`` grid of the search space; an empty list or a clash is refused."""
+    if cfg.seeds is None:
+        return
+    if not cfg.seeds:
+        raise ConfigError(f"{where}: seeds: the list is empty; give at least one seed (e.g. seeds: [1, 2, 3]) "
+                          f"or leave the field out")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"{where}: seeds: repeated values in {cfg.seeds}")
+    existing = cfg.search_space.get("seed")
+    wanted = {"grid": list(cfg.seeds)}
+    if existing is not None and existing != wanted:
+        raise ConfigError(f"{where}: seeds {cfg.seeds} and search_space.seed {existing} both set the seeds; "
+                          f"keep one")
+    cfg.search_space = {**cfg.search_space, "seed": wanted}
 
 
 def _local_folder_absolute(model: str) -> str:

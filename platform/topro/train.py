@@ -40,6 +40,7 @@ from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
+from topro.averaging import CheckpointAverager, check_selection
 from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
 
@@ -149,6 +150,10 @@ class LocalStrategy:
         """Keep the best model (Ray strategies also checkpoint and report here)."""
         if improved:
             self.save_model(method, model, self.export_dir)
+
+    def export_averaged(self, state: "LoopState", record: dict[str, Any], *, method: Method, model) -> None:
+        """Export the averaged weights (``selection: average_*``) in place of the best checkpoint."""
+        self.save_model(method, model, self.export_dir)
 
     def step_hook(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
@@ -266,6 +271,8 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
                     "step over its %d batches", batches_per_epoch, cfg.grad_accum, batches_per_epoch)
     steps_per_epoch = batches_per_epoch // accum
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    check_selection(cfg, steps_per_epoch, getattr(strategy, "zero_stage", None))
+    averager = CheckpointAverager(cfg.selection, cfg.k)
     base_model = method.build_model(model_path)
     if embeddings_frozen(cfg):
         freeze_input_embeddings(base_model)
@@ -317,6 +324,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         if "viterbi" in dev:
             record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
         state.history.append(record)
+        averager.add(strategy.unwrap(model), state.step, metric)
         improved = metric > state.best_metric
         if improved:
             state.best_metric, state.best_step, state.bad_evaluations = metric, state.step, 0
@@ -378,6 +386,26 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         if not (state.history and state.history[-1]["step"] == state.step):
             stop = evaluate_and_keep(running / max(n_loss, 1), finished_epoch) or stop
 
+    averaged: dict[str, Any] = {"selection": cfg.selection}
+    if averager.active:
+        steps = averager.average_into(strategy.unwrap(model))
+        averaged.update(k=cfg.k, averaged_steps=steps)
+        if steps:
+            if len(steps) < cfg.k and strategy.is_main:
+                log.warning("selection %s: only %d of k=%d checkpoints to average (early stopping or a restart)",
+                            cfg.selection, len(steps), cfg.k)
+            eval_method, eval_model = strategy.evaluation(method, model)
+            dev = evaluate_sentences(eval_method, eval_model, task, dev_sentences, viterbi=cfg.viterbi,
+                                     device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                                     max_examples=cfg.batch_size * 4)
+            score = strategy.average(metric_value(dev, selection))
+            averaged[f"averaged_dev_{selection}"] = score
+            if strategy.is_main:
+                log.info("selection %s: averaged the checkpoints of steps %s: dev %s %.4f (best single %.4f)",
+                         cfg.selection, steps, selection, score, state.best_metric)
+            strategy.export_averaged(state, {"epoch": state.epoch, "step": state.step, f"dev_{selection}": score,
+                                             "averaged_steps": len(steps)}, method=method, model=model)
+
     # Throughput over all workers: they run in lockstep, so rank 0's time is the run's.
     all_examples = strategy.average(float(train_examples)) * strategy.world_size
     all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
@@ -389,6 +417,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "examples_per_second": all_examples / train_seconds if train_seconds else None,
         "tokens_per_second": all_tokens / train_seconds if train_seconds else None,
         "checkpoint": str(strategy.export_dir) if strategy.export_dir else None,
+        **averaged,
     })
     if strategy.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 EXPORT_DIR = "model"
 """Subfolder of a Ray checkpoint holding the consolidated export (only in checkpoints that improved dev)."""
 BEST_FLAG = "is_best"
+AVERAGED_FLAG = "is_averaged"
+"""Reported metric: 1.0 on the checkpoint holding the averaged weights of ``selection: average_*``."""
 """Reported metric: 1.0 when this evaluation improved the best English dev score, else 0.0."""
 DEEPSPEED_TAG = "state"
 """DeepSpeed checkpoint tag inside each Ray checkpoint (one state per Ray checkpoint)."""
@@ -75,7 +77,8 @@ class RayStrategy(LocalStrategy):
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
-    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model) -> None:
+    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model,
+                         averaged: bool = False) -> None:
         """Checkpoint (every rank its part) and report the evaluation's metrics to Ray Train."""
         import ray.train
 
@@ -87,12 +90,17 @@ class RayStrategy(LocalStrategy):
             if self.is_main:
                 save_loop_state(state, folder)
             metrics = {**record, f"best_dev_{self.metric}": state.best_metric, "best_step": state.best_step,
-                       BEST_FLAG: float(improved)}
+                       BEST_FLAG: float(improved), AVERAGED_FLAG: float(averaged)}
+            name = checkpoint_dir_name(state.step) + ("-averaged" if averaged else "")
             # Ranks with nothing to write report no checkpoint; Ray merges the others' folders.
             checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if any(folder.iterdir()) else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def export_averaged(self, state: LoopState, record: dict[str, Any], *, method, model) -> None:
+        """The averaged weights as one more reported checkpoint, flagged best and averaged: its export wins."""
+        self.after_evaluation(state, record, improved=True, method=method, model=model, averaged=True)
 
     def step_hook(self, step: int) -> None:
         """Fault injection: at ``fault_step`` the rank-1 (or only) worker kills itself, once per run.

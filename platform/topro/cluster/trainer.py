@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from topro.config import TrainConfig, from_dict, to_dict
-from topro.cluster.strategies import BEST_FLAG, EXPORT_DIR, resolve_deepspeed_config_path
+from topro.cluster.strategies import AVERAGED_FLAG, BEST_FLAG, EXPORT_DIR, resolve_deepspeed_config_path
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ def build_trainer(cfg: TrainConfig, *, name: str | None = None, storage_path: st
         "deepspeed_config": deepspeed_config(cfg) if cfg.strategy == "deepspeed" else None,
         "fault_marker": f"{storage.rstrip('/')}/{name}/{FAULT_MARKER}" if cfg.fault_step is not None else None,
     }
+    if cfg.strategy == "deepspeed" and loop_config["deepspeed_config"]:
+        from topro.averaging import check_selection
+
+        # Refused on the driver, before any worker starts (ZeRO-3 partitions the weights to average).
+        check_selection(cfg, zero_stage=int(loop_config["deepspeed_config"].get("zero_optimization", {})
+                                            .get("stage", 0)))
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -133,8 +139,9 @@ def best_checkpoint_path(result) -> str | None:
     improved = [(ckpt, m) for ckpt, m in (result.best_checkpoints or []) if m.get(BEST_FLAG)]
     if not improved:
         return None
-    # Improvements are strict, so the last one is the best.
-    checkpoint, _ = max(improved, key=lambda item: item[1]["step"])
+    # Improvements are strict, so the last one is the best; the averaged export (selection: average_*)
+    # is reported after the last evaluation, at the same step, and wins the tie.
+    checkpoint, _ = max(improved, key=lambda item: (item[1]["step"], item[1].get(AVERAGED_FLAG, 0.0)))
     return f"{checkpoint.path.rstrip('/')}/{EXPORT_DIR}"
 
 

@@ -1,0 +1,99 @@
+"""Seed intervals and the paired bootstrap over sentences; ``topro compare`` on stored predictions."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from topro.data import get_task
+from topro.metrics import score_task
+from topro.significance import (ComparisonError, Predictions, compare_predictions, confidence_interval,
+                                paired_bootstrap, score_from_sums, sentence_stats)
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _tags(path):
+    return [[line.split("\t")[1] for line in block.splitlines()] for block in path.read_text().strip().split("\n\n")]
+
+
+def test_confidence_interval_is_the_t_interval_over_seeds():
+    low, high = confidence_interval([0.80, 0.84, 0.88])
+    half = 4.303 * 0.04 / 3 ** 0.5
+    assert low == pytest.approx(0.84 - half) and high == pytest.approx(0.84 + half)
+    assert confidence_interval([0.8]) is None
+
+
+@pytest.mark.parametrize("task,metric", [("panx", "f1"), ("panx", "f1_strict"), ("panx", "accuracy"),
+                                         ("udpos", "accuracy")])
+def test_sentence_counts_give_back_the_reported_score(task, metric):
+    gold, pred = _tags(GOLDEN / f"{task}-gold.tsv"), _tags(GOLDEN / f"{task}-pred.tsv")
+    stats = sentence_stats(gold, pred, metric)
+    assert float(score_from_sums(stats.sum(axis=0), metric)) == pytest.approx(
+        score_task(get_task(task), gold, pred)[metric], abs=1e-12)
+
+
+def test_paired_bootstrap_is_seeded_and_tells_noise_from_a_difference():
+    gold, pred = _tags(GOLDEN / "panx-gold.tsv"), _tags(GOLDEN / "panx-pred.tsv")
+    a, b = sentence_stats(gold, gold, "f1"), sentence_stats(gold, pred, "f1")
+    r = paired_bootstrap(a, b, "f1", n_resamples=2000, seed=3)
+    assert r["a"] == 1.0 and r["delta"] > 0.5 and r["p_value"] < 0.01 and r["ci_low"] > 0
+    assert paired_bootstrap(a, b, "f1", n_resamples=2000, seed=3) == r
+    same = paired_bootstrap(b, b, "f1", n_resamples=500)
+    assert same["delta"] == 0 and same["p_value"] == 1.0
+    # One sentence of difference in 24 is not significant.
+    pred_one = [list(g) for g in gold]
+    pred_one[0] = ["O"] * len(pred_one[0])
+    close = paired_bootstrap(a, sentence_stats(gold, pred_one, "f1"), "f1", n_resamples=2000)
+    assert 0 < close["delta"] < 0.1 and close["p_value"] > 0.05
+
+
+def _write_eval(folder: Path, name: str, task: str, langs: dict) -> Path:
+    from topro.evaluate import results_record, write_results
+
+    languages = {lang: {"accuracy": 0.0, "f1": 0.0, "n_sentences": len(p["gold"]), "n_words": 1,
+                        "n_truncated_words": 0, "predictions": p} for lang, p in langs.items()}
+    return write_results(folder / f"{name}.json", results_record(task, name, "tiny", languages))
+
+
+def test_compare_cli_marks_significant_languages_and_refuses_mismatches(tmp_path, capsys):
+    from topro.cli import main
+
+    gold, pred = _tags(GOLDEN / "panx-gold.tsv"), _tags(GOLDEN / "panx-pred.tsv")
+    digests = [f"d{i}" for i in range(len(gold))]
+    good = {"digests": digests, "gold": gold, "pred": gold}
+    noisy = {"digests": digests, "gold": gold, "pred": pred}
+    a = _write_eval(tmp_path, "topro", "panx", {"de": good, "fr": noisy})
+    b = _write_eval(tmp_path, "vanilla", "panx", {"de": noisy, "fr": noisy})
+    assert (tmp_path / "topro.predictions.json").is_file()
+    assert main(["compare", str(a), str(b), "--resamples", "2000", "--output", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    de = next(line for line in out.splitlines() if line.startswith("| de "))
+    fr = next(line for line in out.splitlines() if line.startswith("| fr "))
+    assert de.endswith("| * |") and fr.endswith("|  |")  # fr: the same predictions, p = 1
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["languages"]["fr"]["p_value"] == 1.0 and result["n_resamples"] == 2000
+
+    other_task = _write_eval(tmp_path, "pos", "udpos", {"de": good})
+    assert main(["compare", str(a), str(other_task)]) == 2
+    assert "different tasks" in capsys.readouterr().err
+    shifted = _write_eval(tmp_path, "shifted", "panx", {"de": {**noisy, "digests": ["x"] + digests[1:]},
+                                                         "fr": noisy})
+    assert main(["compare", str(a), str(shifted)]) == 2
+    assert "evaluated different 'de' sentences (sentence 0 differs)" in capsys.readouterr().err
+    fewer = _write_eval(tmp_path, "fewer", "panx", {"de": noisy})
+    assert main(["compare", str(a), str(fewer)]) == 2
+    assert "has no predictions for language 'fr'" in capsys.readouterr().err
+    assert main(["compare", str(a), str(fewer), "--langs", "de", "--resamples", "200"]) == 0
+
+
+def test_pooled_seeds_compare_over_sentences():
+    gold = [["NOUN"] * 4 for _ in range(30)]
+    right = {"digests": list(range(30)), "gold": gold, "pred": gold}
+    wrong = {"digests": list(range(30)), "gold": gold, "pred": [["VERB"] * 4 for _ in range(30)]}
+    seeds_a = [Predictions("udpos", "a", {"de": right}), Predictions("udpos", "a", {"de": wrong})]
+    seeds_b = [Predictions("udpos", "b", {"de": wrong})] * 2
+    result = compare_predictions(seeds_a, seeds_b, "accuracy", n_resamples=300)
+    assert result["languages"]["de"]["a"] == 0.5 and result["n_seeds_a"] == 2
+    with pytest.raises(ComparisonError, match="different tasks"):
+        compare_predictions(seeds_a, [Predictions("panx", "c", {"de": wrong})], "accuracy")
