@@ -219,12 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
                          ("compare", "topro.compare_cli"),
                          ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
-        try:  # commands that land with later layers register themselves here
+        try:
             mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
+        except ModuleNotFoundError as err:
+            if err.name and err.name.split(".")[0] == "topro":
+                raise  # our own module is broken or missing: fail loudly, never drop the command
+            _add_unavailable(sub, name, err)  # a third-party dependency is not installed
             continue
         mod.add_parser(sub)
     return parser
+
+
+def _add_unavailable(sub, name: str, err: ModuleNotFoundError) -> None:
+    """A command whose optional dependency is missing: listed in --help with the
+    reason, and running it says what to install."""
+    reason = f"needs the Python package {err.name!r}, which is not installed"
+    p = sub.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+    p.add_argument("rest", nargs="*")
+
+    def unavailable(args) -> int:
+        print(f"topro {name}: error: this command {reason} ({err})", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=unavailable)
 
 
 def main(argv: list[str] | None = None) -> int:
