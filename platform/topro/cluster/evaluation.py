@@ -38,7 +38,10 @@ class LanguageEvaluator:
         import torch
         import transformers
 
+        from topro.quiet import quiet_stack
+
         transformers.utils.logging.disable_progress_bar()  # one bar per load floods the forwarded actor logs
+        quiet_stack(progress=False)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.dtype, self.cache_size = device, dtype, cache_size

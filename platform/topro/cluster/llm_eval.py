@@ -29,7 +29,8 @@ def cached_backend(model: str, options: dict[str, Any]) -> Backend:
 
 def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any],
                   setup: RunSetup) -> tuple[str, dict, str]:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {lang} %(name)s: %(message)s")
+    # Not the language in the format: a worker process runs many languages, and basicConfig sets it once.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = LLMEvalConfig(**cfg_fields)
     backend = cached_backend(cfg.model, options)
     return lang, evaluate_language(backend, cfg, lang, setup), backend.name
