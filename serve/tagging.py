@@ -41,7 +41,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve.http import body_limit, make_api
-from serve.schemas import Limits, RequestProblem, TagRequest, TagResponse, check_limits, describe_validation_errors
+from serve.schemas import (Limits, RequestProblem, TagRequest, TagResponse, check_lang, check_limits,
+                           describe_validation_errors)
 
 log = logging.getLogger("ray.serve")
 
@@ -385,6 +386,7 @@ class TaggerDeployment:
         word_lists = check_limits(body, self.limits)
         resident = await self._resident_for_request()
         lang = body.lang or ""
+        check_lang(lang, resident.tagger.info.task)
         job = TagJob(resident, [Sentence(words, [], lang) for words in word_lists])
         await self.gate.wait_until_free()
         await self._tag_batch(job)

@@ -107,7 +107,11 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress bars (``false`` silences every bar, model loading included)."""
+    progress_every_s: float = 10.0
+    """Without bars (``progress: false``, and in Ray Train workers and sweep trials), log one line
+    ``epoch, step, loss, examples/s`` at the first optimizer step and then every this many seconds
+    (0: never)."""
     freeze_embeddings: bool | None = None
     """Keep the input word-embedding matrix fixed. ``None`` (auto): frozen for pretrained models, trained
     for the randomly initialised ``tiny``. Freezing it keeps English fine-tuning from moving English
@@ -227,6 +231,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_eval_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
+    "progress_every_s": _finite_non_negative,
     "warmup_ratio": _fraction, "prefix_dropout": _fraction,
 }
 

@@ -38,7 +38,10 @@ class LanguageEvaluator:
         import torch
         import transformers
 
+        from topro.quiet import quiet_stack
+
         transformers.utils.logging.disable_progress_bar()  # one bar per load floods the forwarded actor logs
+        quiet_stack(progress=False)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.dtype, self.cache_size = device, dtype, cache_size
@@ -87,6 +90,19 @@ def _checkpoint_meta(checkpoint: str) -> dict[str, Any]:
     return json.loads((resolve_checkpoint(checkpoint) / META_FILE).read_text())
 
 
+def gpus_per_actor(device: str, cluster_gpus: float) -> int:
+    """GPUs each evaluation actor asks Ray for: one when ``device`` is ``cuda``,
+    or ``auto`` and the cluster has a GPU (an actor without a GPU request sees
+    none, so ``auto`` would silently evaluate on CPU); else none."""
+    if device == "cuda":
+        if cluster_gpus < 1:
+            raise ValueError("device=cuda, but the Ray cluster has no GPU")
+        return 1
+    if device == "auto":
+        return 1 if cluster_gpus >= 1 else 0
+    return 0
+
+
 def default_workers(n_items: int, cpus_per_worker: float) -> int:
     """As many evaluators as the cluster's CPUs allow, at most one per work item."""
     import ray
@@ -123,8 +139,12 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
                                extra={"checkpoint": j.checkpoint, "split": split}) for j, m in zip(jobs, metas)]
     workers = num_workers or default_workers(n_items, cpus_per_worker)
     threads = max(1, int(cpus_per_worker))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    num_gpus = gpus_per_actor(device, cluster_gpus)
+    if num_gpus:  # actors beyond the GPUs would wait forever for one
+        workers = max(1, min(workers, int(cluster_gpus)))
     # SPREAD: on a multi-node cluster the evaluators go to different nodes where they fit.
-    evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if device == "cuda" else 0,
+    evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=num_gpus,
                                scheduling_strategy="SPREAD")(LanguageEvaluator)
     actors = [evaluator_cls.remote(device, dtype, threads) for _ in range(workers)]
     holds: dict[int, str | None] = {i: None for i in range(workers)}
