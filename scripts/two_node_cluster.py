@@ -40,6 +40,7 @@ from topro.cluster.local_cluster import NodeSpec, node_env, start_local_cluster 
 SMALL = ["max_train_sentences=80", "max_dev_sentences=20", "epochs=1", "max_length=64", "batch_size=8",
          "learning_rate=3e-3", "eval_langs=[]", "progress=false", "num_threads=1"]
 # 0.6 CPU per worker on 1-CPU nodes: two workers cannot share a node, so they land on both.
+# (Options first, then key=value overrides: argparse takes the overrides as one run of positionals.)
 SPREAD_TWO = ["--workers", "2", "placement_strategy=SPREAD", "cpus_per_worker=0.6", "eval_every_steps=4",
               "fault_step=6", "fault_node=node2", "max_failures=1", "patience=100"]
 
@@ -104,7 +105,7 @@ def main() -> int:
             out = work / "zero2"
             output = run([python, "-m", "topro.cli", "train", "--config", "configs/train/udpos-vanilla.yaml",
                           "--data-dir", data_dir, "--output", str(out), "--strategy", "deepspeed",
-                          "deepspeed_config=zero2", *SPREAD_TWO, *SMALL], driver_env, work / "zero2.log")
+                          *SPREAD_TWO, "deepspeed_config=zero2", *SMALL], driver_env, work / "zero2.log")
             show_train("deepspeed zero2, RAY_ADDRESS", out, output)
         if "sweep" in parts:
             tracking = f"sqlite:///{work / 'mlflow.db'}"
