@@ -124,7 +124,11 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
     labels = setup.task.labels
     rendered = [render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, s.words)
                 for s in sentences]
-    answers = [rendered[0].answers[t] for t in labels]
+    # Each answer is scored with the format's answer end after it (the line
+    # end): without it a label whose tokens start another label's could never
+    # lose to it (p("noun") >= p("nouns")).
+    end = setup.fmt.for_task(setup.task.name).answer_end
+    answers = [rendered[0].answers[t] + end for t in labels]
     extra = []
     if cfg.calibrate:
         # Contextual calibration (Zhao et al., 2021): one more question per
@@ -152,10 +156,14 @@ def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sente
     task_name = setup.task.name
     answer = render_sentence_prompt(setup.fmt, task_name, sentence.words)
     tags, rows = [], []
-    for word in sentence.words:
-        head, label_template = render_pair(setup.fmt, task_name, word)
+    heads = [render_pair(setup.fmt, task_name, word) for word in sentence.words]
+    suffix = setup.fmt.for_task(task_name).answer_suffix
+    for k, (head, label_template) in enumerate(heads):
         continuations = [label_template.format(label=setup.label_words[t]) for t in labels]
-        result = backend.score(setup.context, answer, [head], continuations)
+        # Scored with what follows a label (the next pair's word, or the answer's
+        # end), so a tag that is a prefix of another does not win by being short.
+        after = heads[k + 1][0] if k + 1 < len(heads) else suffix
+        result = backend.score(setup.context, answer, [head], [c + after for c in continuations])
         scores = result.logprobs[0]
         if cfg.length_norm:
             scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
