@@ -289,6 +289,12 @@ def evaluate_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
     record.update(seconds=round(seconds, 3), model_tokens=backend.counts.tokens - before[0],
                   model_padded_tokens=backend.counts.padded - before[1],
                   model_calls=backend.counts.forwards - before[2])
+    counts = record["predicted_label_counts"]
+    if record["n_words"] >= 50 and counts and next(iter(counts.values())) >= 0.9 * record["n_words"]:
+        # What a near-zero score with no format failures usually is (gemma-3-270m, 0 shots, sentence format).
+        tag, n = next(iter(counts.items()))
+        log.warning("%s %s: the model gave %r to %d of %d words: stuck on one label (try demonstrations: "
+                    "--shots)", cfg.task, lang, tag, n, record["n_words"])
     log.info("%s %s: %s=%.4f, format failures %.3f, %d sentences in %.1fs", cfg.task, lang,
              setup.task.metric, record[setup.task.metric], record["format_failure_rate"], len(sentences), seconds)
     return record
