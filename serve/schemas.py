@@ -136,6 +136,9 @@ class ModelRef(BaseModel):
     task: str
     method: str
     run_id: str | None = None
+    registered_model: str | None = None
+    version: str | None = Field(None, description="The registered version that tagged this request (for "
+                                                  "models:/<name>@<alias>, the one the alias named then).")
 
 
 class BatchInfo(BaseModel):

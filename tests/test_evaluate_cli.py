@@ -45,3 +45,20 @@ def test_sweep_child_runs_get_every_score_the_evaluation_writes():
     metrics = evaluation_metrics(panx)
     assert {"f1.de", "precision.de", "recall.de", "accuracy.de", "f1_strict.de", "viterbi_f1.de",
             "viterbi_precision.de"} <= set(metrics)
+
+
+def test_report_tables_stay_readable_with_35_languages():
+    """UDPOS has 35 languages: the table is split into blocks of at most 12 language columns."""
+    from topro.data import get_task
+    from topro.reports import MAX_LANGUAGE_COLUMNS, Scores, markdown_table
+
+    langs = get_task("udpos").languages[:35]
+    entries = [Scores(task="udpos", setting=m, seed=1, metric="accuracy",
+                      languages={lang: 0.5 for lang in langs}) for m in ("topro", "vanilla")]
+    text = markdown_table(entries)
+    headers = [line for line in text.splitlines() if line.startswith("| setting | seeds |")]
+    assert len(headers) == 3 and all(h.count("|") - 3 <= MAX_LANGUAGE_COLUMNS + 2 for h in headers)
+    shown = [c.strip() for h in headers for c in h.split("|")[3:-1]]
+    assert [c for c in shown if c not in ("avg", "avg w/o en")] == [c for c in shown if c in langs]
+    assert sorted(c for c in shown if c in langs) == sorted(langs) and "avg" in headers[-1]
+    assert sum(line.startswith("| topro | 1") for line in text.splitlines()) == 3
