@@ -502,19 +502,24 @@ def _decoder_batch(model, labels: list[list[int]]):
 
 
 def _decoder_logprobs(logits: torch.Tensor, labels: list[list[int]], rows_per_label: int) -> torch.Tensor:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """Summed target log-probs: each target's logit minus its position's
+    logsumexp (no full-vocabulary log-softmax copy)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # [rows, T]
     n = logits.shape[0] // rows_per_label if rows_per_label else 0
     out = torch.zeros(n, rows_per_label)
     for row in range(logits.shape[0]):
         i, j = divmod(row, rows_per_label)
         label = labels[j]
-        out[i, j] = logprobs[row, torch.arange(len(label)), torch.tensor(label)].sum()
+        steps = torch.arange(len(label))
+        out[i, j] = (logits[row, steps, torch.tensor(label)] - lse[row, steps]).sum()
     return out
 
 
 @torch.inference_mode()
 def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]],
-                         counts: TokenCounts | None = None, max_batch_tokens: int = 4096) -> torch.Tensor:
+                         counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
+                         max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """Encoder-decoder models: each prompt (prefix + question, the encoder is
     bidirectional so nothing is shared across questions) is encoded once; its
     encoder states are reused for the decoder passes of every label."""
@@ -524,6 +529,8 @@ def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]
     dec_in, dec_mask = _decoder_batch(model, labels)
     result = torch.zeros(len(prompts), len(labels))
     step = max(1, max_batch_tokens // max(max(len(p) for p in prompts) + dec_in.shape[1] * len(labels), 1))
+    # The decoder's logits (prompts x labels x steps x vocabulary) count too: mT0's is 250k wide.
+    step = max(1, min(step, max_logit_floats // max(1, len(labels) * dec_in.shape[1] * _vocab_size(model))))
     for s in range(0, len(prompts), step):
         chunk = prompts[s:s + step]
         width = max(len(p) for p in chunk)
