@@ -47,11 +47,26 @@ STATE_FILE = "topro_sweep.json"
 SCORE = "dev_score"
 BEST_SCORE = "best_dev_score"
 # Sweep fields that decide which trials run: a resumed sweep must have the same ones.
+# Fault injection for tests (tests/test_sweep_resume.py): "<point>" SIGKILLs the sweep's driver process the
+# first time the point is reached: "report" (a trial's Train run registered a checkpoint, Tune has not yet
+# seen its result), "fit" (a trial's TorchTrainer is about to start), "evaluated" (the first checkpoint's
+# evaluation is logged, the others not yet), "registered" (a champion is registered, the report not yet).
+KILL_DRIVER_ENV = "TOPRO_TEST_KILL_SWEEP_DRIVER_AT"
+DRIVER_PID_ENV = "TOPRO_SWEEP_DRIVER_PID"
 TRIAL_FIELDS = ("base", "search_space", "search", "num_samples", "scheduler", "grace_period", "reduction_factor",
                 "max_t", "metric")
 
 
 # --- inside each trial ---------------------------------------------------------------------------------------
+
+def kill_driver_if_asked(point: str) -> None:
+    """SIGKILL the sweep's driver at ``point`` when ``$TOPRO_TEST_KILL_SWEEP_DRIVER_AT`` names it (tests)."""
+    if os.environ.get(KILL_DRIVER_ENV) != point or not os.environ.get(DRIVER_PID_ENV):
+        return
+    log.warning("fault injection: killing the sweep driver (pid %s) at %r", os.environ[DRIVER_PID_ENV], point)
+    os.kill(int(os.environ[DRIVER_PID_ENV]), signal.SIGKILL)
+    time.sleep(5)  # this process goes down with Ray's; do not carry on meanwhile
+
 
 class SweepReportCallback(TuneReportCallback):
     """Forward Ray Train reports to Tune, adding the run's selection metric (English dev) under one name for any task."""
@@ -61,15 +76,20 @@ class SweepReportCallback(TuneReportCallback):
         self.task_metric = task_metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        renamed = []
-        for m in metrics:
-            m = dict(m)
-            if f"dev_{self.task_metric}" in m:
-                m[SCORE] = m[f"dev_{self.task_metric}"]
-            if f"best_dev_{self.task_metric}" in m:
-                m[BEST_SCORE] = m[f"best_dev_{self.task_metric}"]
-            renamed.append(m)
+        renamed = [tune_metrics(m, self.task_metric) for m in metrics]
+        if checkpoint is not None:
+            kill_driver_if_asked("report")
         super().after_report(run_context, renamed, checkpoint)
+
+
+def tune_metrics(metrics: dict[str, Any], task_metric: str) -> dict[str, Any]:
+    """A Train result's metrics as ``SweepReportCallback`` hands them to Tune."""
+    out = dict(metrics)
+    if f"dev_{task_metric}" in out:
+        out[SCORE] = out[f"dev_{task_metric}"]
+    if f"best_dev_{task_metric}" in out:
+        out[BEST_SCORE] = out[f"best_dev_{task_metric}"]
+    return out
 
 
 def trial_config(sweep: SweepConfig, params: dict[str, Any], experiment_dir: str, trial_id: str) -> TrainConfig:
@@ -87,10 +107,44 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment_dir: str) -
     cfg = trial_config(sweep, params, experiment_dir, trial_id)
     callback = SweepReportCallback(resolve_selection_metric(get_task(cfg.task), cfg.selection_metric))
     trainer = build_trainer(cfg, name=cfg.run_name, storage_path=cfg.storage_path, callbacks=[callback])
+    kill_driver_if_asked("fit")
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    summary = result.return_value or {}
+    resumed_at = summary.get("resumed_from_step")
+    if resumed_at is not None and not [h for h in summary.get("history", []) if h["step"] > resumed_at]:
+        # The driver died after this trial's last checkpoint but before Tune recorded its result: the
+        # resumed Train run had nothing left to do and reported nothing, and a trial without a result
+        # fails the whole Tune run ("did not include the specified metric"). Report the last one again.
+        log.info("trial %s resumed at its final step %d; reporting its last result again", trial_id, resumed_at)
+        metrics = tune_metrics(result.metrics or {}, get_task(cfg.task).metric)
+        if result.checkpoint is not None:
+            metrics["checkpoint_path"] = result.checkpoint.path
+        tune.report(metrics)
     copy_best_export(result, Path(cfg.output_dir) / "checkpoint")
+    write_placement(Path(cfg.output_dir), result)
+
+
+PLACEMENT_FILE = "placement.json"
+
+
+def write_placement(trial_dir: Path, result) -> None:
+    """Where the trial ran: its driver's node and each Train worker's (``trials/<id>/placement.json``)."""
+    from topro.cluster.runtime import node_name
+
+    workers = (result.return_value or {}).get("workers") or []
+    (trial_dir / PLACEMENT_FILE).write_text(json.dumps({"trial_node": node_name(), "workers": workers}, indent=2))
+
+
+def placement_tags(trial_dir: Path) -> dict[str, str]:
+    """MLflow tags naming the trial's nodes (empty if the trial wrote no placement)."""
+    path = trial_dir / PLACEMENT_FILE
+    if not path.is_file():
+        return {}
+    placement = json.loads(path.read_text())
+    return {"topro.trial_node": placement["trial_node"],
+            "topro.worker_nodes": ",".join(w["node"] for w in placement["workers"])}
 
 
 def copy_best_export(result, target: Path) -> None:
@@ -111,45 +165,148 @@ def copy_best_export(result, target: Path) -> None:
 
 # --- on the sweep driver ------------------------------------------------------------------------------------
 
+SPOOL_FILE = "mlflow_spool.jsonl"
+SPOOL_RETRY_S = 10.0
+TRACKING_OUTAGE_WAIT_S = float(os.environ.get("TOPRO_TRACKING_OUTAGE_WAIT_S", 600))
+"""After the trials, how long the driver waits for an unreachable MLflow before it stops (the spool keeps
+everything for the next run)."""
+
+
+class TrackingOutage(RuntimeError):
+    """MLflow stayed unreachable: what could not be written is kept in the spool file."""
+
+
+class TrialSpool:
+    """Trial-run writes MLflow did not take (server down or hung), kept in order in a JSON-lines file beside
+    the sweep's state and replayed once MLflow answers again, or by the next run of the sweep.
+
+    An entry is ``{"op": "start" | "metrics" | "end", "parent": ..., "trial_id": ..., "run_name": ..., ...}``;
+    it names the trial, not the run, so a run that could not even be created is created on replay.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.first_error: str | None = None
+        self.next_try = 0.0
+        self.runs: dict[tuple[str, str], str] = {}
+
+    def pending(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Apply ``entry`` now if nothing is waiting before it and MLflow answers; else keep it."""
+        if not self.path.is_file():
+            start = time.monotonic()
+            try:
+                self.apply(entry)
+                return
+            except Exception as err:
+                self._failed(err, time.monotonic() - start)
+        with self.path.open("a") as out:
+            out.write(json.dumps({**entry, "error": self.first_error}, default=str) + "\n")
+        self.replay()
+
+    def replay(self, force: bool = False) -> bool:
+        """Write what is kept, in order; True when nothing is left. Tries at most every ``SPOOL_RETRY_S``."""
+        entries = self.pending()
+        if not entries:
+            return True
+        if not force and time.monotonic() < self.next_try:
+            return False
+        start = time.monotonic()
+        for done, entry in enumerate(entries):
+            try:
+                self.apply(entry)
+            except Exception as err:
+                self._failed(err, time.monotonic() - start)
+                self.path.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries[done:]))
+                return False
+        self.path.unlink()
+        log.warning("MLflow answers again: wrote the %d kept trial records", len(entries))
+        return True
+
+    def flush(self, budget_s: float) -> None:
+        """Replay until nothing is left, for at most ``budget_s``; then ``TrackingOutage`` naming the first error."""
+        deadline = time.monotonic() + budget_s
+        while not self.replay(force=True):
+            if time.monotonic() >= deadline:
+                kept = self.pending()
+                first = next((e["error"] for e in kept if e.get("error")), self.first_error)
+                raise TrackingOutage(f"MLflow did not answer for {budget_s:.0f}s (first error: {first}); "
+                                     f"{len(kept)} trial records are kept in {self.path} and written when the same "
+                                     "sweep is run again")
+            time.sleep(min(SPOOL_RETRY_S, max(0.0, deadline - time.monotonic())))
+
+    def _failed(self, err: BaseException, seconds: float) -> None:
+        text = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if self.first_error is None:
+            self.first_error = text
+            log.warning("MLflow write failed after %.1fs (%s); keeping trial records in %s until it answers",
+                        seconds, text, self.path)
+        else:
+            log.info("MLflow still unreachable (another try took %.1fs)", seconds)
+        self.next_try = time.monotonic() + SPOOL_RETRY_S
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        key = (entry["parent"], entry["trial_id"])
+        if entry["op"] == "start" or key not in self.runs:
+            self.runs[key] = tracking.trial_run(entry["parent"], entry["trial_id"], entry["run_name"],
+                                                entry.get("params"), reopen=entry["op"] != "end")
+        run_id = self.runs[key]
+        if entry["op"] == "metrics":
+            tracking.log_metrics(run_id, entry["metrics"], step=entry["step"])
+        elif entry["op"] == "end":
+            tracking.end_run(run_id, entry["status"])
+
+
 class MlflowTrialCallback(tune.Callback):
-    """One MLflow child run per trial under the sweep's parent run; closes runs Tune stops."""
+    """One MLflow child run per trial under the sweep's parent run; closes runs Tune stops.
+
+    Never raises into Tune and never blocks it for long: a write MLflow does not take goes to the sweep's
+    ``TrialSpool`` and is replayed later (the driver flushes it after the trials)."""
 
     def __init__(self, tracking_uri: str, parent_run_id: str, sweep: SweepConfig, experiment_dir: str):
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.sweep = sweep
         self.experiment_dir = experiment_dir
-        self.runs: dict[str, str] = {}
+        self.spool = TrialSpool(Path(experiment_dir) / SPOOL_FILE)
 
     def setup(self, **info):
         tracking.configure(self.tracking_uri)
 
-    def _run(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            cfg = trial_config(self.sweep, trial.config, self.experiment_dir, trial.trial_id)
-            params = {**to_dict(cfg), "trial_id": trial.trial_id}
-            self.runs[trial.trial_id] = tracking.trial_run(self.parent_run_id, trial.trial_id,
-                                                           trial_run_name(self.sweep, trial.config), params)
-        return self.runs[trial.trial_id]
+    def _write(self, trial, op: str, **fields) -> None:
+        entry = {"op": op, "parent": self.parent_run_id, "trial_id": trial.trial_id,
+                 "run_name": trial_run_name(self.sweep, trial.config), **fields}
+        self.spool.write(entry)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
+        cfg = trial_config(self.sweep, trial.config, self.experiment_dir, trial.trial_id)
+        self._write(trial, "start", params={**to_dict(cfg), "trial_id": trial.trial_id})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = tracking.training_metrics(result)
         step = int(result.get("step", result.get("training_iteration", 0)) or 0)
-        tracking.log_metrics(self._run(trial), metrics, step=step)
+        self._write(trial, "metrics", metrics=metrics, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        tracking.end_run(self._run(trial), "FINISHED")
+        self._write(trial, "end", status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        tracking.end_run(self._run(trial), "FAILED")
+        self._write(trial, "end", status="FAILED")
 
     def __getstate__(self):  # pickled into the experiment state; run ids are found again by tag
         state = dict(self.__dict__)
-        state["runs"] = {}
+        state["spool"] = TrialSpool(self.spool.path)
         return state
+
+    def __setstate__(self, state):  # also a callback pickled by an earlier version (it had no spool)
+        state.pop("runs", None)
+        self.__dict__.update(state)
+        if "spool" not in state:
+            self.spool = TrialSpool(Path(self.experiment_dir) / SPOOL_FILE)
 
 
 def trial_run_name(sweep: SweepConfig, params: dict[str, Any]) -> str:
@@ -332,6 +489,10 @@ def check_resumable(state_file: Path, sweep: SweepConfig) -> dict[str, Any]:
 
 
 def prepare_experiment_dir(sweep: SweepConfig, fresh: bool) -> Path:
+    if "://" in sweep.storage_path:
+        raise ConfigError(f"sweep {sweep.name!r}: storage_path {sweep.storage_path!r}: a sweep keeps its state in a "
+                          "folder (on a cluster, one that every node mounts at the same path); object-store URIs "
+                          "are taken by a training run's storage_path, not by sweeps yet")
     experiment_dir = (Path(sweep.storage_path).expanduser() / sweep.name).resolve()
     if fresh and experiment_dir.exists():
         aside = experiment_dir.with_name(f"{sweep.name}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -358,11 +519,14 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
     experiment_dir = prepare_experiment_dir(sweep, fresh)
     state_file = experiment_dir / STATE_FILE
     state = check_resumable(state_file, sweep) if state_file.is_file() else {}
+    os.environ[DRIVER_PID_ENV] = str(os.getpid())  # for fault injection only (a local Ray's workers inherit it)
     ray = init_ray(address)
     check_trial_fits(sweep)
+    check_sweep_storage(sweep, experiment_dir)
     experiment = sweep.experiment or f"topro-sweep-{sweep.name}"
     parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
-                                      run_id=state.get("parent_run_id"))
+                                      run_id=state.get("parent_run_id"), artifact_location=sweep.artifact_location)
+    TrialSpool(experiment_dir / SPOOL_FILE).replay(force=True)  # what an earlier run could not write
     state_file.write_text(json.dumps({"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
                                       "experiment": experiment}, indent=2, default=str))
     try:
@@ -390,6 +554,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
                                           verbose=1))
         with graceful_stop() as stopped:
             results = tuner.fit()
+        # Trial records MLflow did not take during the trials go in now (selection and evaluation need them).
+        TrialSpool(experiment_dir / SPOOL_FILE).flush(TRACKING_OUTAGE_WAIT_S)
         train_seconds = time.perf_counter() - started
         if stopped.is_set():
             # Tune saved its state; the trial that was running counts as finished in `results`, so the
@@ -408,8 +574,11 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params), reopen=False)
             run = tracking.mlflow_client().get_run(o.run_id)
             status = "FAILED" if o.status == "ERROR" else "FINISHED"
+            for key, value in placement_tags(experiment_dir / "trials" / o.trial_id).items():
+                tracking.mlflow_client().set_tag(o.run_id, key, value)
             if run.info.status != status:
                 tracking.end_run(o.run_id, status)
+        close_stale_trial_runs(parent, {o.run_id for o in outcomes})
         failed = [o.trial_id for o in outcomes if o.status == "ERROR"]
         advice = failure_advice([r.error for r in results if r.error is not None]) if failed else ""
         if failed:
@@ -426,15 +595,47 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
                                       "wall_seconds": time.perf_counter() - started})
         tracking.end_run(parent, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt:
-        tracking.end_run(parent, "KILLED")
+        _close_parent(parent, "KILLED")
         raise
     except BaseException:
-        tracking.end_run(parent, "FAILED")
+        _close_parent(parent, "FAILED")
         raise
     return {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
             "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": False,
             "trials": outcomes, "selected": selected, "failure_advice": advice,
             "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
+
+
+def check_sweep_storage(sweep: SweepConfig, experiment_dir: Path) -> None:
+    """Before any trial: the sweep's folder, and a file-based artifact location, are shared by every node.
+
+    Trials write their checkpoints and state under ``<storage_path>/<name>`` from whichever node they run
+    on, and the driver reads them back; MLflow artifacts are read by serving replicas anywhere."""
+    from topro.cluster.storage import check_artifact_location, check_storage
+
+    check_storage(str(experiment_dir), f"sweep {sweep.name!r}: storage_path")
+    location = sweep.artifact_location
+    if location and not location.startswith(("mlflow-artifacts:", "http://", "https://")):
+        check_artifact_location(location, f"sweep {sweep.name!r}: artifact_location")
+
+
+def _close_parent(parent_run_id: str, status: str) -> None:
+    """Mark the parent run on the way out, without letting an unreachable MLflow hide the error that ended the
+    sweep (the rerun reopens the run anyway)."""
+    try:
+        tracking.end_run(parent_run_id, status)
+    except Exception as err:
+        log.warning("could not mark the sweep's MLflow run %s %s: %s", parent_run_id, status,
+                    f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+
+
+def close_stale_trial_runs(parent_run_id: str, current: set[str]) -> None:
+    """Mark KILLED the trial runs a killed driver left RUNNING that no trial of this sweep owns any more (a
+    trial Tune had not yet saved in its state when the driver died starts afresh under another id)."""
+    for run in tracking.child_runs(parent_run_id):
+        if run.info.status == "RUNNING" and run.info.run_id not in current:
+            log.info("trial run %s was left RUNNING by an earlier driver; marking it KILLED", run.info.run_id)
+            tracking.end_run(run.info.run_id, "KILLED")
 
 
 @contextlib.contextmanager
@@ -519,6 +720,10 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
             workdir = Path(sweep.storage_path).expanduser().resolve() / sweep.name / "trials" / t.trial_id / "evaluation"
             tracking.log_evaluation(t.run_id, record, workdir)
             tracking.mlflow_client().set_tag(t.run_id, "topro.setting", record["setting"])
+            # which Ray node scored each language (the full map is in the run's evaluation/eval.json)
+            tracking.mlflow_client().set_tag(t.run_id, "topro.eval_nodes",
+                                             ",".join(sorted(set(record.get("nodes", {}).values()))))
+            kill_driver_if_asked("evaluated")
     seconds = time.perf_counter() - start
     log.info("evaluated %d checkpoints in %.1fs (%d already evaluated)", len(todo), seconds, len(trials) - len(todo))
     return seconds
@@ -547,6 +752,7 @@ def register_champions(sweep: SweepConfig, trials: list[TrialOutcome]) -> list[d
         tracking.mlflow_client().set_tag(t.run_id, "topro.registered", f"{name}/{version}@{sweep.register_alias}")
         log.info("registered %s version %s as @%s (trial %s, English dev %.4f)", name, version, sweep.register_alias,
                  t.trial_id, t.dev_score)
+        kill_driver_if_asked("registered")
         registered.append({"name": name, "version": version, "alias": sweep.register_alias, "run_id": t.run_id,
                            "trial_id": t.trial_id, "dev_score": t.dev_score,
                            "uri": f"models:/{name}@{sweep.register_alias}"})
