@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -152,7 +153,8 @@ def start_serve(serve, apps, host: str, port: int, *, budget_s: float, attempts:
                             for name, route_prefix, application in apps])
             return None
         except Exception as err:
-            last = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # Ray colours its task errors
+            last = f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
             left = deadline - time.monotonic()
             logging.getLogger(__name__).warning("serve start-up try %d of %d failed (%s did not come up: %s)%s",
                                                 attempt, attempts, what, last,
