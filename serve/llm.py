@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve.http import body_limit, make_api
-from serve.schemas import (Limits, LLMTagResponse, RequestProblem, TagRequest, check_limits,
+from serve.schemas import (Limits, LLMTagResponse, RequestProblem, TagRequest, check_lang, check_limits,
                            describe_validation_errors)
 
 log = logging.getLogger("ray.serve")
@@ -147,7 +147,8 @@ class LLMTaggerDeployment:
             if self.backend is not None:
                 return
             if not self.model:
-                self.backend_error = f"no LLM configured: set args.model of the llm app or ${MODEL_ENV}"
+                self.backend_error = (f"no LLM configured: start with `topro serve --llm-model PATH_OR_URL`, set "
+                                      f"args.model of the llm app (serve/config.yaml), or set ${MODEL_ENV}")
                 return
             try:
                 setup = prepare(self.cfg)
@@ -166,6 +167,7 @@ class LLMTaggerDeployment:
         from topro.data.readers import Sentence
 
         word_lists = check_limits(body, self.limits)
+        check_lang(body.lang, self.cfg.task)
         if self.backend is None:
             await asyncio.to_thread(self._connect)
             if self.backend is None:

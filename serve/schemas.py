@@ -137,6 +137,9 @@ class ModelRef(BaseModel):
     task: str
     method: str
     run_id: str | None = None
+    registered_model: str | None = None
+    version: str | None = Field(None, description="The registered version that tagged this request (for "
+                                                  "models:/<name>@<alias>, the one the alias named then).")
 
 
 class BatchInfo(BaseModel):
@@ -199,3 +202,14 @@ class ErrorResponse(BaseModel):
 __all__ = ["BatchInfo", "ErrorResponse", "LLMTagResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
            "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "describe_validation_errors",
            "unencodable"]
+
+
+def check_lang(lang: str | None, task: str) -> None:
+    """A request's ``lang`` must be a language of the model's task: 422 naming the known ones."""
+    if not lang:
+        return
+    from topro.data import get_task
+
+    known = get_task(task).languages
+    if lang not in known:
+        raise RequestProblem(422, f"lang: {lang!r} is not a language of task {task!r}; known: {', '.join(known)}")

@@ -12,6 +12,12 @@ out). Requests that arrive together are tagged together: ``@serve.batch``
 gathers up to ``max_batch_size`` requests, and all ToPro prompts of all their
 sentences go through the model in one ``Tagger.tag`` call per model.
 
+A model named ``models:/<name>@<alias>`` follows its alias: every
+``alias_refresh_s`` the replica asks the registry which version the alias
+names; when it moved, the new version is loaded beside the old one and
+swapped in at once. A batch already with the old model finishes on it, and
+every response names the version that tagged it (``model.version``).
+
 Everything about the model lives in ``topro.serving``; this module is the
 Serve and HTTP shell: argument checks, request checks, batching, status codes.
 Bad input never reaches the batch: it is answered 4xx with a message before.
@@ -35,7 +41,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve.http import body_limit, make_api
-from serve.schemas import Limits, RequestProblem, TagRequest, TagResponse, check_limits, describe_validation_errors
+from serve.schemas import (Limits, RequestProblem, TagRequest, TagResponse, check_lang, check_limits,
+                           describe_validation_errors)
 
 log = logging.getLogger("ray.serve")
 
@@ -75,6 +82,9 @@ class TaggingArgs(BaseModel):
     max_examples: int = Field(256, ge=1, description="Prompts in one forward pass at most.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                                                        "else sqlite:///mlflow.db, made absolute).")
+    alias_refresh_s: float = Field(30.0, ge=0.0, description=(
+        "How often a replica asks the registry where the aliases of its models:/<name>@<alias> models point, "
+        "and switches to a moved alias's new version (0: never; the version loaded first stays)."))
 
     @model_validator(mode="after")
     def _check_ids(self) -> "TaggingArgs":
@@ -109,10 +119,22 @@ def absolute_tracking_uri(uri: str | None) -> str:
 
 
 def check_model_uris(cfg: TaggingArgs) -> None:
-    """Fail at build time, with the arg's name, for a checkpoint folder that does not exist."""
+    """Fail at build time, with the arg's name, for a checkpoint folder that does not exist or a
+    ``models:/`` name, alias or version the registry does not have (a registry that cannot be reached
+    now is only warned about: the replicas will try it again)."""
+    from topro.serving import ModelNotRegisteredError, registered_version
     from topro.tracking import is_registry_uri
 
     for key, uri in {"model": cfg.model, **{f"models.{k}": v for k, v in cfg.models.items()}}.items():
+        if uri.startswith("models:/"):
+            try:
+                registered_version(uri)
+            except ModelNotRegisteredError as err:
+                raise ValueError(f"serve app 'tagging': args.{key}: {err}") from None
+            except Exception as err:
+                log.warning("serve app 'tagging': args.%s=%r not checked: the registry did not answer (%s: %s)",
+                            key, uri, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            continue
         if is_registry_uri(uri):
             continue  # checked against the registry when a replica loads it
         path = Path(uri).expanduser()
@@ -289,7 +311,7 @@ def _failed(err: BaseException, model_id: str, others_ok: bool) -> Outcome:
 @serve.ingress(api)
 class TaggerDeployment:
     async def __init__(self, args: dict[str, Any]):
-        from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue
+        from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue, ModelNotRegisteredError
 
         self.args = parse_args(args)
         if self.args.tracking_uri:
@@ -319,8 +341,45 @@ class TaggerDeployment:
         self._tag_batch.set_max_batch_size(self.args.max_batch_size)
         self._tag_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         _warn_if_batches_cannot_fill(self.args.max_batch_size)
+        self.alias_switches: list[dict[str, Any]] = []
         # Load the default model now: a bad `model` arg fails the deployment at start, not each request.
-        await self._get_model(DEFAULT_MODEL_ID)
+        try:
+            await self._get_model(DEFAULT_MODEL_ID)
+        except ModelNotRegisteredError as err:
+            raise ValueError(f"serve app 'tagging': args.model: {err}") from None
+        self._alias_task = None
+        if self.args.alias_refresh_s > 0:
+            self._alias_task = asyncio.get_running_loop().create_task(self._follow_aliases())
+
+    async def _follow_aliases(self) -> None:
+        """Every ``alias_refresh_s``: switch each loaded alias model whose alias moved to its new version."""
+        while True:
+            await asyncio.sleep(self.args.alias_refresh_s)
+            for resident in list(self.loaded.values()):
+                try:
+                    await self._refresh(resident)
+                except Exception as err:  # registry down, alias deleted: keep serving what is loaded
+                    log.warning("alias refresh of %s failed (%s: %s); still serving version %s",
+                                resident.tagger.info.uri, type(err).__name__, str(err).splitlines()[0][:200]
+                                if str(err) else "", resident.tagger.info.version)
+
+    async def _refresh(self, resident: "ResidentModel") -> None:
+        from topro.serving import Tagger, alias_moved
+
+        old = resident.tagger
+        if await asyncio.to_thread(alias_moved, old.info) is None:
+            return
+        # Loaded beside the old model, which keeps answering meanwhile.
+        new = await asyncio.to_thread(Tagger.load, old.info.uri, old.info.id, device=self.args.device,
+                                      max_tokens=self.args.max_tokens, max_examples=self.args.max_examples)
+        # One assignment: the next batch uses the new model; a batch already running holds `old` and
+        # finishes with it (it is freed when that batch lets go of it).
+        resident.tagger = new
+        switch = {"id": old.info.id, "uri": old.info.uri, "from_version": old.info.version,
+                  "to_version": new.info.version, "at": time.time(), "load_seconds": new.info.load_seconds}
+        self.alias_switches.append(switch)
+        log.info("alias %s moved: switched %r from version %s to %s (loaded in %.1fs)", old.info.uri,
+                 old.info.id, old.info.version, new.info.version, new.info.load_seconds)
 
     async def _load_model(self, model_id: str) -> ResidentModel:
         from topro.serving import Tagger
@@ -331,7 +390,7 @@ class TaggerDeployment:
         return ResidentModel(tagger, self.loaded)
 
     async def _resident_for_request(self) -> ResidentModel:
-        from topro.serving import DEFAULT_MODEL_ID, UnknownModelError
+        from topro.serving import DEFAULT_MODEL_ID, ModelNotRegisteredError, UnknownModelError
 
         model_id = serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
         if model_id not in self.loaded:
@@ -342,6 +401,8 @@ class TaggerDeployment:
                 raise RequestProblem(404, f"{err} (header {MODEL_ID_HEADER})") from None
         try:
             return await self._get_model(model_id)
+        except ModelNotRegisteredError as err:
+            raise RequestProblem(404, f"unknown model id {model_id!r}: {err} (header {MODEL_ID_HEADER})") from None
         except Exception as err:
             log.exception("loading model %r failed", model_id)
             raise RequestProblem(503, f"model {model_id!r} could not be loaded: {type(err).__name__}: "
@@ -355,6 +416,7 @@ class TaggerDeployment:
         word_lists = check_limits(body, self.limits)
         resident = await self._resident_for_request()
         lang = body.lang or ""
+        check_lang(lang, resident.tagger.info.task)
         chunks = split_by_words(word_lists, self.args.max_call_words)
         tagged = []
         for chunk in chunks:  # each chunk queues anew: other requests' work goes between a large one's chunks
@@ -366,9 +428,11 @@ class TaggerDeployment:
             tagged += job.done["tagged"]
         from topro.serving import public_model_info
 
-        public = public_model_info(resident.tagger.info)
+        # The model that tagged the last chunk (an alias may have moved since); ids and versions, no paths.
+        public = public_model_info(job.done["info"])
         return JSONResponse({
-            "model": {k: public[k] for k in ("id", "uri", "task", "method", "run_id")},
+            "model": {k: public[k] for k in ("id", "uri", "task", "method", "run_id", "registered_model",
+                                             "version")},
             "sentences": [{**s.as_dict(), "lang": body.lang} for s in tagged],
             "batch": {**job.done["batch"], "chunks": len(chunks)},
         })
@@ -387,7 +451,7 @@ class TaggerDeployment:
         calls = [call for group in by_model.values()
                  for call in split_by_words(group, self.args.max_call_words, lambda job: job.words)]
         for group in calls:
-            tagger = group[0].resident.tagger
+            tagger = group[0].resident.tagger  # read once: an alias switch during the call does not touch it
             outcomes = await tag_requests(tagger.tag, [job.sentences for job in group], tagger.info.id)
             for job, outcome in zip(group, outcomes):
                 if outcome.error:
@@ -395,6 +459,7 @@ class TaggerDeployment:
                     continue
                 self.model_calls += 1 if outcome.first_of_call else 0
                 job.done["tagged"] = outcome.tagged
+                job.done["info"] = tagger.info
                 job.done["batch"] = {"id": self.model_calls, "requests": outcome.call_requests,
                                      "sentences": outcome.call_sentences, "replica": self.replica,
                                      "seconds": outcome.call_seconds}
@@ -422,15 +487,23 @@ class TaggerDeployment:
                 "limits": {**self.limits.model_dump(), "max_body_bytes": api.state.max_body_bytes},
                 "batching": {"max_batch_size": self.args.max_batch_size,
                              "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
-                             "max_call_words": self.args.max_call_words}}
+                             "max_call_words": self.args.max_call_words},
+                "alias_refresh_s": self.args.alias_refresh_s, "alias_switches": self.alias_switches}
 
 
 def make_app(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
     """The application for ``args``; ``deployment_options`` (by deployment name) as in a Serve config's
     ``deployments:`` list, for callers that deploy without a config file (``topro serve``)."""
     cfg = parse_args(args)
-    check_model_uris(cfg)
     cfg.tracking_uri = absolute_tracking_uri(cfg.tracking_uri)
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cfg.tracking_uri)  # check against the registry the replicas will ask
+    try:
+        check_model_uris(cfg)
+    finally:
+        mlflow.set_tracking_uri(previous)
     deployment = TaggerDeployment
     options = (deployment_options or {}).get("Tagger")
     if options:

@@ -17,6 +17,9 @@ os.environ.setdefault("TOPRO_CACHE", str(REPO / ".cache" / "topro-test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Serve replicas log to Ray's files (<ray temp>/session_latest/logs/serve/), not into pytest's output,
+# where their lines interleave with the test report.
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 # Ray workers (Serve's HTTP proxy among them) import this checkout's `serve` and `topro`; the proxy loads the
 # model-id header check from it, as `topro serve` arranges.
 _paths = [str(REPO), str(REPO / "platform")]

@@ -8,6 +8,7 @@ from topro.llm.formats import (FormatError, list_formats, load_format, render_co
                                render_pair, render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
 
+UPOS = "ADJ ADP ADV AUX CCONJ DET INTJ NOUN NUM PART PRON PROPN PUNCT SCONJ SYM VERB X".split()
 PANX_WORDS = {"O": "other", "B-PER": "person", "I-PER": "name", "B-ORG": "organisation", "I-ORG": "body",
               "B-LOC": "location", "I-LOC": "place"}  # the task's label order
 
@@ -90,3 +91,32 @@ def test_match_label():
     assert match_label(" persona non grata", lookup) == "B-PER"
     assert match_label(" banana", lookup) is None
     assert match_label("\n", lookup) is None
+
+
+def test_whole_sentence_answers_parse_and_align_word_by_word():
+    """Hand-written model answers for "Der Hund sieht der Katze nach ." (the
+    repeated "der" included): well-formed, shifted, partial, repeated pairs,
+    and pairs about other words, asserted word by word."""
+    lookup = label_lookup({t: t for t in UPOS})
+    words = ["Der", "Hund", "sieht", "der", "Katze", "nach", "."]
+    gold = ["DET", "NOUN", "VERB", "DET", "NOUN", "ADP", "PUNCT"]
+
+    def parse(text):
+        p = parse_tagged_answer(text, words, lookup, fallback="X")
+        return p.tags, p.failed
+
+    well = "Der/DET Hund/NOUN sieht/VERB der/DET Katze/NOUN nach/ADP ./PUNCT"
+    assert parse(well) == (gold, [False] * 7)
+    # Shifted by an extra leading pair (the model tagged "Tags" too): still aligned by word.
+    assert parse("Tags/NOUN " + well) == (gold, [False] * 7)
+    # Shifted by a missing first word: that word fails, the others keep their own tags.
+    assert parse(well.split(" ", 1)[1]) == (["X"] + gold[1:], [True] + [False] * 6)
+    # Partial: the answer stops after three words.
+    assert parse("Der/DET Hund/NOUN sieht/VERB") == (gold[:3] + ["X"] * 4, [False] * 3 + [True] * 4)
+    # A pair repeated: the second copy is ignored, the repeated sentence word "der" still gets its own.
+    assert parse("Der/DET Hund/NOUN Hund/NOUN sieht/VERB der/DET Katze/NOUN nach/ADP ./PUNCT") == (gold, [False] * 7)
+    # Respelled words keep their tags by position ...
+    assert parse("Der/DET Hund/NOUN siet/VERB der/DET Katse/NOUN nach/ADP ./PUNCT") == (gold, [False] * 7)
+    # ... but pairs about other words (a sentence the model made up, same length) are failures, not tags.
+    made_up = "The/DET dog/NOUN looks/VERB after/ADP the/DET cat/NOUN !/PUNCT"
+    assert parse(made_up) == (["X"] * 7, [True] * 7)

@@ -27,7 +27,7 @@ def assert_refused(code, err, seconds, *needles):
     assert "Traceback" not in err
     for needle in needles:
         assert needle in last, last
-    assert seconds < 30  # no model is built, no Ray started (a loaded 2-core machine takes a few seconds)
+    assert seconds < 120  # a guard against building a model or starting Ray, not a speed test (busy machines)
 
 
 @pytest.fixture

@@ -98,8 +98,10 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
     assert "predictions" not in tracking.load_evaluation(runs[0].info.run_id)["languages"]["de"]
     assert len(tracking.load_predictions(runs[0].info.run_id)["languages"]["de"]["pred"]) == 20
 
-    assert main(["report", "--sweep", "unit", "--tracking-uri", mlflow_store]) == 0
+    assert main(["report", "--sweep", "unit", "--tracking-uri", mlflow_store, "--out-dir", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
+    assert f"files to {tmp_path / 'rep'}/: heatmap_udpos.png, per_language.csv" in out  # says where it wrote
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("## Sweep unit")
     assert "| topro | 2 | 60.0 ± 14.1 | 40.0 ± 14.1 | 50.0 ± 14.1 |" in out
     assert "| vanilla | 1 (no spread: single seed) | 40.0 | 20.0 | 30.0 |" in out
     assert "selected on English dev accuracy" in out

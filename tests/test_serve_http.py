@@ -434,3 +434,71 @@ def test_llm_bad_input_and_an_unreachable_upstream_get_messages_not_500(serve_ur
     health = requests.get(f"{serve_url}/dead-llm/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["llm"] == "unavailable" and health["detail"]
     assert requests.post(f"{serve_url}/llm/tag", json={"text": "gut"}, timeout=120).status_code == 200
+
+
+def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, model_registry, untrained_checkpoint):
+    """``models:/<name>@live`` served with a 0.5 s alias refresh, two clients tagging without pause: the alias
+    moves from version 1 (trained) to version 2 (untrained, other tags); the answers switch to version 2,
+    each client's answers go 1...1 2...2 (never back), the tags are each version's own, and no request fails."""
+    import threading
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+    from ray import serve as ray_serve
+
+    from serve.tagging import make_app
+    from topro.tracking import register_checkpoint
+
+    client = MlflowClient(model_registry["uri"])
+    name = "topro-alias-follow"
+    first = str(register_checkpoint(model_registry["run_id"], name, "live"))
+    experiment = client.get_run(model_registry["run_id"]).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment, run_name="untrained-udpos-topro") as run:
+        mlflow.log_artifacts(str(untrained_checkpoint("udpos", "topro")), "checkpoint")
+    second = str(register_checkpoint(run.info.run_id, name, alias=None))
+    # num_cpus 0: the module's four apps hold 1.9 of the 2 CPUs of its Ray
+    options = {"num_cpus": 0, **({"runtime_env": ray_for_serve} if ray_for_serve else {})}
+    app = make_app({"model": f"models:/{name}@live", "tracking_uri": model_registry["uri"], "alias_refresh_s": 0.5,
+                    "max_batch_size": 4},
+                   {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": options}})
+    ray_serve.run(app, name="alias", route_prefix="/alias")
+    url = f"{serve_url}/alias"
+    body = {"sentences": [["Das", "ist", "ein", "gutes", "Haus", "."]], "lang": "de"}
+    stop = threading.Event()
+    seen: list[list[tuple[int, str | None, tuple]]] = [[], []]
+
+    def client_loop(out):
+        while not stop.is_set():
+            r = tag(url, body, timeout=60)
+            answer = r.json() if r.status_code == 200 else {}
+            out.append((r.status_code, answer.get("model", {}).get("version"),
+                        tuple(w["tag"] for w in answer["sentences"][0]["words"]) if answer else ()))
+
+    threads = [threading.Thread(target=client_loop, args=(out,)) for out in seen]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while not all(seen) and time.time() < deadline:
+            time.sleep(0.1)
+        client.set_registered_model_alias(name, "live", second)
+        moved = time.time()
+        while not all(out and out[-1][1] == second for out in seen) and time.time() < moved + 90:
+            time.sleep(0.1)
+        time.sleep(1.0)  # more answers after the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    switches = requests.get(f"{url}/models", timeout=30).json()["alias_switches"]
+    ray_serve.delete("alias")
+    for out in seen:
+        assert [status for status, _, _ in out] == [200] * len(out)  # zero errors, before, during and after
+        versions = [version for _, version, _ in out]
+        assert versions[0] == first and versions[-1] == second, versions
+        switched_at = versions.index(second)
+        assert set(versions[:switched_at]) == {first} and set(versions[switched_at:]) == {second}, versions
+        # each version answered with its own model's tags
+        assert {t for _, v, t in out if v == first} == {out[0][2]} and {t for _, v, t in out if v == second} == {out[-1][2]}
+    assert [(s["from_version"], s["to_version"]) for s in switches] == [(first, second)]

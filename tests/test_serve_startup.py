@@ -71,10 +71,15 @@ def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, exp
         assert r.json()["model"]["uri"] == expected_model
         assert [w["word"] for w in r.json()["sentences"][0]["words"]] == ["Das", "ist", "gut", "."]
         assert requests.post(f"{url}/tag", json={"text": ""}, timeout=60).status_code == 422
+        r = requests.post(f"{url}/tag", json={"text": "Das ist gut", "lang": "xx"}, timeout=60)
+        assert r.status_code == 422 and "'xx' is not a language of task 'udpos'" in r.json()["detail"]
+        assert "de, el, en" in r.json()["detail"]  # the known ones are named
         # The config's second app deploys too; with no LLM configured it says so instead of failing.
         assert requests.get(f"{url}/llm/healthz", timeout=30).json()["llm"] == "unavailable"
         r = requests.post(f"{url}/llm/tag", json={"text": "Das ist gut"}, timeout=60)
         assert r.status_code == 503 and "no LLM configured" in r.json()["detail"]
+        for way in ("--llm-model", "args.model", "TOPRO_LLM_MODEL"):  # every way to configure one
+            assert way in r.json()["detail"]
     finally:
         code = stop(process)
     with pytest.raises(requests.ConnectionError):

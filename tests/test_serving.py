@@ -122,6 +122,37 @@ def test_tagger_loads_from_the_registry_and_names_the_run(model_registry):
     assert info.version == str(model_registry["version"]) and info.task == "udpos"
 
 
+def test_an_alias_is_read_once_and_a_move_is_noticed(model_registry):
+    from mlflow import MlflowClient
+
+    from topro.serving import Tagger, alias_moved
+    from topro.tracking import register_checkpoint
+
+    name = "topro-alias-moves"
+    first = str(register_checkpoint(model_registry["run_id"], name, "staging"))
+    tagger = Tagger.load(f"models:/{name}@staging")
+    assert tagger.info.version == first and tagger.info.uri == f"models:/{name}@staging"
+    assert alias_moved(tagger.info) is None
+    second = str(register_checkpoint(model_registry["run_id"], name, alias=None))
+    assert alias_moved(tagger.info) is None  # a new version alone moves nothing
+    MlflowClient().set_registered_model_alias(name, "staging", second)
+    assert alias_moved(tagger.info) == second
+    assert alias_moved(Tagger.load(f"models:/{name}/{first}").info) is None  # a pinned version never moves
+
+
+def test_a_missing_alias_or_model_is_refused_when_the_app_is_built(model_registry, tiny_topro_checkpoint):
+    from serve.tagging import make_app
+
+    uri = model_registry["uri"]
+    with pytest.raises(ValueError, match=r"args\.model: models:/topro-udpos-topro@nope: the model registry at "
+                                         r"sqlite:.* has no alias 'nope' of registered model 'topro-udpos-topro'"):
+        make_app({"model": "models:/topro-udpos-topro@nope", "tracking_uri": uri})
+    with pytest.raises(ValueError, match=r"args\.models\.other: models:/no-such-model/3: the model registry .* "
+                                         r"has no 'models:/no-such-model/3'"):
+        make_app({"model": str(tiny_topro_checkpoint), "models": {"other": "models:/no-such-model/3"},
+                  "tracking_uri": uri})
+
+
 @pytest.mark.parametrize("body,status,message", [
     ({"sentences": []}, 422, "sentences: send at least one sentence"),
     ({"sentences": [["a"], []]}, 422, "sentences[1]: a sentence needs at least one word"),

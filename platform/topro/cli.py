@@ -10,6 +10,8 @@ from pathlib import Path
 
 from topro.config import ConfigError, TrainConfig, load_config
 
+log = logging.getLogger("topro")
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train one model (single process, or Ray Train with --workers/--strategy)",
@@ -48,9 +50,16 @@ def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: boo
         from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
 
         summary = train_on_ray(cfg, address=address)
-    metric = f"best_dev_{summary['selection_metric']}"
-    print(f"best {metric}: {summary[metric]:.4f} (step {summary['best_step']}); "
+    selection = summary["selection_metric"]
+    best = summary[f"best_dev_{selection}"]
+    print(f"best English dev {selection}: {best:.4f} (step {summary['best_step']}); "
           f"checkpoint: {summary['checkpoint']}")
+    tag, baseline = majority_baseline(cfg, selection)
+    if not best > baseline + 1e-9:
+        log.warning("the best English dev %s (%.4f) never beat the majority-class baseline (%.4f: every word "
+                    "tagged %s): the model has not learnt the task. Try more steps (epochs, max_train_sentences), "
+                    "a higher learning_rate for the random 'tiny' model (about 1e-3 to 3e-3) or a lower one for a "
+                    "pretrained model (2e-5 to 1e-4), or a pretrained model", selection, best, baseline, tag)
     if cfg.eval_langs:
         from topro.evaluate import evaluate_checkpoint, write_results
 
@@ -64,9 +73,31 @@ def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: boo
     return summary
 
 
+def majority_baseline(cfg: TrainConfig, selection: str) -> tuple[str, float]:
+    """The English dev score of tagging every word with the most frequent training tag (what a model that
+    learnt nothing reaches: ``O`` and F1 0 for PAN-X, ``NOUN`` and its share of words for UDPOS)."""
+    from collections import Counter
+
+    from topro.data import get_task, load_split
+    from topro.metrics import metric_value, score_task
+
+    task = get_task(cfg.task)
+    train = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
+    dev = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
+    tag = Counter(t for s in train for t in s.tags).most_common(1)[0][0]
+    scores = score_task(task, [s.tags for s in dev], [[tag] * len(s) for s in dev])
+    if selection == "viterbi_f1":
+        selection = "f1"  # all-majority is a valid IOB2 sequence: Viterbi leaves it as it is
+    return tag, float(metric_value(scores, selection))
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint on many languages")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (RUN/checkpoint), or a registered model models:/<name>@<alias> "
+                        "(or models:/<name>/<version>) as `topro serve` takes")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db in the working directory)")
     p.add_argument("--task", help="task name (default: the checkpoint's)")
     p.add_argument("--langs", default="all", help="comma-separated languages, or 'all' (default)")
     p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
@@ -78,13 +109,55 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--parallel", action="store_true", help="one Ray task per language")
     p.add_argument("--address", help="Ray cluster address for --parallel")
-    p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--output", required=True, help="JSON file to write (an existing file that an earlier "
+                                                   "`topro evaluate` of the same checkpoint did not write, e.g. "
+                                                   "the eval.json of `topro train`, is kept unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output whoever wrote it")
     p.set_defaults(func=cmd_evaluate)
+
+
+EVALUATE_WRITER = "topro evaluate"
+
+
+def check_output_is_ours(output: str, source: str, overwrite: bool) -> None:
+    """Refuse to replace a results file that this command did not write for this checkpoint."""
+    path = Path(output)
+    if overwrite or not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("written_by") == EVALUATE_WRITER \
+            and previous.get("source") == source:
+        return  # the same evaluation run again
+    raise ConfigError(f"--output {output}: exists and was not written by `topro evaluate` of {source} "
+                      f"(e.g. `topro train` wrote it); choose another --output, or pass --overwrite")
+
+
+def resolve_evaluate_checkpoint(checkpoint: str, tracking_uri: str | None) -> str:
+    """A local folder for a checkpoint folder or a ``models:/`` / ``runs:/`` URI (downloaded once, cached)."""
+    from topro.tracking import is_registry_uri
+
+    if not is_registry_uri(checkpoint):
+        return checkpoint
+    from topro import tracking
+
+    uri = tracking.configure(tracking_uri)
+    try:
+        return str(tracking.resolve_checkpoint(checkpoint))
+    except Exception as err:  # MlflowException: unknown name, alias or version
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--checkpoint {checkpoint}: not found in the MLflow registry at {uri} ({message})") \
+            from None
 
 
 def cmd_evaluate(args) -> int:
     from topro.precheck import check_evaluate, checkpoint_meta
 
+    check_output_is_ours(args.output, args.checkpoint, args.overwrite)
+    source = args.checkpoint
+    args.checkpoint = resolve_evaluate_checkpoint(args.checkpoint, args.tracking_uri)
     if args.split is None:
         from topro.data.loading import default_split
 
@@ -102,6 +175,7 @@ def cmd_evaluate(args) -> int:
         record = evaluate_checkpoint_parallel(args.checkpoint, args.langs, address=args.address, **kwargs)
     else:
         record = evaluate_checkpoint(args.checkpoint, args.langs, **kwargs)
+    record.update(written_by=EVALUATE_WRITER, source=source)
     write_results(args.output, record)
     print(format_table(record))
     print(f"per-language results: {args.output}")
@@ -145,12 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in (("sweep", "topro.cluster.sweep_cli"), ("report", "topro.reports_cli"),
                          ("compare", "topro.compare_cli"),
                          ("serve", "topro.serving_cli"), ("eval-llm", "topro.llm.cli")):
-        try:  # commands that land with later layers register themselves here
+        try:
             mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
+        except ModuleNotFoundError as err:
+            if err.name and err.name.split(".")[0] == "topro":
+                raise  # our own module is broken or missing: fail loudly, never drop the command
+            _add_unavailable(sub, name, err)  # a third-party dependency is not installed
             continue
         mod.add_parser(sub)
     return parser
+
+
+def _add_unavailable(sub, name: str, err: ModuleNotFoundError) -> None:
+    """A command whose optional dependency is missing: listed in --help with the
+    reason, and running it says what to install."""
+    reason = f"needs the Python package {err.name!r}, which is not installed"
+    p = sub.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+    p.add_argument("rest", nargs="*")
+
+    def unavailable(args) -> int:
+        print(f"topro {name}: error: this command {reason} ({err})", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=unavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,11 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress bars (``false`` silences every bar, model loading included)."""
+    progress_every_s: float = 10.0
+    """Without bars (``progress: false``, and in Ray Train workers and sweep trials), log one line
+    ``epoch, step, loss, examples/s`` at the first optimizer step and then every this many seconds
+    (0: never)."""
     freeze_embeddings: bool | None = None
     """Keep the input word-embedding matrix fixed. ``None`` (auto): frozen for pretrained models, trained
     for the randomly initialised ``tiny``. Freezing it keeps English fine-tuning from moving English
@@ -151,15 +155,23 @@ class TrainConfig:
     """Give each Ray Train worker a GPU."""
     cpus_per_worker: float = 1.0
     """CPUs reserved by each Ray Train worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on a cluster's nodes: ``PACK`` fills as few nodes as possible,
+    ``SPREAD`` puts them on different nodes where it can (``STRICT_*``: must)."""
     max_failures: int = 2
     """Ray Train restarts of the worker group after a worker dies."""
     fault_step: int | None = None
     """Testing aid: the rank-1 (or only) worker kills itself at this optimizer
     step in the first attempt, to exercise fault tolerance."""
+    fault_node: str | None = None
+    """Testing aid, with ``fault_step``: the worker killed is the (first) one on the Ray node of this
+    name (``ray start --node-name``) instead of rank 1."""
     run_name: str | None = None
     """Name of the Ray Train run (defaults to the output folder's name)."""
     storage_path: str | None = None
-    """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
+    """Ray Train storage for checkpoints (default: ``<output_dir>/ray``): a local folder on one node; on a
+    multi-node cluster a folder every node mounts at the same path, or an object-store URI that pyarrow
+    opens (``s3://bucket/prefix``). Checked from every node before training starts."""
     keep_checkpoints: int = 1
     """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
 
@@ -219,6 +231,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_eval_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
+    "progress_every_s": _finite_non_negative,
     "warmup_ratio": _fraction, "prefix_dropout": _fraction,
 }
 

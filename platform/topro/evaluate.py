@@ -246,7 +246,9 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     """Zero-shot evaluation of a checkpoint on each language, one after another."""
     from topro.methods import load_checkpoint
     from topro.models import pick_device
+    from topro.quiet import quiet_stack
 
+    quiet_stack(progress)
     dev = pick_device(device)
     method, model = load_checkpoint(checkpoint, dev)
     meta = method.meta()

@@ -132,9 +132,11 @@ def check_names(cfg: TrainConfig) -> None:
     """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    from topro.metrics import resolve_selection_metric
+    get_task(cfg.task)
+    if cfg.selection_metric is not None:  # topro.metrics imports seqeval (and sklearn): seconds on a busy box
+        from topro.metrics import resolve_selection_metric
 
-    resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
+        resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
     if cfg.method not in BUILTIN_METHODS:  # importing the registry imports torch: only when needed
         from topro.methods import METHODS
     if cfg.method not in BUILTIN_METHODS and cfg.method not in METHODS:

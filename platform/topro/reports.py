@@ -214,6 +214,10 @@ def format_cell(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
 
 
+MAX_LANGUAGE_COLUMNS = 12
+"""Languages per report table; more are split over several tables."""
+
+
 def markdown_table(entries: list[Scores], title: str | None = None) -> str:
     """Paper-style tables, one per task: settings x languages, averages; mean ± std over seeds, in percent,
     then the 95% confidence interval of each mean (t over seeds). One seed is said so in the table."""
@@ -234,22 +238,27 @@ def markdown_table(entries: list[Scores], title: str | None = None) -> str:
             return f"{setting} †" if setting in flagged else setting
 
         out.append(f"### {task} ({metric}, %, zero-shot from English; {len(langs)} languages)")
-        out.append("")
-        out.append("| setting | seeds | " + " | ".join(langs + averages) + " |")
-        out.append("|---|---|" + "---|" * (len(langs) + len(averages)))
-        for setting, cells in settings.items():
-            n = len(cells["avg"])
-            count = f"{n}" if n > 1 else "1 (no spread: single seed)"
-            out.append(f"| {name(setting)} | {count} | "
-                       + " | ".join(format_cell(cells.get(c, [])) for c in langs + averages) + " |")
+        # Many languages (35 for UDPOS) make rows no screen holds: then one table per block of languages
+        # (in language_order, so a block keeps families together), the averages with the last block.
+        blocks = [langs[i:i + MAX_LANGUAGE_COLUMNS] for i in range(0, len(langs), MAX_LANGUAGE_COLUMNS)] or [[]]
+        blocks[-1] = blocks[-1] + averages
+        for block in blocks:
+            out.append("")
+            out.append("| setting | seeds | " + " | ".join(block) + " |")
+            out.append("|---|---|" + "---|" * len(block))
+            for setting, cells in settings.items():
+                n = len(cells["avg"])
+                count = f"{n}" if n > 1 else "1 (no spread: single seed)"
+                out.append(f"| {name(setting)} | {count} | "
+                           + " | ".join(format_cell(cells.get(c, [])) for c in block) + " |")
         out.append("")
         out.append(f"95% confidence interval of the mean over seeds (Student's t), {metric} %:")
-        out.append("")
-        out.append("| setting | " + " | ".join(langs + averages) + " |")
-        out.append("|---|" + "---|" * (len(langs) + len(averages)))
-        for setting, cells in settings.items():
-            out.append(f"| {name(setting)} | " + " | ".join(format_ci(cells.get(c, [])) for c in langs + averages)
-                       + " |")
+        for block in blocks:
+            out.append("")
+            out.append("| setting | " + " | ".join(block) + " |")
+            out.append("|---|" + "---|" * len(block))
+            for setting, cells in settings.items():
+                out.append(f"| {name(setting)} | " + " | ".join(format_ci(cells.get(c, [])) for c in block) + " |")
         notes = sorted({f"{e.setting}: {k}={v}" for e in task_entries for k, v in e.info.items()
                         if k in ("learning_rate", "selected")})
         selection = sorted({str(e.info["selection_metric"]) for e in task_entries if e.info.get("selection_metric")})

@@ -88,8 +88,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]+", "_", text).strip("_ ")
 
 
-def sweep_report(ref: str, log_artifacts: bool = True) -> str:
-    """The Markdown report of sweep ``ref`` (name or parent run id); also logged to the parent run."""
+def sweep_report(ref: str, log_artifacts: bool = True, out_dir: str | Path | None = None) -> str:
+    """The Markdown report of sweep ``ref`` (name or parent run id); also logged to the parent run, and
+    its files (report.md, per_language.csv, plots) kept in ``out_dir`` when given."""
     parent = tracking.find_sweep_run(ref)
     parent_id = parent.info.run_id
     name = parent.data.tags.get(tracking.SWEEP_TAG, ref)
@@ -107,9 +108,10 @@ def sweep_report(ref: str, log_artifacts: bool = True) -> str:
         comparisons += results
     if sections:
         table += "\n## Significance (paired bootstrap over sentences)\n\n" + "\n".join(sections)
-    if log_artifacts:
+    if log_artifacts or out_dir:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
+            folder = Path(out_dir or tmp)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / "report.md").write_text(table)
             if comparisons:
                 import json
@@ -137,9 +139,10 @@ def sweep_report(ref: str, log_artifacts: bool = True) -> str:
                     averages = [statistics.fmean(e.languages.values()) for e in entries
                                 if e.task == task and e.setting == setting]
                     metrics[_slug(f"{task}/{setting}/{metric}.avg")] = statistics.fmean(averages)
-            client = tracking.mlflow_client()
-            client.log_artifacts(parent_id, str(folder), "report")
-            tracking.log_metrics(parent_id, metrics)
+            if log_artifacts:
+                client = tracking.mlflow_client()
+                client.log_artifacts(parent_id, str(folder), "report")
+                tracking.log_metrics(parent_id, metrics)
     return table
 
 
@@ -150,15 +153,25 @@ def add_parser(sub) -> None:
     p.add_argument("--sweep", required=True, help="sweep name (its latest parent run) or a parent run id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--output", help="also write the Markdown to this file")
+    p.add_argument("--out-dir", help="folder for report.md, per_language.csv and the plots "
+                                     "(default outputs/reports/<sweep>)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
-    tracking.configure(args.tracking_uri)
-    table = sweep_report(args.sweep, log_artifacts=not args.no_log)
+    uri = tracking.configure(args.tracking_uri)
+    out_dir = Path(args.out_dir or Path("outputs") / "reports" / _slug(args.sweep).replace("/", "_"))
+    table = sweep_report(args.sweep, log_artifacts=not args.no_log, out_dir=out_dir)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(table)
     sys.stdout.write(table)
+    written = sorted(out_dir.glob("*")) if out_dir.is_dir() else []
+    if written:
+        print(f"\nwrote {len(written)} files to {out_dir}/: " + ", ".join(p.name for p in written))
+    if args.output:
+        print(f"wrote the Markdown to {args.output}")
+    if not args.no_log and written:
+        print(f"logged them to the sweep's parent run (artifacts report/) at {uri}")
     return 0

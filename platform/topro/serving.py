@@ -10,6 +10,12 @@ caller that gathers sentences from many requests (the Serve deployment's
 ``ModelCatalogue`` maps the model ids a client may ask for to URIs. A request
 can only name a configured id or a registry URI the configuration allows,
 never a path on the server's disk.
+
+Aliases: a ``Tagger`` loaded from ``models:/<name>@<alias>`` holds the version
+the alias named at load time (``info.version``; the files come from that
+pinned version, so a move during the load cannot mix versions).
+``alias_moved`` says whether the alias names another version now; the
+deployment then loads the new version beside the old one and swaps.
 """
 from __future__ import annotations
 
@@ -32,6 +38,44 @@ DEFAULT_MODEL_ID = "default"
 MAX_MODEL_ID_CHARS = 256
 # Registry URIs a client may name as a model id: a registered model by alias or version number.
 _REGISTRY_ID = re.compile(r"^models:/[A-Za-z0-9][\w.\-]*(@[\w.\-]+|/\d+)$")
+_ALIAS_URI = re.compile(r"^models:/([^@/]+)@([^@/]+)$")
+
+
+class ModelNotRegisteredError(LookupError):
+    """A ``models:/`` URI whose name, alias or version the registry does not have."""
+
+
+def follows_alias(uri: str) -> bool:
+    """Whether ``uri`` names a registered model by alias (``models:/<name>@<alias>``)."""
+    return bool(_ALIAS_URI.match(uri))
+
+
+def registered_version(uri: str) -> dict[str, str | None]:
+    """``describe_model_uri`` of a registry URI, with a ``ModelNotRegisteredError`` that names what is missing."""
+    from topro.tracking import describe_model_uri, tracking_uri
+
+    try:
+        return describe_model_uri(uri)
+    except Exception as err:  # MlflowException: no such name, alias or version; or the registry is unreachable
+        text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        # A missing name or version is RESOURCE_DOES_NOT_EXIST; a missing alias, INVALID_PARAMETER_VALUE
+        # ("Registered model alias ... not found", MLflow 3.17). Anything else (unreachable registry) is raised.
+        code = str(getattr(err, "error_code", ""))
+        if type(err).__name__ != "MlflowException" or not (
+                code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in text)):
+            raise
+        match = _ALIAS_URI.match(uri)
+        what = f"alias {match.group(2)!r} of registered model {match.group(1)!r}" if match else repr(uri)
+        raise ModelNotRegisteredError(f"{uri}: the model registry at {tracking_uri()} has no {what} "
+                                      f"({text})") from None
+
+
+def alias_moved(info: "ModelInfo") -> str | None:
+    """The version ``info.uri``'s alias names now, if that is not ``info.version`` (else ``None``)."""
+    if not follows_alias(info.uri):
+        return None
+    version = registered_version(info.uri)["version"]
+    return version if version != info.version else None
 
 
 class UnknownModelError(LookupError):
@@ -133,8 +177,10 @@ class Tagger:
         from topro.tracking import describe_model_uri, resolve_checkpoint
 
         start = time.perf_counter()
-        origin = describe_model_uri(uri)
-        folder = resolve_checkpoint(uri)
+        origin = registered_version(uri) if uri.startswith("models:/") else describe_model_uri(uri)
+        # An alias is read once: the files come from the version it named then, even if it moves meanwhile.
+        pinned = f"models:/{origin['registered_model']}/{origin['version']}" if follows_alias(uri) else uri
+        folder = resolve_checkpoint(pinned)
         dev = pick_device(device)
         method, model = load_checkpoint(folder, dev)
         meta = method.meta()
@@ -242,5 +288,6 @@ def is_registry_or_remote(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(("models:/", "runs:/"))
 
 
-__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "TaggedSentence", "TaggedWord", "Tagger",
-           "UnknownModelError", "default_max_tokens", "public_model_info", "words_from_text"]
+__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
+           "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "default_max_tokens", "follows_alias",
+           "public_model_info", "registered_version", "words_from_text"]

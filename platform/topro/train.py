@@ -234,6 +234,9 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and
     ``save_loop_state``; training continues from its step.
     """
+    from topro.quiet import quiet_stack
+
+    quiet_stack(cfg.progress)
     strategy = strategy or LocalStrategy(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -338,6 +341,8 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
 
     # A run resumed after it had decided to stop stops again.
     stop = state.bad_evaluations >= cfg.patience or bool(cfg.max_steps and state.step >= cfg.max_steps)
+    # Without bars, a line at the first step (a trial shows signs of life at once), then every progress_every_s.
+    next_line, line_prefix = 0.0, f"{cfg.run_name}: " if cfg.run_name else ""
     while state.epoch < cfg.epochs and not stop:
         batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
         # Skip micro-batches already done in this epoch when resuming mid-epoch.
@@ -347,6 +352,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         bar = tqdm(total=min(len(batches), steps_per_epoch * accum),
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
+        lines = bool(bar.disable and strategy.is_main and cfg.progress_every_s)
         for micro, batch_ids in enumerate(batches):
             if micro < skip:
                 continue
@@ -373,6 +379,11 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
             bar.set_postfix(loss=f"{running / n_loss:.4f}")
             if boundary:
                 strategy.step_hook(state.step)
+                if lines and time.perf_counter() >= next_line:
+                    next_line = time.perf_counter() + cfg.progress_every_s
+                    log.info("%sepoch %d/%d step %d/%d: loss %.4f, %.1f examples/s", line_prefix, state.epoch + 1,
+                             cfg.epochs, state.step, total_steps, running / n_loss,
+                             train_examples * strategy.world_size / max(train_seconds, 1e-9))
                 if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
                     stop = evaluate_and_keep(running / n_loss, state.epoch)
                     if stop:

@@ -29,7 +29,8 @@ def cached_backend(model: str, options: dict[str, Any]) -> Backend:
 
 def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any],
                   setup: RunSetup) -> tuple[str, dict, str]:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {lang} %(name)s: %(message)s")
+    # Not the language in the format: a worker process runs many languages, and basicConfig sets it once.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = LLMEvalConfig(**cfg_fields)
     backend = cached_backend(cfg.model, options)
     return lang, evaluate_language(backend, cfg, lang, setup), backend.name
@@ -44,7 +45,12 @@ def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[st
     setup = prepare(cfg)  # once: fails early (bad format, task, demos), shipped to every task
     setup_ref = ray.put(setup)
     threads = options.get("threads") or max(1, int(cpus_per_task))
-    task = ray.remote(num_cpus=cpus_per_task)(_evaluate_one)
+    from topro.cluster.evaluation import gpus_per_actor
+
+    # One GPU per language task when the model runs locally and the cluster has one.
+    num_gpus = 0 if str(cfg.model).startswith(("http://", "https://")) else \
+        gpus_per_actor(options.get("device") or "auto", ray.cluster_resources().get("GPU", 0.0))
+    task = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus)(_evaluate_one)
     refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in langs]
     languages, names = {}, set()
     for lang, record, name in ray.get(refs):

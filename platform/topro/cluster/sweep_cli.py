@@ -47,14 +47,21 @@ def cmd_sweep(args) -> int:
     import topro
 
     logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
+    import ray
+
     from topro.cluster.sweep import TrackingOutage, run_sweep
 
+    ray_was_running = ray.is_initialized()
     try:
         summary = run_sweep(sweep, address=args.address, tracking_uri=args.tracking_uri, fresh=args.fresh,
                             config_path=args.config)
     except TrackingOutage as err:  # the trials are done and kept; only MLflow is missing
         print(f"topro sweep: {err}", file=sys.stderr)
         return 3
+    if not ray_was_running and ray.is_initialized():
+        # Workers' forwarded log lines arrive late: stopping the Ray this command started ends the
+        # forwarding, so none prints after (and interleaves with) the summary below.
+        ray.shutdown()
     if summary["interrupted"]:
         print(f"sweep {summary['name']} ({summary['total_trials']} trials) stopped; "
               f"rerun the same command to resume it", file=sys.stderr)

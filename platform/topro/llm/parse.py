@@ -78,11 +78,21 @@ class ParsedAnswer:
         return sum(self.failed)
 
 
+def _alike(a: str, b: str) -> bool:
+    """Two spellings of one word: most of their characters in common (accents,
+    casing and edge punctuation aside)."""
+    strip = lambda t: "".join(c for c in unicodedata.normalize("NFKD", t) if not unicodedata.combining(c)).strip(_EDGE_PUNCT)
+    a, b = strip(a) or a, strip(b) or b
+    return a == b or difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.7
+
+
 def parse_tagged_answer(text: str, words: list[str], lookup: dict[str, str],
                         fallback: str) -> ParsedAnswer:
     """Align an answer's pairs to `words`: matching words in order (difflib over
     normalised words), then equal-length unmatched stretches position by
-    position (a word the model respelled still gets its tag)."""
+    position where the two words look alike (a word the model respelled,
+    "Parfumeur" for "Parfümeur", still gets its tag; a pair about another
+    word, e.g. of a sentence the model made up, is a failure, not a tag)."""
     pairs = parse_pairs(text, lookup)
     tags: list[str | None] = [None] * len(words)
     invalid = [False] * len(words)
@@ -92,6 +102,8 @@ def parse_tagged_answer(text: str, words: list[str], lookup: dict[str, str],
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):
             for i, j in zip(range(i1, i2), range(j1, j2)):
+                if op == "replace" and not _alike(gold[i], pred[j]):
+                    continue
                 tags[i] = pairs[j][1]
                 invalid[i] = pairs[j][1] is None
     failed = [t is None for t in tags]

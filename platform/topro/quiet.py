@@ -1,0 +1,45 @@
+"""Known-harmless output of the stack, silenced where topro causes it (Ray-free).
+
+- transformers' LOAD REPORT when a method loads the built-in ``tiny`` model: it is a masked LM, so a
+  token-classification head is always "MISSING" and the MLM head "UNEXPECTED", by design. Reports
+  for any other model are kept (a missing head of a pretrained checkpoint is worth knowing).
+- DeepSpeed's "Setting accelerator to CPU ... unable to detect it" on a machine without a GPU
+  (``DS_ACCELERATOR=cpu`` is what it would pick anyway).
+- With ``progress=False``: every bar of transformers and huggingface_hub (loading weights, writing
+  model shards), besides topro's own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+_TINY_MARK = "/tiny-"
+
+
+class _TinyLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not ("LOAD REPORT" in text and _TINY_MARK in text)
+
+
+_FILTER = _TinyLoadReport()
+
+
+def no_gpu_device() -> bool:
+    return not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+
+
+def quiet_stack(progress: bool = True) -> None:
+    """Apply the silencing above (idempotent); call before loading models."""
+    if "DS_ACCELERATOR" not in os.environ and no_gpu_device():  # also done by `import topro`
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    logger = logging.getLogger("transformers.modeling_utils")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    if not progress:
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
