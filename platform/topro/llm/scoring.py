@@ -51,6 +51,7 @@ __all__ = [
     "score_seq2seq_shared",
     "score_seq2seq_naive",
     "normalise",
+    "takes_tree_masks",
 ]
 
 @dataclass
@@ -103,7 +104,25 @@ class PrefixState:
             for k, v in zip(self.keys, self.values)])
 
 
+# Families whose position information is an attention bias computed from the
+# 2-D padding mask (ALiBi), not from position ids: they cannot take the tree's
+# 4-D mask and explicit positions.
+ALIBI_MODEL_TYPES = ("bloom", "mpt", "baichuan")
+
+
+def takes_tree_masks(config) -> bool:
+    """Whether a causal LM can run shared-prefix scoring and generation (4-D
+    masks with explicit position ids). Not ALiBi models: BLOOM/BLOOMZ, MPT,
+    Falcon with alibi=True."""
+    if getattr(config, "model_type", "") in ALIBI_MODEL_TYPES:
+        return False
+    return not (getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi")
+
+
 def _check_model(model) -> None:
+    if not takes_tree_masks(model.config):
+        raise ValueError(f"{type(model).__name__} uses ALiBi position biases built from a 2-D mask; shared-prefix "
+                         "scoring cannot pass it a tree mask: use score_naive (HFBackend falls back by itself)")
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in (None, "sdpa", "eager"):
         raise ValueError(
