@@ -57,7 +57,9 @@ class TaggingArgs(BaseModel):
     model: str = Field(description="Default model: a checkpoint folder or models:/<name>@<alias> | /<version>.")
     models: dict[str, str] = Field(default_factory=dict,
                                    description="More model ids clients may name in the header, id -> URI.")
-    allow_registry_ids: bool = Field(True, description="Clients may also name any registered models:/ URI.")
+    allow_registry_ids: list[str] = Field(default_factory=list, description=(
+        "Registry URIs clients may name in the header besides the configured ids: shell-style patterns such "
+        "as 'models:/topro-udpos-*@champion'. Default: none beyond the models:/ URIs of model and models."))
     max_batch_size: int = Field(32, ge=1, le=1024, description="Requests tagged together at most.")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0, description=(
         "Longest wait to fill a batch once the model is free. Requests that arrive while it runs are held "
@@ -66,6 +68,12 @@ class TaggingArgs(BaseModel):
     max_words: int = Field(200, ge=1, description="Words per sentence.")
     max_word_chars: int = Field(100, ge=1, description="Characters per word.")
     max_models_per_replica: int = Field(3, ge=1, description="Models one replica keeps loaded (LRU).")
+    max_call_words: int = Field(2048, ge=1, description=(
+        "Words in one model call at most (ToPro: one prompt per word). A request with more is split into "
+        "chunks of whole sentences that each wait their turn with the other requests, so one large request "
+        "holds the model for one chunk at a time; a batch is split the same way."))
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description=(
+        "A request body that stops arriving for this long is answered 408 and dropped."))
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: Ray's "
                                                               "OMP_NUM_THREADS, i.e. the replica's num_cpus).")
@@ -190,11 +198,31 @@ class BatchGate:
 
 @dataclass
 class TagJob:
-    """One request's work inside a batch."""
+    """One request's work (or one chunk of it) inside a batch."""
 
     resident: "ResidentModel"
     sentences: list
     done: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def words(self) -> int:
+        return sum(len(s.words) for s in self.sentences)
+
+
+def split_by_words(items: list, max_words: int, words_of=len) -> list[list]:
+    """``items`` in order, in consecutive chunks of at most ``max_words`` words (``words_of(item)`` each); an
+    item larger than that is a chunk by itself."""
+    chunks, current, count = [], [], 0
+    for item in items:
+        n = words_of(item)
+        if current and count + n > max_words:
+            chunks.append(current)
+            current, count = [], 0
+        current.append(item)
+        count += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class ResidentModel:
@@ -295,7 +323,9 @@ class TaggerDeployment:
         self.limits = self.args.limits()
         api.state.max_body_bytes = body_limit(self.args.max_sentences, self.args.max_words,
                                               self.args.max_word_chars)
-        self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models), self.args.allow_registry_ids)
+        api.state.body_timeout_s = self.args.body_timeout_s
+        self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models),
+                                        list(self.args.allow_registry_ids))
         self.loaded: dict[str, ResidentModel] = {}
         self.replica = _replica_name()
         self.started = time.time()
@@ -387,18 +417,24 @@ class TaggerDeployment:
         resident = await self._resident_for_request()
         lang = body.lang or ""
         check_lang(lang, resident.tagger.info.task)
-        job = TagJob(resident, [Sentence(words, [], lang) for words in word_lists])
-        await self.gate.wait_until_free()
-        await self._tag_batch(job)
-        if "error" in job.done:
-            return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
-        info = job.done["info"]  # the model that tagged it (an alias may have moved since)
+        chunks = split_by_words(word_lists, self.args.max_call_words)
+        tagged = []
+        for chunk in chunks:  # each chunk queues anew: other requests' work goes between a large one's chunks
+            job = TagJob(resident, [Sentence(words, [], lang) for words in chunk])
+            await self.gate.wait_until_free()
+            await self._tag_batch(job)
+            if "error" in job.done:
+                return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
+            tagged += job.done["tagged"]
+        from topro.serving import public_model_info
+
+        # The model that tagged the last chunk (an alias may have moved since); ids and versions, no paths.
+        public = public_model_info(job.done["info"])
         return JSONResponse({
-            "model": {"id": info.id, "uri": info.uri, "task": info.task, "method": info.method,
-                      "run_id": info.run_id, "registered_model": info.registered_model,
-                      "version": info.version},
-            "sentences": [{**s.as_dict(), "lang": body.lang} for s in job.done["tagged"]],
-            "batch": job.done["batch"],
+            "model": {k: public[k] for k in ("id", "uri", "task", "method", "run_id", "registered_model",
+                                             "version")},
+            "sentences": [{**s.as_dict(), "lang": body.lang} for s in tagged],
+            "batch": {**job.done["batch"], "chunks": len(chunks)},
         })
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
@@ -412,7 +448,9 @@ class TaggerDeployment:
         by_model: dict[int, list[TagJob]] = {}
         for job in jobs:
             by_model.setdefault(id(job.resident), []).append(job)
-        for group in by_model.values():
+        calls = [call for group in by_model.values()
+                 for call in split_by_words(group, self.args.max_call_words, lambda job: job.words)]
+        for group in calls:
             tagger = group[0].resident.tagger  # read once: an alias switch during the call does not touch it
             outcomes = await tag_requests(tagger.tag, [job.sentences for job in group], tagger.info.id)
             for job, outcome in zip(group, outcomes):
@@ -436,17 +474,20 @@ class TaggerDeployment:
     @api.get("/models")
     async def models(self) -> dict[str, Any]:
         """The ids a client may send in the header, and what this replica holds."""
-        from topro.serving import DEFAULT_MODEL_ID
+        from topro.serving import DEFAULT_MODEL_ID, is_registry_or_remote, public_model_info
 
+        # Ids and registry URIs only: a checkpoint folder's path stays on the server.
         return {"default": DEFAULT_MODEL_ID, "header": MODEL_ID_HEADER,
-                "available": [{"id": k, "uri": v} for k, v in self.catalogue.ids().items()],
-                "registry_ids_allowed": self.catalogue.allow_registry_ids,
+                "available": [{"id": k, "uri": v if is_registry_or_remote(v) else None}
+                              for k, v in self.catalogue.ids().items()],
+                "registry_ids_allowed": list(self.catalogue.allow_registry_ids),
                 "max_models_per_replica": self.args.max_models_per_replica,
                 "replica": self.replica,
-                "loaded": [r.tagger.info.as_dict() for r in self.loaded.values()],
+                "loaded": [public_model_info(r.tagger.info) for r in self.loaded.values()],
                 "limits": {**self.limits.model_dump(), "max_body_bytes": api.state.max_body_bytes},
                 "batching": {"max_batch_size": self.args.max_batch_size,
-                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
+                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+                             "max_call_words": self.args.max_call_words},
                 "alias_refresh_s": self.args.alias_refresh_s, "alias_switches": self.alias_switches}
 
 

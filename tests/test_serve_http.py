@@ -100,7 +100,9 @@ def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_
     tagging = make_app({"model": str(tiny_topro_checkpoint),
                     "models": {"panx": str(untrained_checkpoint("panx", "vanilla"))},
                     "tracking_uri": model_registry["uri"], "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
-                    "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2},
+                    "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2,
+                    "max_call_words": 20, "body_timeout_s": 2,
+                    "allow_registry_ids": ["models:/topro-udpos-topro@*"]},
                    {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": actor_options}})
     apps = {
         "tagging": ("/", tagging),
@@ -142,6 +144,11 @@ def test_health_and_models(endpoint):
     assert loaded["default"]["task"] == "udpos" and loaded["default"]["method"] == "topro"
     assert loaded["default"]["template"] and loaded["default"]["verbalizer"] and len(loaded["default"]["labels"]) == 17
     assert models["limits"]["max_words"] == 20
+    # ids, registry versions and runs; no path on the server (the checkpoints live under pytest's tmp)
+    text = requests.get(f"{endpoint}/models", timeout=30).text
+    assert "pytest-of" not in text and "/tmp/" not in text, text
+    assert {m["id"]: m["uri"] for m in models["available"]} == {"default": None, "panx": None}
+    assert models["registry_ids_allowed"] == ["models:/topro-udpos-topro@*"]
 
 
 def test_tag_sentences_and_text(endpoint):
@@ -169,8 +176,8 @@ def test_registry_model_by_header_and_multiplexing_with_a_cap(endpoint, model_re
     assert r.json()["model"]["id"] == registry_id and r.json()["model"]["run_id"] == model_registry["run_id"]
     r = tag(endpoint, {"sentences": [["Angela", "Merkel", "besuchte", "Paris"]]}, "panx")
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == {"id": "panx", "uri": r.json()["model"]["uri"], "task": "panx",
-                                 "method": "vanilla", "run_id": None}
+    assert r.json()["model"] == {"id": "panx", "uri": None, "task": "panx", "method": "vanilla", "run_id": None,
+                                 "registered_model": None, "version": None}  # a checkpoint folder: no path shown
     assert all(w["tag"] == "O" or w["tag"][:2] in ("B-", "I-") for w in r.json()["sentences"][0]["words"])
     # Three ids used, two allowed per replica: the least recently used (default) was evicted.
     models = requests.get(f"{endpoint}/models", timeout=30).json()
@@ -299,6 +306,78 @@ def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(t
         [[(w.word, w.tag) for w in s.words] for s in alone]
     [only] = asyncio.run(tag_requests(tagger.tag, [poison], "default"))
     assert only.status == 500 and only.error.startswith("tagging failed: TypeError")  # nothing to compare with
+
+
+def test_a_small_request_behind_maximal_ones_is_answered_between_their_chunks(endpoint):
+    """Three maximal requests (4 sentences x 20 words: 4 model calls each at max_call_words=20), then a small
+    one: it goes into the next model call with their next chunks, so it is answered before they finish."""
+    import time
+
+    big = {"sentences": [[f"w{i}" for i in range(20)] for _ in range(4)]}
+    tag(endpoint, {"text": "warm up"})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        bigs = [pool.submit(lambda: (tag(endpoint, big), time.perf_counter())) for _ in range(3)]
+        time.sleep(0.05)
+        sent = time.perf_counter()
+        small, small_done = pool.submit(lambda: (tag(endpoint, {"text": "Das ist gut"}), time.perf_counter())).result()
+        answered = [f.result() for f in bigs]
+    assert small.status_code == 200 and all(r.status_code == 200 for r, _ in answered)
+    assert all(r.json()["batch"]["chunks"] == 4 and r.json()["batch"]["sentences"] <= 4 for r, _ in answered)
+    assert small.json()["batch"]["id"] < max(r.json()["batch"]["id"] for r, _ in answered)
+    last_big = max(done for _, done in answered)
+    print(f"small request: {small_done - sent:.3f}s; maximal ones done {last_big - sent:.3f}s after it was sent")
+    assert small_done < last_big
+
+
+def _raw_request(endpoint: str, head: str, body_parts, wait_s: float = 60.0) -> tuple[int, str, int, float]:
+    """Send ``head`` and then ``body_parts`` over a plain socket, stopping as soon as the server answers:
+    (status, body, bytes of body sent, seconds until the answer)."""
+    import select
+    import time
+
+    host, port = endpoint.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=wait_s)
+    start = time.perf_counter()
+    sent = 0
+    try:
+        sock.sendall(head.encode())
+        for part in body_parts:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered already
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(part)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        seconds = time.perf_counter() - start
+    finally:
+        sock.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1].decode(errors="replace"), sent, seconds
+
+
+def test_a_chunked_body_over_the_cap_is_cut_off_and_a_stalled_body_dropped(endpoint):
+    limit = requests.get(f"{endpoint}/models", timeout=30).json()["limits"]["max_body_bytes"]
+    chunk = b"a" * 65536
+    parts = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(480))  # 30 MB if all were sent
+    head = ("POST /tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    status, body, sent, seconds = _raw_request(endpoint, head, parts)
+    print(f"chunked body: {status} after {sent} bytes sent, {seconds:.2f}s; limit {limit}")
+    # Answered although the body never ended (no last chunk is sent): the bytes were counted as they came.
+    assert status == 413 and f"the limit is {limit}" in body, body
+    head = ("POST /tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n")
+    status, body, sent, seconds = _raw_request(endpoint, head, [b'{"text": "Das'])
+    print(f"stalled body: {status} after {seconds:.2f}s")
+    assert status == 408 and "the body stopped arriving" in body and 2.0 <= seconds < 60, (status, body, seconds)
+    assert tag(endpoint, {"text": "Das ist gut"}).status_code == 200
 
 
 # --- POST /llm/tag --------------------------------------------------------------------------------

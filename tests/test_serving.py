@@ -93,19 +93,24 @@ def test_tagger_span_task_decodes_valid_iob2_and_marks_truncated_words(untrained
 def test_catalogue_resolves_configured_ids_and_registered_models_only(model_registry):
     from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue, UnknownModelError
 
-    catalogue = ModelCatalogue("/ckpt/a", {"panx": "/ckpt/b"})
+    catalogue = ModelCatalogue("/ckpt/a", {"panx": "/ckpt/b"}, allow_registry_ids=["models:/topro-udpos-*"])
     assert catalogue.uri_for(None) == catalogue.uri_for(DEFAULT_MODEL_ID) == "/ckpt/a"
     assert catalogue.uri_for("panx") == "/ckpt/b"
     assert catalogue.uri_for(model_registry["model"]) == model_registry["model"]
     assert catalogue.uri_for("models:/topro-udpos-topro/1") == "models:/topro-udpos-topro/1"
     for bad, reason in [("nope", "unknown model id 'nope'"), ("/etc/passwd", "unknown model id"),
                         ("models:/topro-udpos-topro@nope", "not in the model registry"),
-                        ("models:/missing@champion", "not in the model registry"), ("x" * 500, "...")]:
+                        ("models:/missing@champion", "unknown model id 'models:/missing@champion'; known ids"),
+                        ("x" * 500, "...")]:
         with pytest.raises(UnknownModelError, match=reason.replace(".", r"\.")):
             catalogue.uri_for(bad)
-    closed = ModelCatalogue("/ckpt/a", allow_registry_ids=False)
+    closed = ModelCatalogue("/ckpt/a")  # the default: no registry id beyond the configured ones
     with pytest.raises(UnknownModelError, match="known ids: \\['default'\\]$"):
         closed.uri_for(model_registry["model"])
+    configured = ModelCatalogue("/ckpt/a", {"udpos": model_registry["model"]})
+    assert configured.uri_for(model_registry["model"]) == model_registry["model"]  # named by its URI too
+    with pytest.raises(UnknownModelError):
+        configured.uri_for("models:/topro-udpos-topro/1")
 
 
 def test_tagger_loads_from_the_registry_and_names_the_run(model_registry):
@@ -181,3 +186,15 @@ def test_request_shape_errors_are_one_readable_line(body, message):
     with pytest.raises(ValidationError) as err:
         TagRequest.model_validate(body)
     assert message in describe_validation_errors(err.value.errors())
+
+
+def test_a_relative_tracking_uri_in_a_serve_config_resolves_against_the_config_folder(tmp_path,
+                                                                                    tiny_topro_checkpoint):
+    from topro.serving_cli import build_applications
+
+    config = {"applications": [{"name": "tagging", "route_prefix": "/", "import_path": "serve.tagging:build_app",
+                                "args": {"model": str(tiny_topro_checkpoint), "tracking_uri": "sqlite:///db/mlflow.db"}}]}
+    [(name, _, app)] = build_applications(config, config_dir=tmp_path / "configs")
+    args = app._bound_deployment.init_args[0]
+    assert name == "tagging" and args["tracking_uri"] == f"sqlite:///{tmp_path / 'configs' / 'db' / 'mlflow.db'}"
+    assert args["allow_registry_ids"] == []  # the default: no registry id beyond the configured ones

@@ -36,9 +36,10 @@ class TrainConfig:
     """ToPro template name; ``None`` takes the task's default."""
     verbalizer: str | None = None
     """Verbalizer name; ``None`` takes the task's default."""
-    label_word_policy: Literal["strict", "first_subword"] = "first_subword"
-    """How a label word that is several tokens is handled: ``strict`` raises,
-    ``first_subword`` scores its first subword (first subwords must differ)."""
+    label_word_policy: Literal["strict", "first_subword"] = "strict"
+    """How a label word that is several tokens is handled: ``strict`` (default,
+    the paper's single-token verbalizers) raises, ``first_subword`` scores its
+    first subword (first subwords must differ)."""
     data_dir: str | None = None
     """Folder with ``<task>/{train,dev}-<lang>.tsv``; default ``$TOPRO_DATA_DIR``."""
     train_lang: str = "en"

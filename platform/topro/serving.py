@@ -8,8 +8,8 @@ caller that gathers sentences from many requests (the Serve deployment's
 ``@serve.batch``) gets cross-request batching without more code here.
 
 ``ModelCatalogue`` maps the model ids a client may ask for to URIs. A request
-can only name a configured id or (if allowed) a model in the registry, never
-a path on the server's disk.
+can only name a configured id or a registry URI the configuration allows,
+never a path on the server's disk.
 
 Aliases: a ``Tagger`` loaded from ``models:/<name>@<alias>`` holds the version
 the alias named at load time (``info.version``; the files come from that
@@ -19,6 +19,7 @@ deployment then loads the new version beside the old one and swaps.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import re
@@ -221,20 +222,26 @@ class ModelCatalogue:
 
     ``default`` answers requests that name no model. ``named`` adds ids of the
     operator's choosing (``{"panx": "models:/topro-panx-topro@champion"}``).
-    With ``allow_registry_ids`` a client may also name any registered model
-    directly (``models:/<name>@<alias>`` or ``models:/<name>/<version>``); it is
-    looked up in the registry before anything is loaded, so an unknown one is
-    refused without evicting a loaded model.
+    A client may also name a registry URI directly (``models:/<name>@<alias>``
+    or ``models:/<name>/<version>``), but only one the operator allowed: a
+    registry URI of ``default`` or ``named``, or one matching a pattern of
+    ``allow_registry_ids`` (shell-style, e.g. ``models:/topro-udpos-*@champion``).
+    Anything else is refused before the registry is asked or anything loaded, so
+    clients cannot make a replica download arbitrary models or evict loaded ones.
     """
 
     default: str
     named: dict[str, str] = field(default_factory=dict)
-    allow_registry_ids: bool = True
+    allow_registry_ids: list[str] = field(default_factory=list)
     _checked: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ids(self) -> dict[str, str]:
         return {DEFAULT_MODEL_ID: self.default, **self.named}
+
+    def registry_id_allowed(self, model_id: str) -> bool:
+        configured = {uri for uri in self.ids().values() if uri.startswith("models:/")}
+        return model_id in configured or any(fnmatch.fnmatchcase(model_id, p) for p in self.allow_registry_ids)
 
     def uri_for(self, model_id: str | None) -> str:
         """The URI of ``model_id`` (empty or None: the default); raises ``UnknownModelError``."""
@@ -246,8 +253,9 @@ class ModelCatalogue:
         shown = model_id if len(model_id) <= 80 else model_id[:77] + "..."
         choices = f"known ids: {sorted(known)}"
         if self.allow_registry_ids:
-            choices += " or a registered model as models:/<name>@<alias> or models:/<name>/<version>"
-        if len(model_id) > MAX_MODEL_ID_CHARS or not _REGISTRY_ID.match(model_id) or not self.allow_registry_ids:
+            choices += f" or a registered model matching {self.allow_registry_ids}"
+        if (len(model_id) > MAX_MODEL_ID_CHARS or not _REGISTRY_ID.match(model_id)
+                or not self.registry_id_allowed(model_id)):
             raise UnknownModelError(f"unknown model id {shown!r}; {choices}")
         with self._lock:
             if model_id in self._checked:
@@ -264,6 +272,22 @@ class ModelCatalogue:
         return model_id
 
 
+def public_model_info(info: ModelInfo) -> dict[str, Any]:
+    """What clients may see of a loaded model: ids, task, method, registry version and run, never a path on
+    the server (the checkpoint folder, a path model's URI, a local base model's folder)."""
+    registry = info.uri if is_registry_or_remote(info.uri) else None
+    base = info.base_model
+    return {"id": info.id, "uri": registry, "task": info.task, "method": info.method, "labels": info.labels,
+            "template": info.template, "verbalizer": info.verbalizer, "prompt_packing": info.prompt_packing,
+            "base_model": base.rstrip("/").rsplit("/", 1)[-1] if base and "/" in base else base,
+            "registered_model": info.registered_model, "version": info.version, "run_id": info.run_id,
+            "device": info.device, "load_seconds": info.load_seconds}
+
+
+def is_registry_or_remote(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(("models:/", "runs:/"))
+
+
 __all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
            "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "default_max_tokens", "follows_alias",
-           "registered_version", "words_from_text"]
+           "public_model_info", "registered_version", "words_from_text"]
