@@ -82,7 +82,7 @@ def cases(limits: dict[str, int]) -> list[Case]:
              data=b'{"text": "' + b"a" * limits["max_body_bytes"] + b'"}', headers=js),
         Case("unknown model id", "POST", "/tag", 404, "unknown model id 'no-such-model'",
              json_body={"text": "Das ist gut"}, headers={MODEL_ID_HEADER: "no-such-model"}),
-        Case("unregistered models:/ id", "POST", "/tag", 404, "not in the model registry",
+        Case("models:/ id not allowed", "POST", "/tag", 404, "unknown model id 'models:/no-such-model@champion'",
              json_body={"text": "Das ist gut"}, headers={MODEL_ID_HEADER: "models:/no-such-model@champion"}),
         Case("a server path as model id", "POST", "/tag", 404, "unknown model id '/etc/passwd'",
              json_body={"text": "Das ist gut"}, headers={MODEL_ID_HEADER: "/etc/passwd"}),

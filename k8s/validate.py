@@ -569,13 +569,121 @@ class Validator:
     def validate(self, manifests: list[Manifest]) -> list[Result]:
         """Validate a set of manifests applied together (cross-references are resolved within the set)."""
         ray_clusters = {m.name for m in manifests if m.kind == "RayCluster"}
+        claims = {m.name: m.data for m in manifests if m.kind == "PersistentVolumeClaim" and isinstance(m.data, dict)}
+        clusters = {m.name: m for m in manifests if m.kind == "RayCluster"}
         results = []
         for manifest in manifests:
             problems = self.check(manifest)
             if manifest.kind == "RayJob":
                 problems += self.check_cluster_selector(manifest, ray_clusters)
+            if manifest.kind in RAY_CLUSTER_SPEC and isinstance(manifest.data, dict):
+                problems += self.check_shared_storage(manifest, claims, clusters)
+            for p in problems:
+                if p.line is None:
+                    p.line = manifest.line_of(p.path)
             results.append(Result(manifest, problems))
         return results
+
+    # ---- storage every Ray node reaches
+
+    def ray_groups(self, data, spec_path: FieldPath) -> list[tuple[str, FieldPath]]:
+        """(group name, pod spec path) of the head and each worker group of a Ray cluster spec."""
+        cluster = get(data, spec_path)
+        if not isinstance(cluster, dict):
+            return []
+        groups = [("head", spec_path + ("headGroupSpec", "template", "spec"))]
+        for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
+            name = group.get("groupName", str(i)) if isinstance(group, dict) else str(i)
+            groups.append((f"worker group {name}", spec_path + ("workerGroupSpecs", i, "template", "spec")))
+        return groups
+
+    def claim_mounts(self, data, pod_path: FieldPath) -> dict[str, str]:
+        """claimName -> mountPath of the PVCs the pod's first container mounts."""
+        pod = get(data, pod_path) or {}
+        volumes = {v.get("name"): (v.get("persistentVolumeClaim") or {}).get("claimName")
+                   for v in pod.get("volumes") or [] if isinstance(v, dict)}
+        container = (pod.get("containers") or [{}])[0]
+        mounts = {}
+        for mount in container.get("volumeMounts") or [] if isinstance(container, dict) else []:
+            claim = volumes.get(mount.get("name")) if isinstance(mount, dict) else None
+            if claim:
+                mounts[claim] = mount.get("mountPath")
+        return mounts
+
+    def check_shared_storage(self, manifest: Manifest, claims: dict[str, dict],
+                             clusters: dict[str, Manifest]) -> list[Problem]:
+        """A PVC mounted by a Ray cluster: ReadWriteMany, known, mounted by every group at the same path.
+        A RayJob's storage_path: on such a shared mount, or an object-store URI with credentials from a Secret.
+
+        Ray Train and Tune write checkpoints on the workers and read them on the driver and on the node a
+        restarted worker lands on; a path only one pod sees loses them."""
+        data = manifest.data
+        problems: list[Problem] = []
+        spec_path = RAY_CLUSTER_SPEC[manifest.kind]
+        groups = self.ray_groups(data, spec_path)
+        mounts = {name: self.claim_mounts(data, path) for name, path in groups}
+        for claim in sorted({c for m in mounts.values() for c in m}):
+            first_group, first_path = next((g, p) for g, p in groups if claim in mounts[g])
+            path = mounts[first_group][claim]
+            for group, pod_path in groups:
+                if mounts[group].get(claim) != path:
+                    where = (f"mounts it at {mounts[group][claim]}" if claim in mounts[group] else "does not mount it")
+                    problems.append(Problem(
+                        "storage", pod_path + ("containers", 0),
+                        f"PVC {claim!r} is mounted at {path} by the {first_group} but the {group} {where}: "
+                        "every Ray node must see shared storage at the same path"))
+            if claim not in claims:
+                problems.append(Problem("storage", first_path + ("volumes",),
+                                        f"PVC {claim!r} is not among the resources applied with it"))
+            elif "ReadWriteMany" not in (get(claims[claim], ("spec", "accessModes")) or []):
+                problems.append(Problem(
+                    "storage", first_path + ("volumes",),
+                    f"PVC {claim!r} is not ReadWriteMany (accessModes {get(claims[claim], ('spec', 'accessModes'))}): "
+                    "pods on different nodes cannot all mount it"))
+        if manifest.kind == "RayJob":
+            problems += self.check_job_storage(manifest, clusters, mounts, groups)
+        return problems
+
+    def check_job_storage(self, manifest: Manifest, clusters: dict[str, Manifest], mounts: dict,
+                          groups: list) -> list[Problem]:
+        data, path = manifest.data, ("spec", "entrypoint")
+        try:
+            argv = shlex.split(get(data, path) or "")
+        except ValueError:
+            return []  # reported by check_entrypoint
+        if not any(Path(a).name == "sweep.py" or a in ("sweep", "train") for a in argv):
+            return []
+        storage = next((a.split("=", 1)[1] for a in argv if a.startswith("storage_path=")), None)
+        target = get(data, ("spec", "clusterSelector", "ray.io/cluster"))
+        if target in clusters:  # the job runs on an existing RayCluster: its mounts and env count
+            cluster = clusters[target]
+            groups = self.ray_groups(cluster.data, RAY_CLUSTER_SPEC["RayCluster"])
+            mounts = {name: self.claim_mounts(cluster.data, p) for name, p in groups}
+            data = cluster.data
+        shared = set.intersection(*(set(m.values()) for m in mounts.values())) if mounts else set()
+        if storage is None:
+            return [Problem("storage", path, "the job passes no storage_path=...: its default (outputs/...) is on "
+                                             "the head's own disk, which the worker pods do not see")]
+        if re.match(r"^(s3|gs|gcs|abfss?|hdfs)://", storage):
+            without = []
+            for group, pod_path in groups:
+                container = (get(data, pod_path + ("containers",)) or [{}])[0]
+                from_secret = any(isinstance(e, dict) and get(e, ("valueFrom", "secretKeyRef")) is not None
+                                  for e in container.get("env") or []) or any(
+                    isinstance(e, dict) and "secretRef" in e for e in container.get("envFrom") or [])
+                if not from_secret:
+                    without.append(group)
+            if without or not groups:
+                return [Problem("storage", path, f"storage_path {storage} is an object store, but "
+                                                 f"{', '.join(without) or 'no Ray pod'} get no credentials from a "
+                                                 "Secret (env valueFrom.secretKeyRef or envFrom.secretRef)")]
+            return []
+        if "://" in storage or not any(storage == m or storage.startswith(m.rstrip("/") + "/") for m in shared):
+            mounted = ", ".join(sorted(shared)) or "none"
+            return [Problem("storage", path, f"storage_path {storage} is not on a volume every Ray node mounts "
+                                             f"(shared mounts: {mounted}) nor an object-store URI (s3://...): "
+                                             "checkpoints written there would stay on one node")]
+        return []
 
     def check(self, manifest: Manifest) -> list[Problem]:
         data = manifest.data

@@ -132,10 +132,14 @@ class TaggedSentenceOut(BaseModel):
 
 class ModelRef(BaseModel):
     id: str
-    uri: str
+    uri: str | None = Field(None, description="The registry URI of the model (null for a checkpoint folder: "
+                                              "server paths are not shown).")
     task: str
     method: str
     run_id: str | None = None
+    registered_model: str | None = None
+    version: str | None = Field(None, description="The registered version that tagged this request (for "
+                                                  "models:/<name>@<alias>, the one the alias named then).")
 
 
 class BatchInfo(BaseModel):
@@ -147,6 +151,8 @@ class BatchInfo(BaseModel):
     sentences: int = Field(description="Sentences in that model call.")
     replica: str
     seconds: float = Field(description="Time of that model call.")
+    chunks: int = Field(1, description="Model calls this request was split into (max_call_words); the other "
+                                       "fields describe the last of them.")
 
 
 class TagResponse(BaseModel):

@@ -12,6 +12,12 @@ out). Requests that arrive together are tagged together: ``@serve.batch``
 gathers up to ``max_batch_size`` requests, and all ToPro prompts of all their
 sentences go through the model in one ``Tagger.tag`` call per model.
 
+A model named ``models:/<name>@<alias>`` follows its alias: every
+``alias_refresh_s`` the replica asks the registry which version the alias
+names; when it moved, the new version is loaded beside the old one and
+swapped in at once. A batch already with the old model finishes on it, and
+every response names the version that tagged it (``model.version``).
+
 Everything about the model lives in ``topro.serving``; this module is the
 Serve and HTTP shell: argument checks, request checks, batching, status codes.
 Bad input never reaches the batch: it is answered 4xx with a message before.
@@ -51,7 +57,9 @@ class TaggingArgs(BaseModel):
     model: str = Field(description="Default model: a checkpoint folder or models:/<name>@<alias> | /<version>.")
     models: dict[str, str] = Field(default_factory=dict,
                                    description="More model ids clients may name in the header, id -> URI.")
-    allow_registry_ids: bool = Field(True, description="Clients may also name any registered models:/ URI.")
+    allow_registry_ids: list[str] = Field(default_factory=list, description=(
+        "Registry URIs clients may name in the header besides the configured ids: shell-style patterns such "
+        "as 'models:/topro-udpos-*@champion'. Default: none beyond the models:/ URIs of model and models."))
     max_batch_size: int = Field(32, ge=1, le=1024, description="Requests tagged together at most.")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0, description=(
         "Longest wait to fill a batch once the model is free. Requests that arrive while it runs are held "
@@ -60,6 +68,12 @@ class TaggingArgs(BaseModel):
     max_words: int = Field(200, ge=1, description="Words per sentence.")
     max_word_chars: int = Field(100, ge=1, description="Characters per word.")
     max_models_per_replica: int = Field(3, ge=1, description="Models one replica keeps loaded (LRU).")
+    max_call_words: int = Field(2048, ge=1, description=(
+        "Words in one model call at most (ToPro: one prompt per word). A request with more is split into "
+        "chunks of whole sentences that each wait their turn with the other requests, so one large request "
+        "holds the model for one chunk at a time; a batch is split the same way."))
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description=(
+        "A request body that stops arriving for this long is answered 408 and dropped."))
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: Ray's "
                                                               "OMP_NUM_THREADS, i.e. the replica's num_cpus).")
@@ -68,6 +82,9 @@ class TaggingArgs(BaseModel):
     max_examples: int = Field(256, ge=1, description="Prompts in one forward pass at most.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                                                        "else sqlite:///mlflow.db, made absolute).")
+    alias_refresh_s: float = Field(30.0, ge=0.0, description=(
+        "How often a replica asks the registry where the aliases of its models:/<name>@<alias> models point, "
+        "and switches to a moved alias's new version (0: never; the version loaded first stays)."))
 
     @model_validator(mode="after")
     def _check_ids(self) -> "TaggingArgs":
@@ -102,10 +119,22 @@ def absolute_tracking_uri(uri: str | None) -> str:
 
 
 def check_model_uris(cfg: TaggingArgs) -> None:
-    """Fail at build time, with the arg's name, for a checkpoint folder that does not exist."""
+    """Fail at build time, with the arg's name, for a checkpoint folder that does not exist or a
+    ``models:/`` name, alias or version the registry does not have (a registry that cannot be reached
+    now is only warned about: the replicas will try it again)."""
+    from topro.serving import ModelNotRegisteredError, registered_version
     from topro.tracking import is_registry_uri
 
     for key, uri in {"model": cfg.model, **{f"models.{k}": v for k, v in cfg.models.items()}}.items():
+        if uri.startswith("models:/"):
+            try:
+                registered_version(uri)
+            except ModelNotRegisteredError as err:
+                raise ValueError(f"serve app 'tagging': args.{key}: {err}") from None
+            except Exception as err:
+                log.warning("serve app 'tagging': args.%s=%r not checked: the registry did not answer (%s: %s)",
+                            key, uri, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            continue
         if is_registry_uri(uri):
             continue  # checked against the registry when a replica loads it
         path = Path(uri).expanduser()
@@ -169,11 +198,31 @@ class BatchGate:
 
 @dataclass
 class TagJob:
-    """One request's work inside a batch."""
+    """One request's work (or one chunk of it) inside a batch."""
 
     resident: "ResidentModel"
     sentences: list
     done: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def words(self) -> int:
+        return sum(len(s.words) for s in self.sentences)
+
+
+def split_by_words(items: list, max_words: int, words_of=len) -> list[list]:
+    """``items`` in order, in consecutive chunks of at most ``max_words`` words (``words_of(item)`` each); an
+    item larger than that is a chunk by itself."""
+    chunks, current, count = [], [], 0
+    for item in items:
+        n = words_of(item)
+        if current and count + n > max_words:
+            chunks.append(current)
+            current, count = [], 0
+        current.append(item)
+        count += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class ResidentModel:
@@ -262,7 +311,7 @@ def _failed(err: BaseException, model_id: str, others_ok: bool) -> Outcome:
 @serve.ingress(api)
 class TaggerDeployment:
     async def __init__(self, args: dict[str, Any]):
-        from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue
+        from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue, ModelNotRegisteredError
 
         self.args = parse_args(args)
         if self.args.tracking_uri:
@@ -274,7 +323,9 @@ class TaggerDeployment:
         self.limits = self.args.limits()
         api.state.max_body_bytes = body_limit(self.args.max_sentences, self.args.max_words,
                                               self.args.max_word_chars)
-        self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models), self.args.allow_registry_ids)
+        api.state.body_timeout_s = self.args.body_timeout_s
+        self.catalogue = ModelCatalogue(self.args.model, dict(self.args.models),
+                                        list(self.args.allow_registry_ids))
         self.loaded: dict[str, ResidentModel] = {}
         self.replica = _replica_name()
         self.started = time.time()
@@ -290,8 +341,45 @@ class TaggerDeployment:
         self._tag_batch.set_max_batch_size(self.args.max_batch_size)
         self._tag_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         _warn_if_batches_cannot_fill(self.args.max_batch_size)
+        self.alias_switches: list[dict[str, Any]] = []
         # Load the default model now: a bad `model` arg fails the deployment at start, not each request.
-        await self._get_model(DEFAULT_MODEL_ID)
+        try:
+            await self._get_model(DEFAULT_MODEL_ID)
+        except ModelNotRegisteredError as err:
+            raise ValueError(f"serve app 'tagging': args.model: {err}") from None
+        self._alias_task = None
+        if self.args.alias_refresh_s > 0:
+            self._alias_task = asyncio.get_running_loop().create_task(self._follow_aliases())
+
+    async def _follow_aliases(self) -> None:
+        """Every ``alias_refresh_s``: switch each loaded alias model whose alias moved to its new version."""
+        while True:
+            await asyncio.sleep(self.args.alias_refresh_s)
+            for resident in list(self.loaded.values()):
+                try:
+                    await self._refresh(resident)
+                except Exception as err:  # registry down, alias deleted: keep serving what is loaded
+                    log.warning("alias refresh of %s failed (%s: %s); still serving version %s",
+                                resident.tagger.info.uri, type(err).__name__, str(err).splitlines()[0][:200]
+                                if str(err) else "", resident.tagger.info.version)
+
+    async def _refresh(self, resident: "ResidentModel") -> None:
+        from topro.serving import Tagger, alias_moved
+
+        old = resident.tagger
+        if await asyncio.to_thread(alias_moved, old.info) is None:
+            return
+        # Loaded beside the old model, which keeps answering meanwhile.
+        new = await asyncio.to_thread(Tagger.load, old.info.uri, old.info.id, device=self.args.device,
+                                      max_tokens=self.args.max_tokens, max_examples=self.args.max_examples)
+        # One assignment: the next batch uses the new model; a batch already running holds `old` and
+        # finishes with it (it is freed when that batch lets go of it).
+        resident.tagger = new
+        switch = {"id": old.info.id, "uri": old.info.uri, "from_version": old.info.version,
+                  "to_version": new.info.version, "at": time.time(), "load_seconds": new.info.load_seconds}
+        self.alias_switches.append(switch)
+        log.info("alias %s moved: switched %r from version %s to %s (loaded in %.1fs)", old.info.uri,
+                 old.info.id, old.info.version, new.info.version, new.info.load_seconds)
 
     async def _load_model(self, model_id: str) -> ResidentModel:
         from topro.serving import Tagger
@@ -302,7 +390,7 @@ class TaggerDeployment:
         return ResidentModel(tagger, self.loaded)
 
     async def _resident_for_request(self) -> ResidentModel:
-        from topro.serving import DEFAULT_MODEL_ID, UnknownModelError
+        from topro.serving import DEFAULT_MODEL_ID, ModelNotRegisteredError, UnknownModelError
 
         model_id = serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
         if model_id not in self.loaded:
@@ -313,6 +401,8 @@ class TaggerDeployment:
                 raise RequestProblem(404, f"{err} (header {MODEL_ID_HEADER})") from None
         try:
             return await self._get_model(model_id)
+        except ModelNotRegisteredError as err:
+            raise RequestProblem(404, f"unknown model id {model_id!r}: {err} (header {MODEL_ID_HEADER})") from None
         except Exception as err:
             log.exception("loading model %r failed", model_id)
             raise RequestProblem(503, f"model {model_id!r} could not be loaded: {type(err).__name__}: "
@@ -327,17 +417,24 @@ class TaggerDeployment:
         resident = await self._resident_for_request()
         lang = body.lang or ""
         check_lang(lang, resident.tagger.info.task)
-        job = TagJob(resident, [Sentence(words, [], lang) for words in word_lists])
-        await self.gate.wait_until_free()
-        await self._tag_batch(job)
-        if "error" in job.done:
-            return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
-        info = resident.tagger.info
+        chunks = split_by_words(word_lists, self.args.max_call_words)
+        tagged = []
+        for chunk in chunks:  # each chunk queues anew: other requests' work goes between a large one's chunks
+            job = TagJob(resident, [Sentence(words, [], lang) for words in chunk])
+            await self.gate.wait_until_free()
+            await self._tag_batch(job)
+            if "error" in job.done:
+                return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
+            tagged += job.done["tagged"]
+        from topro.serving import public_model_info
+
+        # The model that tagged the last chunk (an alias may have moved since); ids and versions, no paths.
+        public = public_model_info(job.done["info"])
         return JSONResponse({
-            "model": {"id": info.id, "uri": info.uri, "task": info.task, "method": info.method,
-                      "run_id": info.run_id},
-            "sentences": [{**s.as_dict(), "lang": body.lang} for s in job.done["tagged"]],
-            "batch": job.done["batch"],
+            "model": {k: public[k] for k in ("id", "uri", "task", "method", "run_id", "registered_model",
+                                             "version")},
+            "sentences": [{**s.as_dict(), "lang": body.lang} for s in tagged],
+            "batch": {**job.done["batch"], "chunks": len(chunks)},
         })
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
@@ -351,8 +448,10 @@ class TaggerDeployment:
         by_model: dict[int, list[TagJob]] = {}
         for job in jobs:
             by_model.setdefault(id(job.resident), []).append(job)
-        for group in by_model.values():
-            tagger = group[0].resident.tagger
+        calls = [call for group in by_model.values()
+                 for call in split_by_words(group, self.args.max_call_words, lambda job: job.words)]
+        for group in calls:
+            tagger = group[0].resident.tagger  # read once: an alias switch during the call does not touch it
             outcomes = await tag_requests(tagger.tag, [job.sentences for job in group], tagger.info.id)
             for job, outcome in zip(group, outcomes):
                 if outcome.error:
@@ -360,6 +459,7 @@ class TaggerDeployment:
                     continue
                 self.model_calls += 1 if outcome.first_of_call else 0
                 job.done["tagged"] = outcome.tagged
+                job.done["info"] = tagger.info
                 job.done["batch"] = {"id": self.model_calls, "requests": outcome.call_requests,
                                      "sentences": outcome.call_sentences, "replica": self.replica,
                                      "seconds": outcome.call_seconds}
@@ -374,25 +474,36 @@ class TaggerDeployment:
     @api.get("/models")
     async def models(self) -> dict[str, Any]:
         """The ids a client may send in the header, and what this replica holds."""
-        from topro.serving import DEFAULT_MODEL_ID
+        from topro.serving import DEFAULT_MODEL_ID, is_registry_or_remote, public_model_info
 
+        # Ids and registry URIs only: a checkpoint folder's path stays on the server.
         return {"default": DEFAULT_MODEL_ID, "header": MODEL_ID_HEADER,
-                "available": [{"id": k, "uri": v} for k, v in self.catalogue.ids().items()],
-                "registry_ids_allowed": self.catalogue.allow_registry_ids,
+                "available": [{"id": k, "uri": v if is_registry_or_remote(v) else None}
+                              for k, v in self.catalogue.ids().items()],
+                "registry_ids_allowed": list(self.catalogue.allow_registry_ids),
                 "max_models_per_replica": self.args.max_models_per_replica,
                 "replica": self.replica,
-                "loaded": [r.tagger.info.as_dict() for r in self.loaded.values()],
+                "loaded": [public_model_info(r.tagger.info) for r in self.loaded.values()],
                 "limits": {**self.limits.model_dump(), "max_body_bytes": api.state.max_body_bytes},
                 "batching": {"max_batch_size": self.args.max_batch_size,
-                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s}}
+                             "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+                             "max_call_words": self.args.max_call_words},
+                "alias_refresh_s": self.args.alias_refresh_s, "alias_switches": self.alias_switches}
 
 
 def make_app(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
     """The application for ``args``; ``deployment_options`` (by deployment name) as in a Serve config's
     ``deployments:`` list, for callers that deploy without a config file (``topro serve``)."""
     cfg = parse_args(args)
-    check_model_uris(cfg)
     cfg.tracking_uri = absolute_tracking_uri(cfg.tracking_uri)
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cfg.tracking_uri)  # check against the registry the replicas will ask
+    try:
+        check_model_uris(cfg)
+    finally:
+        mlflow.set_tracking_uri(previous)
     deployment = TaggerDeployment
     options = (deployment_options or {}).get("Tagger")
     if options:

@@ -78,6 +78,7 @@ def test_k8s_all_manifests_validate(validator):
 def test_k8s_kustomize_renders_base_and_gpu_overlay(rendered):
     expected = {
         ("PersistentVolumeClaim", "mlflow-data"),
+        ("PersistentVolumeClaim", "topro-storage"),
         ("Deployment", "mlflow"),
         ("Service", "mlflow"),
         ("NetworkPolicy", "mlflow"),
@@ -392,6 +393,36 @@ BROKEN_CASES = {
         "spec.serveConfigV2",
         "not valid YAML",
     ),
+    # storage every Ray node reaches
+    "storage-worker-group-without-the-shared-volume": (
+        RAYCLUSTER,
+        [("              volumeMounts:\n                - name: storage\n                  mountPath: /mnt/topro\n", "")],
+        "RayCluster/topro-ray",
+        "spec.workerGroupSpecs[0].template.spec.containers[0]",
+        "PVC 'topro-storage' is mounted at /mnt/topro by the head but the worker group cpu does not mount it",
+    ),
+    "rayjob-storage-path-node-local": (
+        RAYJOB,
+        [("storage_path=/mnt/topro/sweeps", "storage_path=/tmp/sweeps")],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "storage_path /tmp/sweeps is not on a volume every Ray node mounts (shared mounts: /mnt/topro)",
+    ),
+    "rayjob-without-storage-path": (
+        RAYJOB,
+        [(" storage_path=/mnt/topro/sweeps", "")],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "the job passes no storage_path=...",
+    ),
+    "rayjob-object-store-without-credentials": (
+        RAYJOB,
+        [("storage_path=/mnt/topro/sweeps", "storage_path=s3://topro-bucket/sweeps")],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "storage_path s3://topro-bucket/sweeps is an object store, but head, worker group cpu, worker group gpu "
+        "get no credentials from a Secret",
+    ),
     "serve-config-binds-loopback": (
         RAYSERVICE,
         [("    applications:\n", "    http_options: {host: 127.0.0.1}\n    applications:\n")],
@@ -493,3 +524,35 @@ def test_k8s_sync_serve_config_rewrites_only_the_serve_config_block():
     assert rewritten.splitlines()[:12] == manifest.splitlines()[:12]
     again = sync_serve_config.replace_serve_config_block(rewritten, sync_serve_config.serve_config_v2(changed))
     assert again == rewritten
+
+
+def test_k8s_shared_storage_claim_must_be_read_write_many(validator):
+    """The RayCluster mounts topro-storage; a ReadWriteOnce claim cannot be mounted by pods on several nodes."""
+    storage = BASE / "storage.yaml"
+    manifests = _broken(storage, ("accessModes: [ReadWriteMany]", "accessModes: [ReadWriteOnce]"))
+    others = [m for p in k8s_validate.base_resource_files() if p != storage for m in k8s_validate.load_file(p)]
+    results = {r.manifest.resource: r for r in validator.validate(manifests + others)}
+    lines = results["RayCluster/topro-ray"].lines()
+    assert any("spec.headGroupSpec.template.spec.volumes: PVC 'topro-storage' is not ReadWriteMany" in line
+               for line in lines), lines
+    assert results["PersistentVolumeClaim/topro-storage"].ok  # the claim itself is a valid resource
+
+
+def test_k8s_object_store_storage_with_credentials_from_a_secret_validates(validator):
+    """The alternative to a shared volume: storage_path=s3://... with AWS keys from a Secret in every Ray pod."""
+    secret_env = ("                - name: AWS_ACCESS_KEY_ID\n                  valueFrom:\n"
+                  "                    secretKeyRef: {name: topro-object-store, key: access-key-id}\n")
+    text = RAYCLUSTER.read_text()
+    text = text.replace("              - name: MLFLOW_TRACKING_URI\n                value: http://mlflow:5000\n",
+                        "              - name: MLFLOW_TRACKING_URI\n                value: http://mlflow:5000\n"
+                        + "\n".join("  " + line[4:] if line else line for line in secret_env.split("\n")), 1)
+    text = text.replace("                - name: MLFLOW_TRACKING_URI\n                  value: http://mlflow:5000\n",
+                        "                - name: MLFLOW_TRACKING_URI\n                  value: http://mlflow:5000\n"
+                        + secret_env)
+    cluster = k8s_validate.load_manifests(text, "k8s/base/raycluster.yaml")
+    job = _broken(RAYJOB, ("storage_path=/mnt/topro/sweeps", "storage_path=s3://topro-bucket/sweeps"))
+    others = [m for p in k8s_validate.base_resource_files() if p not in (RAYCLUSTER, RAYJOB)
+              for m in k8s_validate.load_file(p)]
+    results = validator.validate(cluster + job + others)
+    problems = [line for r in results for line in r.lines() if not r.ok]
+    assert not problems, problems

@@ -100,7 +100,9 @@ def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_
     tagging = make_app({"model": str(tiny_topro_checkpoint),
                     "models": {"panx": str(untrained_checkpoint("panx", "vanilla"))},
                     "tracking_uri": model_registry["uri"], "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
-                    "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2},
+                    "max_sentences": 4, "max_words": 20, "max_word_chars": 30, "max_models_per_replica": 2,
+                    "max_call_words": 20, "body_timeout_s": 2,
+                    "allow_registry_ids": ["models:/topro-udpos-topro@*"]},
                    {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 32, "ray_actor_options": actor_options}})
     apps = {
         "tagging": ("/", tagging),
@@ -142,6 +144,11 @@ def test_health_and_models(endpoint):
     assert loaded["default"]["task"] == "udpos" and loaded["default"]["method"] == "topro"
     assert loaded["default"]["template"] and loaded["default"]["verbalizer"] and len(loaded["default"]["labels"]) == 17
     assert models["limits"]["max_words"] == 20
+    # ids, registry versions and runs; no path on the server (the checkpoints live under pytest's tmp)
+    text = requests.get(f"{endpoint}/models", timeout=30).text
+    assert "pytest-of" not in text and "/tmp/" not in text, text
+    assert {m["id"]: m["uri"] for m in models["available"]} == {"default": None, "panx": None}
+    assert models["registry_ids_allowed"] == ["models:/topro-udpos-topro@*"]
 
 
 def test_tag_sentences_and_text(endpoint):
@@ -169,8 +176,8 @@ def test_registry_model_by_header_and_multiplexing_with_a_cap(endpoint, model_re
     assert r.json()["model"]["id"] == registry_id and r.json()["model"]["run_id"] == model_registry["run_id"]
     r = tag(endpoint, {"sentences": [["Angela", "Merkel", "besuchte", "Paris"]]}, "panx")
     assert r.status_code == 200, r.text
-    assert r.json()["model"] == {"id": "panx", "uri": r.json()["model"]["uri"], "task": "panx",
-                                 "method": "vanilla", "run_id": None}
+    assert r.json()["model"] == {"id": "panx", "uri": None, "task": "panx", "method": "vanilla", "run_id": None,
+                                 "registered_model": None, "version": None}  # a checkpoint folder: no path shown
     assert all(w["tag"] == "O" or w["tag"][:2] in ("B-", "I-") for w in r.json()["sentences"][0]["words"])
     # Three ids used, two allowed per replica: the least recently used (default) was evicted.
     models = requests.get(f"{endpoint}/models", timeout=30).json()
@@ -301,6 +308,78 @@ def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(t
     assert only.status == 500 and only.error.startswith("tagging failed: TypeError")  # nothing to compare with
 
 
+def test_a_small_request_behind_maximal_ones_is_answered_between_their_chunks(endpoint):
+    """Three maximal requests (4 sentences x 20 words: 4 model calls each at max_call_words=20), then a small
+    one: it goes into the next model call with their next chunks, so it is answered before they finish."""
+    import time
+
+    big = {"sentences": [[f"w{i}" for i in range(20)] for _ in range(4)]}
+    tag(endpoint, {"text": "warm up"})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        bigs = [pool.submit(lambda: (tag(endpoint, big), time.perf_counter())) for _ in range(3)]
+        time.sleep(0.05)
+        sent = time.perf_counter()
+        small, small_done = pool.submit(lambda: (tag(endpoint, {"text": "Das ist gut"}), time.perf_counter())).result()
+        answered = [f.result() for f in bigs]
+    assert small.status_code == 200 and all(r.status_code == 200 for r, _ in answered)
+    assert all(r.json()["batch"]["chunks"] == 4 and r.json()["batch"]["sentences"] <= 4 for r, _ in answered)
+    assert small.json()["batch"]["id"] < max(r.json()["batch"]["id"] for r, _ in answered)
+    last_big = max(done for _, done in answered)
+    print(f"small request: {small_done - sent:.3f}s; maximal ones done {last_big - sent:.3f}s after it was sent")
+    assert small_done < last_big
+
+
+def _raw_request(endpoint: str, head: str, body_parts, wait_s: float = 60.0) -> tuple[int, str, int, float]:
+    """Send ``head`` and then ``body_parts`` over a plain socket, stopping as soon as the server answers:
+    (status, body, bytes of body sent, seconds until the answer)."""
+    import select
+    import time
+
+    host, port = endpoint.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=wait_s)
+    start = time.perf_counter()
+    sent = 0
+    try:
+        sock.sendall(head.encode())
+        for part in body_parts:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered already
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(part)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        seconds = time.perf_counter() - start
+    finally:
+        sock.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1].decode(errors="replace"), sent, seconds
+
+
+def test_a_chunked_body_over_the_cap_is_cut_off_and_a_stalled_body_dropped(endpoint):
+    limit = requests.get(f"{endpoint}/models", timeout=30).json()["limits"]["max_body_bytes"]
+    chunk = b"a" * 65536
+    parts = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(480))  # 30 MB if all were sent
+    head = ("POST /tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    status, body, sent, seconds = _raw_request(endpoint, head, parts)
+    print(f"chunked body: {status} after {sent} bytes sent, {seconds:.2f}s; limit {limit}")
+    # Answered although the body never ended (no last chunk is sent): the bytes were counted as they came.
+    assert status == 413 and f"the limit is {limit}" in body, body
+    head = ("POST /tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n")
+    status, body, sent, seconds = _raw_request(endpoint, head, [b'{"text": "Das'])
+    print(f"stalled body: {status} after {seconds:.2f}s")
+    assert status == 408 and "the body stopped arriving" in body and 2.0 <= seconds < 60, (status, body, seconds)
+    assert tag(endpoint, {"text": "Das ist gut"}).status_code == 200
+
+
 # --- POST /llm/tag --------------------------------------------------------------------------------
 
 UDPOS_TAGS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
@@ -355,3 +434,71 @@ def test_llm_bad_input_and_an_unreachable_upstream_get_messages_not_500(serve_ur
     health = requests.get(f"{serve_url}/dead-llm/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["llm"] == "unavailable" and health["detail"]
     assert requests.post(f"{serve_url}/llm/tag", json={"text": "gut"}, timeout=120).status_code == 200
+
+
+def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, model_registry, untrained_checkpoint):
+    """``models:/<name>@live`` served with a 0.5 s alias refresh, two clients tagging without pause: the alias
+    moves from version 1 (trained) to version 2 (untrained, other tags); the answers switch to version 2,
+    each client's answers go 1...1 2...2 (never back), the tags are each version's own, and no request fails."""
+    import threading
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+    from ray import serve as ray_serve
+
+    from serve.tagging import make_app
+    from topro.tracking import register_checkpoint
+
+    client = MlflowClient(model_registry["uri"])
+    name = "topro-alias-follow"
+    first = str(register_checkpoint(model_registry["run_id"], name, "live"))
+    experiment = client.get_run(model_registry["run_id"]).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment, run_name="untrained-udpos-topro") as run:
+        mlflow.log_artifacts(str(untrained_checkpoint("udpos", "topro")), "checkpoint")
+    second = str(register_checkpoint(run.info.run_id, name, alias=None))
+    # num_cpus 0: the module's four apps hold 1.9 of the 2 CPUs of its Ray
+    options = {"num_cpus": 0, **({"runtime_env": ray_for_serve} if ray_for_serve else {})}
+    app = make_app({"model": f"models:/{name}@live", "tracking_uri": model_registry["uri"], "alias_refresh_s": 0.5,
+                    "max_batch_size": 4},
+                   {"Tagger": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": options}})
+    ray_serve.run(app, name="alias", route_prefix="/alias")
+    url = f"{serve_url}/alias"
+    body = {"sentences": [["Das", "ist", "ein", "gutes", "Haus", "."]], "lang": "de"}
+    stop = threading.Event()
+    seen: list[list[tuple[int, str | None, tuple]]] = [[], []]
+
+    def client_loop(out):
+        while not stop.is_set():
+            r = tag(url, body, timeout=60)
+            answer = r.json() if r.status_code == 200 else {}
+            out.append((r.status_code, answer.get("model", {}).get("version"),
+                        tuple(w["tag"] for w in answer["sentences"][0]["words"]) if answer else ()))
+
+    threads = [threading.Thread(target=client_loop, args=(out,)) for out in seen]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while not all(seen) and time.time() < deadline:
+            time.sleep(0.1)
+        client.set_registered_model_alias(name, "live", second)
+        moved = time.time()
+        while not all(out and out[-1][1] == second for out in seen) and time.time() < moved + 90:
+            time.sleep(0.1)
+        time.sleep(1.0)  # more answers after the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    switches = requests.get(f"{url}/models", timeout=30).json()["alias_switches"]
+    ray_serve.delete("alias")
+    for out in seen:
+        assert [status for status, _, _ in out] == [200] * len(out)  # zero errors, before, during and after
+        versions = [version for _, version, _ in out]
+        assert versions[0] == first and versions[-1] == second, versions
+        switched_at = versions.index(second)
+        assert set(versions[:switched_at]) == {first} and set(versions[switched_at:]) == {second}, versions
+        # each version answered with its own model's tags
+        assert {t for _, v, t in out if v == first} == {out[0][2]} and {t for _, v, t in out if v == second} == {out[-1][2]}
+    assert [(s["from_version"], s["to_version"]) for s in switches] == [(first, second)]

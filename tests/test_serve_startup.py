@@ -60,7 +60,7 @@ def stop(process: subprocess.Popen) -> int:
         pytest.fail("did not stop within 90s of SIGTERM")
 
 
-def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, expected_model: str) -> int:
+def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, expected_model: str | None) -> int:
     with log.open("w") as out:
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -105,6 +105,26 @@ def test_topro_serve_with_a_checkpoint_and_a_port(tmp_path, tiny_topro_checkpoin
     port = free_port()
     code = run_and_check([sys.executable, "-m", "topro.cli", "serve", "--model", str(tiny_topro_checkpoint),
                           "--port", str(port), "--num-cpus", "2"], child_env(), port, tmp_path / "topro-serve.log",
-                         str(tiny_topro_checkpoint))
+                         None)  # a checkpoint folder: its server path is not shown
     assert code == 0
     assert "topro serve: tagging ready at http://127.0.0.1:" in (tmp_path / "topro-serve.log").read_text()
+
+
+def test_topro_serve_that_cannot_come_up_ends_with_one_line(tmp_path, tiny_topro_checkpoint):
+    """The port is taken: every try fails, within the budget, and the last line says what and what to set."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "topro.cli", "serve", "--model", str(tiny_topro_checkpoint),
+                               "--port", str(port), "--num-cpus", "2", "--startup-timeout", "20",
+                               "--startup-attempts", "2"], cwd=REPO, env=child_env(), capture_output=True,
+                              text=True, timeout=600)
+        seconds = time.monotonic() - start
+    last = done.stderr.strip().splitlines()[-1]
+    print(f"gave up after {seconds:.0f}s: {last}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert last.startswith("topro serve: Serve's HTTP proxy did not come up at 127.0.0.1:") and "--startup-timeout" in last, \
+        done.stderr[-3000:]
+    assert "serve start-up try 1 of 2 failed" in done.stderr

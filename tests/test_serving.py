@@ -93,19 +93,24 @@ def test_tagger_span_task_decodes_valid_iob2_and_marks_truncated_words(untrained
 def test_catalogue_resolves_configured_ids_and_registered_models_only(model_registry):
     from topro.serving import DEFAULT_MODEL_ID, ModelCatalogue, UnknownModelError
 
-    catalogue = ModelCatalogue("/ckpt/a", {"panx": "/ckpt/b"})
+    catalogue = ModelCatalogue("/ckpt/a", {"panx": "/ckpt/b"}, allow_registry_ids=["models:/topro-udpos-*"])
     assert catalogue.uri_for(None) == catalogue.uri_for(DEFAULT_MODEL_ID) == "/ckpt/a"
     assert catalogue.uri_for("panx") == "/ckpt/b"
     assert catalogue.uri_for(model_registry["model"]) == model_registry["model"]
     assert catalogue.uri_for("models:/topro-udpos-topro/1") == "models:/topro-udpos-topro/1"
     for bad, reason in [("nope", "unknown model id 'nope'"), ("/etc/passwd", "unknown model id"),
                         ("models:/topro-udpos-topro@nope", "not in the model registry"),
-                        ("models:/missing@champion", "not in the model registry"), ("x" * 500, "...")]:
+                        ("models:/missing@champion", "unknown model id 'models:/missing@champion'; known ids"),
+                        ("x" * 500, "...")]:
         with pytest.raises(UnknownModelError, match=reason.replace(".", r"\.")):
             catalogue.uri_for(bad)
-    closed = ModelCatalogue("/ckpt/a", allow_registry_ids=False)
+    closed = ModelCatalogue("/ckpt/a")  # the default: no registry id beyond the configured ones
     with pytest.raises(UnknownModelError, match="known ids: \\['default'\\]$"):
         closed.uri_for(model_registry["model"])
+    configured = ModelCatalogue("/ckpt/a", {"udpos": model_registry["model"]})
+    assert configured.uri_for(model_registry["model"]) == model_registry["model"]  # named by its URI too
+    with pytest.raises(UnknownModelError):
+        configured.uri_for("models:/topro-udpos-topro/1")
 
 
 def test_tagger_loads_from_the_registry_and_names_the_run(model_registry):
@@ -115,6 +120,37 @@ def test_tagger_loads_from_the_registry_and_names_the_run(model_registry):
     info = tagger.info
     assert info.run_id == model_registry["run_id"] and info.registered_model == "topro-udpos-topro"
     assert info.version == str(model_registry["version"]) and info.task == "udpos"
+
+
+def test_an_alias_is_read_once_and_a_move_is_noticed(model_registry):
+    from mlflow import MlflowClient
+
+    from topro.serving import Tagger, alias_moved
+    from topro.tracking import register_checkpoint
+
+    name = "topro-alias-moves"
+    first = str(register_checkpoint(model_registry["run_id"], name, "staging"))
+    tagger = Tagger.load(f"models:/{name}@staging")
+    assert tagger.info.version == first and tagger.info.uri == f"models:/{name}@staging"
+    assert alias_moved(tagger.info) is None
+    second = str(register_checkpoint(model_registry["run_id"], name, alias=None))
+    assert alias_moved(tagger.info) is None  # a new version alone moves nothing
+    MlflowClient().set_registered_model_alias(name, "staging", second)
+    assert alias_moved(tagger.info) == second
+    assert alias_moved(Tagger.load(f"models:/{name}/{first}").info) is None  # a pinned version never moves
+
+
+def test_a_missing_alias_or_model_is_refused_when_the_app_is_built(model_registry, tiny_topro_checkpoint):
+    from serve.tagging import make_app
+
+    uri = model_registry["uri"]
+    with pytest.raises(ValueError, match=r"args\.model: models:/topro-udpos-topro@nope: the model registry at "
+                                         r"sqlite:.* has no alias 'nope' of registered model 'topro-udpos-topro'"):
+        make_app({"model": "models:/topro-udpos-topro@nope", "tracking_uri": uri})
+    with pytest.raises(ValueError, match=r"args\.models\.other: models:/no-such-model/3: the model registry .* "
+                                         r"has no 'models:/no-such-model/3'"):
+        make_app({"model": str(tiny_topro_checkpoint), "models": {"other": "models:/no-such-model/3"},
+                  "tracking_uri": uri})
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -150,3 +186,15 @@ def test_request_shape_errors_are_one_readable_line(body, message):
     with pytest.raises(ValidationError) as err:
         TagRequest.model_validate(body)
     assert message in describe_validation_errors(err.value.errors())
+
+
+def test_a_relative_tracking_uri_in_a_serve_config_resolves_against_the_config_folder(tmp_path,
+                                                                                    tiny_topro_checkpoint):
+    from topro.serving_cli import build_applications
+
+    config = {"applications": [{"name": "tagging", "route_prefix": "/", "import_path": "serve.tagging:build_app",
+                                "args": {"model": str(tiny_topro_checkpoint), "tracking_uri": "sqlite:///db/mlflow.db"}}]}
+    [(name, _, app)] = build_applications(config, config_dir=tmp_path / "configs")
+    args = app._bound_deployment.init_args[0]
+    assert name == "tagging" and args["tracking_uri"] == f"sqlite:///{tmp_path / 'configs' / 'db' / 'mlflow.db'}"
+    assert args["allow_registry_ids"] == []  # the default: no registry id beyond the configured ones

@@ -26,7 +26,12 @@ def test_shuffled_batches_differ_across_seeds_and_stay_length_homogeneous():
 def test_length_buckets_span_a_bounded_range():
     from topro.batching import length_buckets
 
-    assert [len(b) for b in length_buckets([5, 6, 13, 14, 100, 112, 113])] == [3, 1, 2, 1]
+    assert [len(b) for b in length_buckets([5, 6, 13, 14, 100, 112, 113], min_count=1)] == [3, 1, 2, 1]
+    # Fewer than min_count examples never make a bucket of their own (a lone long example would
+    # make a batch too small to split over two workers).
+    lengths = [10] * 8 + [11] * 3 + [40] * 9 + [200]
+    assert [len(b) for b in length_buckets(lengths)] == [11, 10]
+    assert all(len(b) >= 2 for b in token_budget_batches(lengths, 4096, 4, shuffle=True, seed=0))
 
 
 def _train(out, data_dir, *overrides) -> dict:

@@ -13,19 +13,59 @@ import random
 from typing import Sequence
 
 
-def length_buckets(lengths: Sequence[int], width: float = 0.125, min_width: int = 8) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int], width: float = 0.125, min_width: int = 8,
+                   min_count: int = 8) -> list[list[int]]:
     """Indices grouped by similar length, shortest bucket first: a bucket spans
     lengths from its shortest ``s`` up to ``max(s + min_width, s * (1 + width))``,
-    so padding inside a batch of one bucket stays small."""
+    so padding inside a batch of one bucket stays small. A bucket also holds at
+    least ``min_count`` examples (it grows past its span until it does, and a
+    short last bucket joins the one before): a bucket of one or two long
+    examples would make a batch too small to split over several workers
+    (``split_batches`` skips those), so steps per epoch would depend on the
+    number of workers."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     buckets: list[list[int]] = []
     limit = -1
     for i in order:
-        if not buckets or lengths[i] > limit:
+        if not buckets or (lengths[i] > limit and len(buckets[-1]) >= min_count):
             buckets.append([])
             limit = max(lengths[i] + min_width, int(lengths[i] * (1 + width)))
         buckets[-1].append(i)
+    if len(buckets) > 1 and len(buckets[-1]) < min_count:
+        buckets[-2].extend(buckets.pop())
     return buckets
+
+
+def _cut(group: list[int], length_of, size_of, max_tokens: int, max_examples: int,
+         balance: bool) -> list[list[int]]:
+    """Cut ``group`` (in order) into batches within the budget. ``balance``: as
+    many batches as a greedy cut needs, but of near-equal size, so a bucket's
+    last batch is not a lone leftover."""
+    def greedy(cap_of) -> list[list[int]]:
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = units = done = 0
+        for i in group:
+            new_longest = max(longest, length_of(i))
+            size = size_of(i)
+            if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens
+                            or done + units >= cap_of(len(batches))):
+                batches.append(current)
+                done += units
+                current, new_longest, units = [], length_of(i), 0
+            current.append(i)
+            longest = new_longest
+            units += size
+        if current:
+            batches.append(current)
+        return batches
+
+    batches = greedy(lambda k: float("inf"))
+    if not balance or len(batches) < 2:
+        return batches
+    total, m = sum(size_of(i) for i in group), len(batches)
+    # Close batch k once the units so far reach its share of the bucket.
+    return greedy(lambda k: int((k + 1) * total / m + 0.5))
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: int,
@@ -35,8 +75,9 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: 
     Without ``shuffle``: examples in length order, each batch as large as fits
     (evaluation). With ``shuffle`` (training): examples are grouped into length
     buckets (``length_buckets``), shuffled within each bucket, cut into batches
-    sized for the bucket's longest example, and the batch order is shuffled; so
-    batches differ across epochs and seeds while staying length-homogeneous.
+    of near-equal size for the bucket's longest example, and the batch order is
+    shuffled; so batches differ across epochs and seeds while staying
+    length-homogeneous.
     ``sizes``: what each example counts towards ``max_examples`` (default 1;
     a packed ToPro row counts its questions); one example always fits. The
     number of batches depends only on the (length, size) multiset, never on
@@ -55,21 +96,11 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: 
         groups = [sorted(range(len(lengths)), key=lambda i: (lengths[i], size_of(i)))]
     batches: list[list[int]] = []
     for group in groups:
-        # A shuffled bucket is cut as if every example had the bucket's longest length.
+        # A shuffled bucket is cut as if every example had the bucket's longest
+        # length, so the cut depends on the bucket, not on the shuffle.
         bucket_longest = max(lengths[i] for i in group) if shuffle and group else 0
-        current: list[int] = []
-        longest = units = 0
-        for i in group:
-            new_longest = max(longest, lengths[i], bucket_longest)
-            size = size_of(i)
-            if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens):
-                batches.append(current)
-                current, new_longest, units = [], max(lengths[i], bucket_longest), 0
-            current.append(i)
-            longest = new_longest
-            units += size
-        if current:
-            batches.append(current)
+        batches.extend(_cut(group, lambda i: max(lengths[i], bucket_longest), size_of, max_tokens,
+                            max_examples, balance=shuffle))
     if shuffle:
         rng.shuffle(batches)
     return batches
@@ -91,8 +122,9 @@ def split_batches(batches: list[list[int]], rank: int, world_size: int) -> list[
 
     Every rank gets the same number of slices, none empty (collectives stay in
     step). A batch with fewer examples than workers cannot be split and is
-    skipped: only the last batch of a length bucket can be that small, and
-    only with more workers than its examples.
+    skipped: with training batches (buckets of at least 8 examples, cut into
+    near-equal batches) that happens only where the token budget holds fewer
+    examples per batch than there are workers.
     """
     if world_size <= 1:
         return batches

@@ -67,6 +67,9 @@ def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: boo
                                      max_sentences=cfg.max_eval_sentences, viterbi=cfg.viterbi,
                                      device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
         record["selection_metric"] = summary["selection_metric"]
+        record["selection"] = summary.get("selection", "best")
+        if summary.get("averaged_steps"):
+            record["averaged_steps"] = summary["averaged_steps"]
         path = write_results(Path(cfg.output_dir) / "eval.json", record)
         print(format_table(record))
         print(f"per-language results: {path}")
@@ -202,7 +205,10 @@ def format_table(record: dict) -> str:
     cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + ["", "", ""] + (
         [f"{avg.get(seen, float('nan')):.4f}"] if seen else [])
     rows.append("| average | " + " | ".join(cells) + " |")
-    if record.get("selection_metric"):
+    if record.get("averaged_steps"):
+        rows.append(f"\nExported weights: {record['selection']}, the mean of the English-dev checkpoints of steps "
+                    f"{record['averaged_steps']} (ranked by {record.get('selection_metric')}).")
+    elif record.get("selection_metric"):
         rows.append(f"\nCheckpoint selected on English dev {record['selection_metric']}.")
     return "\n".join(rows)
 

@@ -27,7 +27,8 @@ def load_predictions(ref: str) -> Predictions:
         elif "languages" in data and not all("gold" in v for v in data["languages"].values()):
             raise ComparisonError(f"{path}: holds no per-sentence predictions (evaluated before they were "
                                   f"stored); evaluate the checkpoint again")
-        return Predictions(data["task"], f"{data.get('method', '?')} ({path.name})", data["languages"])
+        where = f"{path.parent.name}/{path.name}" if path.parent.name else path.name  # two runs' eval.json differ
+        return Predictions(data["task"], f"{data.get('method', '?')} ({where})", data["languages"])
     from topro import tracking
 
     data = tracking.load_predictions(ref)

@@ -36,9 +36,10 @@ class TrainConfig:
     """ToPro template name; ``None`` takes the task's default."""
     verbalizer: str | None = None
     """Verbalizer name; ``None`` takes the task's default."""
-    label_word_policy: Literal["strict", "first_subword"] = "first_subword"
-    """How a label word that is several tokens is handled: ``strict`` raises,
-    ``first_subword`` scores its first subword (first subwords must differ)."""
+    label_word_policy: Literal["strict", "first_subword"] = "strict"
+    """How a label word that is several tokens is handled: ``strict`` (default,
+    the paper's single-token verbalizers) raises, ``first_subword`` scores its
+    first subword (first subwords must differ)."""
     data_dir: str | None = None
     """Folder with ``<task>/{train,dev}-<lang>.tsv``; default ``$TOPRO_DATA_DIR``."""
     train_lang: str = "en"
@@ -155,15 +156,23 @@ class TrainConfig:
     """Give each Ray Train worker a GPU."""
     cpus_per_worker: float = 1.0
     """CPUs reserved by each Ray Train worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on a cluster's nodes: ``PACK`` fills as few nodes as possible,
+    ``SPREAD`` puts them on different nodes where it can (``STRICT_*``: must)."""
     max_failures: int = 2
     """Ray Train restarts of the worker group after a worker dies."""
     fault_step: int | None = None
     """Testing aid: the rank-1 (or only) worker kills itself at this optimizer
     step in the first attempt, to exercise fault tolerance."""
+    fault_node: str | None = None
+    """Testing aid, with ``fault_step``: the worker killed is the (first) one on the Ray node of this
+    name (``ray start --node-name``) instead of rank 1."""
     run_name: str | None = None
     """Name of the Ray Train run (defaults to the output folder's name)."""
     storage_path: str | None = None
-    """Ray Train storage for checkpoints (default: ``<output_dir>/ray``)."""
+    """Ray Train storage for checkpoints (default: ``<output_dir>/ray``): a local folder on one node; on a
+    multi-node cluster a folder every node mounts at the same path, or an object-store URI that pyarrow
+    opens (``s3://bucket/prefix``). Checked from every node before training starts."""
     keep_checkpoints: int = 1
     """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
 

@@ -8,11 +8,18 @@ caller that gathers sentences from many requests (the Serve deployment's
 ``@serve.batch``) gets cross-request batching without more code here.
 
 ``ModelCatalogue`` maps the model ids a client may ask for to URIs. A request
-can only name a configured id or (if allowed) a model in the registry, never
-a path on the server's disk.
+can only name a configured id or a registry URI the configuration allows,
+never a path on the server's disk.
+
+Aliases: a ``Tagger`` loaded from ``models:/<name>@<alias>`` holds the version
+the alias named at load time (``info.version``; the files come from that
+pinned version, so a move during the load cannot mix versions).
+``alias_moved`` says whether the alias names another version now; the
+deployment then loads the new version beside the old one and swaps.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import re
@@ -31,6 +38,44 @@ DEFAULT_MODEL_ID = "default"
 MAX_MODEL_ID_CHARS = 256
 # Registry URIs a client may name as a model id: a registered model by alias or version number.
 _REGISTRY_ID = re.compile(r"^models:/[A-Za-z0-9][\w.\-]*(@[\w.\-]+|/\d+)$")
+_ALIAS_URI = re.compile(r"^models:/([^@/]+)@([^@/]+)$")
+
+
+class ModelNotRegisteredError(LookupError):
+    """A ``models:/`` URI whose name, alias or version the registry does not have."""
+
+
+def follows_alias(uri: str) -> bool:
+    """Whether ``uri`` names a registered model by alias (``models:/<name>@<alias>``)."""
+    return bool(_ALIAS_URI.match(uri))
+
+
+def registered_version(uri: str) -> dict[str, str | None]:
+    """``describe_model_uri`` of a registry URI, with a ``ModelNotRegisteredError`` that names what is missing."""
+    from topro.tracking import describe_model_uri, tracking_uri
+
+    try:
+        return describe_model_uri(uri)
+    except Exception as err:  # MlflowException: no such name, alias or version; or the registry is unreachable
+        text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        # A missing name or version is RESOURCE_DOES_NOT_EXIST; a missing alias, INVALID_PARAMETER_VALUE
+        # ("Registered model alias ... not found", MLflow 3.17). Anything else (unreachable registry) is raised.
+        code = str(getattr(err, "error_code", ""))
+        if type(err).__name__ != "MlflowException" or not (
+                code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in text)):
+            raise
+        match = _ALIAS_URI.match(uri)
+        what = f"alias {match.group(2)!r} of registered model {match.group(1)!r}" if match else repr(uri)
+        raise ModelNotRegisteredError(f"{uri}: the model registry at {tracking_uri()} has no {what} "
+                                      f"({text})") from None
+
+
+def alias_moved(info: "ModelInfo") -> str | None:
+    """The version ``info.uri``'s alias names now, if that is not ``info.version`` (else ``None``)."""
+    if not follows_alias(info.uri):
+        return None
+    version = registered_version(info.uri)["version"]
+    return version if version != info.version else None
 
 
 class UnknownModelError(LookupError):
@@ -132,8 +177,10 @@ class Tagger:
         from topro.tracking import describe_model_uri, resolve_checkpoint
 
         start = time.perf_counter()
-        origin = describe_model_uri(uri)
-        folder = resolve_checkpoint(uri)
+        origin = registered_version(uri) if uri.startswith("models:/") else describe_model_uri(uri)
+        # An alias is read once: the files come from the version it named then, even if it moves meanwhile.
+        pinned = f"models:/{origin['registered_model']}/{origin['version']}" if follows_alias(uri) else uri
+        folder = resolve_checkpoint(pinned)
         dev = pick_device(device)
         method, model = load_checkpoint(folder, dev)
         meta = method.meta()
@@ -175,20 +222,26 @@ class ModelCatalogue:
 
     ``default`` answers requests that name no model. ``named`` adds ids of the
     operator's choosing (``{"panx": "models:/topro-panx-topro@champion"}``).
-    With ``allow_registry_ids`` a client may also name any registered model
-    directly (``models:/<name>@<alias>`` or ``models:/<name>/<version>``); it is
-    looked up in the registry before anything is loaded, so an unknown one is
-    refused without evicting a loaded model.
+    A client may also name a registry URI directly (``models:/<name>@<alias>``
+    or ``models:/<name>/<version>``), but only one the operator allowed: a
+    registry URI of ``default`` or ``named``, or one matching a pattern of
+    ``allow_registry_ids`` (shell-style, e.g. ``models:/topro-udpos-*@champion``).
+    Anything else is refused before the registry is asked or anything loaded, so
+    clients cannot make a replica download arbitrary models or evict loaded ones.
     """
 
     default: str
     named: dict[str, str] = field(default_factory=dict)
-    allow_registry_ids: bool = True
+    allow_registry_ids: list[str] = field(default_factory=list)
     _checked: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ids(self) -> dict[str, str]:
         return {DEFAULT_MODEL_ID: self.default, **self.named}
+
+    def registry_id_allowed(self, model_id: str) -> bool:
+        configured = {uri for uri in self.ids().values() if uri.startswith("models:/")}
+        return model_id in configured or any(fnmatch.fnmatchcase(model_id, p) for p in self.allow_registry_ids)
 
     def uri_for(self, model_id: str | None) -> str:
         """The URI of ``model_id`` (empty or None: the default); raises ``UnknownModelError``."""
@@ -200,8 +253,9 @@ class ModelCatalogue:
         shown = model_id if len(model_id) <= 80 else model_id[:77] + "..."
         choices = f"known ids: {sorted(known)}"
         if self.allow_registry_ids:
-            choices += " or a registered model as models:/<name>@<alias> or models:/<name>/<version>"
-        if len(model_id) > MAX_MODEL_ID_CHARS or not _REGISTRY_ID.match(model_id) or not self.allow_registry_ids:
+            choices += f" or a registered model matching {self.allow_registry_ids}"
+        if (len(model_id) > MAX_MODEL_ID_CHARS or not _REGISTRY_ID.match(model_id)
+                or not self.registry_id_allowed(model_id)):
             raise UnknownModelError(f"unknown model id {shown!r}; {choices}")
         with self._lock:
             if model_id in self._checked:
@@ -218,5 +272,22 @@ class ModelCatalogue:
         return model_id
 
 
-__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "TaggedSentence", "TaggedWord", "Tagger",
-           "UnknownModelError", "default_max_tokens", "words_from_text"]
+def public_model_info(info: ModelInfo) -> dict[str, Any]:
+    """What clients may see of a loaded model: ids, task, method, registry version and run, never a path on
+    the server (the checkpoint folder, a path model's URI, a local base model's folder)."""
+    registry = info.uri if is_registry_or_remote(info.uri) else None
+    base = info.base_model
+    return {"id": info.id, "uri": registry, "task": info.task, "method": info.method, "labels": info.labels,
+            "template": info.template, "verbalizer": info.verbalizer, "prompt_packing": info.prompt_packing,
+            "base_model": base.rstrip("/").rsplit("/", 1)[-1] if base and "/" in base else base,
+            "registered_model": info.registered_model, "version": info.version, "run_id": info.run_id,
+            "device": info.device, "load_seconds": info.load_seconds}
+
+
+def is_registry_or_remote(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(("models:/", "runs:/"))
+
+
+__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
+           "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "default_max_tokens", "follows_alias",
+           "public_model_info", "registered_version", "words_from_text"]

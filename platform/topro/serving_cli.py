@@ -13,10 +13,14 @@ HTTP to 127.0.0.1. It runs until SIGINT or SIGTERM, then shuts Serve down.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,10 @@ def add_parser(subparsers) -> None:
                                                "(default: all)")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds to keep trying to bring Serve up (HTTP proxy and apps), %(default)s; on a busy "
+                        "machine a try can fail and the next succeed")
+    p.add_argument("--startup-attempts", type=int, default=3, help="tries within that time (%(default)s)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -85,8 +93,12 @@ def _parse_models(pairs: list[str]) -> dict[str, str]:
 
 
 def build_applications(config: dict[str, Any], *, model: str | None = None, models: dict[str, str] | None = None,
-                       llm_model: str | None = None, only: list[str] | None = None) -> list[tuple[str, str, Any]]:
-    """(name, route_prefix, Application) for each app of a Serve config, deployment options applied."""
+                       llm_model: str | None = None, only: list[str] | None = None,
+                       config_dir: str | Path | None = None) -> list[tuple[str, str, Any]]:
+    """(name, route_prefix, Application) for each app of a Serve config, deployment options applied.
+
+    A relative ``sqlite:///`` ``tracking_uri`` in the config is taken relative to ``config_dir`` (the
+    config file's folder), not to the working directory the server happens to start in."""
     import importlib
 
     apps = []
@@ -94,6 +106,10 @@ def build_applications(config: dict[str, Any], *, model: str | None = None, mode
         if only and app["name"] not in only:
             continue
         args = dict(app.get("args") or {})
+        uri = args.get("tracking_uri")
+        if config_dir is not None and isinstance(uri, str) and uri.startswith("sqlite:///") \
+                and not uri[len("sqlite:///"):].startswith("/"):
+            args["tracking_uri"] = f"sqlite:///{(Path(config_dir) / uri[len('sqlite:///'):]).resolve()}"
         if app["name"] == "tagging":
             if model:
                 args["model"] = model
@@ -114,6 +130,45 @@ def build_applications(config: dict[str, Any], *, model: str | None = None, mode
     return apps
 
 
+# Serve's own checks of its HTTP proxy give up after 3 health checks of 10 s and a 5 s ready check; on a busy
+# machine (load 15 on 2 cores) a proxy still starting failed them 3 times in 4. Longer, unless set.
+SERVE_PATIENCE_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
+def start_serve(serve, apps, host: str, port: int, *, budget_s: float, attempts: int) -> str | None:
+    """Start Serve's HTTP proxy and deploy ``apps``, retrying a failed try while ``budget_s`` lasts.
+
+    Returns None once every app is RUNNING, else one line: what did not come up, the last error, what to set.
+    """
+    started = time.monotonic()
+    deadline = started + budget_s
+    last, what = "", "Serve"
+    for attempt in range(1, attempts + 1):
+        what = "Serve's HTTP proxy"
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            what = "the applications " + ", ".join(name for name, _, _ in apps)
+            # Deployed together; returns once every app is RUNNING, raises if one fails.
+            serve.run_many([serve.RunTarget(application, name=name, route_prefix=route_prefix)
+                            for name, route_prefix, application in apps])
+            return None
+        except Exception as err:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # Ray colours its task errors
+            last = f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+            left = deadline - time.monotonic()
+            logging.getLogger(__name__).warning("serve start-up try %d of %d failed (%s did not come up: %s)%s",
+                                                attempt, attempts, what, last,
+                                                "; trying again" if attempt < attempts and left > 0 else "")
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            if left <= 0:
+                break
+            time.sleep(min(10.0, left))
+    return (f"{what} did not come up at {host}:{port} after {attempt} tries in {time.monotonic() - started:.0f}s "
+            f"(last error: {last}); check that the port is free, give it more time with --startup-timeout, or on "
+            "a busy machine raise RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S and RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")
+
+
 def cmd_serve(args) -> int:
     root = project_root()
     config_path = Path(args.config) if args.config else root / DEFAULT_CONFIG
@@ -129,18 +184,26 @@ def cmd_serve(args) -> int:
     # Serve's HTTP proxy answers a header it cannot decode with a plain 500; this middleware answers 400
     # first (it takes effect for a Ray started here; a cluster's head needs the same variable).
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
-    init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    for key, value in SERVE_PATIENCE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    except Exception as err:
+        print(f"topro serve: Ray did not come up ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}); "
+              "on a busy machine try again, or give --address of a running Ray", file=sys.stderr)
+        return 1
     from ray import serve
 
     stop = threading.Event()
+    failure = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        apps = build_applications(config, model=args.model, models=models, llm_model=args.llm_model, only=only)
-        serve.start(http_options={"host": host, "port": port})
-        # Deployed together; returns once every app is RUNNING, raises if one fails.
-        serve.run_many([serve.RunTarget(application, name=name, route_prefix=route_prefix)
-                        for name, route_prefix, application in apps])
+        apps = build_applications(config, model=args.model, models=models, llm_model=args.llm_model, only=only,
+                                  config_dir=config_path.parent)
+        failure = start_serve(serve, apps, host, port, budget_s=args.startup_timeout, attempts=args.startup_attempts)
+        if failure:
+            return 1
         for name, route_prefix, _ in apps:
             print(f"topro serve: {name} ready at http://{host}:{port}{route_prefix.rstrip('/')}/", flush=True)
         while not stop.wait(1.0):
@@ -151,4 +214,6 @@ def cmd_serve(args) -> int:
         import ray
 
         ray.shutdown()
+        if failure:  # last, after what Ray prints while it stops
+            print(f"topro serve: {failure}", file=sys.stderr, flush=True)
     return 0

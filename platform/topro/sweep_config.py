@@ -94,6 +94,11 @@ class SweepConfig:
     """Folder of Tune experiments (``<storage_path>/<name>``: resumable state, trial checkpoints)."""
     experiment: str | None = None
     """MLflow experiment (default: ``topro-sweep-<name>``)."""
+    artifact_location: str | None = None
+    """Where a new MLflow experiment keeps its artifacts (checkpoints, reports): a folder every node and
+    serving replica reaches, or an object-store URI (``s3://bucket/mlflow``); default: the tracking
+    store's own (a server's ``mlflow-artifacts:``, or ``./mlruns`` beside a SQLite store). Checked from
+    every node of a multi-node cluster before the sweep starts."""
     register_alias: str | None = "champion"
     """Register the best checkpoint per task and method (English dev) with this alias; ``null``: don't."""
 

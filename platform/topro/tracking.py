@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -144,16 +147,19 @@ def mlflow_client():
     return MlflowClient()
 
 
-def experiment_id(name: str) -> str:
-    """The id of experiment ``name``, created if missing."""
+def experiment_id(name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing (with ``artifact_location``, if given)."""
     client = mlflow_client()
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            log.warning("experiment %s keeps its artifacts at %s (it exists already), not at artifact_location %s",
+                        name, found.artifact_location, artifact_location)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
 
@@ -202,7 +208,8 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         mlflow_client().log_batch(run_id, metrics=items[i:i + 1000])
 
 
-def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id: str | None = None) -> str:
+def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id: str | None = None,
+                    artifact_location: str | None = None) -> str:
     """The sweep's parent run: reopen ``run_id`` (a resumed sweep) or create one."""
     client = mlflow_client()
     if run_id is not None:
@@ -214,7 +221,7 @@ def start_sweep_run(experiment: str, sweep: str, params: dict[str, Any], run_id:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, "topro.resumed", "true")
             return run_id
-    run = client.create_run(experiment_id(experiment), run_name=sweep, tags={SWEEP_TAG: sweep, KIND_TAG: "sweep"})
+    run = client.create_run(experiment_id(experiment, artifact_location), run_name=sweep, tags={SWEEP_TAG: sweep, KIND_TAG: "sweep"})
     log_params(run.info.run_id, params)
     return run.info.run_id
 

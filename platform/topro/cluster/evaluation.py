@@ -47,6 +47,9 @@ class LanguageEvaluator:
         self.device, self.dtype, self.cache_size = device, dtype, cache_size
         self.models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self.loads = 0
+        from topro.cluster.runtime import node_name
+
+        self.node = node_name()
 
     def _model(self, checkpoint: str):
         if checkpoint in self.models:
@@ -75,7 +78,7 @@ class LanguageEvaluator:
         result = evaluate_language(method, model, task, lang, device=pick_device(self.device), dtype=self.dtype,
                                    progress=False, desc=lang, **options)
         return {"lang": lang, "checkpoint": checkpoint, "result": result,
-                "seconds": time.perf_counter() - start, "loads": self.loads}
+                "seconds": time.perf_counter() - start, "loads": self.loads, "node": self.node}
 
 
 def _checkpoint_meta(checkpoint: str) -> dict[str, Any]:
@@ -140,11 +143,14 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     num_gpus = gpus_per_actor(device, cluster_gpus)
     if num_gpus:  # actors beyond the GPUs would wait forever for one
         workers = max(1, min(workers, int(cluster_gpus)))
-    evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=num_gpus)(LanguageEvaluator)
+    # SPREAD: on a multi-node cluster the evaluators go to different nodes where they fit.
+    evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=num_gpus,
+                               scheduling_strategy="SPREAD")(LanguageEvaluator)
     actors = [evaluator_cls.remote(device, dtype, threads) for _ in range(workers)]
     holds: dict[int, str | None] = {i: None for i in range(workers)}
     options = {"data_dir": data_dir, "split": split, "max_sentences": max_sentences, "viterbi": viterbi}
     results: list[dict[str, dict[str, Any]]] = [{} for _ in jobs]
+    nodes: list[dict[str, str]] = [{} for _ in jobs]  # job -> language -> node that scored it
     in_flight: dict[Any, int] = {}  # ref -> actor
     jobs_of: dict[Any, int] = {}  # ref -> job
     start, done, loads = time.perf_counter(), 0, {}
@@ -179,11 +185,13 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
             actor, job = in_flight.pop(ref), jobs_of.pop(ref)
             out = ray.get(ref)
             results[job][out["lang"]] = out["result"]
+            nodes[job][out["lang"]] = out["node"]
             loads[actor] = out["loads"]
             done += 1
             if progress:
-                log.info("evaluated %s on %s in %.1fs (%d/%d)", "/".join(Path(out["checkpoint"]).parts[-2:]),
-                         out["lang"], out["seconds"], done, n_items)
+                log.info("evaluated %s on %s in %.1fs on node %s (%d/%d)",
+                         "/".join(Path(out["checkpoint"]).parts[-2:]), out["lang"], out["seconds"], out["node"],
+                         done, n_items)
             submit(actor)
     finally:
         for actor in actors:
@@ -192,9 +200,11 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     log.info("parallel evaluation: %d languages x checkpoints on %d workers in %.1fs, %d model loads",
              n_items, workers, seconds, sum(loads.values()))
     if stats is not None:
-        stats.update(workers=workers, items=n_items, model_loads=sum(loads.values()), seconds=seconds)
+        stats.update(workers=workers, items=n_items, model_loads=sum(loads.values()), seconds=seconds,
+                     nodes=sorted({n for per_job in nodes for n in per_job.values()}))
     return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
-                           extra=checkpoint_flags(meta, {"checkpoint": str(job.checkpoint), "split": split}))
+                           extra=checkpoint_flags(meta, {"checkpoint": str(job.checkpoint), "split": split,
+                                                         "nodes": dict(sorted(nodes[i].items()))}))
             for i, (job, meta) in enumerate(zip(jobs, metas))]
 
 

@@ -31,7 +31,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
              log_to_driver: bool = True):
     """Join ``address`` (or ``$RAY_ADDRESS``), or start a local Ray on 127.0.0.1. Idempotent."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
+    on_loopback = address is None or is_loopback_address(address)
+    if on_loopback:
         for key, value in local_ray_env().items():
             os.environ.setdefault(key, value)
     import ray
@@ -46,14 +47,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
         if passthrough.get(key) and "://" not in passthrough[key]:
             passthrough[key] = os.pathsep.join(os.path.abspath(os.path.expanduser(p))
                                                for p in passthrough[key].split(os.pathsep) if p)
-    if address is None:
+    if on_loopback:
         # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import: where something imported it before
         # this call (Tune, Train), the setdefault above came too late and 127.0.0.1 would be "resolved"
-        # to the machine's external address.
+        # to the machine's external address (a cluster on this machine's loopback, such as
+        # topro.cluster.local_cluster's, listens on 127.0.0.1 only).
         import ray._private.ray_constants as ray_constants
         from ray._common.utils import env_bool
 
         ray_constants.ENABLE_RAY_CLUSTER = env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, True)
+    if address is None:
         # address="local": always a new in-process Ray; with None, Ray would join any cluster that a
         # `ray start` on this machine recorded in /tmp/ray/ray_current_cluster (someone else's, on a shared box).
         _start_local(ray, address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
@@ -67,6 +70,21 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
         passthrough = {k: v for k, v in passthrough.items() if k not in job_env}
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": passthrough})
     return ray
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``127.0.0.1:6379``, ``localhost:6379``, ``http://127.0.0.1:8265``) is on loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def node_name() -> str:
+    """The name of the Ray node this process runs on (``ray start --node-name``; Ray's default is its IP)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
+                node_id)
 
 
 def _job_runtime_env() -> dict:

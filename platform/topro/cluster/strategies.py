@@ -67,6 +67,33 @@ class RayStrategy(LocalStrategy):
         self.device = ray.train.torch.get_device()
         self.metric = resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
         self.fault_marker = fault_marker
+        self.workers = self._gather_workers()
+
+    def _gather_workers(self) -> list[dict[str, Any]]:
+        """Every rank's node (name and id) and pid, gathered over the process group Ray Train set up."""
+        import ray
+
+        from topro.cluster.runtime import node_name
+
+        mine = {"rank": self.rank, "node": node_name(), "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [mine]
+        everyone: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        if self.rank == 0:
+            log.info("workers: %s", ", ".join(f"rank {w['rank']} on {w['node']} (pid {w['pid']})" for w in everyone))
+        return sorted(everyone, key=lambda w: w["rank"])
+
+    def fault_rank(self) -> int:
+        """The rank that ``fault_step`` kills: the first on node ``fault_node``, else rank 1 (or the only one)."""
+        if self.cfg.fault_node:
+            on_node = [w["rank"] for w in self.workers if w["node"] == self.cfg.fault_node]
+            if not on_node:
+                raise RuntimeError(f"fault_node {self.cfg.fault_node!r}: no worker runs there "
+                                   f"(workers on {sorted({w['node'] for w in self.workers})})")
+            return on_node[0]
+        return min(1, self.world_size - 1)
 
     @property
     def export_dir(self) -> Path | None:
@@ -103,7 +130,7 @@ class RayStrategy(LocalStrategy):
         self.after_evaluation(state, record, improved=True, method=method, model=model, averaged=True)
 
     def step_hook(self, step: int) -> None:
-        """Fault injection: at ``fault_step`` the rank-1 (or only) worker kills itself, once per run.
+        """Fault injection: at ``fault_step`` the rank-1 (or only, or ``fault_node``'s) worker kills itself, once per run.
 
         A marker in the run's storage remembers that the fault happened, so the
         worker group restarted by Ray (which replays steps after the last
@@ -117,7 +144,7 @@ class RayStrategy(LocalStrategy):
         cfg = self.cfg
         if cfg.fault_step is None or step != cfg.fault_step or self.fault_marker is None:
             return
-        if self.rank != min(1, self.world_size - 1):
+        if self.rank != self.fault_rank():
             return
         import pyarrow.fs
         import ray.train
@@ -127,9 +154,11 @@ class RayStrategy(LocalStrategy):
             return
         fs.create_dir(os.path.dirname(path), recursive=True)
         with fs.open_output_stream(path) as out:
-            out.write(json.dumps({"step": step, "rank": self.rank, "pid": os.getpid()}).encode())
+            node = self.workers[self.rank]["node"]
+            out.write(json.dumps({"step": step, "rank": self.rank, "pid": os.getpid(), "node": node}).encode())
         ray.train.get_all_reported_checkpoints()
-        log.warning("fault injection: killing worker rank %d (pid %d) at step %d", self.rank, os.getpid(), step)
+        log.warning("fault injection: killing worker rank %d (pid %d) on node %s at step %d", self.rank, os.getpid(),
+                    node, step)
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)

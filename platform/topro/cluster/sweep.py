@@ -123,6 +123,28 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, experiment_dir: str) -
             metrics["checkpoint_path"] = result.checkpoint.path
         tune.report(metrics)
     copy_best_export(result, Path(cfg.output_dir) / "checkpoint")
+    write_placement(Path(cfg.output_dir), result)
+
+
+PLACEMENT_FILE = "placement.json"
+
+
+def write_placement(trial_dir: Path, result) -> None:
+    """Where the trial ran: its driver's node and each Train worker's (``trials/<id>/placement.json``)."""
+    from topro.cluster.runtime import node_name
+
+    workers = (result.return_value or {}).get("workers") or []
+    (trial_dir / PLACEMENT_FILE).write_text(json.dumps({"trial_node": node_name(), "workers": workers}, indent=2))
+
+
+def placement_tags(trial_dir: Path) -> dict[str, str]:
+    """MLflow tags naming the trial's nodes (empty if the trial wrote no placement)."""
+    path = trial_dir / PLACEMENT_FILE
+    if not path.is_file():
+        return {}
+    placement = json.loads(path.read_text())
+    return {"topro.trial_node": placement["trial_node"],
+            "topro.worker_nodes": ",".join(w["node"] for w in placement["workers"])}
 
 
 def copy_best_export(result, target: Path) -> None:
@@ -467,6 +489,10 @@ def check_resumable(state_file: Path, sweep: SweepConfig) -> dict[str, Any]:
 
 
 def prepare_experiment_dir(sweep: SweepConfig, fresh: bool) -> Path:
+    if "://" in sweep.storage_path:
+        raise ConfigError(f"sweep {sweep.name!r}: storage_path {sweep.storage_path!r}: a sweep keeps its state in a "
+                          "folder (on a cluster, one that every node mounts at the same path); object-store URIs "
+                          "are taken by a training run's storage_path, not by sweeps yet")
     experiment_dir = (Path(sweep.storage_path).expanduser() / sweep.name).resolve()
     if fresh and experiment_dir.exists():
         aside = experiment_dir.with_name(f"{sweep.name}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -496,9 +522,10 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
     os.environ[DRIVER_PID_ENV] = str(os.getpid())  # for fault injection only (a local Ray's workers inherit it)
     ray = init_ray(address)
     check_trial_fits(sweep)
+    check_sweep_storage(sweep, experiment_dir)
     experiment = sweep.experiment or f"topro-sweep-{sweep.name}"
     parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
-                                      run_id=state.get("parent_run_id"))
+                                      run_id=state.get("parent_run_id"), artifact_location=sweep.artifact_location)
     TrialSpool(experiment_dir / SPOOL_FILE).replay(force=True)  # what an earlier run could not write
     state_file.write_text(json.dumps({"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
                                       "experiment": experiment}, indent=2, default=str))
@@ -547,6 +574,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             o.run_id = tracking.trial_run(parent, o.trial_id, trial_run_name(sweep, o.params), reopen=False)
             run = tracking.mlflow_client().get_run(o.run_id)
             status = "FAILED" if o.status == "ERROR" else "FINISHED"
+            for key, value in placement_tags(experiment_dir / "trials" / o.trial_id).items():
+                tracking.mlflow_client().set_tag(o.run_id, key, value)
             if run.info.status != status:
                 tracking.end_run(o.run_id, status)
         close_stale_trial_runs(parent, {o.run_id for o in outcomes})
@@ -575,6 +604,19 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             "experiment_dir": str(experiment_dir), "resumed": resumed, "interrupted": False,
             "trials": outcomes, "selected": selected, "failure_advice": advice,
             "registered": registered, "report": report, "wall_seconds": time.perf_counter() - started}
+
+
+def check_sweep_storage(sweep: SweepConfig, experiment_dir: Path) -> None:
+    """Before any trial: the sweep's folder, and a file-based artifact location, are shared by every node.
+
+    Trials write their checkpoints and state under ``<storage_path>/<name>`` from whichever node they run
+    on, and the driver reads them back; MLflow artifacts are read by serving replicas anywhere."""
+    from topro.cluster.storage import check_artifact_location, check_storage
+
+    check_storage(str(experiment_dir), f"sweep {sweep.name!r}: storage_path")
+    location = sweep.artifact_location
+    if location and not location.startswith(("mlflow-artifacts:", "http://", "https://")):
+        check_artifact_location(location, f"sweep {sweep.name!r}: artifact_location")
 
 
 def _close_parent(parent_run_id: str, status: str) -> None:
@@ -678,6 +720,9 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
             workdir = Path(sweep.storage_path).expanduser().resolve() / sweep.name / "trials" / t.trial_id / "evaluation"
             tracking.log_evaluation(t.run_id, record, workdir)
             tracking.mlflow_client().set_tag(t.run_id, "topro.setting", record["setting"])
+            # which Ray node scored each language (the full map is in the run's evaluation/eval.json)
+            tracking.mlflow_client().set_tag(t.run_id, "topro.eval_nodes",
+                                             ",".join(sorted(set(record.get("nodes", {}).values()))))
             kill_driver_if_asked("evaluated")
     seconds = time.perf_counter() - start
     log.info("evaluated %d checkpoints in %.1fs (%d already evaluated)", len(todo), seconds, len(trials) - len(todo))

@@ -15,6 +15,10 @@ safetensors export. Ray keeps the best checkpoint and the latest one (plus
 worker group from the latest checkpoint (``max_failures`` times); a new
 ``fit`` with the same name and storage continues from it too.
 
+``metrics.json`` and the summary name where each rank ran: ``workers`` is a
+list of ``{"rank", "node", "node_id", "pid"}`` (``node``: the Ray node's
+name); ``placement_strategy: SPREAD`` puts workers on different nodes.
+
 Metrics reported per evaluation: ``epoch``, ``step``, ``train_loss``,
 ``dev_<metric>``, ``dev_accuracy`` (``dev_viterbi_f1`` for span tasks),
 ``best_dev_<metric>``, ``best_step`` and ``is_best``. ``best_checkpoint_path``
@@ -90,7 +94,8 @@ def build_trainer(cfg: TrainConfig, *, name: str | None = None, storage_path: st
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                            placement_strategy=cfg.placement_strategy)
     run = RunConfig(
         name=name, storage_path=storage, callbacks=callbacks,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -125,9 +130,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         strategy = DDPStrategy(cfg, fault_marker=config["fault_marker"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return train(cfg, strategy)
-    with checkpoint.as_directory() as folder:
-        return train(cfg, strategy, resume_from=Path(folder))
+        summary = train(cfg, strategy)
+    else:
+        with checkpoint.as_directory() as folder:
+            summary = train(cfg, strategy, resume_from=Path(folder))
+    # Where each rank ran (the driver writes this into metrics.json and MLflow).
+    return {**summary, "workers": strategy.workers}
 
 
 def best_checkpoint_path(result) -> str | None:
@@ -163,9 +171,13 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
 
     from topro.cluster.runtime import init_ray
 
+    from topro.cluster.storage import check_storage
+
     init_ray(address)
     cfg = prepare_config(cfg)
     name, storage = run_location(cfg)
+    # Every node must reach the checkpoints (a restarted worker may land anywhere): checked before training.
+    check_storage(storage, "storage_path")
     if (Path(storage) / name / "checkpoint_manager_snapshot.json").is_file():
         log.warning("run %s already has checkpoints in %s: continuing from the latest (another output_dir or "
                     "run_name starts afresh)", name, storage)

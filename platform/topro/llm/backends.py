@@ -26,7 +26,8 @@ import torch
 
 from topro.llm.generate import greedy_generate_shared
 from topro.llm.scoring import (PrefixState, ScoringItem, TokenCounts, encode_prefix, score_naive,
-                               score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many)
+                               score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many,
+                               takes_tree_masks)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,19 @@ class HFBackend:
         config = AutoConfig.from_pretrained(model)
         self.is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if self.is_seq2seq else AutoModelForCausalLM
+        if not (self.is_seq2seq or takes_tree_masks(config)):
+            attn_implementation = "eager"  # BLOOM has no sdpa path (and takes no tree mask either)
         self.model = cls.from_pretrained(model, dtype=torch_dtype,
                                          attn_implementation=attn_implementation).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        # ALiBi models (BLOOM/BLOOMZ, MPT) cannot take the tree masks of
+        # shared-prefix scoring: every prompt runs in full instead.
+        self.tree_masks = self.is_seq2seq or takes_tree_masks(config)
+        if not self.tree_masks and self.scoring == "shared":
+            log.info("%s (%s) uses ALiBi attention biases, which shared-prefix scoring cannot build from a tree "
+                     "mask: scoring every prompt in full (scoring=naive) and generating with model.generate",
+                     model, config.model_type)
+            self.scoring = "naive"
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -107,13 +118,44 @@ class HFBackend:
         self.counts = TokenCounts()
         self._contexts: OrderedDict[str, PrefixState] = OrderedDict()
         self._ids_cache: dict[str, list[int]] = {}
+        self._warned_boundary = False
 
     def ids(self, text: str) -> list[int]:
+        """`text` tokenized on its own (no special tokens)."""
         if text not in self._ids_cache:
             if len(self._ids_cache) > 50_000:
                 self._ids_cache.clear()
             self._ids_cache[text] = self.tokenizer(text, add_special_tokens=False).input_ids
         return self._ids_cache[text]
+
+    def tail_ids(self, before: str, text: str) -> list[int]:
+        """The ids of `text` as it tokenizes after `before`: the whole string is
+        encoded and split at the boundary (the lm-evaluation-harness way).
+        Tokenizing pieces alone and concatenating differs for tokenizers that add
+        a dummy prefix at every call (SentencePiece legacy mode, Llama-2/Mistral):
+        a spurious "▁" at every boundary, and other ids than a server sees."""
+        if not before:
+            return self.ids(text)
+        head, whole = self.ids(before), self.ids(before + text)
+        if whole[:len(head)] != head and not self._warned_boundary:
+            self._warned_boundary = True
+            log.warning("a token spans the boundary before %r; its ids are split at the boundary's token "
+                        "count (as lm-evaluation-harness does)", text[:40])
+        return whole[len(head):]
+
+    def _prompt_ids(self, context: str, sentence: str, questions: list[str], continuations: list[str]):
+        """(sentence ids, question ids, label ids per question): every piece
+        tokenized after all the text before it, so prefix + question + label
+        is the whole prompt's tokenization."""
+        sent_ids = self.tail_ids(context, sentence)
+        base = context + sentence
+        q_ids = [self.tail_ids(base, q) for q in questions]
+        labels = [[self.tail_ids(base + q, c) for c in continuations] for q in questions]
+        for row in labels:
+            for c, ids in zip(continuations, row):
+                if not ids:
+                    raise BackendError(f"continuation {c!r} has no tokens")
+        return sent_ids, q_ids, labels
 
     def _context_state(self, context: str) -> PrefixState | None:
         ids = self.bos + self.ids(context)
@@ -132,56 +174,88 @@ class HFBackend:
         causal LMs with shared scoring pack them into as few forwards as fit."""
         if self.is_seq2seq or self.scoring != "shared" or not sentences:
             return [self.score(context, s, q, continuations) for s, q in sentences]
-        cont_ids = self._continuation_ids(continuations)
         state = self._context_state(context)
         if state is None:
             return [self.score(context, s, q, continuations) for s, q in sentences]
-        items = [ScoringItem(self.ids(s), [self.ids(q) for q in qs]) for s, qs in sentences]
-        scores = score_shared_many(self.model, state, items, cont_ids, self.counts, max_tokens=self.batch_tokens)
-        return [ScoreResult(x, [len(c) for c in cont_ids]) for x in scores]
+        results: list[ScoreResult | None] = [None] * len(sentences)
+        packed, items, cont_ids = [], [], None
+        for i, (s, qs) in enumerate(sentences):
+            sent_ids, q_ids, labels = self._prompt_ids(context, s, qs, continuations)
+            if not qs:
+                results[i] = ScoreResult(torch.zeros(0, len(continuations)), [0] * len(continuations))
+                continue
+            cont_ids = cont_ids or labels[0]
+            if all(row == cont_ids for row in labels):  # the usual case: one label tree for all
+                packed.append(i)
+                items.append(ScoringItem(sent_ids, q_ids))
+            else:
+                results[i] = self.score(context, s, qs, continuations)
+        if items:
+            scores = score_shared_many(self.model, state, items, cont_ids, self.counts,
+                                       max_tokens=self.batch_tokens)
+            for i, x in zip(packed, scores):
+                results[i] = ScoreResult(x, [len(c) for c in cont_ids])
+        return results
 
-    def _continuation_ids(self, continuations: list[str]) -> list[list[int]]:
-        cont_ids = [self.ids(c) for c in continuations]
-        for c, ids in zip(continuations, cont_ids):
+    def _seq2seq_targets(self, continuations: list[str]) -> list[list[int]]:
+        """Decoder targets: the continuation's text (trailing whitespace, such as
+        the format's line end, dropped) then end-of-sequence, which terminates
+        the answer as the line end does for causal LMs."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        targets = [self.ids(c.rstrip()) + eos for c in continuations]
+        for c, ids in zip(continuations, targets):
             if not ids:
                 raise BackendError(f"continuation {c!r} has no tokens")
-        return cont_ids
+        return targets
 
     def score(self, context: str, sentence: str, questions: list[str],
               continuations: list[str]) -> ScoreResult:
-        cont_ids = self._continuation_ids(continuations)
-        q_ids = [self.ids(q) for q in questions]
         if self.is_seq2seq:
+            cont_ids = self._seq2seq_targets(continuations)
             tok = self.tokenizer
             prompts = [tok(context + sentence + q).input_ids for q in questions]
             fn = score_seq2seq_shared if self.scoring == "shared" else score_seq2seq_naive
             kwargs = {"max_batch_tokens": self.batch_tokens} if self.scoring == "shared" else {}
             scores = fn(self.model, prompts, cont_ids, self.counts, **kwargs)
-        elif self.scoring == "shared":
-            state = self._context_state(context)
-            sent_ids = self.ids(sentence) if state is not None else self.bos + self.ids(sentence)
-            if state is None and not sent_ids:
+            return ScoreResult(scores, [len(c) for c in cont_ids])
+        sent_ids, q_ids, labels = self._prompt_ids(context, sentence, questions, continuations)
+        if not questions:
+            return ScoreResult(torch.zeros(0, len(continuations)), [len(self.ids(c)) for c in continuations])
+        state = self._context_state(context) if self.scoring == "shared" else None
+        if self.scoring == "shared" and state is None:
+            sent_ids = self.bos + sent_ids
+            if not sent_ids:
                 raise BackendError("empty prompt prefix: the format renders no context and no sentence")
-            scores = score_shared(self.model, state, q_ids, cont_ids, self.counts, pending=sent_ids,
-                                  max_tokens=self.batch_tokens)
-        else:
-            prefix = self.bos + self.ids(context) + self.ids(sentence)
-            scores = score_naive(self.model, prefix, q_ids, cont_ids, self.counts,
-                                 max_batch_tokens=self.batch_tokens)
-        return ScoreResult(scores, [len(c) for c in cont_ids])
+        scores = torch.zeros(len(questions), len(continuations))
+        # Questions whose labels tokenize alike share one label tree (usually all of them).
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(labels):
+            groups.setdefault(tuple(map(tuple, row)), []).append(i)
+        for key, rows in groups.items():
+            cont_ids = [list(c) for c in key]
+            group_q = [q_ids[i] for i in rows]
+            if self.scoring == "shared":
+                part = score_shared(self.model, state, group_q, cont_ids, self.counts, pending=sent_ids,
+                                    max_tokens=self.batch_tokens)
+            else:
+                prefix = self.bos + self.ids(context) + sent_ids
+                part = score_naive(self.model, prefix, group_q, cont_ids, self.counts,
+                                   max_batch_tokens=self.batch_tokens)
+            scores[rows] = part
+        return ScoreResult(scores, [len(c) for c in labels[0]])
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: str | None = "\n",
                  context: str = "") -> list[str]:
         """Greedy completions of context + prompt_i. Causal LMs encode the
         context once (cached like scoring's) and decode all prompts against it."""
-        state = None if self.is_seq2seq else self._context_state(context)
+        state = None if self.is_seq2seq or not self.tree_masks else self._context_state(context)
         if state is None:
             return self._generate_hf([context + p for p in prompts], max_new_tokens, stop)
         tok = self.tokenizer
         eos = {t for t in [tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)]
                for t in (t if isinstance(t, list) else [t]) if t is not None}
         stop_check = (lambda ids: stop in tok.decode(ids, skip_special_tokens=True)) if stop else None
-        new = greedy_generate_shared(self.model, state, [self.ids(p) for p in prompts], max_new_tokens,
+        new = greedy_generate_shared(self.model, state, [self.tail_ids(context, p) for p in prompts], max_new_tokens,
                                      stop=stop_check, eos_ids=eos, counts=self.counts,
                                      batch_rows=self.generate_batch_size)
         return [cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop) for ids in new]

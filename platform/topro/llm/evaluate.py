@@ -124,7 +124,11 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
     labels = setup.task.labels
     rendered = [render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, s.words)
                 for s in sentences]
-    answers = [rendered[0].answers[t] for t in labels]
+    # Each answer is scored with the format's answer end after it (the line
+    # end): without it a label whose tokens start another label's could never
+    # lose to it (p("noun") >= p("nouns")).
+    end = setup.fmt.for_task(setup.task.name).answer_end
+    answers = [rendered[0].answers[t] + end for t in labels]
     extra = []
     if cfg.calibrate:
         # Contextual calibration (Zhao et al., 2021): one more question per
@@ -152,10 +156,14 @@ def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sente
     task_name = setup.task.name
     answer = render_sentence_prompt(setup.fmt, task_name, sentence.words)
     tags, rows = [], []
-    for word in sentence.words:
-        head, label_template = render_pair(setup.fmt, task_name, word)
+    heads = [render_pair(setup.fmt, task_name, word) for word in sentence.words]
+    suffix = setup.fmt.for_task(task_name).answer_suffix
+    for k, (head, label_template) in enumerate(heads):
         continuations = [label_template.format(label=setup.label_words[t]) for t in labels]
-        result = backend.score(setup.context, answer, [head], continuations)
+        # Scored with what follows a label (the next pair's word, or the answer's
+        # end), so a tag that is a prefix of another does not win by being short.
+        after = heads[k + 1][0] if k + 1 < len(heads) else suffix
+        result = backend.score(setup.context, answer, [head], [c + after for c in continuations])
         scores = result.logprobs[0]
         if cfg.length_norm:
             scores = scores / torch.tensor(result.continuation_tokens, dtype=scores.dtype)
@@ -281,6 +289,12 @@ def evaluate_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
     record.update(seconds=round(seconds, 3), model_tokens=backend.counts.tokens - before[0],
                   model_padded_tokens=backend.counts.padded - before[1],
                   model_calls=backend.counts.forwards - before[2])
+    counts = record["predicted_label_counts"]
+    if record["n_words"] >= 50 and counts and next(iter(counts.values())) >= 0.9 * record["n_words"]:
+        # What a near-zero score with no format failures usually is (gemma-3-270m, 0 shots, sentence format).
+        tag, n = next(iter(counts.items()))
+        log.warning("%s %s: the model gave %r to %d of %d words: stuck on one label (try demonstrations: "
+                    "--shots)", cfg.task, lang, tag, n, record["n_words"])
     log.info("%s %s: %s=%.4f, format failures %.3f, %d sentences in %.1fs", cfg.task, lang,
              setup.task.metric, record[setup.task.metric], record["format_failure_rate"], len(sentences), seconds)
     return record

@@ -51,6 +51,7 @@ __all__ = [
     "score_seq2seq_shared",
     "score_seq2seq_naive",
     "normalise",
+    "takes_tree_masks",
 ]
 
 @dataclass
@@ -103,7 +104,25 @@ class PrefixState:
             for k, v in zip(self.keys, self.values)])
 
 
+# Families whose position information is an attention bias computed from the
+# 2-D padding mask (ALiBi), not from position ids: they cannot take the tree's
+# 4-D mask and explicit positions.
+ALIBI_MODEL_TYPES = ("bloom", "mpt", "baichuan")
+
+
+def takes_tree_masks(config) -> bool:
+    """Whether a causal LM can run shared-prefix scoring and generation (4-D
+    masks with explicit position ids). Not ALiBi models: BLOOM/BLOOMZ, MPT,
+    Falcon with alibi=True."""
+    if getattr(config, "model_type", "") in ALIBI_MODEL_TYPES:
+        return False
+    return not (getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi")
+
+
 def _check_model(model) -> None:
+    if not takes_tree_masks(model.config):
+        raise ValueError(f"{type(model).__name__} uses ALiBi position biases built from a 2-D mask; shared-prefix "
+                         "scoring cannot pass it a tree mask: use score_naive (HFBackend falls back by itself)")
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in (None, "sdpa", "eager"):
         raise ValueError(
@@ -483,19 +502,24 @@ def _decoder_batch(model, labels: list[list[int]]):
 
 
 def _decoder_logprobs(logits: torch.Tensor, labels: list[list[int]], rows_per_label: int) -> torch.Tensor:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """Summed target log-probs: each target's logit minus its position's
+    logsumexp (no full-vocabulary log-softmax copy)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # [rows, T]
     n = logits.shape[0] // rows_per_label if rows_per_label else 0
     out = torch.zeros(n, rows_per_label)
     for row in range(logits.shape[0]):
         i, j = divmod(row, rows_per_label)
         label = labels[j]
-        out[i, j] = logprobs[row, torch.arange(len(label)), torch.tensor(label)].sum()
+        steps = torch.arange(len(label))
+        out[i, j] = (logits[row, steps, torch.tensor(label)] - lse[row, steps]).sum()
     return out
 
 
 @torch.inference_mode()
 def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]],
-                         counts: TokenCounts | None = None, max_batch_tokens: int = 4096) -> torch.Tensor:
+                         counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
+                         max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """Encoder-decoder models: each prompt (prefix + question, the encoder is
     bidirectional so nothing is shared across questions) is encoded once; its
     encoder states are reused for the decoder passes of every label."""
@@ -505,6 +529,8 @@ def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]
     dec_in, dec_mask = _decoder_batch(model, labels)
     result = torch.zeros(len(prompts), len(labels))
     step = max(1, max_batch_tokens // max(max(len(p) for p in prompts) + dec_in.shape[1] * len(labels), 1))
+    # The decoder's logits (prompts x labels x steps x vocabulary) count too: mT0's is 250k wide.
+    step = max(1, min(step, max_logit_floats // max(1, len(labels) * dec_in.shape[1] * _vocab_size(model))))
     for s in range(0, len(prompts), step):
         chunk = prompts[s:s + step]
         width = max(len(p) for p in chunk)

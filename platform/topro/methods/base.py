@@ -185,18 +185,20 @@ def label_token_ids(tokenizer, words: list[str], policy: str) -> list[int]:
     ids, multi = [], {}
     for word in words:
         pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        pieces = [p for p in pieces if tokenizer.convert_ids_to_tokens(p) not in ("▁", "Ġ", "")] or pieces
         if not pieces:
             raise ValueError(f"label word {word!r} encodes to no token with tokenizer {name}")
+        # A lone word-start marker then a piece ("▁", "ness") is two tokens: the
+        # word itself is not in the vocabulary (its first real subword is the piece).
+        content = [p for p in pieces if tokenizer.convert_ids_to_tokens(p) not in ("▁", "Ġ", "")] or pieces
         if len(pieces) > 1:
             if policy == "strict":
                 raise ValueError(f"label word {word!r} is {len(pieces)} tokens "
                                  f"{tokenizer.convert_ids_to_tokens(pieces)} with tokenizer {name}; "
                                  "choose a single-token word or set label_word_policy=first_subword")
             multi[word] = tokenizer.convert_ids_to_tokens(pieces)
-        if pieces[0] == tokenizer.unk_token_id:
+        if content[0] == tokenizer.unk_token_id:
             raise ValueError(f"label word {word!r} is unknown to tokenizer {name}")
-        ids.append(pieces[0])
+        ids.append(content[0])
     if multi:
         log.warning("label words scored by their first subword (tokenizer %s): %s", name, multi)
     if len(set(ids)) != len(ids):
@@ -216,6 +218,6 @@ class MethodSpec:
     base_model: str
     template: str | None = None
     verbalizer: str | None = None
-    label_word_policy: str = "first_subword"
+    label_word_policy: str = "strict"
     max_length: int = 128
     extra: dict[str, Any] = field(default_factory=dict)

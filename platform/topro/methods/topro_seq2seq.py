@@ -83,20 +83,32 @@ class ToProSeq2Seq:
                     labels=targets)
         return out.loss
 
-    def label_log_probs(self, model, batch) -> torch.Tensor:
-        """Encode each prompt once; score all labels' sequences against it in one decoder pass."""
+    def label_log_probs(self, model, batch, max_logit_floats: int = 16_000_000) -> torch.Tensor:
+        """Encode each prompt once; score every label's sequence against the
+        same encoder output (no copy per label), a label and a group of
+        prompts at a time, so at most `max_logit_floats` logits exist at once
+        (mT5's 250k vocabulary: 17 labels x 64 prompts x 4 steps of full
+        logits would be ~4 GB, twice with a log-softmax copy). Only the target
+        tokens' log-probabilities are kept: logit minus logsumexp."""
         n, n_labels = batch["input_ids"].shape[0], len(self.labels)
         encoder = model.get_encoder()
         enc = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = self._target_batch(list(range(n_labels))).to(enc.device)  # [L, T]
-        enc_rep = enc.repeat_interleave(n_labels, dim=0)
-        mask_rep = batch["attention_mask"].repeat_interleave(n_labels, dim=0)
-        tgt_rep = targets.repeat(n, 1)  # [n*L, T]
-        out = model(encoder_outputs=(enc_rep,), attention_mask=mask_rep, labels=tgt_rep)
-        token_lp = torch.log_softmax(out.logits.float(), dim=-1)
-        valid = tgt_rep != -100
-        gathered = token_lp.gather(-1, tgt_rep.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        seq_lp = (gathered * valid).sum(-1).view(n, n_labels)
+        vocab = int(model.config.vocab_size)
+        rows = max(1, max_logit_floats // max(1, targets.shape[1] * vocab))
+        seq_lp = torch.zeros(n, n_labels, device=enc.device)
+        for j in range(n_labels):
+            target = targets[j][targets[j] != -100]  # this label's tokens, EOS included
+            for start in range(0, n, rows):
+                stop = min(n, start + rows)
+                labels = target.expand(stop - start, -1)
+                # Decoder inputs rather than labels=: no loss over the full logits (another vocabulary-sized copy).
+                out = model(encoder_outputs=(enc[start:stop],), attention_mask=batch["attention_mask"][start:stop],
+                            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
+                logits = out.logits.float()  # [rows, T_j, V]
+                picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                seq_lp[start:stop, j] = (picked - torch.logsumexp(logits, dim=-1)).sum(-1)
+                del out, logits
         return torch.log_softmax(seq_lp, dim=-1)  # a distribution over the label set
 
     def meta(self) -> dict[str, Any]:
