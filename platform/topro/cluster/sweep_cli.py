@@ -36,6 +36,9 @@ def cmd_sweep(args) -> int:
     from topro.sweep_config import load_sweep_config
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Ray folds log lines that differ only in numbers ("[repeated 2x across cluster]"): the trials'
+    # progress lines would show one trial's and hide the others'. Read when Ray is imported, below.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
     from topro.precheck import check_sweep
 
