@@ -85,6 +85,12 @@ def main() -> int:
     data_dir = os.environ.get("TOPRO_DATA_DIR", str(REPO.parent / "shared" / "data" / "xtreme"))
     python = sys.executable
     started = time.time()
+    # The tiny model is built once here: workers that find no cached copy each build one into the same
+    # cache folder, and one of two building at once read the other's half-written config (seen).
+    os.environ.setdefault("TOPRO_CACHE", str(REPO / ".cache" / "topro"))
+    from topro.models import build_tiny_model
+
+    build_tiny_model("udpos", data_dir)
     cluster = start_local_cluster(work / "cluster", [NodeSpec("head", 1), NodeSpec("node2", 1)])
     print(f"cluster up in {time.time() - started:.0f}s: GCS {cluster.address}, dashboard {cluster.dashboard_url}")
     env = {**node_env(), "TOPRO_DATA_DIR": data_dir, "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{REPO}",
