@@ -138,11 +138,10 @@ def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
 
     from topro.cluster.strategies import DEEPSPEED_TAG, load_deepspeed_state
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # A file:// rendezvous: an env:// one would leave a TCPStore listening on every interface in this
+    # process (test_a_local_two_worker_run_listens_only_on_loopback watches this process too).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         def engine():
             torch.manual_seed(0)
