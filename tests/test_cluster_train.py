@@ -130,7 +130,6 @@ def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
     real ZeRO-2 state resumes, the tampered one is refused and its code never runs. World size 1, gloo."""
     import os
     import pickle
-    import socket
 
     import deepspeed
     import torch
