@@ -66,8 +66,8 @@ def test_mlflow_holds_nested_runs_with_config_metrics_and_artifacts(sweep_run):
         assert {"accuracy.de", "accuracy.ru", "accuracy.avg", "accuracy.family.Germanic",
                 "accuracy.family.Slavic", "accuracy.script.Latin", "accuracy.script.Cyrillic"} <= set(metrics)
         files = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
-        assert {"evaluation/eval.json", "evaluation/per_language.csv",
-                "evaluation/per_language_by_family.png"} == files
+        assert {"evaluation/eval.json", "evaluation/per_language.csv", "evaluation/per_language_by_family.png",
+                "evaluation/predictions.json"} == files  # per-sentence predictions: topro compare reads them
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/per_language.csv", "report/heatmap_udpos.png",
             "report/per_language_by_family_udpos.png"} <= report
@@ -89,7 +89,8 @@ def test_report_command_prints_the_table(sweep_run, capsys):
     assert main(["report", "--sweep", "mini", "--tracking-uri", sweep_run["uri"], "--no-log"]) == 0
     out = capsys.readouterr().out
     assert "| setting | seeds | de | ru | avg |" in out
-    assert out.count("| topro | 1 |") == 1 and out.count("| vanilla | 1 |") == 1
+    one_seed = "1 (no spread: single seed)"
+    assert out.count(f"| topro | {one_seed} |") == 1 and out.count(f"| vanilla | {one_seed} |") == 1
 
 
 def test_parallel_evaluation_matches_sequential(sweep_run):
@@ -100,6 +101,7 @@ def test_parallel_evaluation_matches_sequential(sweep_run):
     sequential = evaluate_checkpoint(checkpoint, "de,ru,fr", max_sentences=6, progress=False)
     stats = {}
     parallel = evaluate_checkpoint_parallel(checkpoint, "de,ru,fr", max_sentences=6, num_workers=2, stats=stats)
+    assert set(parallel.pop("nodes")) == {"de", "ru", "fr"}  # where each language ran (one node here)
     assert parallel == sequential
     assert stats["items"] == 3 and stats["model_loads"] == 2  # once per worker, not once per language
 
