@@ -154,6 +154,20 @@ def untrained_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(autouse=True)
+def _registry_tracking_uri(request):
+    """Point MLflow back at the test registry before each test that uses ``model_registry``: commands run
+    in-process by earlier tests (sweep, report, evaluate) set MLflow's process-wide tracking URI to their
+    own stores, and registry tests then looked in the wrong one (they failed only in a whole-suite run)."""
+    if "model_registry" in request.fixturenames:
+        import mlflow
+
+        uri = request.getfixturevalue("model_registry")["uri"]
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)
+    yield
+
+
 @pytest.fixture(scope="session")
 def model_registry(tmp_path_factory, tiny_topro_checkpoint):
     """A real MLflow registry in a temporary SQLite store holding ``topro-udpos-topro@champion`` (the

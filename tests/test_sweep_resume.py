@@ -38,6 +38,9 @@ def _sweep(config, uri, summary):
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray_local, tiny_udpos):
     broken = tmp_path / "model-not-there-yet"
     broken.mkdir()
+    # A config.json but no weights or tokenizer: it passes the driver's pre-check (a model folder) and
+    # fails inside its trial, which is the failure this test resumes from.
+    (broken / "config.json").write_text('{"model_type": "bert"}')
     config = tmp_path / "sweep.yaml"
     config.write_text(SWEEP.format(search_space=f"model: {{grid: [tiny, {broken}]}}", storage=tmp_path / "sweeps"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

