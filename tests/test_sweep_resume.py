@@ -53,7 +53,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray
     tracking.configure(uri)
     client = MlflowClient()
     assert client.get_run(first["parent_run_id"]).info.status == "FAILED"
-    assert "| vanilla (model=tiny) | 1 |" in first["report"]  # the finished trial is reported already
+    assert "| vanilla (model=tiny) | 1 (no spread: single seed) |" in first["report"]  # the finished trial is reported already
     trained_at = (tmp_path / "sweeps" / "resumable" / "trials" / done["trial_id"] / "checkpoint" /
                   "model.safetensors").stat().st_mtime_ns
     evaluated = client.get_run(done["run_id"]).data.tags[tracking.EVALUATED_TAG]
