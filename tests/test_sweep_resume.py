@@ -74,7 +74,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert all(tracking.EVALUATED_TAG in c.data.tags for c in children)
     assert client.get_run(first["parent_run_id"]).info.status == "FINISHED"
-    assert "| vanilla (model=model-not-there-yet) | 1 |" in second["report"]
+    assert "| vanilla (model=model-not-there-yet) | 1 (no spread: single seed) |" in second["report"]
 
 
 def test_sweep_stopped_after_its_first_trial_resumes_with_the_rest(tmp_path, ray_local, tiny_udpos):
