@@ -170,6 +170,18 @@ def checkpoint_meta(checkpoint: str | Path) -> dict:
         raise ConfigError(f"{meta}: not valid JSON ({err})") from None
 
 
+def _evaluation_languages(task, langs, split: str, data_dir: str | None, max_sentences: int | None) -> list[str]:
+    """``--max-sentences`` and ``--langs`` as ``evaluate`` and ``eval-llm`` take them: the languages, each
+    with its ``split`` at hand."""
+    if max_sentences is not None and max_sentences < 1:
+        raise ConfigError(f"--max-sentences must be at least 1, got {max_sentences}")
+    languages = expand_languages(task, langs, split, data_dir)
+    if not languages:
+        raise ConfigError("--langs: no languages given")
+    check_languages(task, {lang: [split] for lang in languages}, data_dir, "--langs")
+    return languages
+
+
 def check_evaluate(checkpoint: str | Path, langs: list[str] | str, *, task: str | None, split: str,
                    data_dir: str | None, max_sentences: int | None = None) -> list[str]:
     """What ``topro evaluate`` needs; returns the languages it will evaluate."""
@@ -177,13 +189,7 @@ def check_evaluate(checkpoint: str | Path, langs: list[str] | str, *, task: str 
     task_name = task or meta.get("task")
     if task and meta.get("task") and task != meta["task"]:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} was trained for task {meta['task']!r}, not {task!r}")
-    if max_sentences is not None and max_sentences < 1:
-        raise ConfigError(f"--max-sentences must be at least 1, got {max_sentences}")
-    languages = expand_languages(task_name, langs, split, data_dir)
-    if not languages:
-        raise ConfigError("--langs: no languages given")
-    check_languages(task_name, {lang: [split] for lang in languages}, data_dir, "--langs")
-    return languages
+    return _evaluation_languages(task_name, langs, split, data_dir, max_sentences)
 
 
 def check_sweep(sweep) -> None:
@@ -191,10 +197,11 @@ def check_sweep(sweep) -> None:
     from topro.sweep_config import trial_train_config
 
     eval_langs = sweep.eval_langs if sweep.eval_langs is not None else (sweep.base.get("eval_langs") or ["all"])
-    tasks = list(sweep.search_space.get("task", {}).get("grid", []) or
-                 sweep.search_space.get("task", {}).get("choice", [])) or [sweep.base["task"]]
-    models = list(sweep.search_space.get("model", {}).get("grid", []) or
-                  sweep.search_space.get("model", {}).get("choice", [])) or [sweep.base["model"]]
+    def searched(field: str) -> list:
+        space = sweep.search_space.get(field, {})
+        return list(space.get("grid", []) or space.get("choice", [])) or [sweep.base[field]]
+
+    tasks, models = searched("task"), searched("model")
     for task in dict.fromkeys(tasks):
         train = trial_train_config(sweep, {"task": task, "model": models[0]}, eval_langs=eval_langs)
         check_train(train, eval_split=sweep.eval_split)
@@ -220,12 +227,7 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
         get_verbalizer(task.name, verbalizer or fmt.verbalizer)
     if shots < 0:
         raise ConfigError(f"--shots must be at least 0, got {shots}")
-    if max_sentences is not None and max_sentences < 1:
-        raise ConfigError(f"--max-sentences must be at least 1, got {max_sentences}")
-    languages = expand_languages(task, langs, split, data_dir)
-    if not languages:
-        raise ConfigError("--langs: no languages given")
-    check_languages(task, {lang: [split] for lang in languages}, data_dir, "--langs")
+    languages = _evaluation_languages(task, langs, split, data_dir, max_sentences)
     if shots:
         check_languages(task, {demo_lang: [demo_split]}, data_dir, f"--shots {shots} (demonstrations)")
     check_model(model, allow_url=True, what="--model")
