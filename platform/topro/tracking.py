@@ -346,26 +346,24 @@ def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLi
     client.set_tag(run_id, EVALUATED_TAG, ",".join(sorted(record["languages"])))
 
 
-def load_evaluation(run_id: str) -> dict[str, Any] | None:
-    """The results record logged by ``log_evaluation`` (``None`` if the run has none)."""
+def _load_evaluation_file(run_id: str, name: str) -> dict[str, Any] | None:
     import mlflow
 
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/eval.json")
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/{name}")
     except Exception:
         return None
     return json.loads(text)
+
+
+def load_evaluation(run_id: str) -> dict[str, Any] | None:
+    """The results record logged by ``log_evaluation`` (``None`` if the run has none)."""
+    return _load_evaluation_file(run_id, "eval.json")
 
 
 def load_predictions(run_id: str) -> dict[str, Any] | None:
     """The per-sentence predictions logged by ``log_evaluation`` (``None`` if the run has none)."""
-    import mlflow
-
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/{PREDICTIONS_FILE}")
-    except Exception:
-        return None
-    return json.loads(text)
+    return _load_evaluation_file(run_id, PREDICTIONS_FILE)
 
 
 def log_checkpoint(run_id: str, folder: str | os.PathLike) -> None:
