@@ -110,6 +110,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-sentences", type=int, help="first N sentences per language")
     p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"],
+                   help="evaluation precision; fp64 is a reference precision whose results agree across "
+                        "processes, CPUs and thread counts (slow)")
     p.add_argument("--parallel", action="store_true", help="one Ray task per language")
     p.add_argument("--address", help="Ray cluster address for --parallel")
     p.add_argument("--output", required=True, help="JSON file to write (an existing file that an earlier "
@@ -171,7 +174,7 @@ def cmd_evaluate(args) -> int:
     from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
 
     kwargs = dict(task=args.task, data_dir=args.data_dir, split=args.split, max_sentences=args.max_sentences,
-                  viterbi=not args.no_viterbi, device=args.device)
+                  viterbi=not args.no_viterbi, device=args.device, dtype=args.dtype)
     if args.parallel:
         from topro.cluster.evaluation import evaluate_checkpoint_parallel
 

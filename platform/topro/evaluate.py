@@ -32,6 +32,19 @@ class SentencePrediction:
     trimmed_prompts: int
 
 
+EVAL_DTYPES = ("fp32", "bf16", "fp64")
+"""Evaluation precisions. ``fp64`` is a reference precision, not a fast one: results then agree across
+processes, CPUs and thread counts (float32 sums taken in another order can flip a near-tied argmax)."""
+
+
+def cast_for_evaluation(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """The loaded model in the evaluation precision: cast once to float64 for ``fp64``; ``bf16`` runs
+    under autocast (``autocast_for``), ``fp32`` as stored."""
+    if dtype not in EVAL_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EVAL_DTYPES)}")
+    return model.double() if dtype == "fp64" else model
+
+
 def autocast_for(device: torch.device, dtype: str):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -47,7 +60,9 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
     was_training = model.training
     model.eval()
     examples = method.encode(sentences)
-    out = [SentencePrediction(np.full((len(s), len(method.labels)), np.nan, dtype=np.float32), 0, 0)
+    precision = torch.float64 if dtype == "fp64" else torch.float32
+    out = [SentencePrediction(np.full((len(s), len(method.labels)), np.nan,
+                                      dtype=np.float64 if dtype == "fp64" else np.float32), 0, 0)
            for s in sentences]
     for e in examples:
         out[e.sentence].truncated_words += e.truncated_words
@@ -57,7 +72,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
         chunk = [examples[i] for i in batch_ids]
         batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
         with autocast_for(device, dtype):
-            log_probs = method.label_log_probs(model, batch).float().cpu().numpy()
+            log_probs = method.label_log_probs(model, batch).to(precision).cpu().numpy()
         row = 0
         for e in chunk:
             for w in e.words:
@@ -251,6 +266,7 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     quiet_stack(progress)
     dev = pick_device(device)
     method, model = load_checkpoint(checkpoint, dev)
+    model = cast_for_evaluation(model, dtype)
     meta = method.meta()
     task_name = task or meta["task"]
     if task_name != meta["task"]:

@@ -55,6 +55,7 @@ class LanguageEvaluator:
         if checkpoint in self.models:
             self.models.move_to_end(checkpoint)
             return self.models[checkpoint]
+        from topro.evaluate import cast_for_evaluation
         from topro.methods import load_checkpoint
         from topro.models import pick_device
         from topro.tracking import resolve_checkpoint
@@ -62,7 +63,8 @@ class LanguageEvaluator:
         while len(self.models) >= self.cache_size:
             self.models.popitem(last=False)
         folder = resolve_checkpoint(checkpoint)
-        self.models[checkpoint] = load_checkpoint(folder, pick_device(self.device))
+        method, model = load_checkpoint(folder, pick_device(self.device))
+        self.models[checkpoint] = method, cast_for_evaluation(model, self.dtype)
         self.loads += 1
         return self.models[checkpoint]
 

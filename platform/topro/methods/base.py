@@ -164,6 +164,12 @@ def collate_common(examples: list[Encoded], layout: PairLayout) -> dict[str, tor
     return batch
 
 
+def scores_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the precision scores are taken in: float32 at least (bf16/fp16 logits are upcast), float64
+    kept as it is (the fp64 reference evaluation)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 

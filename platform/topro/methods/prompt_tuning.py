@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, count_parameters
+from topro.methods.base import Encoded, MethodSpec, count_parameters, scores_dtype
 from topro.methods.prefix_attention import PREFIX_KWARG, PrefixEncoder, enable_prefix_attention
 from topro.methods.trained_only import (backbone_fingerprint, from_pretrained_noting_fresh, load_backbone,
                                         load_trained_only, read_meta, save_trained_only)
@@ -90,7 +90,7 @@ class PromptTuning:
         return F.cross_entropy(model(**tagger_inputs(batch)).float(), batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
-        return torch.log_softmax(model(**tagger_inputs(batch)).float(), dim=-1)
+        return torch.log_softmax(scores_dtype(model(**tagger_inputs(batch))), dim=-1)
 
     def meta(self) -> dict[str, Any]:
         return {**self.spec.__dict__}

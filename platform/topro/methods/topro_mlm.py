@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, label_token_ids, model_inputs,
-                                pair_layout, word_pieces)
+                                pair_layout, scores_dtype, word_pieces)
 from topro.methods.packing import (check_packing, check_positions, collate_packed, fit_questions, pack_sentence,
                                    packed_inputs)
 from topro.prompts import get_template, get_verbalizer, topro_questions
@@ -166,7 +166,7 @@ class ToProMLM:
         return F.cross_entropy(self._label_logits(model, batch).float(), batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
-        return torch.log_softmax(self._label_logits(model, batch).float(), dim=-1)
+        return torch.log_softmax(scores_dtype(self._label_logits(model, batch)), dim=-1)
 
     def meta(self) -> dict[str, Any]:
         return {**self.spec.__dict__, "label_words": self.label_words,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import META_FILE, Encoded, MethodSpec, pad_batch, pair_layout, word_pieces
+from topro.methods.base import META_FILE, Encoded, MethodSpec, pad_batch, pair_layout, scores_dtype, word_pieces
 from topro.methods.topro_mlm import context_window
 from topro.prompts import get_template, get_verbalizer, topro_questions
 
@@ -96,7 +96,7 @@ class ToProSeq2Seq:
         targets = self._target_batch(list(range(n_labels))).to(enc.device)  # [L, T]
         vocab = int(model.config.vocab_size)
         rows = max(1, max_logit_floats // max(1, targets.shape[1] * vocab))
-        seq_lp = torch.zeros(n, n_labels, device=enc.device)
+        seq_lp = torch.zeros(n, n_labels, device=enc.device, dtype=scores_dtype(enc).dtype)
         for j in range(n_labels):
             target = targets[j][targets[j] != -100]  # this label's tokens, EOS included
             for start in range(0, n, rows):
@@ -105,7 +105,7 @@ class ToProSeq2Seq:
                 # Decoder inputs rather than labels=: no loss over the full logits (another vocabulary-sized copy).
                 out = model(encoder_outputs=(enc[start:stop],), attention_mask=batch["attention_mask"][start:stop],
                             decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
-                logits = out.logits.float()  # [rows, T_j, V]
+                logits = scores_dtype(out.logits)  # [rows, T_j, V]
                 picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
                 seq_lp[start:stop, j] = (picked - torch.logsumexp(logits, dim=-1)).sum(-1)
                 del out, logits

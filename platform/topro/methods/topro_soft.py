@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, count_parameters
+from topro.methods.base import Encoded, MethodSpec, count_parameters, scores_dtype
 from topro.methods.packing import check_positions, packed_inputs
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
 from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
@@ -211,7 +211,7 @@ class ToProSoft:
         return F.cross_entropy(model(**soft_inputs(batch)).float(), batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
-        return torch.log_softmax(model(**soft_inputs(batch)).float(), dim=-1)
+        return torch.log_softmax(scores_dtype(model(**soft_inputs(batch))), dim=-1)
 
     def meta(self) -> dict[str, Any]:
         return {**self.cloze.meta(), "method": self.name,

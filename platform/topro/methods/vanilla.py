@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, model_inputs, pair_layout,
-                                word_pieces)
+                                scores_dtype, word_pieces)
 
 
 class Vanilla:
@@ -135,7 +135,7 @@ class Vanilla:
         return F.cross_entropy(self._logits(model, batch).float(), batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
-        return torch.log_softmax(self._logits(model, batch).float(), dim=-1)
+        return torch.log_softmax(scores_dtype(self._logits(model, batch)), dim=-1)
 
     def meta(self) -> dict[str, Any]:
         return {**self.spec.__dict__}
