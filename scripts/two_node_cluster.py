@@ -125,8 +125,9 @@ def main() -> int:
             checkpoint = work / "ddp" / "checkpoint"
             if not checkpoint.is_dir():
                 raise SystemExit("the eval part needs the ddp part's checkpoint")
+            # fp64: the results then agree whatever order each process sums in (threads differ)
             common = ["--checkpoint", str(checkpoint), "--langs", "de,ru,fr,id,ja,ar", "--max-sentences", "20",
-                      "--data-dir", data_dir]
+                      "--data-dir", data_dir, "--dtype", "fp64"]
             run([python, "-m", "topro.cli", "evaluate", *common, "--parallel", "--address", cluster.address,
                  "--output", str(work / "eval-two-nodes.json")], driver_env, work / "eval-two-nodes.log")
             run([python, "-m", "topro.cli", "evaluate", *common, "--output", str(work / "eval-one-process.json")],
@@ -134,7 +135,9 @@ def main() -> int:
             two = json.loads((work / "eval-two-nodes.json").read_text())
             one = json.loads((work / "eval-one-process.json").read_text())
             print("[eval] language -> node: " + ", ".join(f"{k} on {v}" for k, v in two["nodes"].items()))
-            same = two["languages"] == one["languages"]
+            same = two["languages"] == one["languages"] and (  # the scores, then the per-sentence predictions
+                json.loads((work / "eval-two-nodes.predictions.json").read_text())
+                == json.loads((work / "eval-one-process.predictions.json").read_text()))
             print(f"[eval] results identical to the one-process run: {same} "
                   f"(mean accuracy {two['average']['accuracy']:.4f} vs {one['average']['accuracy']:.4f})")
             assert same and set(two["nodes"].values()) == {"head", "node2"}, two["nodes"]

@@ -105,7 +105,7 @@ def test_vanilla_window_labels_each_word_where_it_has_most_context(tiny_udpos, d
     cut = build_method(spec("vanilla", max_length=128, extra={"long_sentences": "truncate"}), tiny_udpos)
     assert [e.input_ids for e in wide.encode([short])] == [e.input_ids for e in cut.encode([short])]
     # A word's prediction comes from its window alone: re-encoding that window gives the same numbers.
-    model = method.build_model(tiny_udpos).eval()
+    model = method.build_model(tiny_udpos).double().eval()
     with _torch.no_grad():
         whole = method.label_log_probs(model, method.collate(examples))
         first = method.label_log_probs(model, method.collate(examples[:1]))

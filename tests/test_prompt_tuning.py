@@ -55,7 +55,7 @@ def test_prefix_that_duplicates_the_inputs_own_keys_changes_nothing(request, fam
     sentence = load_split("udpos", "de", "dev", data_dir, limit=1)
     batch = method.collate(method.encode(sentence))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-    backbone = enable_prefix_attention(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
+    backbone = enable_prefix_attention(AutoModel.from_pretrained(path, add_pooling_layer=False)).double().eval()
     plain, key_values = own_key_values(backbone, inputs)
     with torch.no_grad():
         duplicated = backbone(**inputs, **{PREFIX_KWARG: key_values}).last_hidden_state
@@ -69,9 +69,9 @@ def test_prefix_that_duplicates_the_inputs_own_keys_changes_nothing(request, fam
 def test_zero_length_prefix_is_the_plain_backbone(request, family, data_dir):
     path = request.getfixturevalue(family)
     method = pt_method(path, prefix_length=0)
-    model = method.build_model(path).eval()
+    model = method.build_model(path).double().eval()
     batch = method.collate(method.encode(load_split("udpos", "ru", "dev", data_dir, limit=4)))
-    reference = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
+    reference = AutoModel.from_pretrained(path, add_pooling_layer=False).double().eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     with torch.no_grad():
         hidden = model.backbone(**inputs).last_hidden_state
@@ -87,7 +87,7 @@ def test_padding_in_a_batch_does_not_change_prefixed_predictions(request, family
     path = request.getfixturevalue(family)
     method = pt_method(path)
     torch.manual_seed(0)
-    model = method.build_model(path).eval()
+    model = method.build_model(path).double().eval()
     sentences = load_split("udpos", "en", "dev", data_dir, limit=6)
     examples = method.encode(sentences)
     assert len({e.length for e in examples}) > 1  # really padded

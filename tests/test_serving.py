@@ -24,13 +24,13 @@ def test_unlabelled_sentences_get_the_same_predictions_as_labelled_ones(request,
     path = request.getfixturevalue(model_fixture)
     method = build_method(MethodSpec(method=method_name, task="udpos", labels=list(get_task("udpos").labels),
                                      base_model="test"), path)
-    model = method.build_model(path).eval()
+    model = method.build_model(path).double().eval()
     labelled = load_split("udpos", "de", "dev", data_dir, limit=3)
     unlabelled = _unlabelled(labelled)
     examples = method.encode(unlabelled)
     assert all(label == -100 for e in examples for label in e.labels)
-    got = predict(method, model, unlabelled)
-    want = predict(method, model, labelled)
+    got = predict(method, model, unlabelled, dtype="fp64")
+    want = predict(method, model, labelled, dtype="fp64")
     for g, w, s in zip(got, want, labelled):
         assert g.log_probs.shape == (len(s), 17) and not np.isnan(g.log_probs).any()
         np.testing.assert_allclose(g.log_probs, w.log_probs, atol=1e-5)

@@ -54,8 +54,8 @@ def test_soft_template_initialised_at_the_template_is_handwritten_topro(request,
     soft_examples, hand_examples = soft.encode(sentences), hand.encode(sentences)
     assert [with_slots_filled(e, tokens) for e in soft_examples] == [e.input_ids for e in hand_examples]
     assert [e.positions for e in soft_examples] == [e.positions for e in hand_examples]
-    soft_model = soft.build_model(path).eval()
-    hand_model = hand.build_model(path).eval()
+    soft_model = soft.build_model(path).double().eval()
+    hand_model = hand.build_model(path).double().eval()
     with torch.no_grad():
         torch.testing.assert_close(soft.label_log_probs(soft_model, soft.collate(soft_examples)),
                                    hand.label_log_probs(hand_model, hand.collate(hand_examples)),
