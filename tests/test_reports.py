@@ -37,6 +37,11 @@ def test_markdown_table_is_mean_and_std_over_seeds():
     assert "| topro | [21.5, 148.5] | [-77.1, 177.1] |" in table
     assert "| vanilla | n/a (1 seed) |" in table
 
+    single = reports.markdown_table([e for e in entries if e.seed == 1])
+    assert "confidence interval" not in single and "n/a (1 seed)" not in single
+    assert "| vanilla | 1 (no spread: single seed) | 85.0 | 50.0 | 67.5 | 50.0 |" in single
+    assert "Single seed (no spread, no interval) (1)" in single
+
 
 def test_group_averages_csv_and_plots(tmp_path):
     record = _record("topro", {"de": 0.5, "nl": 0.7, "ru": 0.4, "en": 0.9})

@@ -5,6 +5,9 @@
   for any other model are kept (a missing head of a pretrained checkpoint is worth knowing).
 - DeepSpeed's "Setting accelerator to CPU ... unable to detect it" on a machine without a GPU
   (``DS_ACCELERATOR=cpu`` is what it would pick anyway).
+- transformers 5's notice that ``past_key_values`` is now called ``cache`` (a FutureWarning per model class
+  and a log line): topro's LLM scoring passes and reads ``past_key_values``, the name every transformers
+  it supports (4.45 on) takes.
 - With ``progress=False``: every bar of transformers and huggingface_hub (loading weights, writing
   model shards), besides topro's own.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 _TINY_MARK = "/tiny-"
@@ -23,7 +27,13 @@ class _TinyLoadReport(logging.Filter):
         return not ("LOAD REPORT" in text and _TINY_MARK in text)
 
 
+class _CacheRename(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`past_key_values`/`cache_params` are deprecated" not in str(record.msg)
+
+
 _FILTER = _TinyLoadReport()
+_CACHE_FILTER = _CacheRename()
 
 
 def no_gpu_device() -> bool:
@@ -37,6 +47,10 @@ def quiet_stack(progress: bool = True) -> None:
     logger = logging.getLogger("transformers.modeling_utils")
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
+    logger = logging.getLogger("transformers.utils.generic")
+    if _CACHE_FILTER not in logger.filters:
+        logger.addFilter(_CACHE_FILTER)
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     if not progress:
         import huggingface_hub.utils
         import transformers.utils.logging

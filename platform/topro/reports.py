@@ -220,7 +220,8 @@ MAX_LANGUAGE_COLUMNS = 12
 
 def markdown_table(entries: list[Scores], title: str | None = None) -> str:
     """Paper-style tables, one per task: settings x languages, averages; mean ± std over seeds, in percent,
-    then the 95% confidence interval of each mean (t over seeds). One seed is said so in the table."""
+    then the 95% confidence interval of each mean (t over seeds). One seed is said so in the table; where
+    every setting has one seed, the interval tables are left out (the footer says so)."""
     out: list[str] = []
     if title:
         out += [f"## {title}", ""]
@@ -251,14 +252,16 @@ def markdown_table(entries: list[Scores], title: str | None = None) -> str:
                 count = f"{n}" if n > 1 else "1 (no spread: single seed)"
                 out.append(f"| {name(setting)} | {count} | "
                            + " | ".join(format_cell(cells.get(c, [])) for c in block) + " |")
-        out.append("")
-        out.append(f"95% confidence interval of the mean over seeds (Student's t), {metric} %:")
-        for block in blocks:
+        if any(len(cells["avg"]) > 1 for cells in settings.values()):  # one seed everywhere: no interval at all
             out.append("")
-            out.append("| setting | " + " | ".join(block) + " |")
-            out.append("|---|" + "---|" * len(block))
-            for setting, cells in settings.items():
-                out.append(f"| {name(setting)} | " + " | ".join(format_ci(cells.get(c, [])) for c in block) + " |")
+            out.append(f"95% confidence interval of the mean over seeds (Student's t), {metric} %:")
+            for block in blocks:
+                out.append("")
+                out.append("| setting | " + " | ".join(block) + " |")
+                out.append("|---|" + "---|" * len(block))
+                for setting, cells in settings.items():
+                    out.append(f"| {name(setting)} | "
+                               + " | ".join(format_ci(cells.get(c, [])) for c in block) + " |")
         notes = sorted({f"{e.setting}: {k}={v}" for e in task_entries for k, v in e.info.items()
                         if k in ("learning_rate", "selected")})
         selection = sorted({str(e.info["selection_metric"]) for e in task_entries if e.info.get("selection_metric")})

@@ -79,8 +79,11 @@ class HFBackend:
                  threads: int | None = None, attn_implementation: str = "sdpa"):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+        from topro.quiet import quiet_stack
+
         if scoring not in ("shared", "naive"):
             raise ValueError(f"scoring: {scoring!r} is not 'shared' or 'naive'")
+        quiet_stack()
         if threads:
             torch.set_num_threads(threads)
         self.name = model
