@@ -486,6 +486,7 @@ def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, mo
         moved = time.time()
         while not all(out and out[-1][1] == second for out in seen) and time.time() < moved + 90:
             time.sleep(0.1)
+        followed = time.time() - moved
         time.sleep(1.0)  # more answers after the switch
     finally:
         stop.set()
@@ -493,6 +494,10 @@ def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, mo
             t.join(timeout=120)
     switches = requests.get(f"{url}/models", timeout=30).json()["alias_switches"]
     ray_serve.delete("alias")
+    by_first = [sum(v == first for _, v, _ in out) for out in seen]
+    print(f"alias @live moved v{first} -> v{second}: every client answered by v{second} {followed:.1f}s later; "
+          f"answers per client {[len(out) for out in seen]}, by v{first} {by_first}; "
+          f"not 200: {sum(status != 200 for out in seen for status, _, _ in out)}")
     for out in seen:
         assert [status for status, _, _ in out] == [200] * len(out)  # zero errors, before, during and after
         versions = [version for _, version, _ in out]
