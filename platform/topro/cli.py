@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from topro.config import ConfigError, TrainConfig, load_config
+from topro.config import EVAL_DTYPES, ConfigError, TrainConfig, load_config
 
 log = logging.getLogger("topro")
 
@@ -110,7 +110,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-sentences", type=int, help="first N sentences per language")
     p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"],
+    p.add_argument("--dtype", default="fp32", choices=EVAL_DTYPES,
                    help="evaluation precision; fp64 is a reference precision whose results agree across "
                         "processes, CPUs and thread counts (slow)")
     p.add_argument("--parallel", action="store_true", help="one Ray task per language")

@@ -18,6 +18,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 
+EVAL_DTYPES = ("fp32", "bf16", "fp64")
+"""Evaluation precisions. ``fp64`` is a reference precision, not a fast one: results then agree across
+processes, CPUs and thread counts (float32 sums taken in another order can flip a near-tied argmax)."""
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a bad value."""
 
@@ -88,7 +93,7 @@ class TrainConfig:
     seed: int = 42
     """Seed for initialisation, shuffling and dropout."""
     dtype: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision (bf16 autocast where supported)."""
+    """Compute precision (bf16 autocast where supported); evaluation also takes ``EVAL_DTYPES``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for single-process runs (``auto``: CUDA when present)."""
     num_threads: int | None = None

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from topro.batching import token_budget_batches
+from topro.config import EVAL_DTYPES
 from topro.data.readers import Sentence
 from topro.data.tasks import Task, get_task
 from topro.methods import Method
@@ -30,11 +31,6 @@ class SentencePrediction:
     """[n_words, n_labels]; rows of words without a prediction are NaN."""
     truncated_words: int
     trimmed_prompts: int
-
-
-EVAL_DTYPES = ("fp32", "bf16", "fp64")
-"""Evaluation precisions. ``fp64`` is a reference precision, not a fast one: results then agree across
-processes, CPUs and thread counts (float32 sums taken in another order can flip a near-tied argmax)."""
 
 
 def cast_for_evaluation(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
@@ -61,8 +57,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
     model.eval()
     examples = method.encode(sentences)
     precision = torch.float64 if dtype == "fp64" else torch.float32
-    out = [SentencePrediction(np.full((len(s), len(method.labels)), np.nan,
-                                      dtype=np.float64 if dtype == "fp64" else np.float32), 0, 0)
+    out = [SentencePrediction(torch.full((len(s), len(method.labels)), torch.nan, dtype=precision).numpy(), 0, 0)
            for s in sentences]
     for e in examples:
         out[e.sentence].truncated_words += e.truncated_words
