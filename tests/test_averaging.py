@@ -68,3 +68,21 @@ def test_single_process_run_exports_the_average_of_its_last_k_checkpoints(tmp_pa
     dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=10))
     assert dev["accuracy"] == pytest.approx(averaged["averaged_dev_accuracy"])  # the export is the averaged model
     assert json.loads((tmp_path / "avg" / "metrics.json").read_text())["selection"] == "average_last_k"
+
+
+def test_evals_per_epoch_spreads_evaluations_evenly_whatever_the_step_count():
+    from topro.averaging import evaluation_due
+
+    # ToPro (one example per word) and vanilla (one per sentence) get the same number of checkpoints.
+    for steps_per_epoch in (7, 110):
+        cfg = TrainConfig(epochs=2, evals_per_epoch=3)
+        due = [s for s in range(1, 2 * steps_per_epoch + 1) if evaluation_due(cfg, s, steps_per_epoch)]
+        assert len(due) == 6 and due[2] == steps_per_epoch and due[-1] == 2 * steps_per_epoch
+        assert planned_evaluations(cfg, steps_per_epoch) == 6
+    # Fewer steps than evaluations: one evaluation per step, never two at the same step.
+    assert planned_evaluations(TrainConfig(epochs=1, evals_per_epoch=5), 2) == 2
+    check_selection(TrainConfig(selection="average_last_k", k=3, epochs=1, evals_per_epoch=3), 5)
+    with pytest.raises(ConfigError, match="evals_per_epoch"):
+        load_config(TrainConfig, None, ["evals_per_epoch=2", "eval_every_steps=5"])
+    with pytest.raises(ConfigError, match="evals_per_epoch"):
+        load_config(TrainConfig, None, ["evals_per_epoch=0"])

@@ -14,6 +14,7 @@ worker failure averages the checkpoints made after the restart (``averaged_steps
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +24,24 @@ from topro.config import ConfigError, TrainConfig
 SELECTIONS = ("best", "average_last_k", "average_top_k")
 
 
+def evaluation_due(cfg: TrainConfig, step: int, steps_per_epoch: int) -> bool:
+    """Whether the loop evaluates English dev after optimizer step ``step`` (besides each epoch's end)."""
+    if cfg.eval_every_steps:
+        return step % cfg.eval_every_steps == 0
+    if cfg.evals_per_epoch:
+        in_epoch = (step - 1) % steps_per_epoch + 1
+        n = cfg.evals_per_epoch
+        return any(math.ceil(steps_per_epoch * i / n) == in_epoch for i in range(1, n + 1))
+    return False
+
+
 def planned_evaluations(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """English dev evaluations a run makes if early stopping does not cut it short."""
     count, step, last = 0, 0, -1
     for _ in range(cfg.epochs):
         for _ in range(steps_per_epoch):
             step += 1
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+            if evaluation_due(cfg, step, steps_per_epoch):
                 count, last = count + 1, step
             if cfg.max_steps and step >= cfg.max_steps:
                 break
@@ -54,6 +66,7 @@ def check_selection(cfg: TrainConfig, steps_per_epoch: int | None = None, zero_s
         if cfg.k > kept:
             raise ConfigError(f"k: {cfg.k} is larger than the {kept} English-dev checkpoints this run keeps "
                               f"(epochs={cfg.epochs}, eval_every_steps={cfg.eval_every_steps}, "
+                              f"evals_per_epoch={cfg.evals_per_epoch}, "
                               f"max_steps={cfg.max_steps}, {steps_per_epoch} steps per epoch); lower k or "
                               f"evaluate more often")
 

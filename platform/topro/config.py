@@ -88,6 +88,11 @@ class TrainConfig:
     """Stop after this many optimizer steps (``None``: run all epochs)."""
     eval_every_steps: int | None = None
     """Also evaluate English dev every N optimizer steps (``None``: once per epoch)."""
+    evals_per_epoch: int | None = None
+    """Evaluate English dev N times per epoch at evenly spaced steps, the last at the epoch's end
+    (``None``: once per epoch). Unlike ``eval_every_steps`` it gives methods with very different step
+    counts (vanilla: one example per sentence, ToPro: one per word) the same number of checkpoints to
+    select or average from; not together with ``eval_every_steps``."""
     patience: int = 3
     """Early stopping: evaluations without dev gain before training stops."""
     seed: int = 42
@@ -183,7 +188,9 @@ class TrainConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
-        return check_ranges(self, TRAIN_RANGES) + self._packing_problems()
+        both = ([("evals_per_epoch", "set either evals_per_epoch or eval_every_steps, not both")]
+                if self.evals_per_epoch and self.eval_every_steps else [])
+        return check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both
 
     def _packing_problems(self) -> list[tuple[str, str]]:
         if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
@@ -233,6 +240,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "workers": _at_least(1), "keep_checkpoints": _at_least(1), "max_failures": _at_least(0),
     "prefix_length": _at_least(1),
     "max_steps": _at_least(1, optional=True), "eval_every_steps": _at_least(1, optional=True),
+    "evals_per_epoch": _at_least(1, optional=True),
     "max_train_sentences": _at_least(1, optional=True), "max_dev_sentences": _at_least(1, optional=True),
     "max_eval_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,

@@ -4,7 +4,7 @@ Scale-out differences (DDP, DeepSpeed, checkpoint reporting, resumption,
 fault injection) live behind the strategy object; ``LocalStrategy`` is the
 single-process one, ``topro.cluster.strategies`` holds the Ray Train ones.
 The loop evaluates English dev after every epoch (and every
-``eval_every_steps``), keeps the best checkpoint, stops early after
+``eval_every_steps`` or ``evals_per_epoch``), keeps the best checkpoint, stops early after
 ``patience`` evaluations without gain, and writes ``metrics.json``.
 
 Global batch semantics (the same for 1 or N workers): one *global*
@@ -40,7 +40,7 @@ from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
 from topro.methods import Method, MethodSpec, build_method
 from topro.methods.base import count_parameters
-from topro.averaging import CheckpointAverager, check_selection
+from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
 
@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
                     log.info("%sepoch %d/%d step %d/%d: loss %.4f, %.1f examples/s", line_prefix, state.epoch + 1,
                              cfg.epochs, state.step, total_steps, running / n_loss,
                              train_examples * strategy.world_size / max(train_seconds, 1e-9))
-                if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+                if evaluation_due(cfg, state.step, steps_per_epoch):
                     stop = evaluate_and_keep(running / n_loss, state.epoch)
                     if stop:
                         break
