@@ -9,7 +9,6 @@ than the encoder for 120k-250k vocabularies and are never needed.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, label_token_ids, model_inputs,
-                                pair_layout, scores_dtype, word_pieces)
+from topro.methods.base import (Encoded, MethodSpec, collate_common, label_token_ids, model_inputs, scores_dtype,
+                                word_pieces)
 from topro.methods.packing import (check_packing, check_positions, collate_packed, fit_questions, pack_sentence,
                                    packed_inputs)
+from topro.methods.whole_model import WholeModelMethod
 from topro.prompts import get_template, get_verbalizer, topro_questions
 
 
@@ -66,21 +66,18 @@ def full_vocab_label_logits(model, batch: dict[str, torch.Tensor], label_ids: to
     return logits[batch["label_rows"], batch["label_positions"]][:, label_ids]
 
 
-class ToProMLM:
+class ToProMLM(WholeModelMethod):
     """``spec.extra["prompt_packing"]``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
     per sentence window, see ``methods/packing.py``); ``max_packed_length`` bounds a packed row."""
 
     name = "topro"
+    auto_class = "AutoModelForMaskedLM"
 
     def __init__(self, spec: MethodSpec, tokenizer):
         if tokenizer.mask_token is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path} has no mask token: "
                              "ToPro for masked LMs needs a masked LM")
-        self.spec = spec
-        self.labels = list(spec.labels)
-        self.label_index = {label: i for i, label in enumerate(self.labels)}
-        self.tokenizer = tokenizer
-        self.layout = pair_layout(tokenizer)
+        super().__init__(spec, tokenizer)
         self.template = get_template(spec.task, spec.template)
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
@@ -93,16 +90,12 @@ class ToProMLM:
                              f"max_length={spec.max_length}")
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        from transformers import AutoModelForMaskedLM
-
-        model = AutoModelForMaskedLM.from_pretrained(model_path)
+        model = super().build_model(model_path)
         check_positions(model, self.spec.max_length)
         return model
 
     def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
-        from transformers import AutoModelForMaskedLM
-
-        model = AutoModelForMaskedLM.from_pretrained(checkpoint, use_safetensors=True)
+        model = super().load_model(checkpoint)
         check_positions(model, self.spec.max_length)
         return model
 
@@ -169,11 +162,5 @@ class ToProMLM:
         return torch.log_softmax(scores_dtype(self._label_logits(model, batch)), dim=-1)
 
     def meta(self) -> dict[str, Any]:
-        return {**self.spec.__dict__, "label_words": self.label_words,
+        return {**super().meta(), "label_words": self.label_words,
                 "label_token_ids": self.label_ids.tolist(), "prompt_packing": self.packing}
-
-    def save(self, model, folder: str | Path) -> None:
-        folder = Path(folder)
-        model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
-        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2))

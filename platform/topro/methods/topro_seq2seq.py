@@ -6,30 +6,25 @@ the published code generated free text and matched strings instead.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import META_FILE, Encoded, MethodSpec, pad_batch, pair_layout, scores_dtype, word_pieces
+from topro.methods.base import Encoded, MethodSpec, pad_batch, scores_dtype, word_pieces
 from topro.methods.topro_mlm import context_window
+from topro.methods.whole_model import WholeModelMethod
 from topro.prompts import get_template, get_verbalizer, topro_questions
 
 SENTINEL = "<extra_id_0>"
 
 
-class ToProSeq2Seq:
+class ToProSeq2Seq(WholeModelMethod):
     name = "topro"
+    auto_class = "AutoModelForSeq2SeqLM"
 
     def __init__(self, spec: MethodSpec, tokenizer):
-        self.spec = spec
-        self.labels = list(spec.labels)
-        self.label_index = {label: i for i, label in enumerate(self.labels)}
-        self.tokenizer = tokenizer
-        self.layout = pair_layout(tokenizer)
+        super().__init__(spec, tokenizer)
         self.template = get_template(spec.task, spec.template)
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
@@ -40,16 +35,6 @@ class ToProSeq2Seq:
         self.targets = [tokenizer(w, add_special_tokens=False)["input_ids"] + eos for w in self.label_words]
         if len({tuple(t) for t in self.targets}) != len(self.targets):
             raise ValueError(f"label words {self.label_words} do not tokenize to distinct sequences")
-
-    def build_model(self, model_path: str) -> torch.nn.Module:
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM.from_pretrained(model_path)
-
-    def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM.from_pretrained(checkpoint, use_safetensors=True)
 
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
         layout = self.layout
@@ -112,10 +97,4 @@ class ToProSeq2Seq:
         return torch.log_softmax(seq_lp, dim=-1)  # a distribution over the label set
 
     def meta(self) -> dict[str, Any]:
-        return {**self.spec.__dict__, "label_words": self.label_words, "architecture": "seq2seq"}
-
-    def save(self, model, folder: str | Path) -> None:
-        folder = Path(folder)
-        model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
-        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2))
+        return {**super().meta(), "label_words": self.label_words, "architecture": "seq2seq"}

@@ -10,39 +10,22 @@ cutting the sentence off, its lost words counted in ``n_truncated_words``).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import (META_FILE, Encoded, MethodSpec, collate_common, model_inputs, pair_layout,
-                                scores_dtype, word_pieces)
+from topro.methods.base import Encoded, collate_common, model_inputs, scores_dtype, word_pieces
+from topro.methods.whole_model import WholeModelMethod
 
 
-class Vanilla:
+class Vanilla(WholeModelMethod):
     name = "vanilla"
-
-    def __init__(self, spec: MethodSpec, tokenizer):
-        self.spec = spec
-        self.labels = list(spec.labels)
-        self.label_index = {label: i for i, label in enumerate(self.labels)}
-        self.tokenizer = tokenizer
-        self.layout = pair_layout(tokenizer)
+    auto_class = "AutoModelForTokenClassification"
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        from transformers import AutoModelForTokenClassification
-
-        return AutoModelForTokenClassification.from_pretrained(
+        return self.auto_model().from_pretrained(
             model_path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id=self.label_index)
-
-    def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
-        from transformers import AutoModelForTokenClassification
-
-        return AutoModelForTokenClassification.from_pretrained(checkpoint, use_safetensors=True)
 
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
         budget = self.spec.max_length - self.layout.single_overhead
@@ -137,11 +120,3 @@ class Vanilla:
     def label_log_probs(self, model, batch) -> torch.Tensor:
         return torch.log_softmax(scores_dtype(self._logits(model, batch)), dim=-1)
 
-    def meta(self) -> dict[str, Any]:
-        return {**self.spec.__dict__}
-
-    def save(self, model, folder: str | Path) -> None:
-        folder = Path(folder)
-        model.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
-        (folder / META_FILE).write_text(json.dumps(self.meta(), indent=2))
