@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from topro.data import get_task
-from topro.metrics import accuracy, iob2_transition_mask, score_task, viterbi_iob2
+from topro.metrics import accuracy, fallback_label, iob2_transition_mask, score_task, viterbi_iob2
 
 PANX = get_task("panx")
 
@@ -113,3 +113,16 @@ def test_selection_metric_is_checked_by_name():
         resolve_selection_metric(PANX, "f1_strcit")
     with pytest.raises(ConfigError, match="selection_metric"):
         resolve_selection_metric(get_task("udpos"), "f1")
+
+
+def test_a_word_without_prediction_takes_one_fallback_rule_in_fine_tuned_and_llm_evaluation():
+    from topro.evaluate import SentencePrediction, decode
+
+    udpos = get_task("udpos")
+    assert fallback_label("iob2", list(PANX.labels)) == "O"
+    assert fallback_label(udpos.scheme, list(udpos.labels)) == "X"
+    assert fallback_label("tagging", ["NOUN", "VERB"]) == "NOUN"
+    lp = np.full((2, len(PANX.labels)), np.nan)
+    lp[0] = np.log(np.eye(len(PANX.labels))[PANX.labels.index("B-PER")] + 1e-9)
+    for viterbi in (False, True):
+        assert decode(PANX, list(PANX.labels), SentencePrediction(lp, 1, 0), viterbi=viterbi) == ["B-PER", "O"]

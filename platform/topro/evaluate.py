@@ -18,11 +18,7 @@ from topro.config import EVAL_DTYPES
 from topro.data.readers import Sentence
 from topro.data.tasks import Task, get_task
 from topro.methods import Method
-from topro.metrics import accuracy, score_task, span_scores, viterbi_iob2
-
-# Label predicted for a word that got no prediction (cut by max_length): it is
-# still scored, so truncation costs recall instead of vanishing from the metric.
-FALLBACK = {"iob2": "O"}
+from topro.metrics import accuracy, fallback_label, score_task, span_scores, viterbi_iob2
 
 
 @dataclass
@@ -80,7 +76,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
 def decode(task: Task, labels: list[str], prediction: SentencePrediction, viterbi: bool = False) -> list[str]:
     lp = prediction.log_probs
     missing = np.isnan(lp).any(axis=1)
-    fallback = FALLBACK.get(task.scheme, "X" if "X" in labels else labels[0])
+    fallback = fallback_label(task.scheme, labels)
     if viterbi and task.scheme == "iob2":
         filled = np.where(missing[:, None], np.log(1.0 / len(labels)), lp)
         if missing.any():  # a missing word is the fallback label for certain

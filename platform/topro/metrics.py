@@ -104,6 +104,15 @@ def iob2_transition_mask(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return allowed, start
 
 
+def fallback_label(scheme: str, labels: list[str]) -> str:
+    """The label a word without a prediction gets (cut by ``max_length``, or an LLM answer that failed to
+    parse): ``O`` for span tasks, else ``X`` (or the first label). It is still scored, so a lost word costs
+    recall instead of vanishing from the metric."""
+    if scheme == "iob2":
+        return "O"
+    return "X" if "X" in labels else labels[0]
+
+
 def viterbi_iob2(log_probs: np.ndarray, labels: list[str]) -> list[int]:
     """The most probable valid IOB2 label sequence given per-word log-probabilities [n, L]."""
     n_words, n_labels = log_probs.shape

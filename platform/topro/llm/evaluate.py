@@ -31,7 +31,7 @@ from topro.llm.backends import Backend
 from topro.llm.formats import (PromptFormat, load_format, render_context, render_pair,
                                render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
-from topro.metrics import score_task, viterbi_iob2
+from topro.metrics import fallback_label, score_task, viterbi_iob2
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,6 @@ class RunSetup:
     demos: list = field(default_factory=list)
 
 
-def fallback_tag(task: Task) -> str:
-    """Same rule as fine-tuned evaluation: O for span tasks, else X (or the first label)."""
-    if task.scheme == "iob2":
-        return "O"
-    return "X" if "X" in task.labels else task.labels[0]
-
-
 def prepare(cfg: LLMEvalConfig) -> RunSetup:
     task = get_task(cfg.task)
     fmt = load_format(cfg.format)
@@ -108,7 +101,7 @@ def prepare(cfg: LLMEvalConfig) -> RunSetup:
         train = load_split(task, cfg.demo_lang, cfg.demo_split, cfg.data_dir)
         demos = select_demos(train, cfg.shots, cfg.seed, fmt.style)
     context = render_context(fmt, task.name, words, demos)
-    return RunSetup(task, fmt, words, context, fallback_tag(task), demos)
+    return RunSetup(task, fmt, words, context, fallback_label(task.scheme, list(task.labels)), demos)
 
 
 @dataclass
