@@ -86,6 +86,19 @@ def test_compare_cli_marks_significant_languages_and_refuses_mismatches(tmp_path
     assert "has no predictions for language 'fr'" in capsys.readouterr().err
     assert main(["compare", str(a), str(fewer), "--langs", "de", "--resamples", "200"]) == 0
 
+    # A topro train output folder stands for its eval.json; a folder without one is named.
+    run_a, run_b, empty = tmp_path / "run_a", tmp_path / "run_b", tmp_path / "empty"
+    for run, name in ((run_a, "topro"), (run_b, "vanilla")):
+        run.mkdir()
+        for suffix in (".json", ".predictions.json"):
+            (run / f"eval{suffix}").write_text((tmp_path / f"{name}{suffix}").read_text().replace(
+                f'"{name}.predictions.json"', '"eval.predictions.json"'))
+    empty.mkdir()
+    assert main(["compare", str(run_a), str(run_b), "--resamples", "2000"]) == 0
+    assert next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| de ")).endswith("| * |")
+    assert main(["compare", str(run_a), str(empty)]) == 2
+    assert f"{empty}: a folder without eval.json" in capsys.readouterr().err
+
 
 def test_pooled_seeds_compare_over_sentences():
     gold = [["NOUN"] * 4 for _ in range(30)]

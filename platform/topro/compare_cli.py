@@ -1,7 +1,8 @@
 """``topro compare RUN_A RUN_B``: paired bootstrap per language of two evaluations' stored predictions.
 
-A run is an MLflow run id (its ``evaluation/predictions.json``) or a results file written by
-``topro evaluate`` / ``topro train`` (``X.json``, its predictions in ``X.predictions.json``). No model
+A run is an MLflow run id (its ``evaluation/predictions.json``), a results file written by
+``topro evaluate`` / ``topro train`` (``X.json``, its predictions in ``X.predictions.json``), or the
+output folder of ``topro train`` (its ``eval.json``). No model
 is run: the comparison reads the per-sentence predictions the evaluation stored.
 """
 from __future__ import annotations
@@ -14,9 +15,20 @@ from topro.significance import ALPHA, N_RESAMPLES, ComparisonError, Predictions,
     comparison_markdown
 
 
-def load_predictions(ref: str) -> Predictions:
-    """The stored predictions of ``ref`` (a results/predictions file, or an MLflow run id)."""
+def results_path(ref: str) -> Path:
+    """``ref`` as a file: a results file, or the ``eval.json`` of a training output folder."""
     path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "eval.json").is_file():
+            raise ComparisonError(f"{path}: a folder without eval.json (evaluate the run first, or pass "
+                                  f"a results file or an MLflow run id)")
+        return path / "eval.json"
+    return path
+
+
+def load_predictions(ref: str) -> Predictions:
+    """The stored predictions of ``ref`` (a results/predictions file, a run folder, or an MLflow run id)."""
+    path = results_path(ref)
     if path.is_file():
         data = json.loads(path.read_text())
         if "predictions_file" in data:  # a results file: its predictions lie beside it
@@ -42,7 +54,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="paired bootstrap of two evaluations per language (stored predictions)",
                        description="Compare two evaluated runs on the same sentences: per language, both scores, "
                                    "the difference, its bootstrap 95%% interval and p-value; no model is run.")
-    p.add_argument("run_a", help="MLflow run id, or a results JSON of topro evaluate (predictions beside it)")
+    p.add_argument("run_a", help="MLflow run id, a results JSON of topro evaluate (predictions beside it), or a "
+                                 "topro train output folder (its eval.json)")
     p.add_argument("run_b", help="the same for the other system")
     p.add_argument("--metric", help="accuracy, f1 or f1_strict (default: the task's headline)")
     p.add_argument("--langs", help="comma-separated languages (default: all, which both must have)")
@@ -60,7 +73,7 @@ def cmd_compare(args) -> int:
 
     if args.resamples < 1:
         raise ComparisonError(f"--resamples must be at least 1, got {args.resamples}")
-    if not all(Path(r).expanduser().is_file() for r in (args.run_a, args.run_b)):
+    if not all(results_path(r).is_file() for r in (args.run_a, args.run_b)):
         tracking.configure(args.tracking_uri)  # run ids: MLflow (files need none)
     a, b = load_predictions(args.run_a), load_predictions(args.run_b)
     metric = args.metric or get_task(a.task).metric
