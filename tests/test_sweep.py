@@ -151,6 +151,8 @@ scheduler: asha
     assert isinstance(space["template"], tune.search.sample.Categorical)
     asha = scheduler(cfg)
     assert isinstance(asha, tune.schedulers.ASHAScheduler) and asha._max_t == 5  # the most epochs in the space
+    cfg.base["evals_per_epoch"] = 3  # a trial then reports 3 evaluations per epoch
+    assert scheduler(cfg)._max_t == 15
     assert trial_cpus(cfg) == pytest.approx(0.1 + 2 * 1.5)
     random = _sweep_config(tmp_path, "name: r\nsearch: random\nnum_samples: 3\n"
                                      "search_space: {method: {grid: [topro, vanilla]}}\n")

@@ -64,7 +64,8 @@ class SweepConfig:
     reduction_factor: float = 2.0
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     max_t: int | None = None
-    """ASHA: most evaluations per trial (default: the largest ``epochs`` in the space)."""
+    """ASHA: most evaluations per trial (default: the largest ``epochs`` in the space times the largest
+    ``evals_per_epoch``; set it when ``eval_every_steps`` adds evaluations)."""
     metric: str = "dev_score"
     """Tune metric (mode max). ``dev_score`` is the task's headline English dev metric, whatever the task."""
     select_over: list[str] = field(default_factory=lambda: ["learning_rate"])

@@ -373,9 +373,13 @@ def concurrent_trials(sweep: SweepConfig) -> int:
 def scheduler(sweep: SweepConfig):
     if sweep.scheduler == "fifo":
         return tune.schedulers.FIFOScheduler()
-    max_t = sweep.max_t or max([trial_train_config(sweep, {}).epochs]
-                               + [v for d in dimensions(sweep) if d.field == "epochs" and d.discrete
-                                  for v in d.values])
+    def largest(name: str) -> int:
+        values = [getattr(trial_train_config(sweep, {}), name)]
+        values += [v for d in dimensions(sweep) if d.field == name and d.discrete for v in d.values]
+        return max(v or 1 for v in values)
+
+    # A trial reports once per English dev evaluation: evals_per_epoch times per epoch.
+    max_t = sweep.max_t or largest("epochs") * largest("evals_per_epoch")
     return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                          grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
