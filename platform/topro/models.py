@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from topro.data.loading import available_languages, load_split, resolve_data_dir
@@ -59,7 +60,7 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     root = resolve_data_dir(data_dir)
     key = hashlib.sha1(f"{task}|{root}|v2-train-only".encode()).hexdigest()[:8]  # v1 also read dev text
     target = cache_dir() / f"tiny-{task}-{key}"
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
     get_task(task)  # clear error for an unknown task
     corpus = _tiny_corpus(task, data_dir)
@@ -95,12 +96,35 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
         model = BertForMaskedLM(config)
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".tiny-{task}-"))
-    model.save_pretrained(tmp, safe_serialization=True)
-    fast.save_pretrained(tmp)
-    try:  # atomic publish: concurrent builders (Ray workers) never see half a folder
-        os.replace(tmp, target)
-    except OSError:
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        fast.save_pretrained(tmp)
+        if not _complete(tmp):
+            # transformers 5 writes model files on torch.distributed rank 0 only: in a DDP worker group
+            # every rank builds, and rank 0's folder is the one that gets published.
+            return _wait_for_complete(target)
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # half a folder published by an older topro
+        try:  # atomic publish: concurrent builders (Ray workers) never see half a folder
+            os.replace(tmp, target)
+        except OSError:
+            pass  # another builder published first
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _wait_for_complete(target: Path, timeout_s: float = 600.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not _complete(target):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{target}: the tiny model was not published within {timeout_s:.0f} s by the "
+                               f"torch.distributed rank 0 builder (this rank cannot write model files)")
+        time.sleep(0.5)
     return target
 
 
