@@ -78,47 +78,32 @@ def test_topro_on_an_encoder_without_mlm_head_warns_and_flags(tmp_path, tiny_udp
     assert record["mlm_head_untrained"] is True
 
 
-def test_tiny_model_built_on_a_ddp_rank_other_than_0_waits_for_rank_0_and_never_publishes_half_a_folder(
+def test_tiny_model_built_on_a_ddp_rank_other_than_0_is_whole_and_never_publishes_half_a_folder(
         tmp_path, data_dir, monkeypatch):
-    """transformers 5 writes model files on torch.distributed rank 0 only: a rank-1 builder once published a
-    tokenizer-only folder that every later run failed to load ("Should have a `model_type` key")."""
-    import shutil
-    import threading
-    import time
-
+    """transformers 5's save_pretrained writes model files on torch.distributed rank 0 only: a rank-1 builder
+    once published a tokenizer-only folder that every later run failed to load ("Should have a `model_type`
+    key"). Every rank now writes the whole folder: rank 0's files and weights."""
+    import torch
     import transformers.distributed.mixin as mixin
+    from safetensors.torch import load_file
 
     from topro.models import build_tiny_model
 
     monkeypatch.setenv("TOPRO_CACHE", str(tmp_path / "rank0"))
-    start = time.perf_counter()
-    rank0 = build_tiny_model("udpos", str(data_dir))  # what rank 0 publishes
-    build_seconds = time.perf_counter() - start
+    rank0 = build_tiny_model("udpos", str(data_dir))
     monkeypatch.setenv("TOPRO_CACHE", str(tmp_path / "rank1"))
     target = tmp_path / "rank1" / rank0.name
     target.mkdir(parents=True)
     (target / "tokenizer.json").write_text("{}")  # half a folder, as the old code published it
     monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
-
-    published = threading.Event()
-
-    def rank0_publishes():  # rank 0 replaces the half folder with its complete one
-        shutil.rmtree(target)
-        shutil.copytree(rank0, tmp_path / "staging")
-        os.replace(tmp_path / "staging", target)
-        published.set()
-
-    # Rank 0 publishes well after rank 1 has built: rank 1 must wait for it, not return its own half folder.
-    timer = threading.Timer(2 * build_seconds + 1.0, rank0_publishes)
-    timer.start()
-    try:
-        folder = build_tiny_model("udpos", str(data_dir))
-        returned_after_publish = published.is_set()
-    finally:
-        timer.join()
-    assert returned_after_publish
+    folder = build_tiny_model("udpos", str(data_dir))
     assert folder == target and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    names = sorted(p.name for p in rank0.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == names
+    assert (folder / "config.json").read_text() == (rank0 / "config.json").read_text()
+    mine, theirs = load_file(folder / "model.safetensors"), load_file(rank0 / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)  # rank 0's weights
     assert not [p for p in (tmp_path / "rank1").iterdir() if p.name.startswith(".tiny-")]  # no leftovers
 
     # A complete builder (rank 0, or one process) repairs a half folder left by an older topro.

@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from topro.data.loading import available_languages, load_split, resolve_data_dir
@@ -52,13 +51,17 @@ def _tiny_corpus(task: str, data_dir: str | None) -> list[str]:
 def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     """Build (once) a tiny BERT masked LM whose tokenizer is trained on ``task``'s data."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+    from safetensors.torch import save_model
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
     import torch
 
     from topro.prompts import get_template, get_verbalizer, list_templates, list_verbalizers
 
     root = resolve_data_dir(data_dir)
-    key = hashlib.sha1(f"{task}|{root}|v2-train-only".encode()).hexdigest()[:8]  # v1 also read dev text
+    # The real path: a data folder reached through a link is the same data, so the same model (two keys
+    # meant two builds, and the tokenizer trainer does not give the same vocabulary twice).
+    where = os.path.realpath(root) if root else None
+    key = hashlib.sha1(f"{task}|{where}|v2-train-only".encode()).hexdigest()[:8]  # v1 also read dev text
     target = cache_dir() / f"tiny-{task}-{key}"
     if _complete(target):
         return target
@@ -97,12 +100,13 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".tiny-{task}-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # Not model.save_pretrained: transformers 5 writes model files on torch.distributed rank 0 only, so
+        # a DDP worker of another rank (on another node, or under another cache key) would publish a
+        # tokenizer-only folder. The same files, written by every rank:
+        model.config.architectures = [type(model).__name__]  # what save_pretrained records
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fast.save_pretrained(tmp)
-        if not _complete(tmp):
-            # transformers 5 writes model files on torch.distributed rank 0 only: in a DDP worker group
-            # every rank builds, and rank 0's folder is the one that gets published.
-            return _wait_for_complete(target)
         if target.exists() and not _complete(target):
             shutil.rmtree(target, ignore_errors=True)  # half a folder published by an older topro
         try:  # atomic publish: concurrent builders (Ray workers) never see half a folder
@@ -116,16 +120,6 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
 
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _wait_for_complete(target: Path, timeout_s: float = 600.0) -> Path:
-    deadline = time.monotonic() + timeout_s
-    while not _complete(target):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{target}: the tiny model was not published within {timeout_s:.0f} s by the "
-                               f"torch.distributed rank 0 builder (this rank cannot write model files)")
-        time.sleep(0.5)
-    return target
 
 
 MLM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "generator_lm_head.", "pred_layer.", "vocab_projector.",
