@@ -16,9 +16,17 @@ question).
 
 This is a different computation from per-word ToPro (the sentence no longer
 sees which word is asked), so a model is trained and served in one mode;
-``topro.json`` records it. The mask is a 4-D tensor passed to the encoder
-(boolean for SDPA, additive for eager attention), which transformers' BERT
-and XLM-R models use as given.
+``topro.json`` records it.
+
+Two ways to compute it, with the same values (``test_block_attention_equals_the_4d_mask``):
+- fast (a packed method switches its SDPA encoder to it, ``enable_packed_attention``):
+  the batch's real tokens run as one unpadded sequence and attention is computed
+  block by block (``packed_block_attention``): each sentence part over itself,
+  each question over its sentence part and itself. No compute goes to padding or
+  to the question-question pairs the mask would discard.
+- reference (eager attention, e.g. float64 checks): the padded rows with a 4-D
+  mask (boolean for SDPA, additive for eager), which transformers' BERT and
+  XLM-R models use as given.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, PairLayout, collate_common
@@ -199,7 +208,7 @@ def packed_attention_mask(model: torch.nn.Module, blocks: torch.Tensor, dtype: t
     booleans for SDPA (True = attend; keeps the fused kernels), additive floats for eager attention."""
     visible = block_visibility(blocks)[:, None]
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    if implementation == "sdpa":
+    if implementation in ("sdpa", PACKED_ATTENTION):
         return visible
     if implementation == "eager":
         return torch.zeros(visible.shape, dtype=dtype, device=blocks.device).masked_fill_(
@@ -214,13 +223,142 @@ def position_offset(base: torch.nn.Module) -> int:
     return padding_idx + 1 if padding_idx is not None else 0
 
 
-def packed_inputs(base: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Keyword arguments of the encoder for a packed batch: 4-D mask and single-prompt positions."""
-    inputs = {"attention_mask": packed_attention_mask(base, batch["packing_blocks"], dtype),
-              "position_ids": batch["position_ids"] + position_offset(base)}
-    if "token_type_ids" in batch:
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    return inputs
+@dataclass
+class BlockLayout:
+    """Where each part of a packed batch sits, as flat token indices into the batch's ``B * L`` tokens.
+
+    Padding slots of ``*_index`` point at token 0 and are dropped by ``*_keep``."""
+
+    sentence_index: torch.Tensor
+    """[B, S]: the sentence part of each row (S: the longest)."""
+    sentence_keep: torch.Tensor
+    question_index: torch.Tensor
+    """[N, Q]: each question block of the batch (N blocks, Q: the longest)."""
+    question_keep: torch.Tensor
+    question_row: torch.Tensor
+    """[N]: the row each question block belongs to."""
+
+    def question_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, S + Q] indices (and keep mask) of what each question block attends to: its row's sentence
+        part, then itself (one gather per layer instead of a gather and a concatenation)."""
+        index = torch.cat([self.sentence_index[self.question_row], self.question_index], dim=1)
+        keep = torch.cat([self.sentence_keep[self.question_row], self.question_keep], dim=1)
+        return index, keep
+
+
+def block_layout(blocks: torch.Tensor) -> BlockLayout:
+    """The ``BlockLayout`` of packed rows from their block ids (0: sentence part, i: question i, -1: padding;
+    the sentence part first and each block contiguous, as ``pack_sentence`` lays them out)."""
+    n_rows, length = blocks.shape
+    device = blocks.device
+    n_sentence = (blocks == SENTENCE_BLOCK).sum(dim=1)
+    span = torch.arange(int(n_sentence.max()), device=device)
+    sentence_keep = span[None] < n_sentence[:, None]
+    rows = torch.arange(n_rows, device=device)[:, None]
+    sentence_index = torch.where(sentence_keep, rows * length + span[None], 0)
+    row, col = (blocks > SENTENCE_BLOCK).nonzero(as_tuple=True)  # row-major: blocks in order
+    key = row * (length + 1) + blocks[row, col]
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    group = starts.cumsum(0) - 1
+    first = starts.nonzero().squeeze(1)
+    offset = torch.arange(len(key), device=device) - first[group]
+    n_blocks, longest = len(first), int(offset.max()) + 1 if len(key) else 0
+    question_index = torch.zeros((n_blocks, longest), dtype=torch.long, device=device)
+    question_keep = torch.zeros((n_blocks, longest), dtype=torch.bool, device=device)
+    question_index[group, offset] = row * length + col
+    question_keep[group, offset] = True
+    return BlockLayout(sentence_index, sentence_keep, question_index, question_keep, row[first])
+
+
+PACKED_ATTENTION = "topro_packed"
+LAYOUT_KWARG = "packed_layout"
+KEYS_KWARG = "packed_question_keys"
+
+
+def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs):
+    """Attention of packed rows computed block by block, never the masked-out question-question pairs.
+
+    The sentence parts attend to themselves ([B, S] x [B, S]); every question block attends to its row's
+    sentence part and itself ([N, Q] x [N, S + Q]), one batched SDPA call each. The same values as the
+    4-D mask (``packed_attention_mask``) at a cost of about S^2 + n x Q x (S + Q) per row instead of
+    (S + n x Q)^2, and no [B, L, L] mask. Padding tokens get a zero output (nothing reads them). Without
+    a ``packed_layout`` keyword it is plain SDPA, so the same model serves packed and unpacked calls.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout: BlockLayout | None = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    n_rows, n_heads, length, head_dim = query.shape
+    flat_q, flat_k, flat_v = (x.transpose(1, 2).reshape(n_rows * length, n_heads, x.shape[-1])
+                              for x in (query, key, value))
+
+    def take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [n, m] -> [n, heads, m, dim]
+        return flat[index].transpose(1, 2)
+
+    s_key, s_value = take(flat_k, layout.sentence_index), take(flat_v, layout.sentence_index)
+    s_out = F.scaled_dot_product_attention(take(flat_q, layout.sentence_index), s_key, s_value,
+                                           attn_mask=layout.sentence_keep[:, None, None, :], dropout_p=dropout,
+                                           scale=scaling)
+    q_index, q_visible = kwargs.pop(KEYS_KWARG, None) or layout.question_keys()
+    q_out = F.scaled_dot_product_attention(take(flat_q, layout.question_index), take(flat_k, q_index),
+                                           take(flat_v, q_index),
+                                           attn_mask=q_visible[:, None, None, :], dropout_p=dropout, scale=scaling)
+    out = flat_q.new_zeros((n_rows * length, n_heads, value.shape[-1]))
+    out = out.index_put((layout.sentence_index[layout.sentence_keep],), s_out.transpose(1, 2)[layout.sentence_keep])
+    out = out.index_put((layout.question_index[layout.question_keep],),
+                        q_out.transpose(1, 2)[layout.question_keep])
+    return out.reshape(n_rows, length, n_heads, -1), None
+
+
+def enable_packed_attention(base: torch.nn.Module) -> torch.nn.Module:
+    """Switch an SDPA encoder (BERT, XLM-R, ... using transformers' attention interface) to
+    ``packed_block_attention``. An eager model (float64 reference runs) keeps the 4-D mask path."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", PACKED_ATTENTION):
+        return base
+    AttentionInterface.register(PACKED_ATTENTION, packed_block_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return base
+
+
+def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states at a packed batch's mask positions, [labelled words, hidden].
+
+    ``inputs`` are the batch's token ids [B, L] or input embeddings [B, L, hidden]. A model switched by
+    ``enable_packed_attention`` runs the batch's real tokens as one unpadded sequence (rows laid end to
+    end; the block layout keeps them apart), so no compute goes to padding; otherwise (eager attention,
+    the reference path) the padded rows run with the 4-D mask."""
+    blocks = batch["packing_blocks"]
+    n_rows, length = blocks.shape
+    positions = batch["position_ids"] + position_offset(base)
+    types = batch.get("token_type_ids")
+    key = "input_ids" if inputs.dtype == torch.long else "inputs_embeds"
+    if getattr(base.config, "_attn_implementation", None) != PACKED_ATTENTION:
+        dtype = base.get_input_embeddings().weight.dtype
+        kwargs = {key: inputs, "position_ids": positions,
+                  "attention_mask": packed_attention_mask(base, blocks, dtype)}
+        if types is not None:
+            kwargs["token_type_ids"] = types
+        return base(**kwargs).last_hidden_state[batch["label_rows"], batch["label_positions"]]
+    real = (blocks != PAD_BLOCK).flatten().nonzero().squeeze(1)  # flat [B * L] index of each real token
+    moved = torch.zeros(n_rows * length, dtype=torch.long, device=blocks.device)
+    moved[real] = torch.arange(len(real), device=blocks.device)  # its place in the unpadded sequence
+    layout = block_layout(blocks)
+    layout.sentence_index, layout.question_index = moved[layout.sentence_index], moved[layout.question_index]
+    kwargs = {key: inputs.flatten(0, 1)[real][None], "position_ids": positions.flatten()[real][None],
+              LAYOUT_KWARG: layout, KEYS_KWARG: layout.question_keys()}  # computed once, not per layer
+    if types is not None:
+        kwargs["token_type_ids"] = types.flatten()[real][None]
+    hidden = base(**kwargs).last_hidden_state[0]
+    return hidden[moved[batch["label_rows"] * length + batch["label_positions"]]]
 
 
 def check_positions(model: torch.nn.Module, max_length: int) -> None:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from topro.data.readers import Sentence
 from topro.methods.base import (Encoded, MethodSpec, collate_common, label_token_ids, model_inputs, scores_dtype,
                                 word_pieces)
-from topro.methods.packing import (check_packing, check_positions, collate_packed, fit_questions, pack_sentence,
-                                   packed_inputs)
+from topro.methods.packing import (check_packing, check_positions, collate_packed, enable_packed_attention,
+                                   fit_questions, pack_sentence, packed_hidden)
 from topro.methods.whole_model import WholeModelMethod
 from topro.prompts import get_template, get_verbalizer, topro_questions
 
@@ -90,13 +90,17 @@ class ToProMLM(WholeModelMethod):
                              f"max_length={spec.max_length}")
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        model = super().build_model(model_path)
-        check_positions(model, self.spec.max_length)
-        return model
+        return self.ready(super().build_model(model_path))
 
     def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
-        model = super().load_model(checkpoint)
+        return self.ready(super().load_model(checkpoint))
+
+    def ready(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Refuse a ``max_length`` past the position embeddings; packed: block attention (same values as
+        the 4-D mask, without computing the question-question pairs it masks out)."""
         check_positions(model, self.spec.max_length)
+        if self.packing == "sentence":
+            enable_packed_attention(getattr(model, model.base_model_prefix))
         return model
 
     def question_ids(self, sentence: Sentence, pieces: list[list[int]]) -> list[list[int]]:
@@ -148,11 +152,10 @@ class ToProMLM(WholeModelMethod):
     def _label_logits(self, model, batch) -> torch.Tensor:
         base = getattr(model, model.base_model_prefix)
         if "packing_blocks" in batch:
-            dtype = base.get_input_embeddings().weight.dtype
-            hidden = base(input_ids=batch["input_ids"], **packed_inputs(base, batch, dtype)).last_hidden_state
+            at_mask = packed_hidden(base, batch, batch["input_ids"])
         else:
             hidden = base(**model_inputs(batch)).last_hidden_state
-        at_mask = hidden[batch["label_rows"], batch["label_positions"]]
+            at_mask = hidden[batch["label_rows"], batch["label_positions"]]
         return label_logits_at(model, at_mask, self.label_ids.to(at_mask.device))
 
     def loss(self, model, batch) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, MethodSpec, count_parameters, scores_dtype
-from topro.methods.packing import check_positions, packed_inputs
+from topro.methods.packing import packed_hidden
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
 from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
                                         load_backbone, load_trained_only, read_meta, save_trained_only, trained_names)
@@ -127,14 +127,16 @@ class SoftPromptMLM(nn.Module):
             embeds = torch.where((soft_index >= 0).unsqueeze(-1), soft, embeds)
         base = getattr(self.mlm, self.mlm.base_model_prefix)
         if packing_blocks is not None:
-            packed = {"position_ids": position_ids, "packing_blocks": packing_blocks}
+            packed = {"position_ids": position_ids, "packing_blocks": packing_blocks, "label_rows": label_rows,
+                      "label_positions": label_positions}
             if token_type_ids is not None:
                 packed["token_type_ids"] = token_type_ids
-            hidden = base(inputs_embeds=embeds, **packed_inputs(base, packed, embeds.dtype)).last_hidden_state
+            at_mask = packed_hidden(base, packed, embeds)
         else:
             hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
                           token_type_ids=token_type_ids).last_hidden_state
-        return label_logits_at(self.mlm, hidden[label_rows, label_positions], self.label_ids)
+            at_mask = hidden[label_rows, label_positions]
+        return label_logits_at(self.mlm, at_mask, self.label_ids)
 
 
 def soft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,7 +190,7 @@ class ToProSoft:
         return from_pretrained_noting_fresh(AutoModelForMaskedLM, path)
 
     def _model_on(self, mlm: nn.Module, prompt: torch.Tensor | None = None) -> SoftPromptMLM:
-        check_positions(mlm, self.spec.max_length)
+        mlm = self.cloze.ready(mlm)
         if prompt is None:  # start from the template's own token embeddings
             table = mlm.get_input_embeddings().weight
             prompt = table[torch.tensor(self.question.init_token_ids, dtype=torch.long)].detach()
