@@ -1,4 +1,4 @@
-"""Vanilla, ToPro, Prompt-Tuning and soft ToPro on UDPOS with one budget: per-language table, params, time.
+"""Vanilla, ToPro, Prompt-Tuning and soft ToPro on UDPOS (or PAN-X) with one budget: per-language table, params, time.
 
 Each method trains with ``topro train`` on the same first ``--train-sentences``
 English UDPOS sentences for ``--epochs`` (its own usual learning rate and batch
@@ -12,6 +12,10 @@ optimizer steps only) and wall time of train + evaluate.
 
     python benchmarks/methods_e5.py --model ~/.cache/offline-models/multilingual-e5-small \\
         --out runs/methods_e5 > runs/methods_e5.log 2>&1
+
+``--task panx`` runs the same comparison on PAN-X (``configs/train/panx-<method>.yaml``; methods with such a
+config), with ``--langs`` defaulting to PAN-X languages; the table shows span F1 in both seqeval modes
+(conlleval-style ``f1`` and strict IOB2 ``f1_strict``).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ METHODS = {
 METHODS["topro_packed"] = [*METHODS["topro"], "prompt_packing=sentence"]
 CONFIG_OF = {"topro_packed": "topro"}
 LANGS = "en,de,es,ru,tr,ar,he,hi,zh,ja,ko"
+PANX_LANGS = "en,de,es,fr,ru,tr,he,fa,el,fi,vi"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -61,7 +66,7 @@ def run_method(method: str, args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         topro = [sys.executable, "-m", "topro.cli"]
         config = CONFIG_OF.get(method, method)
-        train = topro + ["train", "--config", f"configs/train/udpos-{config}.yaml", "--output", str(out),
+        train = topro + ["train", "--config", f"configs/train/{args.task}-{config}.yaml", "--output", str(out),
                          f"model={args.model}", f"max_train_sentences={args.train_sentences}",
                          f"max_dev_sentences={args.dev_sentences}", f"epochs={args.epochs}", "eval_langs=[]",
                          f"num_threads={args.threads}", "progress=false", f"seed={args.seed}", "warmup_ratio=0.1",
@@ -80,16 +85,26 @@ def run_method(method: str, args) -> dict:
 
 def table(results: dict[str, dict], langs: list[str]) -> str:
     names = list(results)
-    lines = ["| lang | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    first = next(iter(results.values()))
+    metric = first["eval"]["metric"]  # accuracy (UDPOS) or f1 (PAN-X)
+    shown = [metric] + (["f1_strict"] if "f1_strict" in first["eval"]["languages"][langs[0]] else [])
+
+    def cell(r: dict, lang: str) -> str:
+        return " / ".join(f"{100 * r['eval']['languages'][lang][m]:.1f}" for m in shown)
+
+    lines = [f"| lang ({' / '.join(shown)}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for lang in langs:
-        cells = [f"{100 * r['eval']['languages'][lang]['accuracy']:.1f}" for r in results.values()]
-        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+        lines.append(f"| {lang} | " + " | ".join(cell(r, lang) for r in results.values()) + " |")
     zero_shot = [lang for lang in langs if lang != "en"]
-    means = [sum(r["eval"]["languages"][lang]["accuracy"] for lang in zero_shot) / len(zero_shot)
-             for r in results.values()]
-    lines.append(f"| **mean w/o en** | " + " | ".join(f"**{100 * m:.1f}**" for m in means) + " |")
-    lines.append("| English dev (selection) | " + " | ".join(
-        f"{100 * r['metrics']['best_dev_accuracy']:.1f}" for r in results.values()) + " |")
+
+    def mean(r: dict, m: str) -> float:
+        return sum(r["eval"]["languages"][lang][m] for lang in zero_shot) / len(zero_shot)
+
+    lines.append(f"| **mean w/o en** | " + " | ".join(
+        "**" + " / ".join(f"{100 * mean(r, m):.1f}" for m in shown) + "**" for r in results.values()) + " |")
+    selection = first["metrics"].get("selection_metric", metric)
+    lines.append(f"| English dev (selection, {selection}) | " + " | ".join(
+        f"{100 * r['metrics'][f'best_dev_{selection}']:.1f}" for r in results.values()) + " |")
     lines.append("| trainable params | " + " | ".join(
         f"{r['metrics']['n_trainable_params']:,}" for r in results.values()) + " |")
     lines.append("| total params | " + " | ".join(f"{r['metrics']['n_total_params']:,}" for r in results.values())
@@ -115,16 +130,19 @@ def main() -> None:
     p.add_argument("--train-sentences", type=int, default=800)
     p.add_argument("--dev-sentences", type=int, default=100)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--langs", default=LANGS)
+    p.add_argument("--task", default="udpos", choices=["udpos", "panx"])
+    p.add_argument("--langs", help=f"default: {LANGS} (udpos), {PANX_LANGS} (panx)")
     p.add_argument("--eval-sentences", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="runs/methods_e5")
     p.add_argument("override", nargs="*", help="key=value overrides applied to every method")
     args = p.parse_args()
+    args.langs = args.langs or (PANX_LANGS if args.task == "panx" else LANGS)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = {m: run_method(m, args) for m in args.methods.split(",")}
-    print(f"\nUDPOS token accuracy (%), model {args.model}; {args.train_sentences} English train sentences x "
+    what = "PAN-X span F1 (%)" if args.task == "panx" else "UDPOS token accuracy (%)"
+    print(f"\n{what}, model {args.model}; {args.train_sentences} English train sentences x "
           f"{args.epochs} epoch(s), {args.dev_sentences} dev sentences for selection, first "
           f"{args.eval_sentences} dev sentences per language\n")
     print(table(results, args.langs.split(",")))
