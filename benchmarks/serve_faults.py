@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             one = {"Tagger" if app == "tagging" else "LLMTagger": {"num_replicas": 1,
                                                                    "ray_actor_options": {"num_cpus": 1}}}
             if app == "tagging":
-                from serve.tagging import make_app
+                from topro.endpoint.tagging import make_app
 
                 application = make_app({"model": args.model or untrained_topro_checkpoint(args.data_dir),
                                         "max_batch_size": 8}, one)
                 body = {"sentences": [["Das", "ist", "ein", "gutes", "Haus", "."]], "lang": "de"}
             else:
                 from llm_tiny import tiny_model_dir
-                from serve.llm import make_app
+                from topro.endpoint.llm import make_app
 
                 application = make_app({"model": str(tiny_model_dir("llama")), "max_sentences": 2, "max_words": 12,
                                         "max_batch_size": 4, "threads": 1}, one)

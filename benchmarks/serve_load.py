@@ -157,7 +157,7 @@ def start_endpoint(model: str, config_path: Path, replicas: int, num_cpus: int |
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (path, current) if p)
     sys.path.insert(0, str(REPO))
     from topro.cluster.runtime import init_ray
-    from topro.serving_cli import build_applications, load_serve_config
+    from topro.cli.serve import build_applications, load_serve_config
 
     init_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     from ray import serve

@@ -1,8 +1,10 @@
-"""`ray job submit -- python jobs/eval_llm.py --task udpos --model ... --langs de,ru`:
-LLM evaluation (same arguments as `topro eval-llm`), per-language work as Ray tasks."""
+"""``ray job submit -- python jobs/eval_llm.py --task udpos --model ... --langs de,ru``: LLM evaluation.
+
+Same arguments as ``topro eval-llm``; the per-language work runs as Ray tasks. Needs topro installed.
+"""
 import sys
 
-from topro.llm.cli import run
+from topro.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(main(["eval-llm", *sys.argv[1:]]))

@@ -1,5 +1,2 @@
-"""Ray Serve applications: ``serve.tagging`` (the tagging endpoint) and ``serve.llm`` (LLM ToPro tagging).
-
-Imported as the top-level package ``serve`` from the repository root (``serve run
-serve/config.yaml``); the models and their logic live in the ``topro`` package.
-"""
+"""The import paths that ``serve/config.yaml`` and the RayService manifest name (``serve.tagging:build_app``,
+``serve.llm:build_app``); the applications themselves live in the installed package, ``topro.endpoint``."""

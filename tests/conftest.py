@@ -20,12 +20,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Serve replicas log to Ray's files (<ray temp>/session_latest/logs/serve/), not into pytest's output,
 # where their lines interleave with the test report.
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-# Ray workers (Serve's HTTP proxy among them) import this checkout's `serve` and `topro`; the proxy loads the
+# Ray workers (Serve's HTTP proxy among them) import this checkout's `topro` (and `serve`); the proxy loads the
 # model-id header check from it, as `topro serve` arranges.
 _paths = [str(REPO), str(REPO / "platform")]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     _paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _paths])
-os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "topro.endpoint.http:proxy_middlewares")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Subcommands never vanish silently; parallel evaluation asks Ray for the GPUs it will use."""
 import builtins
+import importlib
 import sys
 
 import pytest
@@ -9,24 +10,39 @@ from topro.cluster.evaluation import gpus_per_actor
 
 
 def test_a_broken_subcommand_module_fails_loudly(monkeypatch):
-    monkeypatch.setitem(sys.modules, "topro.reports_cli", None)  # importing it now fails
-    with pytest.raises(ImportError, match="topro.reports_cli"):
-        build_parser()
+    for name in [n for n in sys.modules if n == "topro.cli" or n.startswith("topro.cli.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    monkeypatch.setitem(sys.modules, "topro.cli.report", None)  # importing it now fails
+    with pytest.raises(ImportError, match="topro.cli.report"):
+        importlib.import_module("topro.cli")
 
 
-def test_a_missing_optional_dependency_is_named_in_help_and_on_use(monkeypatch, capsys):
+def test_a_missing_optional_dependency_is_named_on_use(monkeypatch, capsys):
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
-        if name == "topro.reports_cli":
+        if name == "topro.sweep_report":  # what `topro report` imports when it runs
             raise ModuleNotFoundError("No module named 'plotly'", name="plotly")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     assert "report" in build_parser().format_help()
-    assert "plotly" in build_parser().format_help()
-    assert main(["report", "anything"]) == 2
-    assert "plotly" in capsys.readouterr().err
+    assert main(["report", "--sweep", "anything"]) == 2
+    err = capsys.readouterr().err
+    assert "plotly" in err and "topro report" in err
+
+
+def test_a_missing_module_of_our_own_is_not_taken_for_an_optional_dependency(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "topro.sweep_report":
+            raise ModuleNotFoundError("No module named 'topro.sweep_report'", name="topro.sweep_report")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ModuleNotFoundError, match="topro.sweep_report"):
+        main(["report", "--sweep", "anything"])
 
 
 def test_parallel_evaluation_requests_a_gpu_per_actor_when_auto_finds_one():

@@ -54,7 +54,7 @@ def _param(path):
 
 @pytest.mark.parametrize("path", [_param(p) for p in LOCAL], ids=lambda p: p.name)
 def test_shipped_config_beats_the_majority_class_on_a_small_budget(path, tmp_path, data_dir, capsys):
-    from topro.cli import majority_baseline
+    from topro.cli.train import majority_baseline
     from topro.train import train
 
     cfg = _load(path, *_budget(_load(path)), "max_dev_sentences=100", "eval_langs=[]", "progress=false",

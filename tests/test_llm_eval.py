@@ -6,7 +6,7 @@ import pytest
 
 from llm_tiny import tiny_model_dir
 from topro.llm.backends import HFBackend
-from topro.llm.cli import run
+from topro.cli import main
 from topro.llm.evaluate import LLMEvalConfig, evaluate_llm
 
 
@@ -28,8 +28,8 @@ def test_cli_writes_record_and_mlflow_run(model_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "udpos.json"
-    code = run(["--task", "udpos", "--model", model_path, "--langs", "de,en", "--max-sentences", "2",
-                "--shots", "2", "--no-ray", "--threads", "1", "--tracking-uri", uri, "--output", str(out)])
+    code = main(["eval-llm", "--task", "udpos", "--model", model_path, "--langs", "de,en", "--max-sentences", "2",
+                 "--shots", "2", "--no-ray", "--threads", "1", "--tracking-uri", uri, "--output", str(out)])
     assert code == 0
     record = json.loads(out.read_text())
     assert record["method"] == "llm-topro-score-2shot" and record["metric"] == "accuracy"
@@ -51,7 +51,7 @@ def test_topro_cli_registers_eval_llm():
     from topro.cli import build_parser
 
     args = build_parser().parse_args(["eval-llm", "--task", "panx", "--model", "m", "--mode", "generate"])
-    assert args.mode == "generate" and args.func.__module__ == "topro.llm.cli"
+    assert args.mode == "generate" and args.func.__module__ == "topro.cli.eval_llm"
 
 
 @pytest.mark.parametrize("fmt,mode", [("sentence", "generate"), ("sentence", "score"), ("topro", "generate")])

@@ -110,10 +110,13 @@ def test_every_topro_command_parses_and_passes_its_prechecks(argv, tmp_path):
         if sweep.base["model"] == "tiny":
             check_sweep(sweep)
     elif args.command == "eval-llm":
-        assert args.max_sentences, "the LLM example runs on a bounded budget"
-        if Path(args.model).expanduser().is_dir():
+        from topro.cli.eval_llm import config_from_args
+
+        cfg = config_from_args(args)
+        assert cfg.max_sentences, "the LLM example runs on a bounded budget"
+        if Path(cfg.model).expanduser().is_dir():
             from topro.precheck import check_llm
 
-            check_llm(task=args.task, model=args.model, format=args.format, langs=args.langs,
-                      split=args.split or "dev", data_dir=args.data_dir, verbalizer=args.verbalizer,
-                      shots=args.shots, max_sentences=args.max_sentences)
+            check_llm(task=cfg.task, model=cfg.model, format=cfg.format, langs=cfg.langs,
+                      split=cfg.split, data_dir=cfg.data_dir, verbalizer=cfg.verbalizer,
+                      shots=cfg.shots, max_sentences=cfg.max_sentences)

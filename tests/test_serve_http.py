@@ -47,7 +47,7 @@ def free_port() -> int:
 def ray_for_serve(request):
     """The suite's shared Ray (``ray_local``) if there is one, else a local Ray for this module.
 
-    Replicas import ``serve.*`` and ``topro`` from this checkout: its folders go on the workers' PYTHONPATH
+    Replicas import ``topro`` (the apps: ``topro.endpoint``) from this checkout: its folders go on the workers' PYTHONPATH
     (the environment, for a Ray started here; a runtime_env otherwise)."""
     paths = [str(REPO), str(REPO / "platform")]
     try:
@@ -88,8 +88,8 @@ def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_
     from llm_tiny import tiny_model_dir
     from ray import serve as ray_serve
 
-    from serve.llm import make_app as make_llm_app
-    from serve.tagging import make_app
+    from topro.endpoint.llm import make_app as make_llm_app
+    from topro.endpoint.tagging import make_app
 
     port = free_port()
     actor_options = {"num_cpus": 1}
@@ -126,7 +126,7 @@ def endpoint(serve_url):
     return serve_url
 
 
-from serve.schemas import TagResponse  # noqa: E402  (the repository root is on pytest's pythonpath)
+from topro.endpoint.schemas import TagResponse  # noqa: E402  (the repository root is on pytest's pythonpath)
 
 
 def tag(url, body, model_id=None, timeout=120):
@@ -216,7 +216,7 @@ def test_requests_that_arrive_while_the_model_runs_form_the_next_batch_together(
 
     from ray import serve as ray_serve
 
-    from serve.tagging import BatchGate
+    from topro.endpoint.tagging import BatchGate
 
     options = {"num_cpus": 0, **({"runtime_env": ray_for_serve} if ray_for_serve else {})}
 
@@ -291,7 +291,7 @@ def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(t
     request alone fails (422, the others succeeded alone), the others get the tags they get on their own."""
     import asyncio
 
-    from serve.tagging import tag_requests
+    from topro.endpoint.tagging import tag_requests
     from topro.data.readers import Sentence
     from topro.serving import Tagger
 
@@ -447,7 +447,7 @@ def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, mo
     from mlflow import MlflowClient
     from ray import serve as ray_serve
 
-    from serve.tagging import make_app
+    from topro.endpoint.tagging import make_app
     from topro.tracking import register_checkpoint
 
     client = MlflowClient(model_registry["uri"])

@@ -141,7 +141,7 @@ def test_an_alias_is_read_once_and_a_move_is_noticed(model_registry):
 
 
 def test_a_missing_alias_or_model_is_refused_when_the_app_is_built(model_registry, tiny_topro_checkpoint):
-    from serve.tagging import make_app
+    from topro.endpoint.tagging import make_app
 
     uri = model_registry["uri"]
     with pytest.raises(ValueError, match=r"args\.model: models:/topro-udpos-topro@nope: the model registry at "
@@ -163,7 +163,7 @@ def test_a_missing_alias_or_model_is_refused_when_the_app_is_built(model_registr
     ({"text": "ok " + "x" * 21}, 413, "text[1]: a word of 21 characters; the limit is 20"),
 ])
 def test_request_limits_name_the_problem(body, status, message):
-    from serve.schemas import Limits, RequestProblem, TagRequest, check_limits
+    from topro.endpoint.schemas import Limits, RequestProblem, TagRequest, check_limits
 
     with pytest.raises(RequestProblem) as err:
         check_limits(TagRequest.model_validate(body), Limits(max_sentences=4, max_words=10, max_word_chars=20))
@@ -181,7 +181,7 @@ def test_request_limits_name_the_problem(body, status, message):
 def test_request_shape_errors_are_one_readable_line(body, message):
     from pydantic import ValidationError
 
-    from serve.schemas import TagRequest, describe_validation_errors
+    from topro.endpoint.schemas import TagRequest, describe_validation_errors
 
     with pytest.raises(ValidationError) as err:
         TagRequest.model_validate(body)
@@ -190,7 +190,7 @@ def test_request_shape_errors_are_one_readable_line(body, message):
 
 def test_a_relative_tracking_uri_in_a_serve_config_resolves_against_the_config_folder(tmp_path,
                                                                                     tiny_topro_checkpoint):
-    from topro.serving_cli import build_applications
+    from topro.cli.serve import build_applications
 
     config = {"applications": [{"name": "tagging", "route_prefix": "/", "import_path": "serve.tagging:build_app",
                                 "args": {"model": str(tiny_topro_checkpoint), "tracking_uri": "sqlite:///db/mlflow.db"}}]}

@@ -332,15 +332,19 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config",
     """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ``ConfigError``.
 
     ``sources`` names where a key came from when it was not ``where`` (``"command line"`` for an
-    override), so the message points at what the user typed. A class with a ``problems()`` method
+    override), so the message points at what the user typed. A key listed in the class's ``RENAMED_KEYS``
+    (old name -> new name, a plain class attribute) is refused with its new name. A class with a ``problems()`` method
     has its values checked too (a value of the right type that no run could use, e.g. ``epochs=0``).
     """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     sources = sources or {}
+    renamed = getattr(cls, "RENAMED_KEYS", {})
     kwargs = {}
     for key, value in data.items():
         at = sources.get(key, where)
+        if key in renamed:  # an old name: refused, naming the new one (never silently taken)
+            raise ConfigError(f"{at}: key {key!r} is now called {renamed[key]!r}")
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

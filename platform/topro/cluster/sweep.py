@@ -590,7 +590,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
         selected = select_trials(sweep, outcomes)
         eval_seconds = evaluate_trials(sweep, selected, address)
         registered = register_champions(sweep, selected)
-        from topro.reports_cli import sweep_report
+        from topro.sweep_report import sweep_report
 
         report = sweep_report(parent, log_artifacts=True)
         tracking.log_metrics(parent, {"trials": len(outcomes), "trials_failed": len(failed),

@@ -70,12 +70,12 @@ class HFBackend:
     Causal LMs score with the shared-prefix cache (`scoring="shared"`): the
     run's context is encoded once and kept (LRU of a few); a sentence with all
     its questions x labels then runs as one tree-masked forward against it
-    (`score_many`: several sentences per forward, up to `batch_tokens`).
+    (`score_many`: several sentences per forward, up to `max_tokens_per_batch`).
     `scoring="naive"` runs every prompt in full (the reference). Generation
     decodes all prompts of a call against the cached context."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "fp32",
-                 scoring: str = "shared", batch_tokens: int = 4096, generate_batch_size: int = 32,
+                 scoring: str = "shared", max_tokens_per_batch: int = 4096, generate_batch_size: int = 32,
                  threads: int | None = None, attn_implementation: str = "sdpa"):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -88,7 +88,7 @@ class HFBackend:
             torch.set_num_threads(threads)
         self.name = model
         self.scoring = scoring
-        self.batch_tokens = batch_tokens
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.generate_batch_size = generate_batch_size
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
@@ -195,7 +195,7 @@ class HFBackend:
                 results[i] = self.score(context, s, qs, continuations)
         if items:
             scores = score_shared_many(self.model, state, items, cont_ids, self.counts,
-                                       max_tokens=self.batch_tokens)
+                                       max_tokens=self.max_tokens_per_batch)
             for i, x in zip(packed, scores):
                 results[i] = ScoreResult(x, [len(c) for c in cont_ids])
         return results
@@ -218,7 +218,7 @@ class HFBackend:
             tok = self.tokenizer
             prompts = [tok(context + sentence + q).input_ids for q in questions]
             fn = score_seq2seq_shared if self.scoring == "shared" else score_seq2seq_naive
-            kwargs = {"max_batch_tokens": self.batch_tokens} if self.scoring == "shared" else {}
+            kwargs = {"max_batch_tokens": self.max_tokens_per_batch} if self.scoring == "shared" else {}
             scores = fn(self.model, prompts, cont_ids, self.counts, **kwargs)
             return ScoreResult(scores, [len(c) for c in cont_ids])
         sent_ids, q_ids, labels = self._prompt_ids(context, sentence, questions, continuations)
@@ -239,11 +239,11 @@ class HFBackend:
             group_q = [q_ids[i] for i in rows]
             if self.scoring == "shared":
                 part = score_shared(self.model, state, group_q, cont_ids, self.counts, pending=sent_ids,
-                                    max_tokens=self.batch_tokens)
+                                    max_tokens=self.max_tokens_per_batch)
             else:
                 prefix = self.bos + self.ids(context) + sent_ids
                 part = score_naive(self.model, prefix, group_q, cont_ids, self.counts,
-                                   max_batch_tokens=self.batch_tokens)
+                                   max_batch_tokens=self.max_tokens_per_batch)
             scores[rows] = part
         return ScoreResult(scores, [len(c) for c in labels[0]])
 
@@ -488,5 +488,5 @@ def load_backend(model: str, **options) -> Backend:
                                                            "prompts_per_request") if options.get(k) is not None})
         return OpenAIBackend(model, model=options.get("api_model"), api=options.get("api") or "auto",
                              settings=settings)
-    keys = ("device", "dtype", "scoring", "batch_tokens", "generate_batch_size", "threads")
+    keys = ("device", "dtype", "scoring", "max_tokens_per_batch", "generate_batch_size", "threads")
     return HFBackend(model, **{k: options[k] for k in keys if options.get(k) is not None})

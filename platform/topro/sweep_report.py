@@ -1,4 +1,4 @@
-"""``topro report --sweep NAME|RUN_ID``: the paper-style table of a sweep, from MLflow alone (Ray-free).
+"""The paper-style report of a sweep, from MLflow alone (Ray-free): ``topro report`` and the end of a sweep.
 
 Reads the evaluated trial runs under the sweep's parent run, prints settings x
 languages (mean ± std over seeds) per task, and logs the table, the combined
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def significance_section(records: list[dict], task: str, seed: int = 0) -> tuple
     return "\n".join(out) + "\n", marks, comparisons
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]+", "_", text).strip("_ ")
 
 
@@ -138,40 +137,9 @@ def sweep_report(ref: str, log_artifacts: bool = True, out_dir: str | Path | Non
                 for setting in means:
                     averages = [statistics.fmean(e.languages.values()) for e in entries
                                 if e.task == task and e.setting == setting]
-                    metrics[_slug(f"{task}/{setting}/{metric}.avg")] = statistics.fmean(averages)
+                    metrics[slug(f"{task}/{setting}/{metric}.avg")] = statistics.fmean(averages)
             if log_artifacts:
                 client = tracking.mlflow_client()
                 client.log_artifacts(parent_id, str(folder), "report")
                 tracking.log_metrics(parent_id, metrics)
     return table
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="paper-style table of a sweep (methods x languages, mean ± std over seeds)",
-                       description="Build the report of a sweep from its MLflow runs: print it as Markdown and "
-                                   "log it (with CSV, heatmap and bar chart) to the sweep's parent run.")
-    p.add_argument("--sweep", required=True, help="sweep name (its latest parent run) or a parent run id")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--output", help="also write the Markdown to this file")
-    p.add_argument("--out-dir", help="folder for report.md, per_language.csv and the plots "
-                                     "(default outputs/reports/<sweep>)")
-    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args) -> int:
-    uri = tracking.configure(args.tracking_uri)
-    out_dir = Path(args.out_dir or Path("outputs") / "reports" / _slug(args.sweep).replace("/", "_"))
-    table = sweep_report(args.sweep, log_artifacts=not args.no_log, out_dir=out_dir)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table)
-    sys.stdout.write(table)
-    written = sorted(out_dir.glob("*")) if out_dir.is_dir() else []
-    if written:
-        print(f"\nwrote {len(written)} files to {out_dir}/: " + ", ".join(p.name for p in written))
-    if args.output:
-        print(f"wrote the Markdown to {args.output}")
-    if not args.no_log and written:
-        print(f"logged them to the sweep's parent run (artifacts report/) at {uri}")
-    return 0

@@ -9,7 +9,7 @@
 - A ``serve_multiplexed_model_id`` header that is not an id (printable ASCII, at most 256 characters): 400.
   Serve's HTTP proxy decodes that header as UTF-8 before any app code runs and answers a plain-text 500
   when it cannot, so ``proxy_middlewares`` puts the same check into the proxy: ``topro serve`` sets
-  ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.http:proxy_middlewares`` for the Ray it starts (set it
+  ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=topro.endpoint.http:proxy_middlewares`` for the Ray it starts (set it
   on the head node of a real cluster).
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serve.schemas import ErrorResponse, RequestProblem, describe_validation_errors
+from topro.endpoint.schemas import ErrorResponse, RequestProblem, describe_validation_errors
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "serve.http:proxy_middlewares"
+PROXY_CALLBACK = "topro.endpoint.http:proxy_middlewares"
 _MODEL_ID_VALUE = re.compile(rb"^[\x21-\x7e]{0,256}$")
 
 

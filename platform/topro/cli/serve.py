@@ -3,12 +3,16 @@
     topro serve --model runs/udpos-topro/checkpoint --port 8000
     topro serve --model models:/topro-udpos-topro@champion --models panx=models:/topro-panx-topro@champion
     topro serve --model runs/udpos-topro/checkpoint --llm-model http://127.0.0.1:8001/v1   # + POST /llm/tag
+    topro serve --config configs/serve/local.yaml port=8001
 
 It deploys the applications of ``serve/config.yaml`` (the file the RayService
-manifest embeds), so batching, limits, autoscaling and replica options are the
-same as with ``serve run serve/config.yaml``; ``--model`` and ``--port`` replace
-the config's. With no Ray address it starts a loopback-only local Ray and binds
-HTTP to 127.0.0.1. It runs until SIGINT or SIGTERM, then shuts Serve down.
+manifest embeds; ``serve_config`` names another), so batching, limits,
+autoscaling and replica options are the same as with ``serve run
+serve/config.yaml``; ``model`` and ``port`` replace the config's. Settings are
+``ServeConfig`` fields: ``--config FILE``, ``key=value`` overrides, or the flags
+(shorthands for the same fields). With no Ray address it starts a
+loopback-only local Ray and binds HTTP to 127.0.0.1. It runs until SIGINT or
+SIGTERM, then shuts Serve down.
 """
 from __future__ import annotations
 
@@ -21,15 +25,58 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from topro.config import ConfigError, check_ranges, load_config, read_yaml
+from topro.config import _at_least as at_least
+
 DEFAULT_CONFIG = "serve/config.yaml"
+
+
+@dataclass
+class ServeConfig:
+    """What ``topro serve`` deploys, where, and how patiently."""
+
+    serve_config: str = DEFAULT_CONFIG
+    """Ray Serve config whose applications are deployed (relative to the working directory: run from the
+    repository root, or name it)."""
+    model: str | None = None
+    """The tagging app's default model: a checkpoint folder or ``models:/<name>@<alias>`` (default: the
+    Serve config's)."""
+    models: dict[str, str] = field(default_factory=dict)
+    """More model ids clients may name in the ``serve_multiplexed_model_id`` header, id -> URI."""
+    llm_model: str | None = None
+    """The llm app's LLM: HF folder or hub id, or an OpenAI-compatible URL (default: the Serve config's, else
+    ``$TOPRO_LLM_MODEL``)."""
+    host: str | None = None
+    """HTTP host (default: the Serve config's ``http_options.host``, else 127.0.0.1)."""
+    port: int | None = None
+    """HTTP port (default: the Serve config's ``http_options.port``, else 8000)."""
+    apps: list[str] = field(default_factory=list)
+    """Applications of the Serve config to run (empty: all)."""
+    address: str | None = None
+    """Ray cluster address (default ``$RAY_ADDRESS``, else a local Ray)."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (default: all)."""
+    startup_timeout: float = 600.0
+    """Seconds to keep trying to bring Serve up (HTTP proxy and apps); on a busy machine a try can fail and
+    the next succeed."""
+    startup_attempts: int = 3
+    """Tries within ``startup_timeout``."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return check_ranges(self, {"port": at_least(1, optional=True), "num_cpus": at_least(1, optional=True),
+                                   "startup_timeout": at_least(0), "startup_attempts": at_least(1)})
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP tagging endpoint (Ray Serve)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML of ServeConfig fields (configs/serve/*.yaml); the Ray Serve config "
+                                    "itself is --serve-config")
+    p.add_argument("--serve-config", help=f"Ray Serve config to deploy (default: {DEFAULT_CONFIG})")
     p.add_argument("--model", help="checkpoint folder or models:/<name>@<alias> (default: the config's)")
     p.add_argument("--models", nargs="*", default=[], metavar="ID=URI",
                    help="more model ids clients may name in the serve_multiplexed_model_id header")
@@ -37,37 +84,27 @@ def add_parser(subparsers) -> None:
                                        "(default: the config's, else $TOPRO_LLM_MODEL)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's http_options.port, 8000)")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
-    p.add_argument("--config", default=None, help=f"Serve config (default: {DEFAULT_CONFIG} of the project)")
     p.add_argument("--apps", default=None, help="comma-separated applications of the config to run "
                                                "(default: all)")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
-                   help="seconds to keep trying to bring Serve up (HTTP proxy and apps), %(default)s; on a busy "
+    p.add_argument("--startup-timeout", type=float, metavar="S",
+                   help="seconds to keep trying to bring Serve up (HTTP proxy and apps), 600; on a busy "
                         "machine a try can fail and the next succeed")
-    p.add_argument("--startup-attempts", type=int, default=3, help="tries within that time (%(default)s)")
+    p.add_argument("--startup-attempts", type=int, help="tries within that time (3)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of ServeConfig fields")
     p.set_defaults(func=cmd_serve)
 
 
-def project_root() -> Path:
-    """The folder holding the ``serve`` package; put on ``sys.path`` and on ``PYTHONPATH`` for Ray workers."""
-    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
-    try:
-        import serve.tagging  # noqa: F401  (already importable, e.g. PYTHONPATH set in the image)
-
-        candidates.insert(0, Path(serve.tagging.__file__).resolve().parents[1])
-    except ImportError:
-        pass
-    for root in candidates:
-        if (root / "serve" / "tagging.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            if str(root) not in paths:
-                os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *paths])
-            return root
-    raise FileNotFoundError("cannot find the serve/ applications (serve/tagging.py): run from the project "
-                            "root or set PYTHONPATH to it")
+def config_from_args(args) -> ServeConfig:
+    if args.config and "applications" in read_yaml(args.config):
+        raise ConfigError(f"--config {args.config}: a Ray Serve config; --config takes topro's ServeConfig "
+                          f"(configs/serve/*.yaml), pass a Serve config as --serve-config")
+    return load_config(ServeConfig, args.config, args.overrides, serve_config=args.serve_config,
+                       model=args.model, models=_parse_models(args.models) or None, llm_model=args.llm_model,
+                       host=args.host, port=args.port, apps=args.apps, address=args.address,
+                       num_cpus=args.num_cpus, startup_timeout=args.startup_timeout,
+                       startup_attempts=args.startup_attempts)
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
@@ -75,7 +112,8 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Serve config")
+        raise FileNotFoundError(f"{path}: no such Serve config (a relative path is taken from the working "
+                                f"directory, {Path.cwd()}: run from the repository root, or give --serve-config)")
     config = yaml.safe_load(path.read_text()) or {}
     if not config.get("applications"):
         raise ValueError(f"{path}: no applications")
@@ -83,6 +121,7 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
 
 
 def _parse_models(pairs: list[str]) -> dict[str, str]:
+    """``--models ID=URI ...`` as a mapping."""
     models = {}
     for pair in pairs:
         model_id, sep, uri = pair.partition("=")
@@ -90,6 +129,21 @@ def _parse_models(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--models {pair!r}: expected ID=URI")
         models[model_id] = uri
     return models
+
+
+def shipped_app_maker(import_path: str):
+    """``make_app`` of the application that ``serve/tagging.py`` or ``serve/llm.py`` re-exports under
+    ``import_path`` (what serve/config.yaml names), taken from the installed package, so ``topro serve``
+    needs no repository on ``sys.path``; None for any other import path."""
+    if import_path == "serve.tagging:build_app":
+        from topro.endpoint.tagging import make_app
+
+        return make_app
+    if import_path == "serve.llm:build_app":
+        from topro.endpoint.llm import make_app
+
+        return make_app
+    return None
 
 
 def build_applications(config: dict[str, Any], *, model: str | None = None, models: dict[str, str] | None = None,
@@ -118,11 +172,13 @@ def build_applications(config: dict[str, Any], *, model: str | None = None, mode
         if app["name"] == "llm" and llm_model:
             args["model"] = llm_model
         options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
-        module_name, _, attr = app["import_path"].replace(":", ".").rpartition(".")
-        module = importlib.import_module(module_name)
-        # serve/ apps offer make_app(args, deployment_options), so the config's deployment options apply
+        make_app = shipped_app_maker(app["import_path"])
+        if make_app is None:  # an application of someone else's: its module must be importable here
+            module_name, _, attr = app["import_path"].replace(":", ".").rpartition(".")
+            module = importlib.import_module(module_name)
+            make_app = getattr(module, "make_app", None)
+        # topro's apps offer make_app(args, deployment_options), so the config's deployment options apply
         # as they do under `serve run`; a plain builder gets the args only.
-        make_app = getattr(module, "make_app", None)
         application = make_app(args, options) if make_app else getattr(module, attr)(args)
         apps.append((app["name"], app.get("route_prefix", "/"), application))
     if not apps:
@@ -170,24 +226,27 @@ def start_serve(serve, apps, host: str, port: int, *, budget_s: float, attempts:
 
 
 def cmd_serve(args) -> int:
-    root = project_root()
-    config_path = Path(args.config) if args.config else root / DEFAULT_CONFIG
+    return serve_apps(config_from_args(args))
+
+
+def serve_apps(cfg: ServeConfig) -> int:
+    """Deploy the Serve config's apps on Ray, print where each answers, and run until SIGINT or SIGTERM."""
+    config_path = Path(cfg.serve_config)
     config = load_serve_config(config_path)
     http = dict(config.get("http_options") or {})
-    host = args.host or http.get("host") or "127.0.0.1"
-    port = args.port or http.get("port") or 8000
-    only = [a for a in args.apps.split(",") if a] if args.apps else None
-    models = _parse_models(args.models)
+    host = cfg.host or http.get("host") or "127.0.0.1"
+    port = cfg.port or http.get("port") or 8000
 
     from topro.cluster.runtime import init_ray
+    from topro.endpoint.http import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     # Serve's HTTP proxy answers a header it cannot decode with a plain 500; this middleware answers 400
     # first (it takes effect for a Ray started here; a cluster's head needs the same variable).
-    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.http:proxy_middlewares")
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     for key, value in SERVE_PATIENCE_ENV.items():
         os.environ.setdefault(key, value)
     try:
-        init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False)
+        init_ray(cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
     except Exception as err:
         print(f"topro serve: Ray did not come up ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}); "
               "on a busy machine try again, or give --address of a running Ray", file=sys.stderr)
@@ -199,9 +258,9 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        apps = build_applications(config, model=args.model, models=models, llm_model=args.llm_model, only=only,
-                                  config_dir=config_path.parent)
-        failure = start_serve(serve, apps, host, port, budget_s=args.startup_timeout, attempts=args.startup_attempts)
+        apps = build_applications(config, model=cfg.model, models=cfg.models, llm_model=cfg.llm_model,
+                                  only=cfg.apps or None, config_dir=config_path.parent)
+        failure = start_serve(serve, apps, host, port, budget_s=cfg.startup_timeout, attempts=cfg.startup_attempts)
         if failure:
             return 1
         for name, route_prefix, _ in apps:

@@ -1,0 +1,47 @@
+"""The ``topro`` command: one module per subcommand, each imported here by name.
+
+Every subcommand reads its settings into a typed dataclass through ``topro.config.load_config``
+(``--config FILE`` plus ``key=value`` overrides; its flags are shorthands for the same fields).
+A subcommand module imports what only its command needs (torch, Ray, MLflow, plotting) inside
+its functions, so ``topro --help`` is quick and one command's missing optional package is named
+when that command runs, not when another does.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from topro.cli import compare, eval_llm, evaluate, report, serve, sweep, train
+from topro.config import ConfigError
+
+SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="topro", description="Prompt-based cross-lingual sequence labeling: "
+                                                               "train, evaluate, sweep, report, compare, "
+                                                               "eval-llm, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"topro {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if not err.name or err.name.split(".")[0] == "topro":
+            raise  # our own module is broken or missing: fail loudly
+        print(f"topro {args.command}: error: this command needs the Python package {err.name!r}, which is not "
+              f"installed ({err})", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,233 @@
+"""`topro eval-llm` (and `jobs/eval_llm.py`): evaluate a language model with ToPro prompts or the
+whole-sentence baseline, per language, as parallel Ray tasks (or `--no-ray`).
+
+  topro eval-llm --task udpos --model ~/.cache/offline-models/gemma-3-270m \\
+      --langs de,ru,tr --shots 3 --format topro --mode score --max-sentences 50
+
+`--model` is a Hugging Face id, a local folder, or the http(s) URL of an
+OpenAI-compatible server. Settings are `EvalLLMConfig` fields: `--config FILE`,
+`key=value` overrides, or the flags below (shorthands for the same fields).
+Writes the per-language JSON (same shape as `topro evaluate`) and logs an
+MLflow run (experiment `topro-llm`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from topro.config import ConfigError, check_ranges, load_config
+from topro.config import _at_least as at_least
+
+
+@dataclass
+class EvalLLMConfig:
+    """One LLM evaluation: what is asked (``llm.evaluate.LLMEvalConfig``), of which model and backend, where."""
+
+    task: str | None = None
+    """Task name (``udpos``, ``panx``). Required."""
+    model: str | None = None
+    """Hugging Face id, local folder, or http(s) URL of an OpenAI-compatible server. Required."""
+    langs: str = "all"
+    """Comma-separated languages, or ``all``."""
+    shots: int = 0
+    """K demonstrations from English train."""
+    format: str = "topro"
+    """Prompt format: a name of ``topro.llm.formats`` or a YAML file."""
+    mode: Literal["score", "generate"] = "score"
+    """Rank label words by log-likelihood (``score``), or generate and match (``generate``)."""
+    seed: int = 42
+    """Demonstration sampling seed."""
+    max_sentences: int | None = None
+    """First N sentences per language (``None``: all)."""
+    split: str = "dev"
+    """Split scored in each language."""
+    data_dir: str | None = None
+    """Data folder (default ``$TOPRO_DATA_DIR``)."""
+    verbalizer: str | None = None
+    """Verbalizer name (default: the format's, else the task's)."""
+    length_norm: bool = False
+    """Score multi-token labels by the mean instead of the sum of their token log-probs."""
+    calibrate: bool = False
+    """Score mode: contextual calibration (divide out the label words' prior, measured on a content-free word)."""
+    max_new_tokens: int | None = None
+    """Generation cap (default from the prompt)."""
+    output: str | None = None
+    """JSON file to write (default ``outputs/llm/<task>-<method>.json``)."""
+    # A local Hugging Face model.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of a local model (``auto``: CUDA when present)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of a local model."""
+    scoring: Literal["shared", "naive"] = "shared"
+    """Shared-prefix KV cache, or the naive per-prompt reference."""
+    max_tokens_per_batch: int = 4096
+    """Token budget of one forward pass of a local model."""
+    threads: int | None = None
+    """torch CPU threads per process."""
+    # An OpenAI-compatible server.
+    api_model: str | None = None
+    """Model name on the server (default: its first listed model)."""
+    api: Literal["auto", "completions", "chat"] = "auto"
+    """Server endpoint used for generation."""
+    concurrency: int = 8
+    """Requests in flight."""
+    timeout: float = 60.0
+    """Seconds per request."""
+    retries: int = 4
+    """Retries of a failed request."""
+    # Ray and MLflow.
+    ray: bool = True
+    """Languages as parallel Ray tasks (``false``: one after another in this process)."""
+    address: str | None = None
+    """Ray cluster address (default ``$RAY_ADDRESS``, else a local Ray)."""
+    cpus_per_task: float = 1.0
+    """CPUs reserved by each language's Ray task."""
+    mlflow: bool = True
+    """Log an MLflow run."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``)."""
+    experiment: str = "topro-llm"
+    """MLflow experiment."""
+
+    RENAMED_KEYS = {"batch_tokens": "max_tokens_per_batch"}  # not a field: old names, refused with the new one
+
+    def problems(self) -> list[tuple[str, str]]:
+        required = [(name, f"required (--{name} or {name}=...)") for name in ("task", "model")
+                    if not getattr(self, name)]
+        return required + check_ranges(self, {
+            "shots": at_least(0), "max_tokens_per_batch": at_least(1), "concurrency": at_least(1),
+            "retries": at_least(0), "max_sentences": at_least(1, optional=True),
+            "max_new_tokens": at_least(1, optional=True), "threads": at_least(1, optional=True)})
+
+    def eval_config(self):
+        """What is asked, as ``topro.llm.evaluate`` takes it (and logs as the run's parameters)."""
+        from topro.llm.evaluate import LLMEvalConfig
+
+        # A YAML config's "~/..." is not expanded by a shell; a URL has no leading "~".
+        return LLMEvalConfig(task=self.task, model=os.path.expanduser(self.model), format=self.format, mode=self.mode,
+                             shots=self.shots, seed=self.seed, split=self.split, max_sentences=self.max_sentences,
+                             data_dir=self.data_dir, verbalizer=self.verbalizer, length_norm=self.length_norm,
+                             calibrate=self.calibrate, max_new_tokens=self.max_new_tokens)
+
+    def backend_options(self) -> dict:
+        """Options of ``topro.llm.backends.load_backend``."""
+        return {"device": self.device, "dtype": self.dtype, "scoring": self.scoring,
+                "max_tokens_per_batch": self.max_tokens_per_batch, "threads": self.threads,
+                "api_model": self.api_model, "api": self.api, "concurrency": self.concurrency,
+                "timeout": self.timeout, "retries": self.retries}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML LLM-evaluation config (EvalLLMConfig fields, configs/llm/*.yaml)")
+    p.add_argument("--task", help="task name (udpos, panx)")
+    p.add_argument("--model", help="Hugging Face id, local folder, or http(s) URL of an OpenAI-compatible server")
+    p.add_argument("--langs", help="comma-separated languages, or 'all' (default)")
+    p.add_argument("--shots", type=int, help="K demonstrations from English train (default 0)")
+    p.add_argument("--format", help="prompt format: a name (topro.llm.formats) or a YAML file (default topro)")
+    p.add_argument("--mode", choices=["score", "generate"],
+                   help="rank label words by log-likelihood, or generate and match (default score)")
+    p.add_argument("--seed", type=int, help="demonstration sampling seed (default 42)")
+    p.add_argument("--max-sentences", type=int, help="first N sentences per language")
+    p.add_argument("--split", help="split (default dev)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--verbalizer", help="verbalizer name (default: the format's, else the task's)")
+    p.add_argument("--length-norm", action="store_true",
+                   help="score multi-token labels by mean instead of summed token log-prob")
+    p.add_argument("--calibrate", action="store_true",
+                   help="score mode: contextual calibration (divide out the label words' prior, "
+                        "measured on a content-free word)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap (default from the prompt)")
+    p.add_argument("--output", help="JSON file to write (default outputs/llm/<task>-<method>.json)")
+    local = p.add_argument_group("local Hugging Face model")
+    local.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    local.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    local.add_argument("--scoring", choices=["shared", "naive"],
+                       help="shared-prefix KV cache (default) or naive per-prompt reference")
+    local.add_argument("--max-tokens-per-batch", type=int, help="token budget per forward (default 4096)")
+    local.add_argument("--batch-tokens", type=int, help=argparse.SUPPRESS)  # the old name: refused, naming the new
+    local.add_argument("--threads", type=int, help="torch CPU threads per process")
+    http = p.add_argument_group("OpenAI-compatible server")
+    http.add_argument("--api-model", help="model name on the server (default: its first listed model)")
+    http.add_argument("--api", choices=["auto", "completions", "chat"])
+    http.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
+    http.add_argument("--timeout", type=float, help="seconds per request (default 60)")
+    http.add_argument("--retries", type=int, help="default 4")
+    ray_group = p.add_argument_group("Ray")
+    ray_group.add_argument("--no-ray", action="store_true", help="languages one after another in this process")
+    ray_group.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    ray_group.add_argument("--cpus-per-task", type=float, help="default 1")
+    track = p.add_argument_group("MLflow")
+    track.add_argument("--no-mlflow", action="store_true")
+    track.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    track.add_argument("--experiment", help="default topro-llm")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of EvalLLMConfig fields")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval-llm` on the `topro` command."""
+    p = subparsers.add_parser("eval-llm", help="evaluate an LLM with ToPro prompts or the whole-sentence baseline",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval_llm)
+    return p
+
+
+FLAG_FIELDS = ("task", "model", "langs", "shots", "format", "mode", "seed", "max_sentences", "split", "data_dir",
+               "verbalizer", "max_new_tokens", "output", "device", "dtype", "scoring", "max_tokens_per_batch",
+               "threads", "api_model", "api", "concurrency", "timeout", "retries", "address", "cpus_per_task",
+               "tracking_uri", "experiment")
+"""Flags that set the field of the same name."""
+
+
+def config_from_args(args) -> EvalLLMConfig:
+    if args.batch_tokens is not None:
+        raise ConfigError("--batch-tokens is now --max-tokens-per-batch (max_tokens_per_batch=N)")
+    switches = {"length_norm": args.length_norm or None, "calibrate": args.calibrate or None,
+                "ray": False if args.no_ray else None, "mlflow": False if args.no_mlflow else None}
+    return load_config(EvalLLMConfig, args.config, args.overrides,
+                       **{name: getattr(args, name) for name in FLAG_FIELDS}, **switches)
+
+
+def cmd_eval_llm(args) -> int:
+    return eval_llm(config_from_args(args))
+
+
+def eval_llm(run: EvalLLMConfig) -> int:
+    """Check in seconds, evaluate every language (Ray tasks or in turn), write the JSON, log to MLflow."""
+    from topro.precheck import check_llm
+
+    langs = check_llm(task=run.task, model=run.model, format=run.format, langs=run.langs, split=run.split,
+                      data_dir=run.data_dir, verbalizer=run.verbalizer, shots=run.shots,
+                      max_sentences=run.max_sentences)  # seconds, before torch, Ray or the model load
+    from topro.cli.evaluate import format_table
+    from topro.evaluate import write_json
+
+    cfg = run.eval_config()
+    if not langs:
+        raise ValueError(f"no languages with a {cfg.split} split for task {cfg.task!r}")
+    options = run.backend_options()
+    if not run.ray:
+        from topro.llm.backends import load_backend
+        from topro.llm.evaluate import evaluate_llm
+
+        record = evaluate_llm(cfg, langs, load_backend(cfg.model, **options))
+    else:
+        from topro.cluster.llm_eval import evaluate_llm_parallel
+
+        record = evaluate_llm_parallel(cfg, langs, options, address=run.address, cpus_per_task=run.cpus_per_task)
+    output = Path(run.output or Path("outputs") / "llm" / f"{cfg.task}-{record['method']}.json")
+    write_json(output, record)
+    print(format_table(record))
+    print("format failure rate per language: " + ", ".join(
+        f"{lang} {r['format_failure_rate']:.3f}" for lang, r in record["languages"].items()))
+    print(f"per-language results: {output}")
+    if run.mlflow:
+        from topro.llm.tracking import log_llm_run
+
+        run_id = log_llm_run(record, record["params"], tracking_uri=run.tracking_uri,
+                             experiment=run.experiment, json_path=output)
+        print(f"mlflow run: {run_id}")
+    return 0

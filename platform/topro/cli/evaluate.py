@@ -1,0 +1,198 @@
+"""``topro evaluate``: zero-shot evaluation of a checkpoint (or a registered model) on many languages."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from topro.config import EVAL_DTYPES, ConfigError, check_ranges, load_config
+from topro.config import _at_least as at_least
+
+EvalDtype = Literal[EVAL_DTYPES]  # type: ignore[valid-type]
+
+
+@dataclass
+class EvaluateConfig:
+    """One evaluation: which checkpoint, which languages and split, where the results go."""
+
+    checkpoint: str | None = None
+    """Checkpoint folder (``RUN/checkpoint``), or a registered model ``models:/<name>@<alias>`` (or
+    ``models:/<name>/<version>``) as ``topro serve`` takes. Required."""
+    output: str | None = None
+    """JSON file to write. An existing file that an earlier ``topro evaluate`` of the same checkpoint did not
+    write (e.g. the ``eval.json`` of ``topro train``) is kept unless ``overwrite``. Required."""
+    overwrite: bool = False
+    """Replace ``output`` whoever wrote it."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI for ``models:/`` (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in
+    the working directory)."""
+    task: str | None = None
+    """Task name (default: the checkpoint's)."""
+    langs: str = "all"
+    """Comma-separated languages, or ``all``."""
+    data_dir: str | None = None
+    """Data folder (default ``$TOPRO_DATA_DIR``)."""
+    split: Literal["dev", "test"] | None = None
+    """Split scored in each language (default: the task's final split where it is at hand, test for UDPOS,
+    dev for PAN-X; dev otherwise)."""
+    max_sentences: int | None = None
+    """First N sentences per language (``None``: all)."""
+    viterbi: bool = True
+    """For span tasks, also score the best valid IOB2 sequence."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device (``auto``: CUDA when present)."""
+    dtype: EvalDtype = "fp32"
+    """Evaluation precision; ``fp64`` is a reference precision whose results agree across processes, CPUs and
+    thread counts (slow)."""
+    parallel: bool = False
+    """One Ray task per language."""
+    address: str | None = None
+    """Ray cluster address for ``parallel`` (default ``$RAY_ADDRESS``, else a local Ray)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        required = [(name, f"required (--{name} or {name}=...)") for name in ("checkpoint", "output")
+                    if not getattr(self, name)]
+        return required + check_ranges(self, {"max_sentences": at_least(1, optional=True)})
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint on many languages",
+                       description="Evaluate a checkpoint zero-shot per language. Settings are EvaluateConfig "
+                                   "fields: from --config FILE, key=value overrides, or the flags below.")
+    p.add_argument("--config", help="YAML evaluation config (EvaluateConfig fields)")
+    p.add_argument("--checkpoint",
+                   help="checkpoint folder (RUN/checkpoint), or a registered model models:/<name>@<alias> "
+                        "(or models:/<name>/<version>) as `topro serve` takes")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--task", help="task name (default: the checkpoint's)")
+    p.add_argument("--langs", help="comma-separated languages, or 'all' (default)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--split", choices=["dev", "test"],
+                   help="split scored in each language (default: the task's final split where it is at hand, "
+                        "test for UDPOS, dev for PAN-X; dev otherwise)")
+    p.add_argument("--max-sentences", type=int, help="first N sentences per language")
+    p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=EVAL_DTYPES,
+                   help="evaluation precision; fp64 is a reference precision whose results agree across "
+                        "processes, CPUs and thread counts (slow)")
+    p.add_argument("--parallel", action="store_true", help="one Ray task per language")
+    p.add_argument("--address", help="Ray cluster address for --parallel")
+    p.add_argument("--output", help="JSON file to write (an existing file that an earlier "
+                                    "`topro evaluate` of the same checkpoint did not write, e.g. "
+                                    "the eval.json of `topro train`, is kept unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output whoever wrote it")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of EvaluateConfig fields")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def config_from_args(args) -> EvaluateConfig:
+    """The flags are shorthands for the fields of the same name (``--no-viterbi``: ``viterbi=false``)."""
+    return load_config(EvaluateConfig, args.config, args.overrides, checkpoint=args.checkpoint,
+                       output=args.output, overwrite=args.overwrite or None, tracking_uri=args.tracking_uri,
+                       task=args.task, langs=args.langs, data_dir=args.data_dir, split=args.split,
+                       max_sentences=args.max_sentences, viterbi=False if args.no_viterbi else None,
+                       device=args.device, dtype=args.dtype, parallel=args.parallel or None,
+                       address=args.address)
+
+
+EVALUATE_WRITER = "topro evaluate"
+
+
+def check_output_is_ours(output: str, source: str, overwrite: bool) -> None:
+    """Refuse to replace a results file that this command did not write for this checkpoint."""
+    path = Path(output)
+    if overwrite or not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("written_by") == EVALUATE_WRITER \
+            and previous.get("source") == source:
+        return  # the same evaluation run again
+    raise ConfigError(f"--output {output}: exists and was not written by `topro evaluate` of {source} "
+                      f"(e.g. `topro train` wrote it); choose another --output, or pass --overwrite")
+
+
+def resolve_evaluate_checkpoint(checkpoint: str, tracking_uri: str | None) -> str:
+    """A local folder for a checkpoint folder or a ``models:/`` / ``runs:/`` URI (downloaded once, cached)."""
+    from topro.tracking import is_registry_uri
+
+    if not is_registry_uri(checkpoint):
+        return checkpoint
+    from topro import tracking
+
+    uri = tracking.configure(tracking_uri)
+    try:
+        return str(tracking.resolve_checkpoint(checkpoint))
+    except Exception as err:  # MlflowException: unknown name, alias or version
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--checkpoint {checkpoint}: not found in the MLflow registry at {uri} ({message})") \
+            from None
+
+
+def cmd_evaluate(args) -> int:
+    return evaluate(config_from_args(args))
+
+
+def evaluate(cfg: EvaluateConfig) -> int:
+    """Check everything that can be checked in seconds, evaluate, write ``cfg.output`` and print the table."""
+    from topro.precheck import check_evaluate, checkpoint_meta
+
+    check_output_is_ours(cfg.output, cfg.checkpoint, cfg.overwrite)
+    source = cfg.checkpoint
+    checkpoint = resolve_evaluate_checkpoint(cfg.checkpoint, cfg.tracking_uri)
+    split = cfg.split
+    if split is None:
+        from topro.data.loading import default_split
+
+        task_name = cfg.task or checkpoint_meta(checkpoint).get("task") or "udpos"
+        split = default_split(task_name, cfg.data_dir, [x for x in cfg.langs.split(",") if x])
+    langs = ",".join(check_evaluate(checkpoint, cfg.langs, task=cfg.task, split=split,
+                                    data_dir=cfg.data_dir, max_sentences=cfg.max_sentences))
+    from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
+
+    kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
+                  viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype)
+    if cfg.parallel:
+        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+
+        record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
+    else:
+        record = evaluate_checkpoint(checkpoint, langs, **kwargs)
+    record.update(written_by=EVALUATE_WRITER, source=source)
+    write_results(cfg.output, record)
+    print(format_table(record))
+    print(f"per-language results: {cfg.output}")
+    return 0
+
+
+def format_table(record: dict) -> str:
+    """A Markdown table of one results record: language, headline metric (and the other F1 mode for
+    span tasks), sizes, truncation and the headline over the words the model saw."""
+    metric = record["metric"]
+    first = next(iter(record["languages"].values()), {})
+    extra = [k for k in ("f1_strict",) if k in first]
+    seen = f"{metric}_seen_words" if f"{metric}_seen_words" in first else None
+    head = [metric, *extra, "accuracy"] if metric != "accuracy" else [metric, *extra]
+    cols = head + ["sentences", "words", "truncated words"] + ([seen] if seen else [])
+    rows = ["| lang | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for lang, r in record["languages"].items():
+        cells = [f"{r[k]:.4f}" for k in head] + [str(r["n_sentences"]), str(r["n_words"]),
+                                                 str(r["n_truncated_words"])]
+        if seen:
+            cells.append(f"{r[seen]:.4f}")
+        rows.append(f"| {lang} | " + " | ".join(cells) + " |")
+    avg = record["average"]
+    cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + ["", "", ""] + (
+        [f"{avg.get(seen, float('nan')):.4f}"] if seen else [])
+    rows.append("| average | " + " | ".join(cells) + " |")
+    if record.get("averaged_steps"):
+        rows.append(f"\nExported weights: {record['selection']}, the mean of the English-dev checkpoints of steps "
+                    f"{record['averaged_steps']} (ranked by {record.get('selection_metric')}).")
+    elif record.get("selection_metric"):
+        rows.append(f"\nCheckpoint selected on English dev {record['selection_metric']}.")
+    return "\n".join(rows)

@@ -1,0 +1,98 @@
+"""``topro train`` (and ``jobs/train.py``): train one model, then evaluate ``eval_langs`` on its best checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from topro.config import TrainConfig, load_config
+
+log = logging.getLogger("topro")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model (single process, or Ray Train with --workers/--strategy)",
+                       description="Train on the task's English train split, select on English dev. "
+                                   "Overrides are key=value pairs of TrainConfig fields, e.g. learning_rate=3e-5.")
+    p.add_argument("--config", required=True, help="YAML training config (configs/train/*.yaml)")
+    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
+    p.add_argument("--output", help="run folder (writes checkpoint/ and metrics.json)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (same as workers=N)")
+    p.add_argument("--strategy", choices=["local", "ddp", "deepspeed"], help="same as strategy=...")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--on-ray", action="store_true", help="always on Ray Train (strategy local becomes DDP), and "
+                                                        "print the summary as JSON: what jobs/train.py runs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(TrainConfig, args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output,
+                      workers=args.workers, strategy=args.strategy)
+    summary = train_and_evaluate(cfg, address=args.address, on_ray=True if args.on_ray else None)
+    if args.on_ray:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}, indent=2))
+    return 0
+
+
+def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: bool | None = None) -> dict:
+    """Train (in-process, or on Ray Train when ``on_ray`` or the config asks for workers), print the
+    best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``."""
+    from topro.precheck import check_train
+
+    check_train(cfg)  # data, languages, model, names: seconds, before Ray starts or a model loads
+    if on_ray is None:
+        on_ray = cfg.strategy != "local" or cfg.workers > 1
+    if not on_ray:
+        from topro.train import train
+
+        summary = train(cfg)
+    else:
+        from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
+
+        summary = train_on_ray(cfg, address=address)
+    selection = summary["selection_metric"]
+    best = summary[f"best_dev_{selection}"]
+    print(f"best English dev {selection}: {best:.4f} (step {summary['best_step']}); "
+          f"checkpoint: {summary['checkpoint']}")
+    tag, baseline = majority_baseline(cfg, selection)
+    if not best > baseline + 1e-9:
+        log.warning("the best English dev %s (%.4f) never beat the majority-class baseline (%.4f: every word "
+                    "tagged %s): the model has not learnt the task. Try more steps (epochs, max_train_sentences), "
+                    "a higher learning_rate for the random 'tiny' model (about 1e-3 to 3e-3) or a lower one for a "
+                    "pretrained model (2e-5 to 1e-4), or a pretrained model", selection, best, baseline, tag)
+    if cfg.eval_langs:
+        from topro.cli.evaluate import format_table
+        from topro.evaluate import evaluate_checkpoint, write_results
+
+        record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
+                                     max_sentences=cfg.max_eval_sentences, viterbi=cfg.viterbi,
+                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+        record["selection_metric"] = summary["selection_metric"]
+        record["selection"] = summary.get("selection", "best")
+        if summary.get("averaged_steps"):
+            record["averaged_steps"] = summary["averaged_steps"]
+        path = write_results(Path(cfg.output_dir) / "eval.json", record)
+        print(format_table(record))
+        print(f"per-language results: {path}")
+    return summary
+
+
+def majority_baseline(cfg: TrainConfig, selection: str) -> tuple[str, float]:
+    """The English dev score of tagging every word with the most frequent training tag (what a model that
+    learnt nothing reaches: ``O`` and F1 0 for PAN-X, ``NOUN`` and its share of words for UDPOS)."""
+    from collections import Counter
+
+    from topro.data import get_task, load_split
+    from topro.metrics import metric_value, score_task
+
+    task = get_task(cfg.task)
+    train = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
+    dev = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
+    tag = Counter(t for s in train for t in s.tags).most_common(1)[0][0]
+    scores = score_task(task, [s.tags for s in dev], [[tag] * len(s) for s in dev])
+    if selection == "viterbi_f1":
+        selection = "f1"  # all-majority is a valid IOB2 sequence: Viterbi leaves it as it is
+    return tag, float(metric_value(scores, selection))
+
+
