@@ -134,7 +134,7 @@ def _sweep_config(tmp_path, text):
 def test_search_space_scheduler_and_resources(tmp_path):
     from ray import tune
 
-    from topro.cluster.sweep import param_space, scheduler, trial_cpus
+    from topro.cluster.sweep_tune import param_space, scheduler, trial_cpus
 
     cfg = _sweep_config(tmp_path, """name: s
 base: {task: udpos, epochs: 3, workers: 2, cpus_per_worker: 1.5}
@@ -157,24 +157,3 @@ scheduler: asha
     random = _sweep_config(tmp_path, "name: r\nsearch: random\nnum_samples: 3\n"
                                      "search_space: {method: {grid: [topro, vanilla]}}\n")
     assert isinstance(param_space(random)["method"], tune.search.sample.Categorical)
-
-
-def test_learning_rate_is_chosen_on_mean_english_dev_per_setting(tmp_path):
-    from topro.cluster.sweep import TrialOutcome, select_trials, setting_label, trial_train_config
-
-    cfg = _sweep_config(tmp_path, """name: s
-base: {task: udpos}
-search_space:
-  method: {grid: [topro, vanilla]}
-  learning_rate: {grid: [1e-3, 1e-4]}
-  seed: {grid: [1, 2]}
-""")
-    dev = {("topro", 1e-3): (0.9, 0.5), ("topro", 1e-4): (0.8, 0.7),  # mean 0.70 vs 0.75: 1e-4 wins
-           ("vanilla", 1e-3): (0.6, 0.6), ("vanilla", 1e-4): (0.5, 0.55)}
-    outcomes = [TrialOutcome(f"{m}{lr}{seed}", {"method": m, "learning_rate": lr, "seed": seed},
-                             trial_train_config(cfg, {"method": m, "learning_rate": lr, "seed": seed}), "TERMINATED",
-                             scores[seed - 1], "/ckpt")
-                for (m, lr), scores in dev.items() for seed in (1, 2)]
-    chosen = {(o.params["method"], o.params["learning_rate"], o.params["seed"]) for o in select_trials(cfg, outcomes)}
-    assert chosen == {("topro", 1e-4, 1), ("topro", 1e-4, 2), ("vanilla", 1e-3, 1), ("vanilla", 1e-3, 2)}
-    assert setting_label(cfg, outcomes[0].params) == "topro"

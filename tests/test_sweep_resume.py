@@ -142,7 +142,7 @@ def test_sweep_killed_at_any_point_finishes_when_rerun(tmp_path, tiny_udpos):
     import subprocess
     import sys
 
-    from topro.cluster.sweep import KILL_DRIVER_ENV
+    from topro.cluster.sweep_faults import KILL_DRIVER_ENV
 
     config = tmp_path / "sweep.yaml"
     config.write_text(SWEEP.format(search_space="seed: {grid: [1, 2]}", storage=tmp_path / "sweeps"))

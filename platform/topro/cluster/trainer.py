@@ -165,10 +165,24 @@ def fault_injected_at(cfg: TrainConfig, name: str | None = None, storage_path: s
         return json.loads(stream.read().decode())
 
 
-def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]:
-    """Start or join Ray, train, and return the summary (``checkpoint``: ``<output_dir>/checkpoint``)."""
+def copy_best_export(result, target: Path) -> str:
+    """Copy the run's best export (its last improved checkpoint's ``model`` folder) to the local folder
+    ``target``, replacing what is there; returns the export's path. Train rotates its checkpoints: the copy stays."""
     import pyarrow.fs
 
+    export = best_checkpoint_path(result)
+    if export is None:
+        raise RuntimeError(f"run {result.path} reported no improved checkpoint")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    pyarrow.fs.copy_files(export, str(target), source_filesystem=result.checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return export
+
+
+def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]:
+    """Start or join Ray, train, and return the summary (``checkpoint``: ``<output_dir>/checkpoint``)."""
     from topro.cluster.runtime import init_ray
 
     from topro.cluster.storage import check_storage
@@ -186,15 +200,8 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
     if result.error is not None:
         raise result.error
     summary = dict(result.return_value or {})
-    export = best_checkpoint_path(result)
-    if export is None:
-        raise RuntimeError(f"run {result.path} reported no improved checkpoint")
     local = Path(cfg.output_dir) / "checkpoint"
-    if local.exists():
-        shutil.rmtree(local)
-    local.mkdir(parents=True)
-    pyarrow.fs.copy_files(export, str(local), source_filesystem=result.checkpoint.filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    export = copy_best_export(result, local)
     summary.update({"checkpoint": str(local), "ray_checkpoint": export, "ray_run": result.path,
                     "fault_injected": fault_injected_at(cfg)})
     (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
