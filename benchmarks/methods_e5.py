@@ -5,7 +5,7 @@ English UDPOS sentences for ``--epochs`` (its own usual learning rate and batch
 size), selects on the same English dev sentences, and is evaluated zero-shot
 with ``topro evaluate`` on the same first ``--eval-sentences`` dev sentences of
 each language. Runs are separate processes; a finished run (its ``eval.json``
-exists) is reused, so an interrupted benchmark resumes. Prints one Markdown
+exists) is reused, and so is a finished training, so an interrupted benchmark resumes. Prints one Markdown
 table: token accuracy per language and method, the zero-shot mean, trainable
 and total parameters, training time (``metrics.json``'s ``train_seconds``:
 optimizer steps only) and wall time of train + evaluate.
@@ -58,29 +58,36 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def run_method(method: str, args) -> dict:
+    """Train (unless a finished training is there: its checkpoint and ``train_timing.json``), then evaluate
+    (unless ``eval.json`` is there), so an interrupted benchmark resumes without training again."""
     out = Path(args.out) / method
-    done = out / "eval.json"
-    if done.is_file() and (out / "timing.json").is_file():
-        print(f"{method}: reusing {out}", flush=True)
+    done, trained = out / "eval.json", out / "train_timing.json"
+    out.mkdir(parents=True, exist_ok=True)
+    topro = [sys.executable, "-m", "topro.cli"]
+    if trained.is_file() and (out / "checkpoint").is_dir():
+        print(f"{method}: reusing the training in {out}", flush=True)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        topro = [sys.executable, "-m", "topro.cli"]
         config = CONFIG_OF.get(method, method)
         train = topro + ["train", "--config", f"configs/train/{args.task}-{config}.yaml", "--output", str(out),
                          f"model={args.model}", f"max_train_sentences={args.train_sentences}",
                          f"max_dev_sentences={args.dev_sentences}", f"epochs={args.epochs}", "eval_langs=[]",
                          f"num_threads={args.threads}", "progress=false", f"seed={args.seed}", "warmup_ratio=0.1",
                          *METHODS[method], *args.override]
-        evaluate = topro + ["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", args.langs,
-                            "--max-sentences", str(args.eval_sentences), "--output", str(done)]
         print(f"{method}: training ({' '.join(train[3:])})", flush=True)
-        train_wall = run(train, out / "train.log")
+        trained.write_text(json.dumps({"train_wall_s": run(train, out / "train.log")}))
+    if done.is_file():
+        print(f"{method}: reusing {done}", flush=True)
+    else:
+        # dev, as the docstring says: the split is named, not left to what is at hand (test would be the
+        # task's final split where a data folder or the hub has it)
+        evaluate = topro + ["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", args.langs,
+                            "--split", "dev", "--max-sentences", str(args.eval_sentences), "--output", str(done)]
         print(f"{method}: evaluating", flush=True)
         eval_wall = run(evaluate, out / "evaluate.log")
-        (out / "timing.json").write_text(json.dumps({"train_wall_s": train_wall, "eval_wall_s": eval_wall}))
+        (out / "eval_timing.json").write_text(json.dumps({"eval_wall_s": eval_wall}))
+    timing = {**json.loads(trained.read_text()), **json.loads((out / "eval_timing.json").read_text())}
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"metrics": metrics, "eval": json.loads(done.read_text()),
-            "timing": json.loads((out / "timing.json").read_text())}
+    return {"metrics": metrics, "eval": json.loads(done.read_text()), "timing": timing}
 
 
 def table(results: dict[str, dict], langs: list[str]) -> str:
