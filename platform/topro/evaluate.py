@@ -274,7 +274,7 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
 
 def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
-    if (meta.get("extra") or {}).get("mlm_head_untrained"):
+    if meta.get("mlm_head_untrained") or (meta.get("extra") or {}).get("mlm_head_untrained"):  # old: under extra
         extra = {**extra, "mlm_head_untrained": True}
     return extra
 

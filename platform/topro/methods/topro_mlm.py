@@ -67,7 +67,7 @@ def full_vocab_label_logits(model, batch: dict[str, torch.Tensor], label_ids: to
 
 
 class ToProMLM(WholeModelMethod):
-    """``spec.extra["prompt_packing"]``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
+    """``spec.prompt_packing``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
     per sentence window, see ``methods/packing.py``); ``max_packed_length`` bounds a packed row."""
 
     name = "topro"
@@ -82,9 +82,9 @@ class ToProMLM(WholeModelMethod):
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
         self.label_ids = torch.tensor(label_token_ids(tokenizer, self.label_words, spec.label_word_policy))
-        self.packing = check_packing(spec.extra.get("prompt_packing", "per_word"), self.name)
-        self.max_packed_length = int(spec.extra.get("max_packed_length", 512))
-        self.max_questions_per_row = spec.extra.get("max_questions_per_row")  # None: as many as fit
+        self.packing = check_packing(spec.prompt_packing, self.name)
+        self.max_packed_length = int(spec.max_packed_length)
+        self.max_questions_per_row = spec.max_questions_per_row  # None: as many as fit
         if self.packing == "sentence" and self.max_packed_length < spec.max_length:
             raise ValueError(f"max_packed_length={self.max_packed_length} must be at least "
                              f"max_length={spec.max_length}")
