@@ -97,7 +97,7 @@ def test_vanilla_window_labels_each_word_where_it_has_most_context(tiny_udpos, d
     budget = 24 - method.layout.single_overhead
     for e in examples:
         assert e.length <= 24 and e.truncated_words == 0
-        inner = e.input_ids[len(method.layout.prefix):e.length - len(method.layout.single_suffix)]
+        inner = e.input_ids[len(method.layout.lead):e.length - len(method.layout.single_suffix)]
         assert 0 < len(inner) <= budget
     # A sentence that fits is one example, the same as with truncation.
     short = load_split("udpos", "en", "dev", data_dir, limit=3)[0]

@@ -82,14 +82,15 @@ class PairLayout:
     """Where a tokenizer puts its special tokens around a segment pair.
 
     Read off one probe encoding, so any tokenizer (BERT, XLM-R, T5, ...) works
-    without per-family code: ``prefix A middle B suffix``.
+    without per-family code: ``lead A middle B suffix``.
     """
 
-    prefix: list[int]
+    lead: list[int]
+    """Special tokens before the first segment (``[CLS]``, ``<s>``; none for T5)."""
     middle: list[int]
     suffix: list[int]
     single_suffix: list[int]
-    """Suffix after a single segment (``prefix A single_suffix``)."""
+    """Suffix after a single segment (``lead A single_suffix``)."""
     type_a: int = 0
     type_b: int = 1
     uses_token_types: bool = False
@@ -97,11 +98,11 @@ class PairLayout:
 
     @property
     def pair_overhead(self) -> int:
-        return len(self.prefix) + len(self.middle) + len(self.suffix)
+        return len(self.lead) + len(self.middle) + len(self.suffix)
 
     @property
     def single_overhead(self) -> int:
-        return len(self.prefix) + len(self.single_suffix)
+        return len(self.lead) + len(self.single_suffix)
 
 
 def pair_layout(tokenizer) -> PairLayout:
@@ -116,7 +117,7 @@ def pair_layout(tokenizer) -> PairLayout:
     types = pair.get("token_type_ids")
     uses_types = "token_type_ids" in tokenizer.model_input_names
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PairLayout(prefix=ids[:i], middle=ids[i + len(a):j], suffix=ids[j + len(b):],
+    return PairLayout(lead=ids[:i], middle=ids[i + len(a):j], suffix=ids[j + len(b):],
                       single_suffix=single[k + len(a):],
                       type_a=types[i] if types else 0, type_b=types[j] if types else 0,
                       uses_token_types=uses_types, pad_id=pad)

@@ -132,12 +132,12 @@ class ToProMLM(WholeModelMethod):
             for w_index, question in enumerate(questions):
                 budget = self.spec.max_length - layout.pair_overhead - len(question)
                 context, trimmed = context_window(pieces, w_index, budget)
-                ids = layout.prefix + context + layout.middle + question + layout.suffix
-                offset = len(layout.prefix) + len(context) + len(layout.middle)
+                ids = layout.lead + context + layout.middle + question + layout.suffix
+                offset = len(layout.lead) + len(context) + len(layout.middle)
                 mask_at = offset + question.index(mask_id)
                 types = None
                 if layout.uses_token_types:
-                    n_a = len(layout.prefix) + len(context) + len(layout.middle)
+                    n_a = len(layout.lead) + len(context) + len(layout.middle)
                     types = [layout.type_a] * n_a + [layout.type_b] * (len(ids) - n_a)
                 tag = sentence.tags[w_index] if sentence.tags else None
                 out.append(Encoded(ids, s_index, [w_index], [mask_at],

@@ -50,7 +50,7 @@ class Vanilla(WholeModelMethod):
 
     def _example(self, s_index: int, sentence: Sentence, pieces: list[list[int]], span: range,
                  labelled: list[int], truncated: int = 0) -> Encoded:
-        ids = list(self.layout.prefix)
+        ids = list(self.layout.lead)
         positions, labels = [], []
         wanted = set(labelled)
         for w_index in span:
