@@ -33,6 +33,7 @@ from topro.llm.formats import (PromptFormat, load_format, render_context, render
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
 from topro.evaluate import SentencePrediction, decode, viterbi_scores
 from topro.metrics import fallback_label, score_task
+from topro.prompts.placeholders import fill
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
         # Contextual calibration (Zhao et al., 2021): one more question per
         # sentence about a content-free word measures the label words' prior
         # in this context; dividing it out removes the bias toward some words.
-        extra = [setup.fmt.for_task(setup.task.name).question.format(word=cfg.content_free_word)]
+        extra = [fill(setup.fmt.for_task(setup.task.name).question, word=cfg.content_free_word)]
     scored = backend.score_many(setup.context, [(p.sentence, p.questions + extra) for p in rendered], answers)
     out = []
     for sentence, result in zip(sentences, scored):
@@ -153,7 +154,7 @@ def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sente
     heads = [render_pair(setup.fmt, task_name, word) for word in sentence.words]
     suffix = setup.fmt.for_task(task_name).answer_suffix
     for k, (head, label_template) in enumerate(heads):
-        continuations = [label_template.format(label=setup.label_words[t]) for t in labels]
+        continuations = [fill(label_template, label=setup.label_words[t]) for t in labels]
         # Scored with what follows a label (the next pair's word, or the answer's
         # end), so a tag that is a prefix of another does not win by being short.
         after = heads[k + 1][0] if k + 1 < len(heads) else suffix
