@@ -120,3 +120,16 @@ def test_whole_sentence_answers_parse_and_align_word_by_word():
     # ... but pairs about other words (a sentence the model made up, same length) are failures, not tags.
     made_up = "The/DET dog/NOUN looks/VERB after/ADP the/DET cat/NOUN !/PUNCT"
     assert parse(made_up) == (["X"] * 7, [True] * 7)
+
+
+def test_one_placeholder_syntax_fills_in_one_pass_for_templates_and_formats():
+    from topro.prompts import get_template, render_question
+    from topro.prompts.placeholders import fill, placeholders
+
+    assert placeholders("The {word} is {mask} {0} {{x}}") == {"word", "mask", "x"}
+    assert fill("a {word} b {mask} {other}", word="{mask}", mask="<m>") == "a {mask} b <m> {other}"
+    template = get_template("udpos", "topro")
+    assert render_question(template, "{mask}", "<m>") == fill(template.question, word="{mask}", mask="<m>")
+    assert "{mask}" in render_question(template, "{mask}", "<m>")  # a word is never read as a placeholder
+    fmt = load_format("topro")
+    assert fmt.path.endswith("prompts/llm_formats/topro.yaml")

@@ -4,7 +4,7 @@ import torch
 
 from llm_tiny import tiny_model
 from topro.llm.generate import greedy_generate_shared
-from topro.llm.scoring import TokenCounts, encode_prefix
+from topro.llm.scoring import TokenCounts, encode_shared_prefix
 
 CONTEXT = "Tag every word. Sentence: the cat sat .\nTags: the/DET cat/NOUN sat/VERB ./PUNCT\n"
 PROMPTS = ["Sentence: Wilhelm wrote .\nTags:", "Sentence: a long song in Berlin was written there .\nTags:",
@@ -17,7 +17,7 @@ def test_shared_generation_equals_generate(kind):
     context = tok(CONTEXT).input_ids  # with BOS
     suffixes = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
     counts = TokenCounts()
-    state = encode_prefix(model, context, counts=counts)
+    state = encode_shared_prefix(model, context, counts=counts)
     ours = greedy_generate_shared(model, state, suffixes, max_new_tokens=12, counts=counts, batch_rows=2)
     for suffix, got in zip(suffixes, ours):
         ids = torch.tensor([context + suffix])
@@ -30,7 +30,7 @@ def test_shared_generation_equals_generate(kind):
 
 def test_stop_and_eos_end_rows_early():
     model, tok = tiny_model("llama")
-    state = encode_prefix(model, tok(CONTEXT).input_ids)
+    state = encode_shared_prefix(model, tok(CONTEXT).input_ids)
     suffixes = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
     full = greedy_generate_shared(model, state, suffixes, max_new_tokens=10)
     cut = greedy_generate_shared(model, state, suffixes, max_new_tokens=10, stop=lambda ids: len(ids) >= 3)

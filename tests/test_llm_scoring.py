@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm_tiny import tiny_model
-from topro.llm.scoring import (ScoringItem, TokenCounts, encode_prefix, normalise, score_naive,
+from topro.llm.scoring import (ScoringItem, TokenCounts, encode_shared_prefix, normalise, score_naive,
                                score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many)
 
 SENTENCE = "Wilhelm von Zuccalmaglio wrote the long song in Berlin ."
@@ -36,7 +36,7 @@ def test_shared_prefix_equals_naive(kind):
     naive_counts, shared_counts = TokenCounts(), TokenCounts()
     naive = score_naive(model, prefix, questions, labels, naive_counts, max_batch_tokens=512)
     # Context cached, sentence pending: one forward runs sentence, questions and labels.
-    state = encode_prefix(model, prefix[:12], counts=shared_counts)
+    state = encode_shared_prefix(model, prefix[:12], counts=shared_counts)
     shared = score_shared(model, state, questions, labels, shared_counts, pending=prefix[12:])
     assert shared.shape == (len(questions), len(labels))
     torch.testing.assert_close(shared, naive, atol=1e-8, rtol=1e-10)
@@ -63,7 +63,7 @@ def test_many_sentences_packed_into_forwards(kind):
         labels = [encode(tok, " " + label) for label in LABELS]
         expected.append(score_naive(model, context + pending, questions, labels))
     items.append(ScoringItem(encode(tok, "Sentence: none\n"), []))
-    state = encode_prefix(model, context)
+    state = encode_shared_prefix(model, context)
     for budget, max_forwards in [(4096, 1), (150, 6)]:
         counts = TokenCounts()
         got = score_shared_many(model, state, items, labels, counts, max_tokens=budget)
@@ -79,8 +79,8 @@ def test_two_level_prefix_and_empty_question():
     prefix, questions, labels = prompt_parts(tok, n_words=3)
     naive = score_naive(model, prefix, [[]] + questions, labels)
     # Instruction cached once, sentence appended to it.
-    first = encode_prefix(model, prefix[:12])
-    state = encode_prefix(model, prefix[12:], past=first)
+    first = encode_shared_prefix(model, prefix[:12])
+    state = encode_shared_prefix(model, prefix[12:], past=first)
     assert state.ids == prefix
     shared = score_shared(model, state, [[]] + questions, labels)
     torch.testing.assert_close(shared, naive, atol=1e-8, rtol=1e-10)

@@ -45,7 +45,7 @@ def test_topro_prompt_keeps_question_and_mask_when_sentence_is_trimmed(tiny_udpo
 def test_vanilla_truncate_counts_truncated_words_and_still_scores_them(tiny_udpos, data_dir):
     from topro.evaluate import evaluate_sentences
 
-    method = build_method(spec("vanilla", max_length=16, extra={"long_sentences": "truncate"}), tiny_udpos)
+    method = build_method(spec("vanilla", max_length=16, long_sentences="truncate"), tiny_udpos)
     model = method.build_model(tiny_udpos)
     sentences = load_split("udpos", "en", "dev", data_dir, limit=30)
     examples = method.encode(sentences)
@@ -90,19 +90,19 @@ def test_every_method_predicts_every_word_of_a_sentence_several_times_max_length
 def test_vanilla_window_labels_each_word_where_it_has_most_context(tiny_udpos, data_dir):
     import torch as _torch
 
-    method = build_method(spec("vanilla", max_length=24, extra={"window_stride": 12}), tiny_udpos)
+    method = build_method(spec("vanilla", max_length=24, window_stride=12), tiny_udpos)
     sentence = _long_sentence(data_dir)
     examples = method.encode([sentence])
     assert len(examples) > 3
     budget = 24 - method.layout.single_overhead
     for e in examples:
         assert e.length <= 24 and e.truncated_words == 0
-        inner = e.input_ids[len(method.layout.prefix):e.length - len(method.layout.single_suffix)]
+        inner = e.input_ids[len(method.layout.lead):e.length - len(method.layout.single_suffix)]
         assert 0 < len(inner) <= budget
     # A sentence that fits is one example, the same as with truncation.
     short = load_split("udpos", "en", "dev", data_dir, limit=3)[0]
     wide = build_method(spec("vanilla", max_length=128), tiny_udpos)
-    cut = build_method(spec("vanilla", max_length=128, extra={"long_sentences": "truncate"}), tiny_udpos)
+    cut = build_method(spec("vanilla", max_length=128, long_sentences="truncate"), tiny_udpos)
     assert [e.input_ids for e in wide.encode([short])] == [e.input_ids for e in cut.encode([short])]
     # A word's prediction comes from its window alone: re-encoding that window gives the same numbers.
     model = method.build_model(tiny_udpos).double().eval()
@@ -175,3 +175,27 @@ def test_split_batches_keep_the_global_batch_for_any_number_of_workers():
     assert len(slices[0]) == len(splittable) and len(splittable) >= len(batches) - 1
     for whole, a, b in zip(splittable, *slices):
         assert sorted(a + b) == sorted(whole) and abs(len(a) - len(b)) <= 1 and a and b
+
+
+def test_spec_reads_typed_meta_and_old_checkpoints_extra_dict():
+    from dataclasses import replace
+
+    typed = spec("topro", template="t", prompt_packing="sentence", prefix_length=4, base_model_path="/m")
+    assert MethodSpec.from_meta(typed.meta()) == typed
+    # topro.json before the settings were typed: method settings under "extra", plus keys that are not spec fields
+    old = {**spec("prompt_tuning").meta(), "n_total_params": 10,
+           "extra": {"prefix_length": 4, "prefix_dropout": 0.2, "base_model_path": "/m", "mlm_head_untrained": True}}
+    for key in ("prefix_length", "prefix_dropout", "base_model_path", "mlm_head_untrained"):
+        old.pop(key)
+    assert MethodSpec.from_meta(old) == replace(spec("prompt_tuning"), prefix_length=4, prefix_dropout=0.2,
+                                                base_model_path="/m", mlm_head_untrained=True)
+
+
+def test_only_methods_that_ask_a_question_record_a_template(tiny_udpos):
+    from topro.config import TrainConfig
+    from topro.train import method_spec
+
+    for name, prompted in (("vanilla", False), ("prompt_tuning", False), ("topro", True), ("topro_soft", True)):
+        meta = method_spec(TrainConfig(method=name, model=tiny_udpos), tiny_udpos).meta()
+        assert (meta["template"] is not None) == prompted and (meta["verbalizer"] is not None) == prompted
+        assert meta["base_model_path"] == tiny_udpos and "extra" not in meta

@@ -22,7 +22,7 @@ FAMILIES = ["tiny_udpos", "tiny_xlmr"]  # BERT and XLM-R (positions from padding
 
 def make(path, method="topro", max_length=128, **extra):
     spec = MethodSpec(method=method, task="udpos", labels=list(get_task("udpos").labels), base_model=path,
-                      max_length=max_length, extra={"base_model_path": path, **extra})
+                      max_length=max_length, base_model_path=path, **extra)
     return build_method(spec, path)
 
 

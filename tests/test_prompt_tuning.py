@@ -17,8 +17,7 @@ FAMILIES = ["tiny_udpos", "tiny_xlmr"]  # BERT and XLM-R
 
 def pt_method(path, prefix_length=16, prefix_dropout=0.1):
     spec = MethodSpec(method="prompt_tuning", task="udpos", labels=list(get_task("udpos").labels), base_model=path,
-                      extra={"prefix_length": prefix_length, "prefix_dropout": prefix_dropout,
-                             "base_model_path": path})
+                      prefix_length=prefix_length, prefix_dropout=prefix_dropout, base_model_path=path)
     return build_method(spec, path)
 
 
@@ -139,7 +138,7 @@ def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(tiny_udpo
     backbone_bytes = (Path(tiny_udpos) / "model.safetensors").stat().st_size
     assert (tmp_path / "ckpt" / TRAINED_FILE).stat().st_size < backbone_bytes / 20
     meta = json.loads((tmp_path / "ckpt" / "topro.json").read_text())
-    assert meta["extra"]["base_model_path"] == tiny_udpos and meta["n_trainable_params"] < meta["n_total_params"]
+    assert meta["base_model_path"] == tiny_udpos and meta["n_trainable_params"] < meta["n_total_params"]
 
     loaded_method, loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded_method.name == "prompt_tuning"
@@ -157,7 +156,7 @@ def test_missing_or_different_backbone_fails_clearly(tiny_udpos, tmp_path):
     meta_path = tmp_path / "ckpt" / "topro.json"
     meta = json.loads(meta_path.read_text())
 
-    meta["extra"]["base_model_path"] = meta["base_model"] = str(tmp_path / "gone")
+    meta["base_model_path"] = meta["base_model"] = str(tmp_path / "gone")
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FileNotFoundError, match=r"stores only its trained weights.*gone \(no such folder\)"):
         load_checkpoint(tmp_path / "ckpt")
@@ -167,7 +166,7 @@ def test_missing_or_different_backbone_fails_clearly(tiny_udpos, tmp_path):
         for p in other.parameters():
             p.add_(0.01)
     other.save_pretrained(tmp_path / "other")
-    meta["extra"]["base_model_path"] = meta["base_model"] = str(tmp_path / "other")
+    meta["base_model_path"] = meta["base_model"] = str(tmp_path / "other")
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FileNotFoundError, match="a different backbone"):
         load_checkpoint(tmp_path / "ckpt")

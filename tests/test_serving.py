@@ -78,7 +78,7 @@ def test_tagger_span_task_decodes_valid_iob2_and_marks_truncated_words(untrained
     # By default a long sentence is read in overlapping windows: every word is tagged.
     [whole] = Tagger.load(str(untrained_checkpoint("panx", "vanilla", max_length=12))).tag([Sentence(words, [])])
     assert whole.n_truncated_words == 0 and all(w.prob is not None for w in whole.words)
-    folder = untrained_checkpoint("panx", "vanilla", max_length=12, extra={"long_sentences": "truncate"})
+    folder = untrained_checkpoint("panx", "vanilla", max_length=12, long_sentences="truncate")
     tagger = Tagger.load(str(folder))
     [out] = tagger.tag([Sentence(words, [])])
     tags = [w.tag for w in out.words]

@@ -17,7 +17,7 @@ FAMILIES = ["tiny_udpos", "tiny_xlmr"]  # BERT and XLM-R
 
 def make(method, path, max_length=128, **extra):
     spec = MethodSpec(method=method, task="udpos", labels=list(get_task("udpos").labels), base_model=path,
-                      max_length=max_length, extra={"base_model_path": path, **extra})
+                      max_length=max_length, base_model_path=path, **extra)
     return build_method(spec, path)
 
 

@@ -107,6 +107,12 @@ def seen_word_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
     return out
 
 
+def viterbi_scores(task: Task, gold: list[list[str]], viterbi_pred: list[list[str]]) -> dict[str, float]:
+    """The scores reported under ``viterbi``: the same label scores decoded as valid IOB2."""
+    scores = score_task(task, gold, viterbi_pred)
+    return {k: scores[k] for k in ("f1", "precision", "recall", "f1_strict", "accuracy") if k in scores}
+
+
 def score_language(task: Task, labels: list[str], sentences: list[Sentence],
                    predictions: list[SentencePrediction], viterbi: bool = True,
                    keep_predictions: bool = True) -> dict[str, Any]:
@@ -117,8 +123,7 @@ def score_language(task: Task, labels: list[str], sentences: list[Sentence],
     result = score_task(task, gold, pred)
     if viterbi and task.scheme == "iob2":
         vit_pred = [decode(task, labels, p, viterbi=True) for p in predictions]
-        vit = score_task(task, gold, vit_pred)
-        result["viterbi"] = {k: vit[k] for k in ("f1", "precision", "recall", "f1_strict", "accuracy")}
+        result["viterbi"] = viterbi_scores(task, gold, vit_pred)
     result.update(n_sentences=len(sentences), n_words=sum(len(s) for s in sentences),
                   n_truncated_words=sum(p.truncated_words for p in predictions),
                   n_trimmed_prompts=sum(p.trimmed_prompts for p in predictions))
@@ -274,7 +279,7 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
 
 def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
-    if (meta.get("extra") or {}).get("mlm_head_untrained"):
+    if meta.get("mlm_head_untrained") or (meta.get("extra") or {}).get("mlm_head_untrained"):  # old: under extra
         extra = {**extra, "mlm_head_untrained": True}
     return extra
 

@@ -174,20 +174,25 @@ class LoopState:
 
 MLM_HEAD_METHODS = ("topro", "topro_soft")
 """Methods that score label words with the pretrained masked-LM head."""
+PROMPTED_METHODS = ("topro", "topro_soft")
+"""Methods that ask a templated question (and so record a template and verbalizer)."""
 
 
 def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
+    """The method's settings from the training config; only methods that ask a question record a template
+    and verbalizer."""
     task = get_task(cfg.task)
+    prompted = cfg.method in PROMPTED_METHODS
     return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
-                      template=cfg.template or task.default_template,
-                      verbalizer=cfg.verbalizer or task.default_verbalizer,
+                      template=(cfg.template or task.default_template) if prompted else None,
+                      verbalizer=(cfg.verbalizer or task.default_verbalizer) if prompted else None,
                       label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
-                      extra={"prefix_length": cfg.prefix_length, "prefix_dropout": cfg.prefix_dropout,
-                             "freeze_backbone": cfg.freeze_backbone,
-                             "soft_prompt_placement": cfg.soft_prompt_placement, "base_model_path": model_path,
-                             "prompt_packing": cfg.prompt_packing, "max_packed_length": cfg.max_packed_length,
-                             "long_sentences": cfg.long_sentences, "window_stride": cfg.window_stride,
-                             "mlm_head_untrained": cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path))})
+                      base_model_path=model_path,
+                      mlm_head_untrained=cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path)),
+                      long_sentences=cfg.long_sentences, window_stride=cfg.window_stride,
+                      prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
+                      prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
+                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -250,7 +255,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     model_path = resolve_model_path(cfg.model, task.name, cfg.data_dir)
     tokenizer = load_tokenizer(model_path)
     spec = method_spec(cfg, model_path)
-    if spec.extra.get("mlm_head_untrained") and strategy.is_main:
+    if spec.mlm_head_untrained and strategy.is_main:
         log.warning("%s: %s has no masked-LM head: ToPro's head starts from random weights (not pretrained), "
                     "so its scores are not those of the published method; flagged in metrics.json, MLflow and "
                     "the report", cfg.method, cfg.model)
@@ -305,7 +310,7 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "n_train_questions": sum(len(e.words) for e in examples), "n_train_tokens": sum(lengths),
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
-        "mlm_head_untrained": bool(spec.extra.get("mlm_head_untrained")),
+        "mlm_head_untrained": bool(spec.mlm_head_untrained),
         "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from topro.llm.backends import Backend, load_backend
-from topro.llm.evaluate import LLMEvalConfig, RunSetup, evaluate_language, finish_record, prepare
+from topro.llm.evaluate import LLMEvalConfig, RunSetup, evaluate_llm_language, finish_record, prepare
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = LLMEvalConfig(**cfg_fields)
     backend = cached_backend(cfg.model, options)
-    return lang, evaluate_language(backend, cfg, lang, setup), backend.name
+    return lang, evaluate_llm_language(backend, cfg, lang, setup), backend.name
 
 
 def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[str, Any], *,

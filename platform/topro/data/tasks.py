@@ -1,7 +1,7 @@
-"""The task registry: each task is one YAML file under ``topro/tasks/``.
+"""The task registry: each task is one YAML file under ``topro/data/task_specs/``.
 
 Adding a task (or a language to one) is data, not code: drop a YAML file with
-its label set, languages, metric and file layout into the tasks folder, or into
+its label set, languages, metric and file layout into ``task_specs/``, or into
 a folder named by ``TOPRO_TASKS_PATH``.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from topro.config import ConfigError, from_dict, read_yaml
 
-BUILTIN_TASKS = Path(__file__).resolve().parent.parent / "tasks"
+BUILTIN_TASKS = Path(__file__).resolve().parent / "task_specs"
+"""The shipped task definitions (one YAML file per task); ``TOPRO_TASKS_PATH`` folders come first."""
 LANGUAGES_FILE = Path(__file__).resolve().parent / "languages.yaml"
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from topro.llm.generate import greedy_generate_shared
-from topro.llm.scoring import (PrefixState, ScoringItem, TokenCounts, encode_prefix, score_naive,
+from topro.llm.scoring import (SharedPrefixCache, ScoringItem, TokenCounts, encode_shared_prefix, score_naive,
                                score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many,
                                takes_tree_masks)
 
@@ -119,7 +119,7 @@ class HFBackend:
         probe = tok("a").input_ids
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
         self.counts = TokenCounts()
-        self._contexts: OrderedDict[str, PrefixState] = OrderedDict()
+        self._contexts: OrderedDict[str, SharedPrefixCache] = OrderedDict()
         self._ids_cache: dict[str, list[int]] = {}
         self._warned_boundary = False
 
@@ -160,12 +160,12 @@ class HFBackend:
                     raise BackendError(f"continuation {c!r} has no tokens")
         return sent_ids, q_ids, labels
 
-    def _context_state(self, context: str) -> PrefixState | None:
+    def _context_state(self, context: str) -> SharedPrefixCache | None:
         ids = self.bos + self.ids(context)
         if not ids:
             return None
         if context not in self._contexts:
-            self._contexts[context] = encode_prefix(self.model, ids, counts=self.counts)
+            self._contexts[context] = encode_shared_prefix(self.model, ids, counts=self.counts)
             while len(self._contexts) > 4:
                 self._contexts.popitem(last=False)
         self._contexts.move_to_end(context)

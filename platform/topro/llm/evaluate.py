@@ -31,7 +31,9 @@ from topro.llm.backends import Backend
 from topro.llm.formats import (PromptFormat, load_format, render_context, render_pair,
                                render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
-from topro.metrics import fallback_label, score_task, viterbi_iob2
+from topro.evaluate import SentencePrediction, decode, viterbi_scores
+from topro.metrics import fallback_label, score_task
+from topro.prompts.placeholders import fill
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
         # Contextual calibration (Zhao et al., 2021): one more question per
         # sentence about a content-free word measures the label words' prior
         # in this context; dividing it out removes the bias toward some words.
-        extra = [setup.fmt.for_task(setup.task.name).question.format(word=cfg.content_free_word)]
+        extra = [fill(setup.fmt.for_task(setup.task.name).question, word=cfg.content_free_word)]
     scored = backend.score_many(setup.context, [(p.sentence, p.questions + extra) for p in rendered], answers)
     out = []
     for sentence, result in zip(sentences, scored):
@@ -152,7 +154,7 @@ def _score_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig, sente
     heads = [render_pair(setup.fmt, task_name, word) for word in sentence.words]
     suffix = setup.fmt.for_task(task_name).answer_suffix
     for k, (head, label_template) in enumerate(heads):
-        continuations = [label_template.format(label=setup.label_words[t]) for t in labels]
+        continuations = [fill(label_template, label=setup.label_words[t]) for t in labels]
         # Scored with what follows a label (the next pair's word, or the answer's
         # end), so a tag that is a prefix of another does not win by being short.
         after = heads[k + 1][0] if k + 1 < len(heads) else suffix
@@ -244,10 +246,10 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
     pred = [r.tags for r in results]
     record = score_task(task, gold, pred)
     if task.scheme == "iob2" and all(r.log_probs is not None for r in results):
-        # Valid-IOB2 decoding of the same label scores, as fine-tuned evaluation reports it.
-        vit = [[task.labels[i] for i in viterbi_iob2(r.log_probs, task.labels)] for r in results]
-        v = score_task(task, gold, vit)
-        record["viterbi"] = {k: v[k] for k in ("f1", "precision", "recall", "accuracy")}
+        # Valid-IOB2 decoding of the same label scores, by the core's decoder (as fine-tuned evaluation).
+        labels = list(task.labels)
+        vit = [decode(task, labels, SentencePrediction(r.log_probs, 0, 0), viterbi=True) for r in results]
+        record["viterbi"] = viterbi_scores(task, gold, vit)
     n_words = sum(len(s) for s in sentences)
     failed = sum(sum(r.failed) for r in results)
     predicted: dict[str, int] = {}
@@ -269,9 +271,12 @@ def language_record(setup: RunSetup, sentences: list[Sentence], results: list[Se
     return record
 
 
-def evaluate_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
-                      setup: RunSetup | None = None) -> dict[str, Any]:
-    """The per-language record: the task's metrics, sizes, format failures, work and time."""
+def evaluate_llm_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
+                          setup: RunSetup | None = None) -> dict[str, Any]:
+    """The per-language record of an LLM: the task's metrics, sizes, format failures, work and time.
+
+    The LLM counterpart of ``topro.evaluate.evaluate_language``: prompting differs, the decoding does not
+    (fallback tag ``metrics.fallback_label``, Viterbi ``evaluate.decode``, scores ``metrics.score_task``)."""
     setup = setup or prepare(cfg)
     sentences = load_split(setup.task, lang, cfg.split, cfg.data_dir, limit=cfg.max_sentences)
     before = (backend.counts.tokens, backend.counts.padded, backend.counts.forwards)
@@ -304,7 +309,7 @@ def run_params(cfg: LLMEvalConfig, setup: RunSetup) -> dict[str, Any]:
 def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend) -> dict[str, Any]:
     """Every language one after another with one backend (the sequential path)."""
     setup = prepare(cfg)
-    languages = {lang: evaluate_language(backend, cfg, lang, setup) for lang in langs}
+    languages = {lang: evaluate_llm_language(backend, cfg, lang, setup) for lang in langs}
     return finish_record(cfg, setup, languages, backend.name)
 
 

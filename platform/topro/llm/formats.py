@@ -1,5 +1,5 @@
 """Prompt formats for LLM evaluation, kept as data: one YAML file per format
-under `formats/` (adding a format is adding a file).
+under `topro/prompts/llm_formats/` (adding a format is adding a file).
 
 Two styles:
 - `topro`: one prompt per word (ToPro). The shared prefix is the instruction,
@@ -8,7 +8,8 @@ Two styles:
 - `sentence`: the whole sentence at once; the model writes `word/TAG` pairs
   for every word (the MEGA-style in-context baseline).
 
-A format file holds, per task, the text pieces (Python format strings):
+A format file (``topro/prompts/llm_formats/<name>.yaml``) holds, per task, the text pieces, with the
+prompt registry's placeholders (``topro.prompts.placeholders``):
   instruction   placeholders {label_list}; once, before the demonstrations
   sentence      {sentence}; the sentence block (demonstrations and test)
   question      {word}; topro only
@@ -24,13 +25,15 @@ named verbalizer variant), `separator` (after each demonstration).
 from __future__ import annotations
 
 import random
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-FORMATS_DIR = Path(__file__).parent / "formats"
+from topro.prompts.placeholders import fill, placeholders
+
+FORMATS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "llm_formats"
+"""The shipped LLM formats, in the prompt registry's folder beside the ToPro templates."""
 STYLES = ("topro", "sentence")
 
 # Field -> placeholders it may use, per style.
@@ -97,10 +100,6 @@ def load_format(name_or_path: str | Path) -> PromptFormat:
     return parse_format(raw, source=str(path))
 
 
-def _placeholders(text: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-
-
 def parse_format(raw: dict, source: str = "<format>") -> PromptFormat:
     """Validate a format mapping; errors name the file and the field."""
     if not isinstance(raw, dict):
@@ -135,10 +134,7 @@ def parse_format(raw: dict, source: str = "<format>") -> PromptFormat:
         for key, text in pieces.items():
             if not isinstance(text, str):
                 raise FormatError(f"{where}.{key}: expected a string")
-            try:
-                extra = _placeholders(text) - allowed[key]
-            except ValueError as err:
-                raise FormatError(f"{where}.{key}: {err}") from None
+            extra = placeholders(text) - allowed[key]
             if extra:
                 raise FormatError(f"{where}.{key}: placeholder(s) {sorted(extra)} not allowed; "
                                   f"allowed: {sorted(allowed[key]) or 'none'}")
@@ -212,16 +208,16 @@ class ToProPrompts:
 def render_context(fmt: PromptFormat, task: str, label_words: dict[str, str],
                    demos: list[Demo]) -> str:
     t = fmt.for_task(task)
-    parts = [t.instruction.format(label_list=label_list(label_words))]
+    parts = [fill(t.instruction, label_list=label_list(label_words))]
     for demo in demos:
-        parts.append(t.sentence.format(sentence=" ".join(demo.words)))
+        parts.append(fill(t.sentence, sentence=" ".join(demo.words)))
         if fmt.style == "topro":
-            parts.append(t.question.format(word=demo.words[demo.word_index]))
-            parts.append(t.answer.format(label=label_words[demo.tags[demo.word_index]]))
+            parts.append(fill(t.question, word=demo.words[demo.word_index]))
+            parts.append(fill(t.answer, label=label_words[demo.tags[demo.word_index]]))
             parts.append(t.answer_end)
         else:
             parts.append(t.answer_prefix)
-            parts.extend(t.pair.format(word=w, label=label_words[tag])
+            parts.extend(fill(t.pair, word=w, label=label_words[tag])
                          for w, tag in zip(demo.words, demo.tags))
             parts.append(t.answer_suffix)
         parts.append(fmt.separator)
@@ -233,16 +229,16 @@ def render_topro(fmt: PromptFormat, task: str, label_words: dict[str, str], cont
     t = fmt.for_task(task)
     return ToProPrompts(
         context=context,
-        sentence=t.sentence.format(sentence=" ".join(words)),
-        questions=[t.question.format(word=w) for w in words],
-        answers={tag: t.answer.format(label=word) for tag, word in label_words.items()},
+        sentence=fill(t.sentence, sentence=" ".join(words)),
+        questions=[fill(t.question, word=w) for w in words],
+        answers={tag: fill(t.answer, label=word) for tag, word in label_words.items()},
     )
 
 
 def render_sentence_prompt(fmt: PromptFormat, task: str, words: list[str]) -> str:
     """The sentence block and the answer opening, after which the model writes pairs."""
     t = fmt.for_task(task)
-    return t.sentence.format(sentence=" ".join(words)) + t.answer_prefix
+    return fill(t.sentence, sentence=" ".join(words)) + t.answer_prefix
 
 
 def render_pair(fmt: PromptFormat, task: str, word: str) -> tuple[str, str]:
@@ -253,4 +249,4 @@ def render_pair(fmt: PromptFormat, task: str, word: str) -> tuple[str, str]:
     if not sep or "{word}" in tail:
         raise FormatError(f"{fmt.path}: tasks.{task}.pair: constrained scoring needs "
                           "{word} before {label}")
-    return head.format(word=word), "{label}" + tail
+    return fill(head, word=word), "{label}" + tail

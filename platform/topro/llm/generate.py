@@ -3,7 +3,7 @@
 Every whole-sentence prompt of a run starts with the same instruction and
 demonstrations (hundreds of tokens at 3 shots); every ToPro question of a
 sentence starts with the same sentence. The prefix runs once
-(`scoring.encode_prefix`); the batch of suffixes runs against its cache,
+(`scoring.encode_shared_prefix`); the batch of suffixes runs against its cache,
 left-padded, with explicit positions and 4-D masks (pads are never seen,
 sliding windows are measured in real positions), then decoding proceeds one
 token per row. Finished rows leave the batch, so a long answer does not keep
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from topro.llm.scoring import PrefixState, TokenCounts, _attention_masks, _check_model
+from topro.llm.scoring import SharedPrefixCache, TokenCounts, _attention_masks, _check_model
 
 
 def _select_rows(cache, rows: torch.Tensor) -> None:
@@ -32,7 +32,7 @@ def _to_device(mask, device):
 
 
 @torch.inference_mode()
-def greedy_generate_shared(model, prefix: PrefixState, suffixes: list[list[int]], max_new_tokens: int,
+def greedy_generate_shared(model, prefix: SharedPrefixCache, suffixes: list[list[int]], max_new_tokens: int,
                            *, stop: Callable[[list[int]], bool] | None = None,
                            eos_ids: set[int] | None = None, counts: TokenCounts | None = None,
                            batch_rows: int = 16) -> list[list[int]]:

@@ -42,8 +42,8 @@ import torch
 
 __all__ = [
     "TokenCounts",
-    "PrefixState",
-    "encode_prefix",
+    "SharedPrefixCache",
+    "encode_shared_prefix",
     "ScoringItem",
     "score_shared",
     "score_shared_many",
@@ -75,7 +75,7 @@ class TokenCounts:
 
 
 @dataclass
-class PrefixState:
+class SharedPrefixCache:
     """The key/value cache of a prefix run once (batch of one, no padding)."""
 
     ids: list[int]
@@ -86,10 +86,10 @@ class PrefixState:
     def length(self) -> int:
         return len(self.ids)
 
-    def without_last(self) -> tuple["PrefixState", int]:
+    def without_last(self) -> tuple["SharedPrefixCache", int]:
         """The state one token shorter, and that token: used when a question is
         empty, so the first label token is predicted from a question position."""
-        return (PrefixState(self.ids[:-1], [k[:, :, :-1] for k in self.keys],
+        return (SharedPrefixCache(self.ids[:-1], [k[:, :, :-1] for k in self.keys],
                             [v[:, :, :-1] for v in self.values]), self.ids[-1])
 
     def cache(self, batch: int):
@@ -171,13 +171,13 @@ def _attention_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: 
 
 
 @torch.inference_mode()
-def encode_prefix(model, ids: list[int], past: PrefixState | None = None,
-                  counts: TokenCounts | None = None) -> PrefixState:
+def encode_shared_prefix(model, ids: list[int], past: SharedPrefixCache | None = None,
+                  counts: TokenCounts | None = None) -> SharedPrefixCache:
     """Run `ids` once (after `past`, if given) and keep the key/value cache."""
     from transformers import DynamicCache
 
     if not ids:
-        raise ValueError("encode_prefix: empty prefix")
+        raise ValueError("encode_shared_prefix: empty prefix")
     _check_model(model)
     cache = past.cache(1) if past is not None else DynamicCache()
     start = past.length if past is not None else 0
@@ -190,7 +190,7 @@ def encode_prefix(model, ids: list[int], past: PrefixState | None = None,
     cache = out.past_key_values
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return PrefixState(list(past.ids if past is not None else []) + list(ids), keys, values)
+    return SharedPrefixCache(list(past.ids if past is not None else []) + list(ids), keys, values)
 
 
 def _vocab_size(model) -> int:
@@ -298,7 +298,7 @@ def _tree_forward(model, tree: _Tree, cache, counts: TokenCounts):
     return (logits[slots, tokens] - lse[slots]).cpu().tolist(), out
 
 
-def _normalise_item(prefix: PrefixState | None, item: ScoringItem):
+def _normalise_item(prefix: SharedPrefixCache | None, item: ScoringItem):
     """(prefix, pending, questions) with empty questions and shared question
     tokens handled; the prefix changes only when an empty question needs the
     cached prefix's last token."""
@@ -325,7 +325,7 @@ def _normalise_item(prefix: PrefixState | None, item: ScoringItem):
 
 
 @torch.inference_mode()
-def score_shared_many(model, prefix: PrefixState | None, items: list[ScoringItem], labels: list[list[int]],
+def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[ScoringItem], labels: list[list[int]],
                       counts: TokenCounts | None = None, *, max_tokens: int = 4096,
                       max_logit_floats: int = 64_000_000) -> list[torch.Tensor]:
     """`score_shared` for several sentences after the same cached prefix: as
@@ -407,7 +407,7 @@ def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens, 
 
 
 @torch.inference_mode()
-def score_shared(model, prefix: PrefixState | None, questions: list[list[int]], labels: list[list[int]],
+def score_shared(model, prefix: SharedPrefixCache | None, questions: list[list[int]], labels: list[list[int]],
                  counts: TokenCounts | None = None, *, pending: list[int] | tuple = (),
                  max_tokens: int = 4096, max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """log p(label_j | prefix + pending + question_i), summed over label tokens:

@@ -24,8 +24,8 @@ def _is_seq2seq(model_path: str) -> bool:
 
 def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     if _is_seq2seq(model_path):
-        if spec.extra.get("prompt_packing", "per_word") != "per_word":
-            raise ValueError(f"prompt_packing={spec.extra['prompt_packing']!r}: method 'topro' on the "
+        if spec.prompt_packing != "per_word":
+            raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
                              f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
         from topro.methods.topro_seq2seq import ToProSeq2Seq
 
@@ -65,7 +65,7 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
     """The method of ``spec`` for the model at ``model_path`` (tokenizer loaded from there if not given)."""
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
-    packing = spec.extra.get("prompt_packing", "per_word")
+    packing = spec.prompt_packing
     if packing != "per_word" and spec.method not in PACKABLE_METHODS:
         raise ValueError(f"prompt_packing={packing!r}: method {spec.method!r} cannot pack prompts; "
                          f"only {list(PACKABLE_METHODS)} can")
@@ -83,8 +83,7 @@ def load_checkpoint(folder: str | Path, device=None):
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: not a topro checkpoint (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
-    fields = {k: meta[k] for k in MethodSpec.__dataclass_fields__ if k in meta}
-    spec = MethodSpec(**fields)
+    spec = MethodSpec.from_meta(meta)
     method = build_method(spec, str(folder))
     model = method.load_model(folder)
     if device is not None:

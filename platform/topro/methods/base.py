@@ -7,7 +7,7 @@ Training and evaluation only talk to this protocol, never to a method's name.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,14 +82,15 @@ class PairLayout:
     """Where a tokenizer puts its special tokens around a segment pair.
 
     Read off one probe encoding, so any tokenizer (BERT, XLM-R, T5, ...) works
-    without per-family code: ``prefix A middle B suffix``.
+    without per-family code: ``lead A middle B suffix``.
     """
 
-    prefix: list[int]
+    lead: list[int]
+    """Special tokens before the first segment (``[CLS]``, ``<s>``; none for T5)."""
     middle: list[int]
     suffix: list[int]
     single_suffix: list[int]
-    """Suffix after a single segment (``prefix A single_suffix``)."""
+    """Suffix after a single segment (``lead A single_suffix``)."""
     type_a: int = 0
     type_b: int = 1
     uses_token_types: bool = False
@@ -97,11 +98,11 @@ class PairLayout:
 
     @property
     def pair_overhead(self) -> int:
-        return len(self.prefix) + len(self.middle) + len(self.suffix)
+        return len(self.lead) + len(self.middle) + len(self.suffix)
 
     @property
     def single_overhead(self) -> int:
-        return len(self.prefix) + len(self.single_suffix)
+        return len(self.lead) + len(self.single_suffix)
 
 
 def pair_layout(tokenizer) -> PairLayout:
@@ -116,7 +117,7 @@ def pair_layout(tokenizer) -> PairLayout:
     types = pair.get("token_type_ids")
     uses_types = "token_type_ids" in tokenizer.model_input_names
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PairLayout(prefix=ids[:i], middle=ids[i + len(a):j], suffix=ids[j + len(b):],
+    return PairLayout(lead=ids[:i], middle=ids[i + len(a):j], suffix=ids[j + len(b):],
                       single_suffix=single[k + len(a):],
                       type_a=types[i] if types else 0, type_b=types[j] if types else 0,
                       uses_token_types=uses_types, pad_id=pad)
@@ -216,14 +217,52 @@ def label_token_ids(tokenizer, words: list[str], policy: str) -> list[int]:
 
 @dataclass
 class MethodSpec:
-    """Everything needed to construct a method (also stored in checkpoints)."""
+    """Everything needed to construct a method (also stored in checkpoints' ``topro.json``).
+
+    The fields after ``max_length`` are method-specific settings; a method reads only its own and the
+    others keep their defaults. Checkpoints written before these were typed keep them in an ``extra``
+    dict, which ``from_meta`` still reads.
+    """
 
     method: str
     task: str
     labels: list[str]
     base_model: str
     template: str | None = None
+    """The ToPro question template (ToPro and soft ToPro; ``None`` for methods that use none)."""
     verbalizer: str | None = None
     label_word_policy: str = "strict"
     max_length: int = 128
-    extra: dict[str, Any] = field(default_factory=dict)
+    base_model_path: str | None = None
+    """The folder the backbone was loaded from when training (trained-only checkpoints look for it first)."""
+    mlm_head_untrained: bool = False
+    """The pretrained checkpoint had no masked-LM head (its scores get a footnote)."""
+    long_sentences: str = "window"
+    """Vanilla: ``window`` (overlapping windows, every word labelled) or ``truncate`` (cut at ``max_length``)."""
+    window_stride: int | None = None
+    """Vanilla: tokens consecutive windows share (``None``: half the window)."""
+    prompt_packing: str = "per_word"
+    """ToPro (masked LM): ``per_word`` (one prompt per word) or ``sentence`` (one packed row per sentence)."""
+    max_packed_length: int = 512
+    """ToPro packed: the longest packed row in tokens."""
+    max_questions_per_row: int | None = None
+    """ToPro packed: at most this many questions in one row (``None``: as many as fit)."""
+    prefix_length: int = 16
+    """Prompt-Tuning: trainable prefix positions per layer; soft ToPro: trainable prompt vectors."""
+    prefix_dropout: float = 0.1
+    """Prompt-Tuning: dropout on the prefix keys/values."""
+    freeze_backbone: bool = True
+    """Soft ToPro: train only the prompt (and any fresh head) rather than the whole model with it."""
+    soft_prompt_placement: str = "replace"
+    """Soft ToPro: ``replace`` the template's text with soft vectors or put them in front (``prefix``)."""
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "MethodSpec":
+        """The spec a checkpoint's ``topro.json`` records (old ones: settings under ``extra``)."""
+        known = cls.__dataclass_fields__
+        flat = {**(meta.get("extra") or {}), **{k: v for k, v in meta.items() if k != "extra"}}
+        return cls(**{k: v for k, v in flat.items() if k in known})
+
+    def meta(self) -> dict[str, Any]:
+        """What ``topro.json`` records of this spec."""
+        return dict(self.__dict__)

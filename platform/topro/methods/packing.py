@@ -2,13 +2,13 @@
 
 ``prompt_packing: sentence`` lays a sentence's questions out in one row::
 
-    prefix sentence middle | q_1 suffix | q_2 suffix | ... | q_k suffix
+    lead sentence middle | q_1 suffix | q_2 suffix | ... | q_k suffix
 
 (BERT: ``[CLS] sentence [SEP] q_1 [SEP] q_2 [SEP] ...``) with a block attention
 mask: the sentence part sees only itself, the tokens of question i see the
 sentence part and question i, never another question. Each question block
 takes the position ids and token types it has in the single-prompt layout
-(``prefix sentence middle q_i suffix``), so every question "sits right after
+(``lead sentence middle q_i suffix``), so every question "sits right after
 the sentence" as in ToPro, and a row's length is bounded by
 ``max_packed_length``, not by the model's position embeddings. A sentence
 costs about sentence + n x question tokens instead of n x (sentence +
@@ -125,7 +125,7 @@ def pack_sentence(s_index: int, sentence: Sentence, pieces: list[list[int]], que
     starts = [0]
     for p in pieces:
         starts.append(starts[-1] + len(p))
-    head = len(layout.prefix) + len(layout.middle)
+    head = len(layout.lead) + len(layout.middle)
     suffix = layout.suffix
 
     def plan(group: list[int]) -> tuple[int, int] | None:
@@ -158,7 +158,7 @@ def pack_sentence(s_index: int, sentence: Sentence, pieces: list[list[int]], que
     rows = []
     for words, (lo, hi) in groups:
         context = flat[lo:hi]
-        ids = layout.prefix + context + layout.middle
+        ids = layout.lead + context + layout.middle
         n_a = len(ids)
         positions, blocks = list(range(n_a)), [SENTENCE_BLOCK] * n_a
         types = [layout.type_a] * n_a

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, count_parameters, scores_dtype
+from topro.methods.base import Encoded, MethodSpec, scores_dtype
 from topro.methods.prefix_attention import PREFIX_KWARG, PrefixEncoder, enable_prefix_attention
-from topro.methods.trained_only import (backbone_fingerprint, from_pretrained_noting_fresh, load_backbone,
-                                        load_trained_only, read_meta, save_trained_only)
+from topro.methods.trained_only import (from_pretrained_noting_fresh, load_backbone, load_trained_only, read_meta,
+                                        save_trained_only, trained_only_meta)
 from topro.methods.vanilla import Vanilla
 
 
@@ -58,8 +58,8 @@ class PromptTuning:
         self.tagging = Vanilla(spec, tokenizer)  # first-subword encoding and batching
         self.labels = self.tagging.labels
         self.tokenizer = tokenizer
-        self.prefix_length = int(spec.extra.get("prefix_length", 16))
-        self.prefix_dropout = float(spec.extra.get("prefix_dropout", 0.1))
+        self.prefix_length = int(spec.prefix_length)
+        self.prefix_dropout = float(spec.prefix_dropout)
         if self.prefix_length < 0:
             raise ValueError(f"prefix_length must be >= 0, got {self.prefix_length}")
 
@@ -93,10 +93,7 @@ class PromptTuning:
         return torch.log_softmax(scores_dtype(model(**tagger_inputs(batch))), dim=-1)
 
     def meta(self) -> dict[str, Any]:
-        return {**self.spec.__dict__}
+        return self.spec.meta()
 
     def save(self, model: PrefixTagger, folder: str | Path) -> None:
-        trainable, total = count_parameters(model)
-        meta = {**self.meta(), "backbone_fingerprint": backbone_fingerprint(model.backbone),
-                "n_trainable_params": trainable, "n_total_params": total}
-        save_trained_only(model, folder, self.tokenizer, meta)
+        save_trained_only(model, folder, self.tokenizer, trained_only_meta(self.meta(), model, model.backbone))

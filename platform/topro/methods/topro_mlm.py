@@ -67,7 +67,7 @@ def full_vocab_label_logits(model, batch: dict[str, torch.Tensor], label_ids: to
 
 
 class ToProMLM(WholeModelMethod):
-    """``spec.extra["prompt_packing"]``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
+    """``spec.prompt_packing``: ``per_word`` (one prompt per word) or ``sentence`` (one packed row
     per sentence window, see ``methods/packing.py``); ``max_packed_length`` bounds a packed row."""
 
     name = "topro"
@@ -82,9 +82,9 @@ class ToProMLM(WholeModelMethod):
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
         self.label_ids = torch.tensor(label_token_ids(tokenizer, self.label_words, spec.label_word_policy))
-        self.packing = check_packing(spec.extra.get("prompt_packing", "per_word"), self.name)
-        self.max_packed_length = int(spec.extra.get("max_packed_length", 512))
-        self.max_questions_per_row = spec.extra.get("max_questions_per_row")  # None: as many as fit
+        self.packing = check_packing(spec.prompt_packing, self.name)
+        self.max_packed_length = int(spec.max_packed_length)
+        self.max_questions_per_row = spec.max_questions_per_row  # None: as many as fit
         if self.packing == "sentence" and self.max_packed_length < spec.max_length:
             raise ValueError(f"max_packed_length={self.max_packed_length} must be at least "
                              f"max_length={spec.max_length}")
@@ -132,12 +132,12 @@ class ToProMLM(WholeModelMethod):
             for w_index, question in enumerate(questions):
                 budget = self.spec.max_length - layout.pair_overhead - len(question)
                 context, trimmed = context_window(pieces, w_index, budget)
-                ids = layout.prefix + context + layout.middle + question + layout.suffix
-                offset = len(layout.prefix) + len(context) + len(layout.middle)
+                ids = layout.lead + context + layout.middle + question + layout.suffix
+                offset = len(layout.lead) + len(context) + len(layout.middle)
                 mask_at = offset + question.index(mask_id)
                 types = None
                 if layout.uses_token_types:
-                    n_a = len(layout.prefix) + len(context) + len(layout.middle)
+                    n_a = len(layout.lead) + len(context) + len(layout.middle)
                     types = [layout.type_a] * n_a + [layout.type_b] * (len(ids) - n_a)
                 tag = sentence.tags[w_index] if sentence.tags else None
                 out.append(Encoded(ids, s_index, [w_index], [mask_at],

@@ -46,7 +46,7 @@ class ToProSeq2Seq(WholeModelMethod):
             for w_index, question in enumerate(questions):
                 budget = self.spec.max_length - layout.pair_overhead - len(question)
                 context, trimmed = context_window(pieces, w_index, budget)
-                ids = layout.prefix + context + layout.middle + question + layout.suffix
+                ids = layout.lead + context + layout.middle + question + layout.suffix
                 tag = sentence.tags[w_index] if sentence.tags else None
                 out.append(Encoded(ids, s_index, [w_index], [0], [self.label_index.get(tag, -100)],
                                    trimmed_context=trimmed))

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, count_parameters, scores_dtype
+from topro.methods.base import Encoded, MethodSpec, scores_dtype
 from topro.methods.packing import packed_hidden
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
-from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, from_pretrained_noting_fresh,
-                                        load_backbone, load_trained_only, read_meta, save_trained_only, trained_names)
+from topro.methods.trained_only import (fresh_parameters, from_pretrained_noting_fresh, load_backbone,
+                                        load_trained_only, read_meta, save_trained_only, trained_names,
+                                        trained_only_meta)
 from topro.prompts import Template
 
 PLACEMENTS = ("replace", "prefix")
@@ -153,9 +154,9 @@ class ToProSoft:
         self.cloze = ToProMLM(spec, tokenizer)  # template, verbalizer, label ids and prompt layout
         self.labels = self.cloze.labels
         self.tokenizer = tokenizer
-        self.freeze_backbone = bool(spec.extra.get("freeze_backbone", True))
-        self.question = soft_question(self.cloze.template, tokenizer, int(spec.extra.get("prefix_length", 16)),
-                                      spec.extra.get("soft_prompt_placement", "replace"))
+        self.freeze_backbone = bool(spec.freeze_backbone)
+        self.question = soft_question(self.cloze.template, tokenizer, int(spec.prefix_length),
+                                      spec.soft_prompt_placement)
 
     # -- encoding ---------------------------------------------------------------------------------------------
     def question_ids(self, sentence: Sentence, pieces: list[list[int]]) -> list[list[int]]:
@@ -221,13 +222,10 @@ class ToProSoft:
                                 "init_tokens": self.tokenizer.convert_ids_to_tokens(self.question.init_token_ids)}}
 
     def save(self, model: SoftPromptMLM, folder: str | Path) -> None:
-        trainable, total = count_parameters(model)
         # Frozen: the prompt and any freshly initialised head; fine-tuned: the prompt (the model goes whole).
         names = trained_names(model) if self.freeze_backbone else [SOFT_PROMPT]
-        meta = {**self.meta(), "backbone_in_checkpoint": not self.freeze_backbone, "trained_tensors": names,
-                "n_trainable_params": trainable, "n_total_params": total}
-        if self.freeze_backbone:
-            meta["backbone_fingerprint"] = backbone_fingerprint(model.mlm)
-        else:
+        meta = trained_only_meta({**self.meta(), "backbone_in_checkpoint": not self.freeze_backbone,
+                                  "trained_tensors": names}, model, model.mlm if self.freeze_backbone else None)
+        if not self.freeze_backbone:
             model.mlm.save_pretrained(folder, safe_serialization=True)
         save_trained_only(model, folder, self.tokenizer, meta, names=names)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from topro.methods.base import META_FILE, MethodSpec
+from topro.methods.base import META_FILE, MethodSpec, count_parameters
 
 TRAINED_FILE = "trained.safetensors"
 
@@ -49,6 +49,17 @@ def backbone_fingerprint(backbone: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def trained_only_meta(meta: dict[str, Any], model: torch.nn.Module,
+                      backbone: torch.nn.Module | None = None) -> dict[str, Any]:
+    """``meta`` plus the parameter counts of ``model`` and, when the backbone stays out of the checkpoint,
+    its fingerprint."""
+    trainable, total = count_parameters(model)
+    out = {**meta, "n_trainable_params": trainable, "n_total_params": total}
+    if backbone is not None:
+        out["backbone_fingerprint"] = backbone_fingerprint(backbone)
+    return out
 
 
 def save_trained_only(model: torch.nn.Module, folder: str | Path, tokenizer, meta: dict[str, Any],
@@ -85,7 +96,7 @@ def load_trained_only(model: torch.nn.Module, folder: str | Path, names: list[st
 def backbone_candidates(spec: MethodSpec) -> list[str]:
     """Where a checkpoint's backbone may be: the folder trained on, then ``base_model`` (folder, hub id or ``tiny``)."""
     out = []
-    path = spec.extra.get("base_model_path")
+    path = spec.base_model_path
     if path:
         out.append(str(path))
     if spec.base_model and spec.base_model not in out:

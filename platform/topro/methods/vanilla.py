@@ -32,8 +32,8 @@ class Vanilla(WholeModelMethod):
         if budget < 1:
             raise ValueError(f"max_length {self.spec.max_length} leaves no room for words after the "
                              f"{self.layout.single_overhead} special tokens")
-        mode = self.spec.extra.get("long_sentences", "window")
-        stride = self.spec.extra.get("window_stride")
+        mode = self.spec.long_sentences
+        stride = self.spec.window_stride
         stride = budget // 2 if stride is None else int(stride)
         if not 0 <= stride < budget:
             raise ValueError(f"window_stride {stride} must be at least 0 and below the {budget} word tokens "
@@ -50,7 +50,7 @@ class Vanilla(WholeModelMethod):
 
     def _example(self, s_index: int, sentence: Sentence, pieces: list[list[int]], span: range,
                  labelled: list[int], truncated: int = 0) -> Encoded:
-        ids = list(self.layout.prefix)
+        ids = list(self.layout.lead)
         positions, labels = [], []
         wanted = set(labelled)
         for w_index in span:

@@ -45,7 +45,7 @@ class WholeModelMethod:
 
     def meta(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this method (written to ``topro.json``)."""
-        return {**self.spec.__dict__}
+        return self.spec.meta()
 
     def save(self, model: torch.nn.Module, folder: str | Path) -> None:
         folder = Path(folder)

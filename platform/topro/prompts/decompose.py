@@ -1,11 +1,12 @@
 """Token-level prompt decomposition: a sentence of n words becomes n questions."""
 from __future__ import annotations
 
+from topro.prompts.placeholders import fill
 from topro.prompts.registry import Template
 
 
 def render_question(template: Template, word: str, mask: str) -> str:
-    return template.question.replace("{word}", word).replace("{mask}", mask)
+    return fill(template.question, word=word, mask=mask)
 
 
 def topro_questions(template: Template, words: list[str], mask: str) -> list[str]:

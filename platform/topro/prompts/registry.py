@@ -1,4 +1,5 @@
-"""Templates and verbalizers, read from ``topro/prompts/<task>.yaml``.
+"""Templates and verbalizers, read from ``topro/prompts/<task>.yaml`` (placeholders: ``prompts.placeholders``;
+the LLM formats live beside them in ``llm_formats/``, rendered by ``topro.llm.formats``).
 
 Extra prompt files can live in folders named by ``TOPRO_PROMPTS_PATH``; a file
 there for the same task adds templates and verbalizers (and may override).
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from topro.config import ConfigError, read_yaml
 from topro.data.tasks import get_task
+from topro.prompts.placeholders import placeholders
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parent
 
@@ -59,7 +61,7 @@ def _prompts(task_name: str) -> tuple[dict[str, Template], dict[str, Verbalizer]
                 raise ConfigError(f"{path}: unknown key {key!r} (expected task, templates, verbalizers)")
         for name, spec in (data.get("templates") or {}).items():
             question = spec.get("question") if isinstance(spec, dict) else None
-            if not isinstance(question, str) or "{word}" not in question or "{mask}" not in question:
+            if not isinstance(question, str) or not {"word", "mask"} <= placeholders(question):
                 raise ConfigError(f"{path}: template {name!r} needs a 'question' holding {{word}} and {{mask}}")
             templates[name] = Template(name, task_name, question)
         for name, words in (data.get("verbalizers") or {}).items():
