@@ -1,11 +1,17 @@
-"""The training loop: one function that runs alone or inside a Ray Train worker.
+"""The training loop: ``train(cfg)`` runs alone or inside a Ray Train worker.
+
+In steps: ``prepare`` builds a ``Run`` (data, method, model, optimizer,
+schedule); ``fit`` wraps it with the strategy, resumes a ``LoopState`` if
+asked, and runs ``train_epoch`` until the epochs, ``max_steps`` or early
+stopping end it; ``export_average`` handles ``selection: average_*``.
+The loop evaluates English dev after every epoch (and every
+``eval_every_steps`` or ``evals_per_epoch``); a ``CheckpointKeeper`` keeps
+the best checkpoint and says when ``patience`` evaluations without gain stop
+the run; ``fit`` writes ``metrics.json``.
 
 Scale-out differences (DDP, DeepSpeed, checkpoint reporting, resumption,
 fault injection) live behind the strategy object; ``LocalStrategy`` is the
 single-process one, ``topro.cluster.strategies`` holds the Ray Train ones.
-The loop evaluates English dev after every epoch (and every
-``eval_every_steps`` or ``evals_per_epoch``), keeps the best checkpoint, stops early after
-``patience`` evaluations without gain, and writes ``metrics.json``.
 
 Global batch semantics (the same for 1 or N workers): one *global*
 micro-batch is built from the token budget exactly as on one worker (at most
@@ -53,14 +59,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class LossModule(torch.nn.Module):
-    """The model and the method's loss in one ``forward``.
+class MethodModule(torch.nn.Module):
+    """The model and its method in one module: ``forward`` gives the method's training loss, or with
+    ``output="scores"`` its label log-probabilities.
 
     DDP and DeepSpeed only see parameter use that happens inside their
     wrapper's forward; ToPro's loss calls the encoder and the MLM head
-    separately, so the wrapper must wrap the whole loss, not the model.
-    ``scores=True`` returns the method's label log-probabilities instead
-    (evaluation through the wrapper, which ZeRO-3 needs to gather parameters).
+    separately, so the wrapper must wrap the method, not just the model.
+    Scores go through the same wrapper because ZeRO-3 gathers parameters
+    only inside its forward (see ``DeepSpeedStrategy.evaluation``).
     """
 
     def __init__(self, method: Method, model: torch.nn.Module):
@@ -68,8 +75,8 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.method = method  # not a Module: not part of the state dict
 
-    def forward(self, batch: dict[str, torch.Tensor], scores: bool = False) -> torch.Tensor:
-        if scores:
+    def forward(self, batch: dict[str, torch.Tensor], output: str = "loss") -> torch.Tensor:
+        if output == "scores":
             return self.method.label_log_probs(self.model, batch)
         return self.method.loss(self.model, batch)
 
@@ -77,9 +84,14 @@ class LossModule(torch.nn.Module):
 class LocalStrategy:
     """Single process: plain AdamW steps with gradient accumulation and clipping.
 
-    The protocol every strategy follows. ``setup`` receives a ``LossModule``
-    and returns what the loop calls to get the loss (the module itself, a DDP
-    wrapper, a DeepSpeed engine); ``unwrap`` returns the plain model inside.
+    The protocol every strategy follows, i.e. what differs between one
+    process, DDP and DeepSpeed: ``rank``/``world_size``/``device``; ``wrap``
+    (a ``MethodModule`` into what the loop calls: itself, a DDP wrapper, a
+    DeepSpeed engine); ``accumulating`` and ``backward_and_step`` (one
+    micro-batch, stepping at an accumulation boundary); ``save_state``/
+    ``load_state`` (resuming), ``save_model`` (the export), ``checkpoint``
+    (after each English dev evaluation), ``average`` (over workers) and
+    ``after_step`` (fault injection).
     """
 
     rank = 0
@@ -98,70 +110,83 @@ class LocalStrategy:
         """Where the best model's consolidated export is written (``None``: the Ray driver decides)."""
         return Path(self.cfg.output_dir) / "checkpoint"
 
-    def setup(self, module: LossModule, optimizer, scheduler):
-        self.model, self.optimizer, self.scheduler = module.to(self.device), optimizer, scheduler
-        return self.model
+    def wrap(self, module: MethodModule, optimizer, scheduler):
+        self.wrapped, self.optimizer, self.scheduler = module.to(self.device), optimizer, scheduler
+        return self.wrapped
 
-    def micro_step(self, boundary: bool):
+    @property
+    def module(self) -> MethodModule:
+        """The ``MethodModule`` inside the wrapper."""
+        return self.wrapped
+
+    @property
+    def plain_model(self) -> torch.nn.Module:
+        """The plain model (what the method evaluates, averages and saves)."""
+        return self.module.model
+
+    def train_micro_batch(self, batch: dict[str, torch.Tensor], boundary: bool, scale: float | None) -> torch.Tensor:
+        """Forward and backward of one micro-batch (``scale``: the loss's factor), an optimizer step at a
+        boundary; returns the unscaled loss."""
+        with self.accumulating(boundary):
+            with autocast_for(self.device, self.cfg.dtype):
+                loss = self.wrapped(batch)
+            self.backward_and_step(loss if scale is None else loss * scale, boundary)
+        return loss
+
+    def accumulating(self, boundary: bool):
         """Context around one micro-batch's forward and backward (DDP skips the all-reduce off boundaries)."""
         return nullcontext()
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+    def backward_and_step(self, loss: torch.Tensor, boundary: bool) -> None:
         (loss / self.cfg.grad_accum).backward()
-
-    def step(self) -> None:
-        """Called at each accumulation boundary."""
+        if not boundary:
+            return
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def unwrap(self, wrapped) -> torch.nn.Module:
-        """The plain model (what the method evaluates and saves)."""
-        return wrapped.model
-
-    def evaluation(self, method: Method, model) -> tuple[Method, torch.nn.Module]:
+    def evaluation(self) -> tuple[Method, torch.nn.Module]:
         """The (method, model) pair that evaluation predicts with: here the method and the plain model."""
-        return method, self.unwrap(model)
+        return self.module.method, self.plain_model
 
     def average(self, value: float) -> float:
         """Mean of ``value`` over workers (also makes every rank take the same decision)."""
         return value
 
-    def save_model(self, method: Method, model, folder: Path) -> None:
+    def save_model(self, folder: Path) -> None:
         """The consolidated export (safetensors + tokenizer + topro.json) that evaluation and serving load."""
         if self.is_main:
-            method.save(self.unwrap(model), folder)
+            self.module.method.save(self.plain_model, folder)
 
     def save_state(self, folder: Path) -> None:
         """Model, optimizer and scheduler state, for resuming."""
-        torch.save({"model": self.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self.plain_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict()}, folder / "training_state.pt")
 
     def load_state(self, folder: Path) -> None:
         state = torch.load(folder / "training_state.pt", map_location=self.device, weights_only=True)
-        self.unwrap(self.model).load_state_dict(state["model"])
+        self.plain_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def after_evaluation(self, state: "LoopState", record: dict[str, Any], *, improved: bool, method: Method,
-                         model) -> None:
-        """Keep the best model (Ray strategies also checkpoint and report here)."""
+    def checkpoint(self, state: "LoopState", record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
+        """After an English dev evaluation (or the averaging, ``averaged``): keep the model if it is the
+        new best (Ray strategies also checkpoint and report here)."""
         if improved:
-            self.save_model(method, model, self.export_dir)
+            self.save_model(self.export_dir)
 
-    def export_averaged(self, state: "LoopState", record: dict[str, Any], *, method: Method, model) -> None:
-        """Export the averaged weights (``selection: average_*``) in place of the best checkpoint."""
-        self.save_model(method, model, self.export_dir)
-
-    def step_hook(self, step: int) -> None:
+    def after_step(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
 
 
 @dataclass
 class LoopState:
-    """What the loop needs to resume (``epoch``: the epoch to continue, ``step``: optimizer steps done)."""
+    """What the loop needs to resume (``epoch``: the epoch to continue, ``step``: optimizer steps done).
+
+    Written as ``loop_state.json`` into every Ray checkpoint (the fields are its keys).
+    """
 
     epoch: int = 0
     step: int = 0
@@ -170,6 +195,53 @@ class LoopState:
     bad_evaluations: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> "LoopState":
+        state = cls(**json.loads((Path(folder) / "loop_state.json").read_text()))
+        state.resumed_from_step = state.step
+        return state
+
+    def save(self, folder: Path) -> None:
+        (folder / "loop_state.json").write_text(json.dumps(self.__dict__, indent=2))
+
+    def micro_batches_done(self, steps_per_epoch: int, accum: int) -> int:
+        """Micro-batches of the current epoch already trained (a checkpoint taken mid-epoch)."""
+        return (self.step - self.epoch * steps_per_epoch) * accum
+
+    def evaluated_now(self) -> bool:
+        """Whether the latest evaluation was at the current step."""
+        return bool(self.history and self.history[-1]["step"] == self.step)
+
+
+@dataclass
+class CheckpointKeeper:
+    """Best-checkpoint keeping and early stopping over a run's English dev evaluations.
+
+    Each evaluation's record goes into the history and its weights into the
+    averager (``selection: average_*``); a strictly better score is the new
+    best, anything else spends one unit of ``patience``.
+    """
+
+    state: LoopState
+    patience: int
+    averager: CheckpointAverager
+
+    def add(self, record: dict[str, Any], metric: float, model: torch.nn.Module) -> bool:
+        """Record one evaluation of ``model`` at the current step; returns whether it improved."""
+        state = self.state
+        state.history.append(record)
+        self.averager.add(model, state.step, metric)
+        improved = metric > state.best_metric
+        if improved:
+            state.best_metric, state.best_step, state.bad_evaluations = metric, state.step, 0
+        else:
+            state.bad_evaluations += 1
+        return improved
+
+    @property
+    def patience_spent(self) -> bool:
+        return self.state.bad_evaluations >= self.patience
 
 
 MLM_HEAD_METHODS = ("topro", "topro_soft")
@@ -233,21 +305,38 @@ def epoch_batches(cfg: TrainConfig, lengths: list[int], epoch: int, rank: int, w
     return split_batches(batches, rank, world_size)
 
 
-def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
-    """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
+@dataclass
+class Run:
+    """A prepared run: its data, method, model, optimizer and schedule (``prepare`` builds it, ``fit`` trains it)."""
 
-    ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and
-    ``save_loop_state``; training continues from its step.
+    cfg: TrainConfig
+    task: Any
+    selection: str
+    """The English dev metric that picks the best checkpoint."""
+    method: Method
+    module: MethodModule
+    """The model and the method's loss, not yet wrapped by the strategy."""
+    optimizer: Any
+    scheduler: Any
+    examples: list
+    """The encoded training examples."""
+    lengths: list[int]
+    sizes: list[int]
+    dev_sentences: list
+    steps_per_epoch: int
+    accum: int
+    """Micro-batches per optimizer step: ``grad_accum``, or an epoch's batches when it has fewer."""
+    total_steps: int
+    summary: dict[str, Any]
+    """The run's description, the first keys of the returned summary."""
+
+
+def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
+    """Data, method, model, optimizer and schedule for ``cfg`` on ``strategy``'s rank.
+
+    The order of the steps is the order in which they draw random numbers (the
+    method, then the model): it must not change, or the same seed trains differently.
     """
-    from topro.quiet import quiet_stack
-
-    quiet_stack(cfg.progress)
-    strategy = strategy or LocalStrategy(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    set_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task)
     selection = resolve_selection_metric(task, cfg.selection_metric)
     if selection == "viterbi_f1" and not cfg.viterbi:
@@ -265,45 +354,20 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
     examples = method.encode(train_sentences)
     lengths = [e.length for e in examples]
     sizes = [e.batch_units for e in examples]
-
-    # The number of batches depends only on the lengths, not on the epoch's shuffle.
-    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(examples)} training examples give no batch for {strategy.world_size} workers")
-    # An optimizer step accumulates `grad_accum` micro-batches; an epoch with
-    # fewer batches than that steps once on all of them (else no step would
-    # ever be taken and gradients would pile up).
-    accum = min(cfg.grad_accum, batches_per_epoch)
-    if accum < cfg.grad_accum and strategy.is_main:
-        log.warning("an epoch has %d batches, fewer than grad_accum=%d: each epoch takes one optimizer "
-                    "step over its %d batches", batches_per_epoch, cfg.grad_accum, batches_per_epoch)
-    steps_per_epoch = batches_per_epoch // accum
+    steps_per_epoch, accum = plan_steps(cfg, lengths, sizes, strategy)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     check_selection(cfg, steps_per_epoch, getattr(strategy, "zero_stage", None))
-    averager = CheckpointAverager(cfg.selection, cfg.k)
     base_model = method.build_model(model_path)
     if embeddings_frozen(cfg):
         freeze_input_embeddings(base_model)
     n_trainable, n_total = count_parameters(base_model)
     log.info("%s: %d trainable of %d parameters (%.3f%%)", method.name, n_trainable, n_total,
              100 * n_trainable / max(n_total, 1))
-    module = LossModule(method, base_model)
+    module = MethodModule(method, base_model)
     optimizer, scheduler = build_optimizer(cfg, module, total_steps)
-    model = strategy.setup(module, optimizer, scheduler)
-    device = strategy.device
-
-    state = LoopState()
-    if resume_from is not None:
-        state = LoopState(**json.loads((Path(resume_from) / "loop_state.json").read_text()))
-        strategy.load_state(Path(resume_from))
-        state.resumed_from_step = state.step
-        if strategy.is_main:
-            log.info("resumed from step %d (epoch %d) of checkpoint %s", state.step, state.epoch, resume_from)
-
-    n_train_words = sum(len(s) for s in train_sentences)
     summary: dict[str, Any] = {
         "config": to_dict(cfg), "model_path": model_path, "method": method.name,
-        "n_train_sentences": len(train_sentences), "n_train_words": n_train_words,
+        "n_train_sentences": len(train_sentences), "n_train_words": sum(len(s) for s in train_sentences),
         "n_train_examples": len(examples),
         "n_train_truncated_words": sum(e.truncated_words for e in examples),
         "n_train_trimmed_prompts": sum(len(e.words) * int(e.trimmed_context) for e in examples),
@@ -314,131 +378,198 @@ def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: 
         "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
-    train_seconds, train_examples, train_tokens = 0.0, 0, 0
+    return Run(cfg, task, selection, method, module, optimizer, scheduler, examples, lengths, sizes, dev_sentences,
+               steps_per_epoch, accum, total_steps, summary)
 
-    def evaluate_and_keep(train_loss: float, epoch: int) -> bool:
-        """Evaluate dev; keep the best; return True when early stopping says stop."""
-        eval_method, eval_model = strategy.evaluation(method, model)
-        dev = evaluate_sentences(eval_method, eval_model, task, dev_sentences, viterbi=cfg.viterbi, device=device,
-                                 dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
-                                 max_examples=cfg.batch_size * 4)
-        # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
-        metric = strategy.average(metric_value(dev, selection))
-        record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),
-                  f"dev_{task.metric}": dev[task.metric], "dev_accuracy": dev["accuracy"],
-                  f"dev_{selection}": metric}
-        if task.scheme == "iob2":
-            record["dev_f1_strict"] = dev["f1_strict"]
-        if "viterbi" in dev:
-            record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
-        state.history.append(record)
-        averager.add(strategy.unwrap(model), state.step, metric)
-        improved = metric > state.best_metric
-        if improved:
-            state.best_metric, state.best_step, state.bad_evaluations = metric, state.step, 0
-        else:
-            state.bad_evaluations += 1
+
+def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: LocalStrategy) -> tuple[int, int]:
+    """(optimizer steps per epoch, micro-batches per step) for these examples on ``strategy``'s workers."""
+    # The number of batches depends only on the lengths, not on the epoch's shuffle.
+    batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(lengths)} training examples give no batch for {strategy.world_size} workers")
+    # An optimizer step accumulates `grad_accum` micro-batches; an epoch with
+    # fewer batches than that steps once on all of them (else no step would
+    # ever be taken and gradients would pile up).
+    accum = min(cfg.grad_accum, batches_per_epoch)
+    if accum < cfg.grad_accum and strategy.is_main:
+        log.warning("an epoch has %d batches, fewer than grad_accum=%d: each epoch takes one optimizer "
+                    "step over its %d batches", batches_per_epoch, cfg.grad_accum, batches_per_epoch)
+    return batches_per_epoch // accum, accum
+
+
+@dataclass
+class Throughput:
+    """Training time and work of this worker (evaluation excluded), and when the next progress line is due."""
+
+    seconds: float = 0.0
+    examples: int = 0
+    tokens: int = 0
+    next_line: float = 0.0
+
+
+def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train a prepared run; returns the summary (written to ``output_dir/metrics.json`` by the main rank)."""
+    cfg = run.cfg
+    strategy.wrap(run.module, run.optimizer, run.scheduler)
+    state = LoopState()
+    if resume_from is not None:
+        state = LoopState.load(Path(resume_from))
+        strategy.load_state(Path(resume_from))
         if strategy.is_main:
-            log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", epoch, state.step, record["train_loss"],
-                     selection, metric, " (best)" if improved else "")
-        strategy.after_evaluation(state, record, improved=improved, method=method, model=model)
-        return state.bad_evaluations >= cfg.patience
-
+            log.info("resumed from step %d (epoch %d) of checkpoint %s", state.step, state.epoch, resume_from)
+    keeper = CheckpointKeeper(state, cfg.patience, CheckpointAverager(cfg.selection, cfg.k))
+    throughput = Throughput()
     # A run resumed after it had decided to stop stops again.
-    stop = state.bad_evaluations >= cfg.patience or bool(cfg.max_steps and state.step >= cfg.max_steps)
-    # Without bars, a line at the first step (a trial shows signs of life at once), then every progress_every_s.
-    next_line, line_prefix = 0.0, f"{cfg.run_name}: " if cfg.run_name else ""
+    stop = keeper.patience_spent or bool(cfg.max_steps and state.step >= cfg.max_steps)
     while state.epoch < cfg.epochs and not stop:
-        batches = epoch_batches(cfg, lengths, state.epoch, strategy.rank, strategy.world_size, sizes)
-        # Skip micro-batches already done in this epoch when resuming mid-epoch.
-        skip = (state.step - state.epoch * steps_per_epoch) * accum
-        model.train()
-        running, n_loss = 0.0, 0
-        bar = tqdm(total=min(len(batches), steps_per_epoch * accum),
-                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
-        lines = bool(bar.disable and strategy.is_main and cfg.progress_every_s)
-        for micro, batch_ids in enumerate(batches):
-            if micro < skip:
-                continue
-            if micro >= steps_per_epoch * accum:
-                break  # a remainder smaller than grad_accum is dropped: every step sees a full global batch
-            start = time.perf_counter()
-            chunk = [examples[i] for i in batch_ids]
-            batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
-            boundary = (micro + 1) % accum == 0
-            with strategy.micro_step(boundary):
-                with autocast_for(device, cfg.dtype):
-                    loss = model(batch)
-                # Strategies divide by grad_accum; a shorter group still averages its batches.
-                strategy.backward(loss * (cfg.grad_accum / accum) if accum != cfg.grad_accum else loss, boundary)
-            if boundary:
-                strategy.step()
-                state.step += 1
-            train_seconds += time.perf_counter() - start
-            train_examples += len(chunk)
-            train_tokens += sum(e.length for e in chunk)
-            running += float(loss.detach())
-            n_loss += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running / n_loss:.4f}")
-            if boundary:
-                strategy.step_hook(state.step)
-                if lines and time.perf_counter() >= next_line:
-                    next_line = time.perf_counter() + cfg.progress_every_s
-                    log.info("%sepoch %d/%d step %d/%d: loss %.4f, %.1f examples/s", line_prefix, state.epoch + 1,
-                             cfg.epochs, state.step, total_steps, running / n_loss,
-                             train_examples * strategy.world_size / max(train_seconds, 1e-9))
-                if evaluation_due(cfg, state.step, steps_per_epoch):
-                    stop = evaluate_and_keep(running / n_loss, state.epoch)
-                    if stop:
-                        break
-                if cfg.max_steps and state.step >= cfg.max_steps:
-                    stop = True
-                    break
-        bar.close()
-        finished_epoch = state.epoch
-        state.epoch += 1  # before the end-of-epoch evaluation: its checkpoint resumes at the next epoch
-        if not (state.history and state.history[-1]["step"] == state.step):
-            stop = evaluate_and_keep(running / max(n_loss, 1), finished_epoch) or stop
-
-    averaged: dict[str, Any] = {"selection": cfg.selection}
-    if averager.active:
-        steps = averager.average_into(strategy.unwrap(model))
-        averaged.update(k=cfg.k, averaged_steps=steps)
-        if steps:
-            if len(steps) < cfg.k and strategy.is_main:
-                log.warning("selection %s: only %d of k=%d checkpoints to average (early stopping or a restart)",
-                            cfg.selection, len(steps), cfg.k)
-            eval_method, eval_model = strategy.evaluation(method, model)
-            dev = evaluate_sentences(eval_method, eval_model, task, dev_sentences, viterbi=cfg.viterbi,
-                                     device=device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
-                                     max_examples=cfg.batch_size * 4)
-            score = strategy.average(metric_value(dev, selection))
-            averaged[f"averaged_dev_{selection}"] = score
-            if strategy.is_main:
-                log.info("selection %s: averaged the checkpoints of steps %s: dev %s %.4f (best single %.4f)",
-                         cfg.selection, steps, selection, score, state.best_metric)
-            strategy.export_averaged(state, {"epoch": state.epoch, "step": state.step, f"dev_{selection}": score,
-                                             "averaged_steps": len(steps)}, method=method, model=model)
-
+        stop = train_epoch(run, strategy, keeper, throughput)
+    averaged = export_average(run, strategy, keeper)
     # Throughput over all workers: they run in lockstep, so rank 0's time is the run's.
-    all_examples = strategy.average(float(train_examples)) * strategy.world_size
-    all_tokens = strategy.average(float(train_tokens)) * strategy.world_size
-    summary.update({
-        "best_step": state.best_step, f"best_dev_{selection}": state.best_metric,
+    all_examples = strategy.average(float(throughput.examples)) * strategy.world_size
+    all_tokens = strategy.average(float(throughput.tokens)) * strategy.world_size
+    seconds = throughput.seconds
+    summary = {
+        **run.summary,
+        "best_step": state.best_step, f"best_dev_{run.selection}": state.best_metric,
         "history": state.history, "steps": state.step,
         "resumed_from_step": state.resumed_from_step,
-        "train_seconds": train_seconds,
-        "examples_per_second": all_examples / train_seconds if train_seconds else None,
-        "tokens_per_second": all_tokens / train_seconds if train_seconds else None,
+        "train_seconds": seconds,
+        "examples_per_second": all_examples / seconds if seconds else None,
+        "tokens_per_second": all_tokens / seconds if seconds else None,
         "checkpoint": str(strategy.export_dir) if strategy.export_dir else None,
         **averaged,
-    })
+    }
     if strategy.is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def save_loop_state(state: LoopState, folder: Path) -> None:
-    (folder / "loop_state.json").write_text(json.dumps(state.__dict__, indent=2))
+def train_epoch(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, throughput: Throughput) -> bool:
+    """Train the rest of epoch ``state.epoch`` (all of it unless resumed mid-epoch), evaluating when due
+    and at its end; returns whether training stops (early stopping or ``max_steps``)."""
+    cfg, state, accum = run.cfg, keeper.state, run.accum
+    batches = epoch_batches(cfg, run.lengths, state.epoch, strategy.rank, strategy.world_size, run.sizes)
+    skip = state.micro_batches_done(run.steps_per_epoch, accum)
+    # A remainder smaller than grad_accum is dropped: every step sees a full global batch.
+    usable = run.steps_per_epoch * accum
+    strategy.wrapped.train()
+    running, n_loss, stop = 0.0, 0, False
+    bar = tqdm(total=min(len(batches), usable), desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
+    # Without bars, a line at the first step (a trial shows signs of life at once), then every progress_every_s.
+    lines = bool(bar.disable and strategy.is_main and cfg.progress_every_s)
+    # Strategies divide by grad_accum; a shorter group still averages its batches.
+    scale = cfg.grad_accum / accum if accum != cfg.grad_accum else None
+    for micro, batch_ids in enumerate(batches[:usable]):
+        if micro < skip:
+            continue
+        start = time.perf_counter()
+        chunk = [run.examples[i] for i in batch_ids]
+        batch = {k: v.to(strategy.device) for k, v in run.method.collate(chunk).items()}
+        boundary = (micro + 1) % accum == 0
+        loss = strategy.train_micro_batch(batch, boundary, scale)
+        if boundary:
+            state.step += 1
+        throughput.seconds += time.perf_counter() - start
+        throughput.examples += len(chunk)
+        throughput.tokens += sum(e.length for e in chunk)
+        running += float(loss.detach())
+        n_loss += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{running / n_loss:.4f}")
+        if not boundary:
+            continue
+        strategy.after_step(state.step)
+        if lines and time.perf_counter() >= throughput.next_line:
+            throughput.next_line = time.perf_counter() + cfg.progress_every_s
+            log.info("%sepoch %d/%d step %d/%d: loss %.4f, %.1f examples/s",
+                     f"{cfg.run_name}: " if cfg.run_name else "", state.epoch + 1, cfg.epochs, state.step,
+                     run.total_steps, running / n_loss,
+                     throughput.examples * strategy.world_size / max(throughput.seconds, 1e-9))
+        if evaluation_due(cfg, state.step, run.steps_per_epoch):
+            stop = evaluate_and_keep(run, strategy, keeper, running / n_loss, state.epoch)
+            if stop:
+                break
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            stop = True
+            break
+    bar.close()
+    finished_epoch = state.epoch
+    state.epoch += 1  # before the end-of-epoch evaluation: its checkpoint resumes at the next epoch
+    if not state.evaluated_now():
+        stop = evaluate_and_keep(run, strategy, keeper, running / max(n_loss, 1), finished_epoch) or stop
+    return stop
+
+
+def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], float]:
+    """English dev scores of the current weights, and the selection metric averaged over workers."""
+    cfg = run.cfg
+    eval_method, eval_model = strategy.evaluation()
+    dev = evaluate_sentences(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
+                             device=strategy.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                             max_examples=cfg.batch_size * 4)
+    # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
+    return dev, strategy.average(metric_value(dev, run.selection))
+
+
+def evaluate_and_keep(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, train_loss: float,
+                      epoch: int) -> bool:
+    """Evaluate dev; keep the best; return True when early stopping says stop."""
+    task, selection, state = run.task, run.selection, keeper.state
+    dev, metric = evaluate_dev(run, strategy)
+    record = {"epoch": epoch, "step": state.step, "train_loss": strategy.average(train_loss),
+              f"dev_{task.metric}": dev[task.metric], "dev_accuracy": dev["accuracy"],
+              f"dev_{selection}": metric}
+    if task.scheme == "iob2":
+        record["dev_f1_strict"] = dev["f1_strict"]
+    if "viterbi" in dev:
+        record["dev_viterbi_f1"] = dev["viterbi"]["f1"]
+    improved = keeper.add(record, metric, strategy.plain_model)
+    if strategy.is_main:
+        log.info("epoch %d step %d: train loss %.4f, dev %s %.4f%s", epoch, state.step, record["train_loss"],
+                 selection, metric, " (best)" if improved else "")
+    strategy.checkpoint(state, record, improved=improved)
+    return keeper.patience_spent
+
+
+def export_average(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper) -> dict[str, Any]:
+    """``selection: average_*``: load the kept checkpoints' mean, score and export it; returns the summary's
+    ``selection`` keys (just ``selection`` for ``best``)."""
+    cfg, state = run.cfg, keeper.state
+    averaged: dict[str, Any] = {"selection": cfg.selection}
+    if not keeper.averager.active:
+        return averaged
+    steps = keeper.averager.average_into(strategy.plain_model)
+    averaged.update(k=cfg.k, averaged_steps=steps)
+    if not steps:
+        return averaged
+    if len(steps) < cfg.k and strategy.is_main:
+        log.warning("selection %s: only %d of k=%d checkpoints to average (early stopping or a restart)",
+                    cfg.selection, len(steps), cfg.k)
+    _, score = evaluate_dev(run, strategy)
+    averaged[f"averaged_dev_{run.selection}"] = score
+    if strategy.is_main:
+        log.info("selection %s: averaged the checkpoints of steps %s: dev %s %.4f (best single %.4f)",
+                 cfg.selection, steps, run.selection, score, state.best_metric)
+    # Flagged best and averaged: its export replaces the best single checkpoint's.
+    strategy.checkpoint(state, {"epoch": state.epoch, "step": state.step, f"dev_{run.selection}": score,
+                                "averaged_steps": len(steps)}, improved=True, averaged=True)
+    return averaged
+
+
+def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
+
+    ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and
+    ``LoopState.save``; training continues from its step.
+    """
+    from topro.quiet import quiet_stack
+
+    quiet_stack(cfg.progress)
+    strategy = strategy or LocalStrategy(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return fit(prepare(cfg, strategy), strategy, resume_from)

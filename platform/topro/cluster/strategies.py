@@ -3,6 +3,8 @@
 Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
 ``topro.train.train`` unchanged. What they add:
 
+- ranks, and averaging over workers (``average``);
+- the wrapper (DDP, a DeepSpeed engine) and its accumulation and step;
 - at every English dev evaluation, a Ray Train checkpoint reported with the
   metrics through ``ray.train.report``: each rank writes its part into its own
   temporary folder (DDP: rank 0 writes model, optimizer and scheduler state;
@@ -10,7 +12,7 @@ Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
   checkpoint folder in the run's storage. When the score improved, rank 0
   also writes the consolidated export (safetensors + tokenizer + topro.json,
   what ``topro evaluate`` and serving load) into its ``model/`` subfolder;
-- resumption from such a checkpoint (``load_state``);
+- saving and resuming from such a checkpoint (``save_state``, ``load_state``);
 - fault injection for tests (``fault_step``).
 
 ``deepspeed_config`` turns a JSON/YAML file under ``configs/deepspeed/`` into
@@ -35,7 +37,7 @@ import torch
 from topro.config import ConfigError, TrainConfig, read_yaml
 from topro.data import get_task
 from topro.metrics import resolve_selection_metric
-from topro.train import LocalStrategy, LoopState, save_loop_state
+from topro.train import LocalStrategy, LoopState, MethodModule
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +101,27 @@ class RayStrategy(LocalStrategy):
     def export_dir(self) -> Path | None:
         return None  # the export lives in a Ray checkpoint; the driver resolves and copies it
 
+    @property
+    def module(self) -> MethodModule:
+        return self.wrapped.module  # inside the DDP wrapper or the DeepSpeed engine
+
     def average(self, value: float) -> float:
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
-    def after_evaluation(self, state: LoopState, record: dict[str, Any], *, improved: bool, method, model,
-                         averaged: bool = False) -> None:
-        """Checkpoint (every rank its part) and report the evaluation's metrics to Ray Train."""
+    def checkpoint(self, state: LoopState, record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
+        """Checkpoint (every rank its part) and report the evaluation's metrics to Ray Train; an averaged
+        checkpoint (``selection: average_*``) comes flagged best and averaged: its export wins."""
         import ray.train
 
         folder = Path(tempfile.mkdtemp(prefix="topro-checkpoint-"))
         try:
             self.save_state(folder)
             if improved:
-                self.save_model(method, model, folder / EXPORT_DIR)
+                self.save_model(folder / EXPORT_DIR)
             if self.is_main:
-                save_loop_state(state, folder)
+                state.save(folder)
             metrics = {**record, f"best_dev_{self.metric}": state.best_metric, "best_step": state.best_step,
                        BEST_FLAG: float(improved), AVERAGED_FLAG: float(averaged)}
             name = checkpoint_dir_name(state.step) + ("-averaged" if averaged else "")
@@ -125,11 +131,7 @@ class RayStrategy(LocalStrategy):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def export_averaged(self, state: LoopState, record: dict[str, Any], *, method, model) -> None:
-        """The averaged weights as one more reported checkpoint, flagged best and averaged: its export wins."""
-        self.after_evaluation(state, record, improved=True, method=method, model=model, averaged=True)
-
-    def step_hook(self, step: int) -> None:
+    def after_step(self, step: int) -> None:
         """Fault injection: at ``fault_step`` the rank-1 (or only, or ``fault_node``'s) worker kills itself, once per run.
 
         A marker in the run's storage remembers that the fault happened, so the
@@ -167,21 +169,18 @@ class RayStrategy(LocalStrategy):
 class DDPStrategy(RayStrategy):
     """PyTorch DistributedDataParallel over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
 
-    def setup(self, module, optimizer, scheduler):
+    def wrap(self, module, optimizer, scheduler):
         from torch.nn.parallel import DistributedDataParallel
 
         module.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model = DistributedDataParallel(module, device_ids=device_ids)
+        self.wrapped = DistributedDataParallel(module, device_ids=device_ids)
         self.optimizer, self.scheduler = optimizer, scheduler
-        return self.model
+        return self.wrapped
 
-    def micro_step(self, boundary: bool):
+    def accumulating(self, boundary: bool):
         # Off accumulation boundaries gradients only accumulate locally; the boundary's backward all-reduces.
-        return nullcontext() if boundary else self.model.no_sync()
-
-    def unwrap(self, wrapped) -> torch.nn.Module:
-        return wrapped.module.model
+        return nullcontext() if boundary else self.wrapped.no_sync()
 
     def save_state(self, folder: Path) -> None:
         if self.is_main:  # replicas are identical after every step
@@ -196,7 +195,7 @@ class DeepSpeedStrategy(RayStrategy):
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
-    def setup(self, module, optimizer, scheduler):
+    def wrap(self, module, optimizer, scheduler):
         import deepspeed
 
         module.to(self.device)
@@ -207,45 +206,39 @@ class DeepSpeedStrategy(RayStrategy):
                 deepspeed.zero.register_external_parameter(module, param)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config, dist_init_required=False)
-        self.model, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
+        self.wrapped, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
         return engine
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
-        engine = self.model
+    def backward_and_step(self, loss: torch.Tensor, boundary: bool) -> None:
+        engine = self.wrapped
         engine.set_gradient_accumulation_boundary(boundary)
         engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
-        if not boundary:
-            engine.step()  # DeepSpeed counts micro-steps in step(); off a boundary it updates nothing
+        # DeepSpeed counts micro-steps in step(): off a boundary it updates nothing; at one it clips,
+        # steps the optimizer and the schedule, and zeroes the gradients.
+        engine.step()
 
-    def step(self) -> None:
-        self.model.step()  # clipping, optimizer and scheduler step, zero_grad
-
-    def unwrap(self, wrapped) -> torch.nn.Module:
-        return wrapped.module.model
-
-    def evaluation(self, method, model):
+    def evaluation(self):
         if self.zero_stage != 3:
-            return method, self.unwrap(model)
-        # ZeRO-3 gathers a parameter only inside a forward that owns it (or registered it, see setup):
-        # predict through the engine, so the label scores run inside LossModule.forward.
-        return ScoresThroughModule(method), model
+            return super().evaluation()
+        # ZeRO-3 gathers a parameter only inside a forward that owns it (or registered it, see wrap):
+        # predict through the engine, so the label scores run inside MethodModule.forward.
+        return ScoresThroughModule(self.module.method), self.wrapped
 
-    def save_model(self, method, model, folder: Path) -> None:
+    def save_model(self, folder: Path) -> None:
         gathered = nullcontext()
         if self.zero_stage == 3:  # every rank takes part in gathering the partitioned parameters
             import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=None)
+            gathered = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         with gathered:
-            if self.is_main:
-                method.save(self.unwrap(model), folder)
+            super().save_model(folder)
 
     def save_state(self, folder: Path) -> None:
         # Every rank must call it: each writes its own ZeRO shards (rank 0 also the module states).
-        self.model.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        self.wrapped.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
 
     def load_state(self, folder: Path) -> None:
-        load_deepspeed_state(self.model, folder)
+        load_deepspeed_state(self.wrapped, folder)
 
 
 def deepspeed_safe_globals() -> list:
@@ -293,8 +286,8 @@ def load_deepspeed_state(engine, folder: Path) -> None:
 
 
 class ScoresThroughModule:
-    """A method whose ``label_log_probs(module, batch)`` calls ``module(batch, scores=True)`` (a LossModule
-    or an engine wrapping one); everything else is the wrapped method's."""
+    """A method whose ``label_log_probs(module, batch)`` calls ``module(batch, output="scores")`` (a
+    ``MethodModule`` or an engine wrapping one); everything else is the wrapped method's."""
 
     def __init__(self, method):
         self.method = method
@@ -303,7 +296,7 @@ class ScoresThroughModule:
         return getattr(self.method, name)
 
     def label_log_probs(self, module, batch):
-        return module(batch, scores=True)
+        return module(batch, output="scores")
 
 
 def _direct_access_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -114,7 +114,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import torch
 
-    from topro.cluster.strategies import DDPStrategy, DeepSpeedStrategy
     from topro.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,10 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_dict(TrainConfig, config["cfg"])
     cfg.progress = False  # tqdm's carriage returns garble the worker logs Ray forwards
     torch.set_num_threads(cfg.num_threads or max(1, int(cfg.cpus_per_worker)))
-    if cfg.strategy == "deepspeed":
-        strategy = DeepSpeedStrategy(cfg, config["deepspeed_config"], fault_marker=config["fault_marker"])
-    else:
-        strategy = DDPStrategy(cfg, fault_marker=config["fault_marker"])
+    strategy = worker_strategy(cfg, config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         summary = train(cfg, strategy)
@@ -136,6 +132,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             summary = train(cfg, strategy, resume_from=Path(folder))
     # Where each rank ran (the driver writes this into metrics.json and MLflow).
     return {**summary, "workers": strategy.workers}
+
+
+def worker_strategy(cfg: TrainConfig, config: dict[str, Any]):
+    """This worker's strategy: DeepSpeed with the driver's config, else DDP."""
+    from topro.cluster.strategies import DDPStrategy, DeepSpeedStrategy
+
+    if cfg.strategy == "deepspeed":
+        return DeepSpeedStrategy(cfg, config["deepspeed_config"], fault_marker=config["fault_marker"])
+    return DDPStrategy(cfg, fault_marker=config["fault_marker"])
 
 
 def best_checkpoint_path(result) -> str | None:
