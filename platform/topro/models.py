@@ -49,7 +49,10 @@ def _tiny_corpus(task: str, data_dir: str | None) -> list[str]:
 
 
 def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
-    """Build (once) a tiny BERT masked LM whose tokenizer is trained on ``task``'s data."""
+    """Build (once) a tiny BERT masked LM whose tokenizer is trained on ``task``'s data.
+
+    One recipe top to bottom (vocabulary words, tokenizer, config, weights, an atomic publish of the
+    folder): each step uses the one before, and none is used anywhere else."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
     from safetensors.torch import save_model
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast

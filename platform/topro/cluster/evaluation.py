@@ -121,7 +121,8 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job.
 
     ``stats``, if given, receives ``workers``, ``items`` (checkpoint-language pairs), ``model_loads`` and
-    ``seconds``.
+    ``seconds``. Long because it is one actor pool's life (checks, pool, submit, gather with progress,
+    shut down), read top to bottom.
     """
     from topro.cluster.runtime import init_ray
     from topro.evaluate import checkpoint_flags, resolve_languages, results_record

@@ -38,7 +38,10 @@ def greedy_generate_shared(model, prefix: SharedPrefixCache, suffixes: list[list
                            batch_rows: int = 16) -> list[list[int]]:
     """Greedy continuation of prefix + suffix_i for every suffix; returns the new
     token ids (without the EOS that ended a row). `stop(tokens)` ends a row
-    early (e.g. once its text holds a newline)."""
+    early (e.g. once its text holds a newline).
+
+    One function on purpose: the decode loop and the shared-prefix cache it grows step by step are one
+    piece of state; split, every part would pass the cache, the live rows and their lengths around."""
     _check_model(model)
     counts = counts if counts is not None else TokenCounts()
     eos_ids = eos_ids or set()

@@ -120,7 +120,8 @@ def pack_sentence(s_index: int, sentence: Sentence, pieces: list[list[int]], que
     """The rows of one sentence: consecutive words share a row while its sentence window (which every
     question's single-prompt layout must fit in ``max_length``) covers them all and the row stays within
     ``max_packed_length`` tokens (and holds at most ``max_questions`` questions). A long sentence thus
-    becomes several rows, each holding its own window."""
+    becomes several rows, each holding its own window. (Planning the groups and laying out their rows
+    share the sentence's flattened pieces and offsets, hence one function.)"""
     flat = [t for p in pieces for t in p]
     starts = [0]
     for p in pieces:
