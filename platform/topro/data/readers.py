@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class DataFormatError(ValueError):
@@ -87,92 +87,85 @@ def _open_checked(path: str | Path) -> Path:
     return path
 
 
-def read_xtreme_tsv(path: str | Path, lang: str = "", labels: Iterable[str] | None = None,
-                    limit: int | None = None) -> list[Sentence]:
-    """XTREME's ``word<TAB>tag`` format, one token per line, blank line between sentences."""
+def _read_sentences(path: str | Path, parse: Callable[[Path, int, str], tuple[str, str] | None], lang: str,
+                    labels: Iterable[str] | None, limit: int | None, no_sentences: str) -> list[Sentence]:
+    """The frame every reader shares: blank-line separated blocks, one ``parse(path, number, line)`` per
+    line (a (word, tag) pair, or None to skip the line; it raises naming the line), each sentence's
+    source as ``path:first word's line``, ``limit`` sentences at most, then the tag check."""
     path = _open_checked(path)
     sentences, starts = [], []  # starts: per sentence, each word's line
-    for start, block in _blocks(path):
+    for _, block in _blocks(path):
         words, tags, numbers = [], [], []
         for number, line in block:
-            if "\t" not in line:
-                raise DataFormatError(f"{path}:{number}: expected 'word<TAB>tag', got {line!r} (no tab)")
-            word, tag = line.split("\t", 1)
-            tag = tag.strip()
-            if not tag or "\t" in tag:
-                raise DataFormatError(f"{path}:{number}: expected exactly two tab-separated columns, got {line!r}")
-            if word == "":
-                raise DataFormatError(f"{path}:{number}: empty word in {line!r}")
-            words.append(word)
-            tags.append(tag)
+            pair = parse(path, number, line)
+            if pair is None:
+                continue
+            words.append(pair[0])
+            tags.append(pair[1])
             numbers.append(number)
-        sentences.append(Sentence(words, tags, lang, f"{path}:{start}"))
-        starts.append(numbers)
+        if words:
+            sentences.append(Sentence(words, tags, lang, f"{path}:{numbers[0]}"))
+            starts.append(numbers)
         if limit is not None and len(sentences) >= limit:
             break
     if not sentences:
-        raise DataFormatError(f"{path}: no sentences (file holds only blank lines)")
+        raise DataFormatError(f"{path}: {no_sentences}")
     _check_tags(sentences, labels, path, starts)
     return sentences
+
+
+def _xtreme_tsv_line(path: Path, number: int, line: str) -> tuple[str, str]:
+    if "\t" not in line:
+        raise DataFormatError(f"{path}:{number}: expected 'word<TAB>tag', got {line!r} (no tab)")
+    word, tag = line.split("\t", 1)
+    tag = tag.strip()
+    if not tag or "\t" in tag:
+        raise DataFormatError(f"{path}:{number}: expected exactly two tab-separated columns, got {line!r}")
+    if word == "":
+        raise DataFormatError(f"{path}:{number}: empty word in {line!r}")
+    return word, tag
+
+
+def _conllu_line(path: Path, number: int, line: str) -> tuple[str, str] | None:
+    if line.startswith("#"):
+        return None
+    cols = line.split("\t")
+    if len(cols) != 10:
+        raise DataFormatError(f"{path}:{number}: CoNLL-U needs 10 tab-separated columns, got {len(cols)}")
+    token_id = cols[0]
+    if "-" in token_id or "." in token_id:
+        return None
+    if not token_id.isdigit():
+        raise DataFormatError(f"{path}:{number}: bad token id {token_id!r}")
+    return cols[1], cols[3]
+
+
+def _conll_line(path: Path, number: int, line: str) -> tuple[str, str] | None:
+    cols = line.split()
+    if cols and cols[0] == "-DOCSTART-":
+        return None
+    if len(cols) != 2:
+        raise DataFormatError(f"{path}:{number}: expected 'word tag' (2 columns), got {line!r}")
+    return cols[0], cols[1]
+
+
+def read_xtreme_tsv(path: str | Path, lang: str = "", labels: Iterable[str] | None = None,
+                    limit: int | None = None) -> list[Sentence]:
+    """XTREME's ``word<TAB>tag`` format, one token per line, blank line between sentences."""
+    return _read_sentences(path, _xtreme_tsv_line, lang, labels, limit,
+                           "no sentences (file holds only blank lines)")
 
 
 def read_conllu(path: str | Path, lang: str = "", labels: Iterable[str] | None = None,
                 limit: int | None = None) -> list[Sentence]:
     """CoNLL-U: the UPOS column; multiword ranges (``1-2``) and empty nodes (``1.1``) are skipped."""
-    path = _open_checked(path)
-    sentences, starts = [], []  # starts: per sentence, each word's line
-    for start, block in _blocks(path):
-        words, tags, numbers = [], [], []
-        for number, line in block:
-            if line.startswith("#"):
-                continue
-            cols = line.split("\t")
-            if len(cols) != 10:
-                raise DataFormatError(f"{path}:{number}: CoNLL-U needs 10 tab-separated columns, got {len(cols)}")
-            token_id = cols[0]
-            if "-" in token_id or "." in token_id:
-                continue
-            if not token_id.isdigit():
-                raise DataFormatError(f"{path}:{number}: bad token id {token_id!r}")
-            words.append(cols[1])
-            tags.append(cols[3])
-            numbers.append(number)
-        if words:
-            sentences.append(Sentence(words, tags, lang, f"{path}:{numbers[0]}"))
-            starts.append(numbers)
-        if limit is not None and len(sentences) >= limit:
-            break
-    if not sentences:
-        raise DataFormatError(f"{path}: no sentences")
-    _check_tags(sentences, labels, path, starts)
-    return sentences
+    return _read_sentences(path, _conllu_line, lang, labels, limit, "no sentences")
 
 
 def read_conll(path: str | Path, lang: str = "", labels: Iterable[str] | None = None,
                limit: int | None = None) -> list[Sentence]:
     """Two-column CoNLL: ``word tag`` split on whitespace; ``-DOCSTART-`` lines are skipped."""
-    path = _open_checked(path)
-    sentences, starts = [], []  # starts: per sentence, each word's line
-    for start, block in _blocks(path):
-        words, tags, numbers = [], [], []
-        for number, line in block:
-            cols = line.split()
-            if cols and cols[0] == "-DOCSTART-":
-                continue
-            if len(cols) != 2:
-                raise DataFormatError(f"{path}:{number}: expected 'word tag' (2 columns), got {line!r}")
-            words.append(cols[0])
-            tags.append(cols[1])
-            numbers.append(number)
-        if words:
-            sentences.append(Sentence(words, tags, lang, f"{path}:{numbers[0]}"))
-            starts.append(numbers)
-        if limit is not None and len(sentences) >= limit:
-            break
-    if not sentences:
-        raise DataFormatError(f"{path}: no sentences")
-    _check_tags(sentences, labels, path, starts)
-    return sentences
+    return _read_sentences(path, _conll_line, lang, labels, limit, "no sentences")
 
 
 READERS = {"tsv": read_xtreme_tsv, "conllu": read_conllu, "conll": read_conll}
