@@ -253,7 +253,9 @@ def test_requests_that_arrive_while_the_model_runs_form_the_next_batch_together(
         sizes[gated] = handle.sizes.remote().result(timeout_s=30)
         ray_serve.delete(name)
     assert sum(sizes[True]) == 16 and len(sizes[True]) <= 3 and max(sizes[True]) >= 12, sizes
-    assert len(sizes[False]) >= 8, sizes
+    # Without the gate Ray forms more, smaller batches: about one per request on an idle machine, fewer on a
+    # loaded one (requests pile up while the submitter is slowed: 5 calls seen at load 32), never as few.
+    assert len(sizes[False]) > len(sizes[True]) and sum(sizes[False]) == 16, sizes
 
 
 def test_unknown_model_id_evicts_nothing(endpoint):
