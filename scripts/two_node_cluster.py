@@ -118,7 +118,7 @@ def main() -> int:
             run([python, "jobs/sweep.py", "--config", "configs/sweeps/demo.yaml", "--tracking-uri", tracking,
                  "name=two-nodes", f"storage_path={work / 'sweeps'}", "max_train_sentences=30",
                  "max_dev_sentences=10", "base.epochs=1", "base.cpus_per_worker=0.6", "max_concurrent_trials=2",
-                 "search_space.learning_rate.grid=[1e-3]", "eval_langs=[de,ru,fr,id]", "max_eval_sentences=10",
+                 "search_space.learning_rate.grid=[1e-3]", "eval_langs=[de,ru,fr,id]", "max_sentences=10",
                  "eval_cpus_per_worker=0.6", "eval_workers=2"], driver_env, work / "sweep.log")
             show_sweep(tracking)
         if "eval" in parts:

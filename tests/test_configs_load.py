@@ -81,6 +81,16 @@ def test_the_token_budget_has_one_name_and_old_names_say_the_new_one(tmp_path):
     assert main(["eval-llm", "--task", "udpos", "--model", "m", "--batch-tokens", "512"]) == 2
 
 
+def test_the_evaluation_sentence_cap_is_max_sentences_in_every_command():
+    for cls in (TrainConfig, SweepConfig, EvaluateConfig, EvalLLMConfig):
+        assert "max_sentences" in cls.__dataclass_fields__, cls
+    assert load_config(TrainConfig, None, ["max_sentences=7"]).max_sentences == 7
+    with pytest.raises(ConfigError, match="'max_eval_sentences' is now called 'max_sentences'"):
+        load_config(TrainConfig, None, ["max_eval_sentences=7"])
+    with pytest.raises(ConfigError, match="'max_eval_sentences' is now called 'max_sentences'"):
+        from_dict(SweepConfig, {"name": "s", "base": {}, "max_eval_sentences": 7})
+
+
 def test_serve_args_are_checked_field_by_field():
     with pytest.raises(ValueError, match=r"serve app 'tagging': bad args: field 'max_batch_size': must be in \[1, 1024\]"):
         parse_app_args(TaggingArgs, {"model": "m", "max_batch_size": 0}, "tagging")

@@ -20,7 +20,7 @@ search_space:
   method: {{grid: [topro, vanilla]}}
   seed: {{grid: [1]}}
 eval_langs: [de, ru]
-max_eval_sentences: 10
+max_sentences: 10
 storage_path: {storage}
 """
 

@@ -24,7 +24,7 @@ base: {{task: udpos, max_train_sentences: 30, max_dev_sentences: 10, epochs: 1, 
 search_space:
   {search_space}
 eval_langs: [de, ru]
-max_eval_sentences: 10
+max_sentences: 10
 register_alias: null
 storage_path: {storage}
 """

@@ -31,6 +31,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     """One training run: task, method, model, data, optimisation and scale."""
 
+    RENAMED_KEYS = {"max_eval_sentences": "max_sentences"}  # not a field: old names, refused with the new one
+
     task: str = "udpos"
     """Task name from the registry (``udpos``, ``panx``, ...)."""
     method: str = "topro"
@@ -56,8 +58,9 @@ class TrainConfig:
     eval_langs: list[str] = field(default_factory=list)
     """Languages evaluated zero-shot on the best checkpoint after training
     (``["all"]``: every language of the task with data)."""
-    max_eval_sentences: int | None = None
-    """Use only the first N sentences of each evaluation language."""
+    max_sentences: int | None = None
+    """Use only the first N sentences of each evaluation language (the name ``evaluate`` and
+    ``eval-llm`` use for the same setting)."""
     max_length: int = 128
     """Maximum tokens per model input; sentences are trimmed, prompts' questions never."""
     long_sentences: Literal["window", "truncate"] = "window"
@@ -242,7 +245,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_steps": _at_least(1, optional=True), "eval_every_steps": _at_least(1, optional=True),
     "evals_per_epoch": _at_least(1, optional=True),
     "max_train_sentences": _at_least(1, optional=True), "max_dev_sentences": _at_least(1, optional=True),
-    "max_eval_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
+    "max_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
     "progress_every_s": _finite_non_negative,

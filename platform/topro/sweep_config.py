@@ -9,7 +9,7 @@ A sweep YAML looks like::
       learning_rate: {grid: [1e-3, 5e-4]}
       seed: {grid: [1]}
     eval_langs: all
-    max_eval_sentences: 100
+    max_sentences: 100
 
 Every search-space key must be a ``TrainConfig`` field and every value must be
 valid for it: the whole space is checked (each discrete combination is built
@@ -32,13 +32,15 @@ from topro.config import COMMAND_LINE, ConfigError, TrainConfig, deep_merge, fro
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 DISCRETE_KINDS = ("grid", "choice")
 # Fields the sweep sets for each trial itself, or that belong to the sweep's own evaluation.
-NOT_SEARCHABLE = {"output_dir", "run_name", "storage_path", "eval_langs", "max_eval_sentences", "progress",
+NOT_SEARCHABLE = {"output_dir", "run_name", "storage_path", "eval_langs", "max_sentences", "progress",
                   "data_dir"}
 
 
 @dataclass
 class SweepConfig:
     """One sweep: trials of a base training config over a search space, then zero-shot evaluation."""
+
+    RENAMED_KEYS = {"max_eval_sentences": "max_sentences"}  # not a field: old names, refused with the new one
 
     name: str
     """Sweep name: the Tune experiment folder, the MLflow experiment and the ``topro report --sweep`` key."""
@@ -77,8 +79,8 @@ class SweepConfig:
     eval_langs: list[str] | None = None
     """Languages evaluated zero-shot (``[all]``: every language of the task with data; default: the base
     config's ``eval_langs``, else all)."""
-    max_eval_sentences: int | None = None
-    """First N sentences per evaluation language (default: the base config's ``max_eval_sentences``)."""
+    max_sentences: int | None = None
+    """First N sentences per evaluation language (default: the base config's ``max_sentences``)."""
     eval_split: str = "dev"
     """Split evaluated in each language (the XTREME data here ships train and dev)."""
     eval_workers: int | None = None

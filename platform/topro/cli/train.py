@@ -66,7 +66,7 @@ def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: boo
         from topro.evaluate import evaluate_checkpoint, write_results
 
         record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
-                                     max_sentences=cfg.max_eval_sentences, viterbi=cfg.viterbi,
+                                     max_sentences=cfg.max_sentences, viterbi=cfg.viterbi,
                                      device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
         record["selection_metric"] = summary["selection_metric"]
         record["selection"] = summary.get("selection", "best")

@@ -127,7 +127,7 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
 
     base = trial_train_config(sweep, {})
     langs = sweep.eval_langs or base.eval_langs or ["all"]
-    max_sentences = sweep.max_eval_sentences if sweep.max_eval_sentences is not None else base.max_eval_sentences
+    max_sentences = sweep.max_sentences if sweep.max_sentences is not None else base.max_sentences
     todo, wanted_langs = [], {}
     for t in trials:
         available = resolve_languages(t.config.task, "all", base.data_dir, sweep.eval_split)
