@@ -46,7 +46,7 @@ ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir . \
   --runtime-env-json "{\"py_modules\": [\"platform/topro\"], \"env_vars\": {\"TOPRO_DATA_DIR\": \"$TOPRO_DATA_DIR\"}}" \
   -- python jobs/sweep.py --config configs/sweeps/demo.yaml --tracking-uri "$TRACKING" \
      name=job-check storage_path="$WORK/sweeps" max_train_sentences=30 max_dev_sentences=10 \
-     "search_space.learning_rate.grid=[1e-3]" "eval_langs=[de,ru,fr]" max_eval_sentences=10 \
+     "search_space.learning_rate.grid=[1e-3]" "eval_langs=[de,ru,fr]" max_sentences=10 \
   | tee "$WORK/job.log"
 echo "job wall time: $(( $(date +%s) - start ))s"
 # The job ran this checkout's code (shipped as py_modules), not an installed copy.
