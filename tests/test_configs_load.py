@@ -91,6 +91,18 @@ def test_the_evaluation_sentence_cap_is_max_sentences_in_every_command():
         from_dict(SweepConfig, {"name": "s", "base": {}, "max_eval_sentences": 7})
 
 
+def test_llm_evaluation_and_the_llm_app_take_the_backend_settings_from_one_dataclass():
+    from topro.llm.backend_config import BackendConfig
+
+    assert issubclass(EvalLLMConfig, BackendConfig) and issubclass(LLMArgs, BackendConfig)
+    assert LLMArgs().backend_options() == EvalLLMConfig(task="udpos", model="m").backend_options()
+    assert load_config(EvalLLMConfig, None, ["task=udpos", "model=m", "retries=1"]).backend_options()["retries"] == 1
+    with pytest.raises(ValueError, match="field 'retries'"):
+        parse_app_args(LLMArgs, {"retries": -1}, "llm")
+    with pytest.raises(ConfigError, match="field 'timeout'"):
+        load_config(EvalLLMConfig, None, ["task=udpos", "model=m", "timeout=0"])
+
+
 def test_serve_args_are_checked_field_by_field():
     with pytest.raises(ValueError, match=r"serve app 'tagging': bad args: field 'max_batch_size': must be in \[1, 1024\]"):
         parse_app_args(TaggingArgs, {"model": "m", "max_batch_size": 0}, "tagging")

@@ -20,11 +20,13 @@ from typing import Literal
 
 from topro.config import ConfigError, check_ranges, load_config
 from topro.config import _at_least as at_least
+from topro.llm.backend_config import BackendConfig
 
 
 @dataclass
-class EvalLLMConfig:
-    """One LLM evaluation: what is asked (``llm.evaluate.LLMEvalConfig``), of which model and backend, where."""
+class EvalLLMConfig(BackendConfig):
+    """One LLM evaluation: what is asked (``llm.evaluate.LLMEvalConfig``), of which model, where; how the
+    model runs are ``BackendConfig``'s fields."""
 
     task: str | None = None
     """Task name (``udpos``, ``panx``). Required."""
@@ -56,28 +58,6 @@ class EvalLLMConfig:
     """Generation cap (default from the prompt)."""
     output: str | None = None
     """JSON file to write (default ``outputs/llm/<task>-<method>.json``)."""
-    # A local Hugging Face model.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Device of a local model (``auto``: CUDA when present)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Precision of a local model."""
-    scoring: Literal["shared", "naive"] = "shared"
-    """Shared-prefix KV cache, or the naive per-prompt reference."""
-    max_tokens_per_batch: int = 4096
-    """Token budget of one forward pass of a local model."""
-    threads: int | None = None
-    """torch CPU threads per process."""
-    # An OpenAI-compatible server.
-    api_model: str | None = None
-    """Model name on the server (default: its first listed model)."""
-    api: Literal["auto", "completions", "chat"] = "auto"
-    """Server endpoint used for generation."""
-    concurrency: int = 8
-    """Requests in flight."""
-    timeout: float = 60.0
-    """Seconds per request."""
-    retries: int = 4
-    """Retries of a failed request."""
     # Ray and MLflow.
     ray: bool = True
     """Languages as parallel Ray tasks (``false``: one after another in this process)."""
@@ -97,10 +77,9 @@ class EvalLLMConfig:
     def problems(self) -> list[tuple[str, str]]:
         required = [(name, f"required (--{name} or {name}=...)") for name in ("task", "model")
                     if not getattr(self, name)]
-        return required + check_ranges(self, {
-            "shots": at_least(0), "max_tokens_per_batch": at_least(1), "concurrency": at_least(1),
-            "retries": at_least(0), "max_sentences": at_least(1, optional=True),
-            "max_new_tokens": at_least(1, optional=True), "threads": at_least(1, optional=True)})
+        return required + self.backend_problems() + check_ranges(self, {
+            "shots": at_least(0), "max_sentences": at_least(1, optional=True),
+            "max_new_tokens": at_least(1, optional=True)})
 
     def eval_config(self):
         """What is asked, as ``topro.llm.evaluate`` takes it (and logs as the run's parameters)."""
@@ -111,13 +90,6 @@ class EvalLLMConfig:
                              shots=self.shots, seed=self.seed, split=self.split, max_sentences=self.max_sentences,
                              data_dir=self.data_dir, verbalizer=self.verbalizer, length_norm=self.length_norm,
                              calibrate=self.calibrate, max_new_tokens=self.max_new_tokens)
-
-    def backend_options(self) -> dict:
-        """Options of ``topro.llm.backends.load_backend``."""
-        return {"device": self.device, "dtype": self.dtype, "scoring": self.scoring,
-                "max_tokens_per_batch": self.max_tokens_per_batch, "threads": self.threads,
-                "api_model": self.api_model, "api": self.api, "concurrency": self.concurrency,
-                "timeout": self.timeout, "retries": self.retries}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from topro.config import ConfigError, check_ranges, from_dict
 from topro.config import _at_least as at_least
-from topro.config import _positive as positive
+from topro.llm.backend_config import BackendConfig
 
 MODEL_ENV = "TOPRO_LLM_MODEL"
 """Where the ``llm`` app finds its model when ``args.model`` is not set."""
@@ -99,8 +99,8 @@ class TaggingArgs:
 
 
 @dataclass
-class LLMArgs:
-    """The ``llm`` application's args."""
+class LLMArgs(BackendConfig):
+    """The ``llm`` application's args (with the backend's: ``BackendConfig``)."""
 
     model: str | None = None
     """Local HF model folder or hub id, or the base URL of an OpenAI-compatible server; default
@@ -125,23 +125,6 @@ class LLMArgs:
     """Score multi-token labels by the mean of their token log-probs."""
     viterbi: bool = True
     """Span tasks, score mode: the best valid IOB2 sequence."""
-    # Backend options (topro.llm.backends.load_backend).
-    device: str = "auto"
-    """Device of a local model."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Precision of a local model."""
-    threads: int | None = None
-    """torch CPU threads of a local model."""
-    api_model: str | None = None
-    """Model name on the server (default: its first)."""
-    api: Literal["auto", "completions", "chat"] = "auto"
-    """Server endpoint used for generation."""
-    timeout: float = 60.0
-    """Seconds per request to the server."""
-    retries: int = 2
-    """Retries of a failed request to the server."""
-    concurrency: int = 8
-    """Requests to the server in flight."""
     # Batching and request limits.
     max_batch_size: int = 8
     """Requests tagged together at most (1 to 256)."""
@@ -155,9 +138,8 @@ class LLMArgs:
     """Characters per word."""
 
     def problems(self) -> list[tuple[str, str]]:
-        return check_ranges(self, {
-            "shots": _between(0, 32), "threads": at_least(1, optional=True), "timeout": positive,
-            "retries": at_least(0), "concurrency": at_least(1), "max_batch_size": _between(1, 256),
+        return self.backend_problems() + check_ranges(self, {
+            "shots": _between(0, 32), "max_batch_size": _between(1, 256),
             "batch_wait_timeout_s": _between(0, 5), "max_sentences": at_least(1), "max_words": at_least(1),
             "max_word_chars": at_least(1)})
 
@@ -173,11 +155,6 @@ class LLMArgs:
         return LLMEvalConfig(task=self.task, model=self.resolved_model() or "", format=self.format, mode=self.mode,
                              shots=self.shots, seed=self.seed, data_dir=self.data_dir, demo_lang=self.demo_lang,
                              verbalizer=self.verbalizer, length_norm=self.length_norm)
-
-    def backend_options(self) -> dict[str, Any]:
-        return {"device": self.device, "dtype": self.dtype, "threads": self.threads, "api_model": self.api_model,
-                "api": self.api, "timeout": self.timeout, "retries": self.retries,
-                "concurrency": self.concurrency}
 
 
 APP_ARGS = {"tagging": TaggingArgs, "llm": LLMArgs}

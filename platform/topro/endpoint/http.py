@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import asdict
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -156,3 +158,13 @@ def make_api(title: str, description: str) -> FastAPI:
 def body_limit(max_sentences: int, max_words: int, max_word_chars: int) -> int:
     """Bytes of the largest request within the limits, every character JSON-escaped (\\uXXXX)."""
     return max_sentences * max_words * (6 * max_word_chars + 3) + 4096
+
+
+def bind_app(deployment, cfg, deployment_options: dict[str, dict[str, Any]] | None = None):
+    """``deployment`` bound to the validated args ``cfg`` (a dataclass, sent to the replicas as a dict),
+    with the options a Serve config's ``deployments:`` entry of that name would set (``topro serve``
+    deploys without a config file)."""
+    options = (deployment_options or {}).get(deployment.name)
+    if options:
+        deployment = deployment.options(**options)
+    return deployment.bind(asdict(cfg))

@@ -23,14 +23,13 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from topro.endpoint.args import MODEL_ENV, LLMArgs, parse_app_args
-from topro.endpoint.http import body_limit, make_api
+from topro.endpoint.http import bind_app, body_limit, make_api
 from topro.endpoint.schemas import LLMTagResponse, RequestProblem, TagRequest, check_lang, check_limits
 
 log = logging.getLogger("ray.serve")
@@ -183,12 +182,7 @@ class LLMTaggerDeployment:
 
 
 def make_app(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Application:
-    cfg = parse_args(args)
-    deployment = LLMTaggerDeployment
-    options = (deployment_options or {}).get("LLMTagger")
-    if options:
-        deployment = deployment.options(**options)
-    return deployment.bind(asdict(cfg))
+    return bind_app(LLMTaggerDeployment, parse_args(args), deployment_options)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from ray import serve
 from ray.serve import Application
 
 from topro.endpoint.args import TaggingArgs, parse_app_args
-from topro.endpoint.http import body_limit, make_api
+from topro.endpoint.http import bind_app, body_limit, make_api
 from topro.endpoint.schemas import RequestProblem, TagRequest, TagResponse, check_lang, check_limits
 
 log = logging.getLogger("ray.serve")
@@ -451,11 +451,7 @@ def make_app(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]]
         check_model_uris(cfg)
     finally:
         mlflow.set_tracking_uri(previous)
-    deployment = TaggerDeployment
-    options = (deployment_options or {}).get("Tagger")
-    if options:
-        deployment = deployment.options(**options)
-    return deployment.bind(asdict(cfg))
+    return bind_app(TaggerDeployment, cfg, deployment_options)
 
 
 def build_app(args: dict[str, Any]) -> Application:
