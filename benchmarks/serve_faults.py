@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "platform"), str(REPO / "tests")]
+sys.path.insert(0, str(REPO / "tests"))  # llm_tiny: the tests' tiny random LLM builder
 
 
 def free_port() -> int:
@@ -149,10 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=15.0, help="seconds of load after the first good answer")
     parser.add_argument("--data-dir", default=os.environ.get("TOPRO_DATA_DIR"))
     args = parser.parse_args(argv)
-    for path in (str(REPO), str(REPO / "platform")):  # replicas import serve.* and topro from this checkout
-        current = os.environ.get("PYTHONPATH", "")
-        if path not in current.split(os.pathsep):
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (path, current) if p)
     from topro.cluster.runtime import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import statistics
 import sys
@@ -151,11 +150,6 @@ def free_port() -> int:
 
 def start_endpoint(model: str, config_path: Path, replicas: int, num_cpus: int | None) -> str:
     """The config's tagging app with ``model``, ``replicas`` fixed replicas, on 127.0.0.1 and a free port."""
-    for path in (str(REPO), str(REPO / "platform")):  # replicas import serve.* and topro from this checkout
-        current = os.environ.get("PYTHONPATH", "")
-        if path not in current.split(os.pathsep):
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (path, current) if p)
-    sys.path.insert(0, str(REPO))
     from topro.cluster.runtime import init_ray
     from topro.cli.serve import build_applications, load_serve_config
 

@@ -16,9 +16,7 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from topro.cluster.runtime import init_ray  # noqa: E402
-from topro.cluster.trainer import train_on_ray  # noqa: E402
-from topro.config import TrainConfig, load_config  # noqa: E402
+from topro.cluster.runtime import init_ray
+from topro.cluster.trainer import train_on_ray
+from topro.config import TrainConfig, load_config
 
 
 def main() -> int:
