@@ -41,7 +41,7 @@ def main() -> None:
     from topro.data import load_split
     from topro.llm.backends import HFBackend
     from topro.llm.evaluate import LLMEvalConfig, prepare
-    from topro.llm.formats import render_topro
+    from topro.prompts.formats import render_topro
 
     torch.set_num_threads(args.threads)
     cfg = LLMEvalConfig(task=args.task, model=args.model, format=args.format, shots=args.shots,

@@ -98,3 +98,14 @@ def test_calibration_removes_the_label_prior(backend, model_path):
         shift = shift - shift[:, :1]
         assert shift.shape == (len(x.tags), 7)
         assert abs(shift - shift[0]).max() < 1e-5 and abs(shift[0]).max() > 1e-3
+
+
+def test_llm_evaluation_refuses_a_split_with_hidden_gold_labels(backend, model_path, tmp_path):
+    from topro.data.readers import DataFormatError
+    from topro.llm.evaluate import evaluate_llm_language
+
+    (tmp_path / "panx").mkdir()
+    (tmp_path / "panx" / "test-de.tsv").write_text("Angela\tO\nMerkel\tO\n\nin\tO\nBerlin\tO\n")
+    cfg = LLMEvalConfig(task="panx", model=model_path, split="test", data_dir=str(tmp_path))
+    with pytest.raises(DataFormatError, match=r"test-de.tsv: every gold label .* is 'O' .*hidden"):
+        evaluate_llm_language(backend, cfg, "de")

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from topro.llm.formats import (FormatError, list_formats, load_format, render_context,
+from topro.prompts.formats import (FormatError, list_formats, load_format, render_context,
                                render_pair, render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
 

@@ -8,7 +8,7 @@ from llm_tiny import corpus_lines, tiny_model, tiny_model_dir
 from topro.data import Sentence, get_task
 from topro.llm.backends import HFBackend
 from topro.llm.evaluate import LLMEvalConfig, RunSetup, predict_sentences
-from topro.llm.formats import load_format, render_context, render_topro
+from topro.prompts.formats import load_format, render_context, render_topro
 
 WORDS = ("other thing number verb name place body person location organisation reference symbol punct "
          "condition mode link position functional").split()

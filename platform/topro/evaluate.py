@@ -212,11 +212,19 @@ def evaluate_language(method: Method, model, task: Task | str, lang: str, *, dat
                       split: str = "dev", max_sentences: int | None = None, viterbi: bool = True,
                       **predict_kwargs) -> dict[str, Any]:
     """Load ``lang``'s split of ``task`` and score the model on it."""
+    sentences = load_scored_split(task, lang, split, data_dir, max_sentences)
+    return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+
+
+def load_scored_split(task: Task | str, lang: str, split: str, data_dir: str | None,
+                      max_sentences: int | None = None) -> list[Sentence]:
+    """The first ``max_sentences`` of ``lang``'s split, once its gold labels are known to be there: what
+    every evaluation (a fine-tuned method's or an LLM's) scores."""
     from topro.data import load_split
 
     sentences = load_split(task, lang, split, data_dir, limit=max_sentences)
     check_gold_labels(task, lang, split, data_dir, sentences)
-    return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+    return sentences
 
 
 def check_gold_labels(task: Task | str, lang: str, split: str, data_dir: str | None,

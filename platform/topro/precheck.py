@@ -213,7 +213,7 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
               data_dir: str | None = None, verbalizer: str | None = None, shots: int = 0,
               max_sentences: int | None = None, demo_lang: str = "en", demo_split: str = "train") -> list[str]:
     """What ``topro eval-llm`` needs, without importing torch; returns the languages it will evaluate."""
-    from topro.llm.formats import load_format
+    from topro.prompts.formats import load_format
 
     task = get_task(task)
     try:

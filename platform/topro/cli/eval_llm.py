@@ -37,7 +37,7 @@ class EvalLLMConfig(BackendConfig):
     shots: int = 0
     """K demonstrations from English train."""
     format: str = "topro"
-    """Prompt format: a name of ``topro.llm.formats`` or a YAML file."""
+    """Prompt format: a name of ``topro.prompts.formats`` or a YAML file."""
     mode: Literal["score", "generate"] = "score"
     """Rank label words by log-likelihood (``score``), or generate and match (``generate``)."""
     seed: int = 42
@@ -98,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face id, local folder, or http(s) URL of an OpenAI-compatible server")
     p.add_argument("--langs", help="comma-separated languages, or 'all' (default)")
     p.add_argument("--shots", type=int, help="K demonstrations from English train (default 0)")
-    p.add_argument("--format", help="prompt format: a name (topro.llm.formats) or a YAML file (default topro)")
+    p.add_argument("--format", help="prompt format: a name (topro.prompts.formats) or a YAML file (default topro)")
     p.add_argument("--mode", choices=["score", "generate"],
                    help="rank label words by log-likelihood, or generate and match (default score)")
     p.add_argument("--seed", type=int, help="demonstration sampling seed (default 42)")

@@ -39,7 +39,7 @@ def parse_args(args: dict[str, Any]) -> LLMArgs:
     """Validated args (task and format checked too), or a ``ValueError`` naming the bad key."""
     cfg = parse_app_args(LLMArgs, args, "llm")
     from topro.data.tasks import get_task
-    from topro.llm.formats import FormatError, load_format
+    from topro.prompts.formats import FormatError, load_format
 
     try:
         get_task(cfg.task)

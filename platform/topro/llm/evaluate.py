@@ -28,10 +28,10 @@ import torch
 from topro.data import Sentence, get_task, load_split
 from topro.data.tasks import Task
 from topro.llm.backends import Backend
-from topro.llm.formats import (PromptFormat, load_format, render_context, render_pair,
+from topro.prompts.formats import (PromptFormat, load_format, render_context, render_pair,
                                render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
-from topro.evaluate import SentencePrediction, decode, viterbi_scores
+from topro.evaluate import SentencePrediction, decode, load_scored_split, viterbi_scores
 from topro.metrics import fallback_label, score_task
 from topro.prompts.placeholders import fill
 
@@ -275,10 +275,11 @@ def evaluate_llm_language(backend: Backend, cfg: LLMEvalConfig, lang: str,
                           setup: RunSetup | None = None) -> dict[str, Any]:
     """The per-language record of an LLM: the task's metrics, sizes, format failures, work and time.
 
-    The LLM counterpart of ``topro.evaluate.evaluate_language``: prompting differs, the decoding does not
-    (fallback tag ``metrics.fallback_label``, Viterbi ``evaluate.decode``, scores ``metrics.score_task``)."""
+    The LLM counterpart of ``topro.evaluate.evaluate_language``: prompting differs, what is scored
+    (``evaluate.load_scored_split``: hidden gold labels refused) and the decoding do not (fallback tag
+    ``metrics.fallback_label``, Viterbi ``evaluate.decode``, scores ``metrics.score_task``)."""
     setup = setup or prepare(cfg)
-    sentences = load_split(setup.task, lang, cfg.split, cfg.data_dir, limit=cfg.max_sentences)
+    sentences = load_scored_split(setup.task, lang, cfg.split, cfg.data_dir, cfg.max_sentences)
     before = (backend.counts.tokens, backend.counts.padded, backend.counts.forwards)
     start = time.perf_counter()
     results = predict_sentences(backend, setup, cfg, sentences)

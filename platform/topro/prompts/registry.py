@@ -1,5 +1,5 @@
 """Templates and verbalizers, read from ``topro/prompts/<task>.yaml`` (placeholders: ``prompts.placeholders``;
-the LLM formats live beside them in ``llm_formats/``, rendered by ``topro.llm.formats``).
+the LLM formats live beside them in ``llm_formats/``, rendered by ``topro.prompts.formats``).
 
 Extra prompt files can live in folders named by ``TOPRO_PROMPTS_PATH``; a file
 there for the same task adds templates and verbalizers (and may override).

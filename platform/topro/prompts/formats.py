@@ -32,7 +32,7 @@ import yaml
 
 from topro.prompts.placeholders import fill, placeholders
 
-FORMATS_DIR = Path(__file__).resolve().parent.parent / "prompts" / "llm_formats"
+FORMATS_DIR = Path(__file__).resolve().parent / "llm_formats"
 """The shipped LLM formats, in the prompt registry's folder beside the ToPro templates."""
 STYLES = ("topro", "sentence")
 
