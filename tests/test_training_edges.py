@@ -59,3 +59,27 @@ def test_same_seed_same_run_on_a_cold_and_a_warm_model_cache(tmp_path, data_dir,
     cold = _train(tmp_path / "cold", data_dir, "epochs=1", "batch_size=8", "max_steps=2")
     warm = _train(tmp_path / "warm", data_dir, "epochs=1", "batch_size=8", "max_steps=2")
     assert cold["history"] == warm["history"]
+
+
+def test_the_optimizer_is_fused_adamw_with_the_plain_update():
+    import torch
+
+    from topro.config import TrainConfig
+    from topro.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)).double()
+    twin = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.01)
+    optimizer, _ = build_optimizer(cfg, model, total_steps=10)
+    assert optimizer.defaults["fused"] is True  # a step over a 250k vocabulary: 0.2 s instead of 4.6 s
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, eps=cfg.adam_eps, weight_decay=0.01, foreach=False)
+    tokens = torch.tensor([[1, 4, 7], [2, 2, 9]])
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (twin, plain)):
+            net(tokens).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)  # float64: the same update, not just a close one
