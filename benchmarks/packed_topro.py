@@ -4,7 +4,7 @@ per_word: the paper's layout, one prompt per word, each holding the whole senten
 sentence: ``prompt_packing: sentence`` (methods/packing.py), one row per sentence
           window holding every word's question behind a block attention mask.
 
-Both train with real steps (forward, backward, clipping, AdamW; word embeddings
+Both train with real steps (forward, backward, clipping, ``topro train``'s AdamW; word embeddings
 frozen as ``topro train`` does for pretrained models) on the first
 ``--sentences`` English UDPOS training sentences, batched as ``topro train``
 batches them (``--batch-size`` questions, ``--max-tokens`` padded tokens per
@@ -32,7 +32,7 @@ from topro.data import load_split
 from topro.evaluate import predict
 from topro.methods import build_method
 from topro.models import resolve_model_path
-from topro.train import embeddings_frozen, freeze_input_embeddings, method_spec
+from topro.train import build_optimizer, embeddings_frozen, freeze_input_embeddings, method_spec
 
 MODES = ("per_word", "sentence")
 
@@ -77,7 +77,7 @@ def main() -> None:
             freeze_input_embeddings(model)
         params = [p for p in model.parameters() if p.requires_grad]
         setups[mode] = {"method": method, "model": model, "params": params, "examples": examples,
-                        "optimizer": torch.optim.AdamW(params, lr=1e-5), "batches": batches,
+                        "optimizer": build_optimizer(cfg, model, len(batches))[0], "batches": batches,
                         "train_s": 0.0, "eval_s": 0.0, "prompts": 0}
         tokens = sum(e.length for e in examples)
         print(f"{mode:<9} {len(examples):>6} inputs for {n_train_words} words, {tokens / len(train_sentences):8.1f} "

@@ -73,7 +73,7 @@ def test_the_optimizer_is_fused_adamw_with_the_plain_update():
     twin.load_state_dict(model.state_dict())
     cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.01)
     optimizer, _ = build_optimizer(cfg, model, total_steps=10)
-    assert optimizer.defaults["fused"] is True  # a step over a 250k vocabulary: 0.2 s instead of 4.6 s
+    assert optimizer.defaults["fused"] is True  # e5-small (250k vocabulary): 0.09 s a step instead of 1.2 s
     plain = torch.optim.AdamW(twin.parameters(), lr=1e-2, eps=cfg.adam_eps, weight_decay=0.01, foreach=False)
     tokens = torch.tensor([[1, 4, 7], [2, 2, 9]])
     for _ in range(3):

@@ -324,8 +324,13 @@ def enable_packed_attention(base: torch.nn.Module) -> torch.nn.Module:
 
     if getattr(base.config, "_attn_implementation", None) not in ("sdpa", PACKED_ATTENTION):
         return base
+    def packed_mask(*args, **kwargs):
+        # No mask where nothing is padded (a packed batch is one unpadded sequence): transformers would
+        # otherwise build a [1, 1, T, T] mask over all T tokens of the batch that the layout never reads.
+        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": True})
+
     AttentionInterface.register(PACKED_ATTENTION, packed_block_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_ATTENTION, packed_mask)
     base.set_attn_implementation(PACKED_ATTENTION)
     return base
 
