@@ -48,20 +48,35 @@ def tiny_panx(data_dir) -> str:
     return str(build_tiny_model("panx", str(data_dir)))
 
 
+def label_words() -> list[str]:
+    from topro.prompts import get_verbalizer, list_verbalizers
+
+    return sorted({w for t in ("udpos", "panx") for v in list_verbalizers(t) if v.startswith("topro")
+                   for w in get_verbalizer(t, v).words.values()})
+
+
+def keep_label_words_whole(tok) -> None:
+    """Make the ToPro label words whole tokens (" noun" -> ["noun"]), as the paper's single-token
+    verbalizers assume. Said outright rather than left to how transformers converts sentencepiece's
+    user-defined symbols: 5.23 made them such added tokens, 5.25 splits some (" auxiliar" ->
+    ["▁", "au", "x", ...])."""
+    from transformers import AddedToken
+
+    tok.add_tokens([AddedToken(w, lstrip=True, normalized=False) for w in label_words()])
+
+
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory, data_dir) -> Path:
     """A small sentencepiece model trained on real data, label words kept whole."""
     import sentencepiece as spm
 
     from topro.data import load_split
-    from topro.prompts import get_verbalizer, list_verbalizers
 
     folder = tmp_path_factory.mktemp("spm")
     corpus = folder / "corpus.txt"
     lines = [" ".join(s.words) for lang in ("en", "de", "ru") for s in load_split("udpos", lang, "train" if lang == "en" else "dev", limit=300)]
     corpus.write_text("\n".join(lines))
-    words = sorted({w for t in ("udpos", "panx") for v in list_verbalizers(t) if v.startswith("topro")
-                    for w in get_verbalizer(t, v).words.values()})
+    words = label_words()
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=2000,
                                    user_defined_symbols=words, character_coverage=1.0, bos_id=-1, eos_id=-1,
                                    unk_id=0, pad_id=-1, minloglevel=2)
@@ -77,6 +92,7 @@ def tiny_xlmr(tmp_path_factory, spm_model) -> str:
     folder = tmp_path_factory.mktemp("tiny-xlmr")
     shutil.copy(spm_model, folder / "sentencepiece.bpe.model")  # converted to a fast tokenizer on load
     tok = XLMRobertaTokenizer.from_pretrained(folder)
+    keep_label_words_whole(tok)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -95,6 +111,7 @@ def tiny_mt5(tmp_path_factory, spm_model) -> str:
     folder = tmp_path_factory.mktemp("tiny-mt5")
     shutil.copy(spm_model, folder / "spiece.model")
     tok = T5Tokenizer.from_pretrained(folder, extra_ids=10)
+    keep_label_words_whole(tok)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = MT5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
