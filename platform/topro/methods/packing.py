@@ -228,9 +228,7 @@ def position_offset(base: torch.nn.Module) -> int:
 class BlockLayout:
     """Where each part of a packed batch sits, as flat token indices into the batch's ``B * L`` tokens.
 
-    Each row's question tokens are laid out twice: by row (``[B, M]``, to score them against their row's
-    sentence part) and by question block (``[N, Q]``, to score them against their own block). Padding
-    slots of the ``*_index`` tensors point at token 0 and are dropped by ``*_keep``."""
+    Padding slots of ``*_index`` point at token 0 and are dropped by ``*_keep``."""
 
     sentence_index: torch.Tensor
     """[B, S]: the sentence part of each row (S: the longest)."""
@@ -238,20 +236,15 @@ class BlockLayout:
     question_index: torch.Tensor
     """[N, Q]: each question block of the batch (N blocks, Q: the longest)."""
     question_keep: torch.Tensor
-    row_question_index: torch.Tensor
-    """[B, M]: the question tokens of each row (M: the most in a row)."""
-    question_tokens: torch.Tensor
-    """[T]: every question token of the batch (flat index), in row order."""
-    row_slot: torch.Tensor
-    """[T]: each question token's place in the ``[B, M]`` layout (``b * M + m``)."""
-    block_slot: torch.Tensor
-    """[T]: each question token's place in the ``[N, Q]`` layout (``n * Q + j``)."""
+    question_row: torch.Tensor
+    """[N]: the row each question block belongs to."""
 
-    def moved(self, new_place: torch.Tensor) -> "BlockLayout":
-        """The same layout with every flat token index ``i`` replaced by ``new_place[i]``."""
-        return BlockLayout(new_place[self.sentence_index], self.sentence_keep, new_place[self.question_index],
-                           self.question_keep, new_place[self.row_question_index], new_place[self.question_tokens],
-                           self.row_slot, self.block_slot)
+    def question_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, S + Q] indices (and keep mask) of what each question block attends to: its row's sentence
+        part, then itself (one gather per layer instead of a gather and a concatenation)."""
+        index = torch.cat([self.sentence_index[self.question_row], self.question_index], dim=1)
+        keep = torch.cat([self.sentence_keep[self.question_row], self.question_keep], dim=1)
+        return index, keep
 
 
 def block_layout(blocks: torch.Tensor) -> BlockLayout:
@@ -265,29 +258,23 @@ def block_layout(blocks: torch.Tensor) -> BlockLayout:
     rows = torch.arange(n_rows, device=device)[:, None]
     sentence_index = torch.where(sentence_keep, rows * length + span[None], 0)
     row, col = (blocks > SENTENCE_BLOCK).nonzero(as_tuple=True)  # row-major: blocks in order
-    flat = row * length + col
     key = row * (length + 1) + blocks[row, col]
     starts = torch.ones_like(key, dtype=torch.bool)
     starts[1:] = key[1:] != key[:-1]
-    block = starts.cumsum(0) - 1
+    group = starts.cumsum(0) - 1
     first = starts.nonzero().squeeze(1)
-    offset = torch.arange(len(key), device=device) - first[block]
+    offset = torch.arange(len(key), device=device) - first[group]
     n_blocks, longest = len(first), int(offset.max()) + 1 if len(key) else 0
     question_index = torch.zeros((n_blocks, longest), dtype=torch.long, device=device)
     question_keep = torch.zeros((n_blocks, longest), dtype=torch.bool, device=device)
-    question_index[block, offset] = flat
-    question_keep[block, offset] = True
-    per_row = torch.bincount(row, minlength=n_rows)
-    in_row = torch.arange(len(key), device=device) - (per_row.cumsum(0) - per_row)[row]
-    most = int(per_row.max()) if len(key) else 0
-    row_question_index = torch.zeros((n_rows, most), dtype=torch.long, device=device)
-    row_question_index[row, in_row] = flat
-    return BlockLayout(sentence_index, sentence_keep, question_index, question_keep, row_question_index, flat,
-                       row * most + in_row, block * longest + offset)
+    question_index[group, offset] = row * length + col
+    question_keep[group, offset] = True
+    return BlockLayout(sentence_index, sentence_keep, question_index, question_keep, row[first])
 
 
 PACKED_ATTENTION = "topro_packed"
 LAYOUT_KWARG = "packed_layout"
+KEYS_KWARG = "packed_question_keys"
 
 
 def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -295,14 +282,11 @@ def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            **kwargs):
     """Attention of packed rows computed block by block, never the masked-out question-question pairs.
 
-    The sentence parts attend to themselves ([B, S] x [B, S], one SDPA call). A question token attends to
-    its row's sentence part and its own block: the two score sets are computed apart, the sentence one
-    with the row's question tokens together ([B, M] x [B, S]), the own-block one per block ([N, Q] x
-    [N, Q]), and joined by their log-sum-exp, so one softmax runs over both and no key or value is copied
-    once per question. The same values as the 4-D mask (``packed_attention_mask``) at a cost of about
-    S^2 + n x Q x (S + Q) per row instead of (S + n x Q)^2, and no [B, L, L] mask. Padding tokens get a
-    zero output (nothing reads them). Without a ``packed_layout`` keyword it is plain SDPA, so the same
-    model serves packed and unpacked calls.
+    The sentence parts attend to themselves ([B, S] x [B, S]); every question block attends to its row's
+    sentence part and itself ([N, Q] x [N, S + Q]), one batched SDPA call each. The same values as the
+    4-D mask (``packed_attention_mask``) at a cost of about S^2 + n x Q x (S + Q) per row instead of
+    (S + n x Q)^2, and no [B, L, L] mask. Padding tokens get a zero output (nothing reads them). Without
+    a ``packed_layout`` keyword it is plain SDPA, so the same model serves packed and unpacked calls.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -311,7 +295,6 @@ def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     n_rows, n_heads, length, head_dim = query.shape
-    scale = scaling if scaling is not None else head_dim ** -0.5
     flat_q, flat_k, flat_v = (x.transpose(1, 2).reshape(n_rows * length, n_heads, x.shape[-1])
                               for x in (query, key, value))
 
@@ -322,30 +305,14 @@ def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     s_out = F.scaled_dot_product_attention(take(flat_q, layout.sentence_index), s_key, s_value,
                                            attn_mask=layout.sentence_keep[:, None, None, :], dropout_p=dropout,
                                            scale=scaling)
-    hidden = -torch.finfo(query.dtype).max
-    # Question tokens against their row's sentence part, [B, heads, M, S].
-    to_sentence = (take(flat_q, layout.row_question_index) @ s_key.transpose(-1, -2)) * scale
-    to_sentence = to_sentence.masked_fill(~layout.sentence_keep[:, None, None, :], hidden)
-    # Question tokens against their own block, [N, heads, Q, Q].
-    own_key, own_value = take(flat_k, layout.question_index), take(flat_v, layout.question_index)
-    to_own = (take(flat_q, layout.question_index) @ own_key.transpose(-1, -2)) * scale
-    to_own = to_own.masked_fill(~layout.question_keep[:, None, None, :], hidden)
-    # One softmax over both: each token's log-sum-exp over all it sees, placed back in both layouts (a
-    # padding slot keeps its own, so its weights stay finite and its zero gradient never meets an inf).
-    lse_sentence, lse_own = to_sentence.logsumexp(-1), to_own.logsumexp(-1)
-    by_row = lse_sentence.transpose(1, 2).reshape(-1, n_heads)
-    by_block = lse_own.transpose(1, 2).reshape(-1, n_heads)
-    joint = torch.logaddexp(by_row[layout.row_slot], by_block[layout.block_slot])
-    lse_sentence = by_row.index_put((layout.row_slot,), joint).view(len(to_sentence), -1, n_heads).transpose(1, 2)
-    lse_own = by_block.index_put((layout.block_slot,), joint).view(len(to_own), -1, n_heads).transpose(1, 2)
-    weights_sentence = F.dropout((to_sentence - lse_sentence[..., None]).exp(), dropout, module.training)
-    weights_own = F.dropout((to_own - lse_own[..., None]).exp(), dropout, module.training)
-    from_sentence = (weights_sentence @ s_value).transpose(1, 2).reshape(-1, n_heads, value.shape[-1])
-    from_own = (weights_own @ own_value).transpose(1, 2).reshape(-1, n_heads, value.shape[-1])
-    q_out = from_sentence[layout.row_slot] + from_own[layout.block_slot]
+    q_index, q_visible = kwargs.pop(KEYS_KWARG, None) or layout.question_keys()
+    q_out = F.scaled_dot_product_attention(take(flat_q, layout.question_index), take(flat_k, q_index),
+                                           take(flat_v, q_index),
+                                           attn_mask=q_visible[:, None, None, :], dropout_p=dropout, scale=scaling)
     out = flat_q.new_zeros((n_rows * length, n_heads, value.shape[-1]))
     out = out.index_put((layout.sentence_index[layout.sentence_keep],), s_out.transpose(1, 2)[layout.sentence_keep])
-    out = out.index_put((layout.question_tokens,), q_out)
+    out = out.index_put((layout.question_index[layout.question_keep],),
+                        q_out.transpose(1, 2)[layout.question_keep])
     return out.reshape(n_rows, length, n_heads, -1), None
 
 
@@ -390,9 +357,10 @@ def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs:
     real = (blocks != PAD_BLOCK).flatten().nonzero().squeeze(1)  # flat [B * L] index of each real token
     moved = torch.zeros(n_rows * length, dtype=torch.long, device=blocks.device)
     moved[real] = torch.arange(len(real), device=blocks.device)  # its place in the unpadded sequence
-    layout = block_layout(blocks).moved(moved)  # computed once, not per layer
+    layout = block_layout(blocks)
+    layout.sentence_index, layout.question_index = moved[layout.sentence_index], moved[layout.question_index]
     kwargs = {key: inputs.flatten(0, 1)[real][None], "position_ids": positions.flatten()[real][None],
-              LAYOUT_KWARG: layout}
+              LAYOUT_KWARG: layout, KEYS_KWARG: layout.question_keys()}  # computed once, not per layer
     if types is not None:
         kwargs["token_type_ids"] = types.flatten()[real][None]
     hidden = base(**kwargs).last_hidden_state[0]
