@@ -6,7 +6,7 @@ sentence: ``prompt_packing: sentence`` (methods/packing.py), one row per sentenc
 
 Both train with real steps (forward, backward, clipping, ``topro train``'s AdamW; word embeddings
 frozen as ``topro train`` does for pretrained models) on the first
-``--sentences`` English UDPOS training sentences, batched as ``topro train``
+``--sentences`` English training sentences of ``--task`` (UDPOS or PAN-X), batched as ``topro train``
 batches them (``--batch-size`` questions, ``--max-tokens`` padded tokens per
 micro-batch), from the same initial weights; then predict the first
 ``--sentences`` English dev sentences as ``topro evaluate`` does. The two modes
@@ -45,7 +45,8 @@ def rounds_of(items: list, rounds: int) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="masked LM folder or id (default: tiny)")
-    parser.add_argument("--sentences", type=int, default=40, help="English UDPOS sentences (train and dev)")
+    parser.add_argument("--task", default="udpos", choices=["udpos", "panx"])
+    parser.add_argument("--sentences", type=int, default=40, help="English sentences (train and dev)")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per micro-batch")
     parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per training micro-batch")
     parser.add_argument("--eval-max-tokens", type=int, default=8192, help="padded tokens per evaluation batch")
@@ -56,15 +57,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_sentences = load_split("udpos", "en", "train", args.data_dir, limit=args.sentences)
-    dev_sentences = load_split("udpos", "en", "dev", args.data_dir, limit=args.sentences)
+    train_sentences = load_split(args.task, "en", "train", args.data_dir, limit=args.sentences)
+    dev_sentences = load_split(args.task, "en", "dev", args.data_dir, limit=args.sentences)
     n_train_words = sum(len(s) for s in train_sentences)
     n_dev_words = sum(len(s) for s in dev_sentences)
-    path = resolve_model_path(args.model, "udpos", args.data_dir)
+    path = resolve_model_path(args.model, args.task, args.data_dir)
 
     setups = {}
     for mode in MODES:
-        cfg = TrainConfig(task="udpos", method="topro", model=args.model, data_dir=args.data_dir,
+        cfg = TrainConfig(task=args.task, method="topro", model=args.model, data_dir=args.data_dir,
                           batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens, prompt_packing=mode,
                           max_packed_length=args.max_packed_length)
         method = build_method(method_spec(cfg, path), path)
@@ -82,7 +83,7 @@ def main() -> None:
         tokens = sum(e.length for e in examples)
         print(f"{mode:<9} {len(examples):>6} inputs for {n_train_words} words, {tokens / len(train_sentences):8.1f} "
               f"tokens per sentence, {len(batches)} micro-batches", flush=True)
-    print(f"model {args.model}, {len(train_sentences)} train / {len(dev_sentences)} dev sentences, batch "
+    print(f"model {args.model}, {args.task}, {len(train_sentences)} train / {len(dev_sentences)} dev sentences, batch "
           f"{args.batch_size} questions, torch threads {torch.get_num_threads()}", flush=True)
 
     def train_step(s, batch_ids):

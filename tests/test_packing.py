@@ -200,7 +200,13 @@ def test_training_batches_count_questions(tiny_udpos, data_dir):
     for seed in range(4):
         batches = token_budget_batches(lengths, 4096, 32, shuffle=True, seed=seed, sizes=sizes)
         assert sorted(i for b in batches for i in b) == list(range(len(rows)))
-        assert all(sum(sizes[i] for i in b) <= 32 or len(b) == 1 for b in batches)
+        totals = [sum(sizes[i] for i in b) for b in batches]
+        # A row goes in only while that leaves the batch nearer 32 than stopping: never 64 or more.
+        assert all(t < 64 or len(b) == 1 for t, b in zip(totals, batches))
+        # About 32 questions a step on average (a hard cap of 32 left whole rows out: a quarter short),
+        # so an epoch takes about as many steps as unpacked ToPro's.
+        assert 0.85 * 32 <= sum(totals) / len(batches) <= 1.15 * 32
+        assert abs(len(batches) - sum(sizes) / 32) <= 0.15 * sum(sizes) / 32
         counts.add(len(batches))
     assert len(counts) == 1  # the number of steps per epoch does not depend on the shuffle
 

@@ -1,7 +1,7 @@
 """Length-bucketed dynamic batching under a token budget (Ray-free).
 
 Examples of similar length go together so padding stays small; a batch holds
-at most ``max_examples`` examples and ``max_tokens`` padded tokens.
+about ``max_examples`` examples (units) and at most ``max_tokens`` padded tokens.
 
 With several workers, a batch built here is a *global* micro-batch:
 ``split_batches`` gives each worker one slice of every batch, so one
@@ -48,7 +48,10 @@ def _cut(group: list[int], length_of, size_of, max_tokens: int, max_examples: in
         for i in group:
             new_longest = max(longest, length_of(i))
             size = size_of(i)
-            if current and (units + size > max_examples or new_longest * (len(current) + 1) > max_tokens
+            # Past ``max_examples`` only by less than stopping short would leave: a row of many units
+            # (a packed sentence) never splits, so a hard cap would leave batches well under it on average.
+            # With units of 1 this is the plain cap.
+            if current and (2 * units + size >= 2 * max_examples or new_longest * (len(current) + 1) > max_tokens
                             or done + units >= cap_of(len(batches))):
                 batches.append(current)
                 done += units
@@ -79,7 +82,12 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_examples: 
     shuffled; so batches differ across epochs and seeds while staying
     length-homogeneous.
     ``sizes``: what each example counts towards ``max_examples`` (default 1;
-    a packed ToPro row counts its questions); one example always fits. The
+    a packed ToPro row counts its questions); one example always fits, and a
+    batch goes past ``max_examples`` when that takes it nearer to it than
+    stopping would (a row is never split; a hard cap would leave packed
+    batches a quarter short on average), so batches hold ``max_examples``
+    units on average and an epoch takes as many steps as it would unpacked.
+    ``max_tokens`` stays a hard cap. The
     number of batches depends only on the (length, size) multiset, never on
     the seed (steps per epoch are known before the first epoch).
     """
