@@ -16,6 +16,7 @@ from topro.evaluate import predict
 from topro.methods import MethodSpec, build_method, load_checkpoint
 from topro.methods.base import word_pieces
 from topro.methods.topro_mlm import label_logits_at
+from topro.train import method_spec
 
 FAMILIES = ["tiny_udpos", "tiny_xlmr"]  # BERT and XLM-R (positions from padding_idx + 1)
 
@@ -39,14 +40,16 @@ def by_word(method, model, examples):
     return dict(zip(keys, model_logits))
 
 
+@pytest.mark.parametrize("word_bias", [0.0, 1.5])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_question_row_is_the_single_prompt_layout(request, family, data_dir):
+def test_one_question_row_is_the_single_prompt_layout(request, family, word_bias, data_dir):
     """A packed row with one question holds exactly the single prompt's tokens and token types, and its
     logits equal that prompt run through the model's own position ids with a hand-built mask in which the
-    sentence does not see the question (what packing changes in the computation, and nothing else)."""
+    sentence does not see the question (what packing changes in the computation, and nothing else);
+    with ``packed_word_bias``, the mask also adds it where the question meets its own word's tokens."""
     path = request.getfixturevalue(family)
     single = make(path)
-    packed = make(path, prompt_packing="sentence", max_questions_per_row=1)
+    packed = make(path, prompt_packing="sentence", max_questions_per_row=1, packed_word_bias=word_bias)
     model = float64_model(single, path)
     base = getattr(model, model.base_model_prefix)
     sentences = load_split("udpos", "ar", "dev", data_dir, limit=2)
@@ -62,7 +65,14 @@ def test_one_question_row_is_the_single_prompt_layout(request, family, data_dir)
         n_sentence = prompt.length - len(question) - len(suffix)
         visible = torch.ones(prompt.length, prompt.length, dtype=torch.bool)
         visible[:n_sentence, n_sentence:] = False  # the sentence part never sees the question
-        inputs = {"input_ids": torch.tensor([prompt.input_ids]), "attention_mask": visible[None, None]}
+        mask = visible
+        own = [i for i, b in enumerate(row.word_blocks) if b == 1]  # the asked word's tokens in the sentence
+        assert [row.input_ids[i] for i in own] == word_pieces(single.tokenizer, [sentence.words[row.words[0]]])[0]
+        assert own == list(range(own[0], own[-1] + 1)) and own[-1] < n_sentence
+        if word_bias:
+            mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+            mask[n_sentence:, own] += word_bias
+        inputs = {"input_ids": torch.tensor([prompt.input_ids]), "attention_mask": mask[None, None]}
         if prompt.token_type_ids is not None:
             inputs["token_type_ids"] = torch.tensor([prompt.token_type_ids])
         with torch.no_grad():
@@ -78,13 +88,15 @@ def test_one_question_row_is_the_single_prompt_layout(request, family, data_dir)
     assert (today - now).abs().max() > 1e-8  # float64: far above rounding, tiny on a random tiny model
 
 
+@pytest.mark.parametrize("word_bias", [0.0, 1.5])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_questions_are_isolated(request, family, data_dir):
+def test_packed_questions_are_isolated(request, family, word_bias, data_dir):
     """Each question packed with others gives the logits it gives alone with the sentence (the mask
-    isolates questions), also when rows of different lengths are padded together."""
+    isolates questions), also when rows of different lengths are padded together (and each question's
+    word bias points at its own word only)."""
     path = request.getfixturevalue(family)
-    packed = make(path, prompt_packing="sentence")
-    alone = make(path, prompt_packing="sentence", max_questions_per_row=1)
+    packed = make(path, prompt_packing="sentence", packed_word_bias=word_bias)
+    alone = make(path, prompt_packing="sentence", max_questions_per_row=1, packed_word_bias=word_bias)
     model = float64_model(packed, path)
     sentences = load_split("udpos", "de", "dev", data_dir, limit=4)
     rows = packed.encode(sentences)
@@ -97,14 +109,15 @@ def test_packed_questions_are_isolated(request, family, data_dir):
         torch.testing.assert_close(together[key], separate[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("word_bias", [0.0, 1.5])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_block_attention_equals_the_4d_mask(request, family, data_dir):
+def test_block_attention_equals_the_4d_mask(request, family, word_bias, data_dir):
     """The block-by-block attention (the fast path a packed model runs) gives the 4-D mask's logits and
     gradients on padded rows of different lengths, in float64; and it is really the path in use."""
     from topro.methods.packing import PACKED_ATTENTION
 
     path = request.getfixturevalue(family)
-    packed = make(path, prompt_packing="sentence", max_questions_per_row=7)
+    packed = make(path, prompt_packing="sentence", max_questions_per_row=7, packed_word_bias=word_bias)
     model = float64_model(packed, path).train()  # dropout off below: same values, gradients compared
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -250,6 +263,12 @@ def test_methods_that_cannot_pack_are_refused_by_name(tiny_udpos, tiny_mt5):
     with pytest.raises(ConfigError, match="max_packed_length"):
         from_dict(TrainConfig, {"prompt_packing": "sentence", "max_packed_length": 64})
     from_dict(TrainConfig, {"method": "topro_soft", "prompt_packing": "sentence"})  # packable: accepted
+    with pytest.raises(ConfigError, match="packed_word_bias.*prompt_packing: sentence"):
+        from_dict(TrainConfig, {"packed_word_bias": 1.0})  # per_word: the sentence already sees the question
+    with pytest.raises(ConfigError, match="packed_word_bias"):
+        from_dict(TrainConfig, {"prompt_packing": "sentence", "packed_word_bias": -1.0})
+    cfg = from_dict(TrainConfig, {"prompt_packing": "sentence", "packed_word_bias": 1.0})
+    assert method_spec(cfg, "tiny").packed_word_bias == 1.0  # into topro.json with the method spec
 
 
 def test_prompt_packing_is_sweepable_and_checked_per_trial(tmp_path):

@@ -153,6 +153,11 @@ class TrainConfig:
     max_packed_length: int = 512
     """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,
     each with its own sentence window); every question still sees at most ``max_length`` positions."""
+    packed_word_bias: float = 0.0
+    """``prompt_packing: sentence``: added to each question token's attention scores at the sentence
+    tokens of the word it asks about, in every layer and head. In a per-word prompt the sentence reads the
+    question and so knows which word is asked; a packed sentence cannot, and this points the question at its
+    word instead. 0 (the default): plain block attention."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
@@ -202,6 +207,9 @@ class TrainConfig:
         if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
             return [("max_packed_length", f"must be at least max_length={self.max_length}, "
                                           f"got {self.max_packed_length}")]
+        if self.packed_word_bias and self.prompt_packing != "sentence":
+            return [("packed_word_bias", "applies to packed questions only; set prompt_packing: sentence "
+                                         f"(got {self.prompt_packing!r})")]
         return []
 
 
@@ -248,7 +256,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
-    "progress_every_s": _finite_non_negative,
+    "progress_every_s": _finite_non_negative, "packed_word_bias": _finite_non_negative,
     "warmup_ratio": _fraction, "prefix_dropout": _fraction,
 }
 

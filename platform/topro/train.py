@@ -263,6 +263,7 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       mlm_head_untrained=cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path)),
                       long_sentences=cfg.long_sentences, window_stride=cfg.window_stride,
                       prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
+                      packed_word_bias=cfg.packed_word_bias,
                       prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
                       freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
 

@@ -247,6 +247,8 @@ class MethodSpec:
     """ToPro packed: the longest packed row in tokens."""
     max_questions_per_row: int | None = None
     """ToPro packed: at most this many questions in one row (``None``: as many as fit)."""
+    packed_word_bias: float = 0.0
+    """ToPro packed: added to a question's attention scores at its own word's tokens in the sentence."""
     prefix_length: int = 16
     """Prompt-Tuning: trainable prefix positions per layer; soft ToPro: trainable prompt vectors."""
     prefix_dropout: float = 0.1

@@ -54,6 +54,9 @@ class PackedEncoded(Encoded):
     position_ids: list[int] | None = None
     """Each token's position in its single-prompt layout (0-based; the model's offset is added later)."""
     blocks: list[int] | None = None
+    word_blocks: list[int] | None = None
+    """Sentence-part tokens: the block of the question about the word they belong to (0: none; question
+    tokens 0 too), what ``packed_word_bias`` points each question at."""
 
     @property
     def batch_units(self) -> int:
@@ -156,12 +159,16 @@ def pack_sentence(s_index: int, sentence: Sentence, pieces: list[list[int]], que
     if group:
         groups.append((group, planned))
 
+    owner = [w for w, p in enumerate(pieces) for _ in p]  # the word of each flat piece
     rows = []
     for words, (lo, hi) in groups:
         context = flat[lo:hi]
         ids = layout.lead + context + layout.middle
         n_a = len(ids)
         positions, blocks = list(range(n_a)), [SENTENCE_BLOCK] * n_a
+        block_of = {w: block for block, w in enumerate(words, start=1)}
+        word_blocks = ([0] * len(layout.lead) + [block_of.get(owner[j], 0) for j in range(lo, hi)]
+                       + [0] * len(layout.middle))
         types = [layout.type_a] * n_a
         mask_at = []
         for block, w in enumerate(words, start=1):
@@ -170,25 +177,31 @@ def pack_sentence(s_index: int, sentence: Sentence, pieces: list[list[int]], que
             ids += part
             positions += range(n_a, n_a + len(part))
             blocks += [block] * len(part)
+            word_blocks += [0] * len(part)
             types += [layout.type_b] * len(part)
         labels = [label_index.get(sentence.tags[w], -100) if sentence.tags else -100 for w in words]
         rows.append(PackedEncoded(ids, s_index, list(words), mask_at, labels,
                                   types if layout.uses_token_types else None,
-                                  trimmed_context=hi - lo < len(flat), position_ids=positions, blocks=blocks))
+                                  trimmed_context=hi - lo < len(flat), position_ids=positions, blocks=blocks,
+                                  word_blocks=word_blocks))
     return rows
 
 
 def collate_packed(examples: list[PackedEncoded], layout: PairLayout) -> dict[str, torch.Tensor]:
-    """``collate_common`` plus the rows' single-prompt position ids and block ids (padding: block -1)."""
+    """``collate_common`` plus the rows' single-prompt position ids, block ids (padding: block -1) and
+    word blocks (padding: 0)."""
     batch = collate_common(examples, layout)
     longest = batch["input_ids"].shape[1]
     positions = torch.zeros((len(examples), longest), dtype=torch.long)
     blocks = torch.full((len(examples), longest), PAD_BLOCK, dtype=torch.long)
+    word_blocks = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, e in enumerate(examples):
         positions[row, :e.length] = torch.tensor(e.position_ids, dtype=torch.long)
         blocks[row, :e.length] = torch.tensor(e.blocks, dtype=torch.long)
+        word_blocks[row, :e.length] = torch.tensor(e.word_blocks, dtype=torch.long)
     batch["position_ids"] = positions
     batch["packing_blocks"] = blocks
+    batch["packing_word_blocks"] = word_blocks
     return batch
 
 
@@ -204,18 +217,25 @@ def block_visibility(blocks: torch.Tensor) -> torch.Tensor:
     return visible | (eye & (q == PAD_BLOCK))
 
 
-def packed_attention_mask(model: torch.nn.Module, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def packed_attention_mask(model: torch.nn.Module, blocks: torch.Tensor, dtype: torch.dtype,
+                          word_blocks: torch.Tensor | None = None, word_bias: float = 0.0) -> torch.Tensor:
     """The 4-D mask [B, 1, L, L] of the packed rows, in the form the model's attention takes:
-    booleans for SDPA (True = attend; keeps the fused kernels), additive floats for eager attention."""
+    booleans for SDPA (True = attend; keeps the fused kernels), additive floats for eager attention
+    (and for SDPA with a ``word_bias``: ``word_bias`` added where a question token meets a token of its
+    own word in the sentence part)."""
     visible = block_visibility(blocks)[:, None]
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    if implementation in ("sdpa", PACKED_ATTENTION):
+    if implementation not in ("sdpa", PACKED_ATTENTION, "eager"):
+        raise ValueError(f"prompt_packing=sentence needs sdpa or eager attention, not {implementation!r} "
+                         f"({type(model).__name__})")
+    if implementation != "eager" and not word_bias:
         return visible
-    if implementation == "eager":
-        return torch.zeros(visible.shape, dtype=dtype, device=blocks.device).masked_fill_(
-            ~visible, torch.finfo(dtype).min)
-    raise ValueError(f"prompt_packing=sentence needs sdpa or eager attention, not {implementation!r} "
-                     f"({type(model).__name__})")
+    mask = torch.zeros(visible.shape, dtype=dtype, device=blocks.device).masked_fill_(~visible,
+                                                                                      torch.finfo(dtype).min)
+    if word_bias:
+        own_word = (blocks[:, :, None] > SENTENCE_BLOCK) & (word_blocks[:, None, :] == blocks[:, :, None])
+        mask += word_bias * own_word[:, None].to(dtype)
+    return mask
 
 
 def position_offset(base: torch.nn.Module) -> int:
@@ -238,13 +258,24 @@ class BlockLayout:
     question_keep: torch.Tensor
     question_row: torch.Tensor
     """[N]: the row each question block belongs to."""
+    question_block: torch.Tensor
+    """[N]: each question block's number in its row (1, 2, ...)."""
 
-    def question_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, S + Q] indices (and keep mask) of what each question block attends to: its row's sentence
-        part, then itself (one gather per layer instead of a gather and a concatenation)."""
-        index = torch.cat([self.sentence_index[self.question_row], self.question_index], dim=1)
-        keep = torch.cat([self.sentence_keep[self.question_row], self.question_keep], dim=1)
-        return index, keep
+    def question_keys(self, word_blocks: torch.Tensor | None = None, word_bias: float = 0.0,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, S + Q] indices of what each question block attends to: its row's sentence part, then itself
+        (one gather per layer instead of a gather and a concatenation), and which of them it sees:
+        booleans; with a ``word_bias``, additive floats that add it at the tokens of the block's own word
+        (``word_blocks``: each token's word block, flat, in the coordinates of ``sentence_index``)."""
+        sentence_index, sentence_keep = self.sentence_index[self.question_row], self.sentence_keep[self.question_row]
+        index = torch.cat([sentence_index, self.question_index], dim=1)
+        keep = torch.cat([sentence_keep, self.question_keep], dim=1)
+        if not word_bias:
+            return index, keep
+        own = sentence_keep & (word_blocks[sentence_index] == self.question_block[:, None])
+        own = torch.cat([own, torch.zeros_like(self.question_keep)], dim=1)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+        return index, mask + word_bias * own.to(dtype)
 
 
 def block_layout(blocks: torch.Tensor) -> BlockLayout:
@@ -269,7 +300,8 @@ def block_layout(blocks: torch.Tensor) -> BlockLayout:
     question_keep = torch.zeros((n_blocks, longest), dtype=torch.bool, device=device)
     question_index[group, offset] = row * length + col
     question_keep[group, offset] = True
-    return BlockLayout(sentence_index, sentence_keep, question_index, question_keep, row[first])
+    return BlockLayout(sentence_index, sentence_keep, question_index, question_keep, row[first],
+                       blocks[row[first], col[first]])
 
 
 PACKED_ATTENTION = "topro_packed"
@@ -298,21 +330,28 @@ def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     flat_q, flat_k, flat_v = (x.transpose(1, 2).reshape(n_rows * length, n_heads, x.shape[-1])
                               for x in (query, key, value))
 
+    # index_select / index_copy rather than advanced indexing: their backward is index_add / index_select,
+    # where indexing's is an accumulating index_put (the slowest op of a packed step on CPU, profiled).
     def take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [n, m] -> [n, heads, m, dim]
-        return flat[index].transpose(1, 2)
+        return flat.index_select(0, index.reshape(-1)).view(*index.shape, *flat.shape[1:]).transpose(1, 2)
+
+    def kept(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # [n, heads, m, dim] -> [kept, heads, dim]
+        return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1]).index_select(
+            0, keep.reshape(-1).nonzero().squeeze(1))
 
     s_key, s_value = take(flat_k, layout.sentence_index), take(flat_v, layout.sentence_index)
     s_out = F.scaled_dot_product_attention(take(flat_q, layout.sentence_index), s_key, s_value,
                                            attn_mask=layout.sentence_keep[:, None, None, :], dropout_p=dropout,
                                            scale=scaling)
     q_index, q_visible = kwargs.pop(KEYS_KWARG, None) or layout.question_keys()
+    if q_visible.is_floating_point():  # a word bias: additive, in the attention's own dtype
+        q_visible = q_visible.to(query.dtype)
     q_out = F.scaled_dot_product_attention(take(flat_q, layout.question_index), take(flat_k, q_index),
                                            take(flat_v, q_index),
                                            attn_mask=q_visible[:, None, None, :], dropout_p=dropout, scale=scaling)
     out = flat_q.new_zeros((n_rows * length, n_heads, value.shape[-1]))
-    out = out.index_put((layout.sentence_index[layout.sentence_keep],), s_out.transpose(1, 2)[layout.sentence_keep])
-    out = out.index_put((layout.question_index[layout.question_keep],),
-                        q_out.transpose(1, 2)[layout.question_keep])
+    out = out.index_copy(0, layout.sentence_index[layout.sentence_keep], kept(s_out, layout.sentence_keep))
+    out = out.index_copy(0, layout.question_index[layout.question_keep], kept(q_out, layout.question_keep))
     return out.reshape(n_rows, length, n_heads, -1), None
 
 
@@ -335,10 +374,13 @@ def enable_packed_attention(base: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs: torch.Tensor,
+                  word_bias: float = 0.0) -> torch.Tensor:
     """The encoder's last hidden states at a packed batch's mask positions, [labelled words, hidden].
 
-    ``inputs`` are the batch's token ids [B, L] or input embeddings [B, L, hidden]. A model switched by
+    ``inputs`` are the batch's token ids [B, L] or input embeddings [B, L, hidden]. ``word_bias``
+    (``packed_word_bias``): added to the attention scores of each question token at the sentence tokens of
+    its own word, pointing the question at the word it asks about. A model switched by
     ``enable_packed_attention`` runs the batch's real tokens as one unpadded sequence (rows laid end to
     end; the block layout keeps them apart), so no compute goes to padding; otherwise (eager attention,
     the reference path) the padded rows run with the 4-D mask."""
@@ -347,10 +389,13 @@ def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs:
     positions = batch["position_ids"] + position_offset(base)
     types = batch.get("token_type_ids")
     key = "input_ids" if inputs.dtype == torch.long else "inputs_embeds"
+    word_blocks = batch.get("packing_word_blocks")
+    if word_bias and word_blocks is None:
+        raise ValueError("packed_word_bias needs the batch's packing_word_blocks (collate_packed makes them)")
+    dtype = base.get_input_embeddings().weight.dtype
     if getattr(base.config, "_attn_implementation", None) != PACKED_ATTENTION:
-        dtype = base.get_input_embeddings().weight.dtype
         kwargs = {key: inputs, "position_ids": positions,
-                  "attention_mask": packed_attention_mask(base, blocks, dtype)}
+                  "attention_mask": packed_attention_mask(base, blocks, dtype, word_blocks, word_bias)}
         if types is not None:
             kwargs["token_type_ids"] = types
         return base(**kwargs).last_hidden_state[batch["label_rows"], batch["label_positions"]]
@@ -359,8 +404,10 @@ def packed_hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor], inputs:
     moved[real] = torch.arange(len(real), device=blocks.device)  # its place in the unpadded sequence
     layout = block_layout(blocks)
     layout.sentence_index, layout.question_index = moved[layout.sentence_index], moved[layout.question_index]
+    flat_word_blocks = word_blocks.flatten()[real] if word_bias else None
     kwargs = {key: inputs.flatten(0, 1)[real][None], "position_ids": positions.flatten()[real][None],
-              LAYOUT_KWARG: layout, KEYS_KWARG: layout.question_keys()}  # computed once, not per layer
+              LAYOUT_KWARG: layout,  # the question keys computed once, not per layer
+              KEYS_KWARG: layout.question_keys(flat_word_blocks, word_bias, dtype)}
     if types is not None:
         kwargs["token_type_ids"] = types.flatten()[real][None]
     hidden = base(**kwargs).last_hidden_state[0]

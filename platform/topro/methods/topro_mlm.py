@@ -152,7 +152,7 @@ class ToProMLM(WholeModelMethod):
     def _label_logits(self, model, batch) -> torch.Tensor:
         base = getattr(model, model.base_model_prefix)
         if "packing_blocks" in batch:
-            at_mask = packed_hidden(base, batch, batch["input_ids"])
+            at_mask = packed_hidden(base, batch, batch["input_ids"], self.spec.packed_word_bias)
         else:
             hidden = base(**model_inputs(batch)).last_hidden_state
             at_mask = hidden[batch["label_rows"], batch["label_positions"]]

@@ -106,9 +106,11 @@ def slot_id(slot: int) -> int:
 class SoftPromptMLM(nn.Module):
     """A masked LM whose inputs carry trainable prompt vectors at the soft slots."""
 
-    def __init__(self, mlm: nn.Module, prompt_init: torch.Tensor, label_ids: torch.Tensor, freeze_backbone: bool):
+    def __init__(self, mlm: nn.Module, prompt_init: torch.Tensor, label_ids: torch.Tensor, freeze_backbone: bool,
+                 packed_word_bias: float = 0.0):
         super().__init__()
         self.mlm = mlm
+        self.packed_word_bias = packed_word_bias
         self.mlm.requires_grad_(not freeze_backbone)
         # A part the pretrained checkpoint lacks (e5 ships no MLM head) is random: frozen it would be noise,
         # so it trains with the prompt and is checkpointed with it.
@@ -119,7 +121,8 @@ class SoftPromptMLM(nn.Module):
         self.register_buffer("label_ids", label_ids.clone(), persistent=False)
 
     def forward(self, input_ids, soft_index, attention_mask, label_rows, label_positions,
-                token_type_ids=None, position_ids=None, packing_blocks=None) -> torch.Tensor:
+                token_type_ids=None, position_ids=None, packing_blocks=None,
+                packing_word_blocks=None) -> torch.Tensor:
         """Label-word logits at the masks [labelled words, n_labels] (packed rows: with their
         single-prompt ``position_ids`` and ``packing_blocks``, see ``methods/packing.py``)."""
         embeds = self.mlm.get_input_embeddings()(input_ids)
@@ -129,10 +132,10 @@ class SoftPromptMLM(nn.Module):
         base = getattr(self.mlm, self.mlm.base_model_prefix)
         if packing_blocks is not None:
             packed = {"position_ids": position_ids, "packing_blocks": packing_blocks, "label_rows": label_rows,
-                      "label_positions": label_positions}
+                      "label_positions": label_positions, "packing_word_blocks": packing_word_blocks}
             if token_type_ids is not None:
                 packed["token_type_ids"] = token_type_ids
-            at_mask = packed_hidden(base, packed, embeds)
+            at_mask = packed_hidden(base, packed, embeds, self.packed_word_bias)
         else:
             hidden = base(inputs_embeds=embeds, attention_mask=attention_mask,
                           token_type_ids=token_type_ids).last_hidden_state
@@ -142,7 +145,7 @@ class SoftPromptMLM(nn.Module):
 
 def soft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = ("input_ids", "soft_index", "attention_mask", "token_type_ids", "label_rows", "label_positions",
-            "position_ids", "packing_blocks")
+            "position_ids", "packing_blocks", "packing_word_blocks")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -195,7 +198,8 @@ class ToProSoft:
         if prompt is None:  # start from the template's own token embeddings
             table = mlm.get_input_embeddings().weight
             prompt = table[torch.tensor(self.question.init_token_ids, dtype=torch.long)].detach()
-        return SoftPromptMLM(mlm, prompt, self.cloze.label_ids, self.freeze_backbone)
+        return SoftPromptMLM(mlm, prompt, self.cloze.label_ids, self.freeze_backbone,
+                             float(self.spec.packed_word_bias))
 
     def build_model(self, model_path: str) -> SoftPromptMLM:
         return self._model_on(self._load_mlm(model_path))
