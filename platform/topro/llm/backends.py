@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from topro.llm.backend_config import BackendConfig
 from topro.llm.generate import greedy_generate_shared
 from topro.llm.scoring import (SharedPrefixCache, ScoringItem, TokenCounts, encode_shared_prefix, score_naive,
                                score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many,
@@ -294,10 +295,12 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 @dataclass
 class HTTPSettings:
-    timeout: float = 60.0  # seconds per request
-    retries: int = 4  # further attempts after the first
+    # timeout, retries and concurrency default to what ``BackendConfig`` (the commands' and apps' fields)
+    # says, so a backend built without options behaves as a configured one.
+    timeout: float = BackendConfig.timeout  # seconds per request
+    retries: int = BackendConfig.retries  # further attempts after the first
     backoff: float = 0.5  # seconds, doubled per attempt (or the server's Retry-After)
-    concurrency: int = 8  # requests in flight at once
+    concurrency: int = BackendConfig.concurrency  # requests in flight at once
     prompts_per_request: int = 32  # completions take a list of prompts
 
 

@@ -355,19 +355,22 @@ def packed_block_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     return out.reshape(n_rows, length, n_heads, -1), None
 
 
+def packed_mask(*args, **kwargs):
+    """transformers' SDPA mask, skipped where nothing is padded (a packed batch is one unpadded sequence):
+    otherwise it builds a [1, 1, T, T] mask over all T tokens of the batch that the layout never reads."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": True})
+
+
 def enable_packed_attention(base: torch.nn.Module) -> torch.nn.Module:
     """Switch an SDPA encoder (BERT, XLM-R, ... using transformers' attention interface) to
     ``packed_block_attention``. An eager model (float64 reference runs) keeps the 4-D mask path."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     if getattr(base.config, "_attn_implementation", None) not in ("sdpa", PACKED_ATTENTION):
         return base
-    def packed_mask(*args, **kwargs):
-        # No mask where nothing is padded (a packed batch is one unpadded sequence): transformers would
-        # otherwise build a [1, 1, T, T] mask over all T tokens of the batch that the layout never reads.
-        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": True})
-
     AttentionInterface.register(PACKED_ATTENTION, packed_block_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, packed_mask)
     base.set_attn_implementation(PACKED_ATTENTION)
