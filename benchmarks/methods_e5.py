@@ -43,7 +43,10 @@ METHODS = {
 # Variants trained with another method's config: ToPro with its questions packed per sentence
 # (``prompt_packing: sentence``, methods/packing.py), same rate and batch (questions) as ToPro.
 METHODS["topro_packed"] = [*METHODS["topro"], "prompt_packing=sentence"]
-CONFIG_OF = {"topro_packed": "topro"}
+# ... and with each question's attention biased towards its own word's sentence tokens (packed_word_bias),
+# which PAN-X's B-/I- boundaries needed (docs/packed-topro.md).
+METHODS["topro_packed_bias"] = [*METHODS["topro_packed"], "packed_word_bias=1.0"]
+CONFIG_OF = {"topro_packed": "topro", "topro_packed_bias": "topro"}
 LANGS = "en,de,es,ru,tr,ar,he,hi,zh,ja,ko"
 PANX_LANGS = "en,de,es,fr,ru,tr,he,fa,el,fi,vi"
 
