@@ -29,8 +29,9 @@ def test_ray_train_two_workers_ddp(tmp_path, data_dir, tiny_udpos, ray_local):
             "num_threads=1"]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == metrics["steps_per_epoch"] == 2
-    assert [h["step"] for h in metrics["history"]] == [2]
+    # 16 sentences in batches of 8 within length buckets: 2 or 3 steps, the same on 1 or 2 workers
+    assert metrics["world_size"] == 2 and metrics["steps"] == metrics["steps_per_epoch"] >= 2
+    assert [h["step"] for h in metrics["history"]] == [metrics["steps"]]
     assert (Path(metrics["checkpoint"]) / "topro.json").is_file()
 
 
