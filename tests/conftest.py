@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]  # tests/test_isolation.py runs the suite's own guards on planted tests
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TOPRO_SHARED_DIR", REPO.parent / "shared"))
 DATA_DIR = SHARED / "data" / "xtreme"
@@ -63,6 +65,21 @@ def _own_tracking_uri(request, monkeypatch, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     yield
     mlflow.set_tracking_uri(None)
+
+
+# What a test must not leave behind in the process environment: later in-process tests and every subprocess
+# that copies the environment (Ray workers, servers, `topro` children) would inherit it. Set them through
+# monkeypatch; a test that leaks one fails here.
+GUARDED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env():
+    before = {key: os.environ.get(key) for key in GUARDED_ENV}
+    yield
+    after = {key: os.environ.get(key) for key in GUARDED_ENV}
+    leaked = {key: value for key, value in after.items() if value != before[key]}
+    assert not leaked, f"the test left {leaked} in os.environ; set them with monkeypatch.setenv"
 
 
 @pytest.fixture(scope="session")
