@@ -111,7 +111,7 @@ def test_chat_only_server_generates_but_cannot_score():
         assert str(stopped.value) == (
             "score mode needs the prompt's token logprobs (/v1/completions with echo=true and logprobs); "
             f"{s.url}/v1 is used through /chat/completions (api=chat), which has none: use --mode generate with "
-            "this server, or score with a local model folder or a server that returns prompt logprobs (vLLM)")
+            "this server, or score with a local model folder or a server that returns prompt logprobs")
 
 
 def test_hf_seq2seq_backend():

@@ -152,5 +152,5 @@ def test_eval_llm_score_mode_names_what_the_server_lacks(peer_server, tmp_path):
     assert str(stopped.value) == (
         "score mode needs the prompt's token logprobs (/v1/completions with echo=true and logprobs); "
         f"{url}/v1/completions returned none: use --mode generate with this server, or score with a local model "
-        "folder or a server that returns prompt logprobs (vLLM)")
+        "folder or a server that returns prompt logprobs")
     assert not (tmp_path / "score.json").exists()

@@ -436,7 +436,7 @@ class OpenAIBackend:
     def _cannot_score(self, what_happened: str) -> str:
         return (f"score mode needs the prompt's token logprobs (/v1/completions with echo=true and logprobs); "
                 f"{what_happened}: use --mode generate with this server, or score with a local model folder or a "
-                f"server that returns prompt logprobs (vLLM)")
+                f"server that returns prompt logprobs")
 
     def _has_prompt_logprobs(self, choice: dict) -> None:
         lp = choice.get("logprobs") or {}
