@@ -36,7 +36,7 @@ class TrainConfig:
     task: str = "udpos"
     """Task name from the registry (``udpos``, ``panx``, ...)."""
     method: str = "topro"
-    """Method name: ``vanilla``, ``topro``, ``prompt_tuning`` or ``topro_soft``."""
+    """Method name: ``vanilla``, ``topro``, ``prompt_tuning``, ``topro_soft`` or ``rosprompt``."""
     model: str = "tiny"
     """Hugging Face id, local folder, or ``tiny`` (built offline from the task's data)."""
     template: str | None = None
@@ -132,6 +132,13 @@ class TrainConfig:
     token vectors away from the other languages' (Wu & Dredze 2019; Artetxe et al. 2020), and with a
     250k-word vocabulary (XLM-R, e5) it is most of the work of a step: measured 3.7x faster ToPro
     steps for multilingual-e5-small on 2 CPU cores (benchmarks/topro_training_speed.py)."""
+    unseen_labels: list[str] = field(default_factory=list)
+    """Generalized zero-shot: labels held out of training, for IOB2 tasks also entity types (``LOC`` =
+    ``B-LOC`` + ``I-LOC``). Their label words leave the training softmax, their gold words carry no loss,
+    and English-dev selection scores the seen labels only; evaluation scores the full label set and also
+    reports seen / unseen / harmonic-mean scores per language. Label-word methods only (``topro`` on masked
+    LMs, ``topro_soft``, ``rosprompt``): a classification head has no trained row for a label it never saw.
+    Checked against the task's labels before anything starts; at least two labels must stay seen."""
     # Method-specific settings (ignored by methods that do not use them).
     prefix_length: int = 16
     """Prompt-Tuning / soft ToPro: number of trainable prompt vectors."""
@@ -198,7 +205,15 @@ class TrainConfig:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
         both = ([("evals_per_epoch", "set either evals_per_epoch or eval_every_steps, not both")]
                 if self.evals_per_epoch and self.eval_every_steps else [])
-        return check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both
+        return check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both + self._unseen_problems()
+
+    def _unseen_problems(self) -> list[tuple[str, str]]:
+        if self.unseen_labels and self.method in HEAD_METHODS:
+            return [("unseen_labels", f"method {self.method!r} labels words with a classification head, which has "
+                                      "no trained output row for a label never seen in training (it could only "
+                                      "score 0 on it); use a label-word method: "
+                                      f"{', '.join(LABEL_WORD_METHODS)}")]
+        return []
 
     def _packing_problems(self) -> list[tuple[str, str]]:
         if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
@@ -215,6 +230,10 @@ class TrainConfig:
 
 PACKABLE_METHODS = ("topro", "topro_soft")
 """Methods that take ``prompt_packing: sentence``."""
+HEAD_METHODS = ("vanilla", "prompt_tuning")
+"""Methods that label words with a classification head (refuse ``unseen_labels``)."""
+LABEL_WORD_METHODS = ("topro", "topro_soft", "rosprompt")
+"""Methods that score label words at a mask (take ``unseen_labels``; ``topro`` on masked LMs)."""
 
 
 def _at_least(lo: float, optional: bool = False):

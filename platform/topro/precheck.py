@@ -143,6 +143,9 @@ def check_names(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
     get_template(cfg.task, cfg.template)
     get_verbalizer(cfg.task, cfg.verbalizer)
+    from topro.unseen import expand_unseen_labels
+
+    expand_unseen_labels(cfg.task, cfg.unseen_labels)
 
 
 def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:

@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
-from topro.evaluate import autocast_for, evaluate_sentences
+from topro.evaluate import autocast_for, evaluate_seen_labels
 from topro.methods import Method, MethodSpec, build_method
-from topro.methods.base import count_parameters
+from topro.methods.base import count_parameters, hide_unseen_gold
 from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
+from topro.unseen import expand_unseen_labels, unseen_label_indices
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
                       packed_word_bias=cfg.packed_word_bias,
                       prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
-                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
+                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement,
+                      unseen_labels=expand_unseen_labels(task, cfg.unseen_labels))
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -357,7 +359,10 @@ def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
     method = build_method(spec, model_path, tokenizer)
     train_sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
-    examples = method.encode(train_sentences)
+    # Generalized zero-shot: gold words of unseen labels carry no loss (and their label words leave the
+    # training softmax inside the method's loss).
+    examples, n_unseen_hidden = hide_unseen_gold(method.encode(train_sentences),
+                                                 unseen_label_indices(method.labels, spec.unseen_labels))
     lengths = [e.length for e in examples]
     sizes = [e.batch_units for e in examples]
     steps_per_epoch, accum = plan_steps(cfg, lengths, sizes, strategy)
@@ -381,6 +386,7 @@ def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
         "mlm_head_untrained": bool(spec.mlm_head_untrained),
+        "unseen_labels": list(spec.unseen_labels), "n_train_unseen_label_words": n_unseen_hidden,
         "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
@@ -512,7 +518,8 @@ def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], flo
     """English dev scores of the current weights, and the selection metric averaged over workers."""
     cfg = run.cfg
     eval_method, eval_model = strategy.evaluation()
-    dev = evaluate_sentences(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
+    # With unseen_labels: only the seen labels are predicted and scored, as in training.
+    dev = evaluate_seen_labels(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
                              device=strategy.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
                              max_examples=cfg.batch_size * 4)
     # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.

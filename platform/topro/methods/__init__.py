@@ -27,6 +27,10 @@ def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
         if spec.prompt_packing != "per_word":
             raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
                              f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+        if spec.unseen_labels:
+            raise ValueError(f"unseen_labels={spec.unseen_labels}: method 'topro' on the encoder-decoder "
+                             f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
+                             "word cannot leave its training softmax; use a masked LM")
         from topro.methods.topro_seq2seq import ToProSeq2Seq
 
         return ToProSeq2Seq(spec, tokenizer)
