@@ -13,7 +13,7 @@ CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
 SCALE_OUT = {"strategy", "workers", "cpus_per_worker", "max_failures", "deepspeed_config", "use_gpu", "output_dir"}
 # One prompt per word on a randomly initialised model: ToPro's mask head needs ~100 steps to leave the
 # majority class (measured on PAN-X: F1 0.00 at step 60, 0.10 at step 120), minutes on 2 busy cores.
-PROMPT_PER_WORD = {"topro", "topro_soft"}
+PROMPT_PER_WORD = {"topro", "topro_soft", "rosprompt"}
 
 
 def _load(path, *overrides):

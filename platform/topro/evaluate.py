@@ -343,6 +343,10 @@ def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, A
     """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
     if meta.get("mlm_head_untrained") or (meta.get("extra") or {}).get("mlm_head_untrained"):  # old: under extra
         extra = {**extra, "mlm_head_untrained": True}
+    if meta.get("label_word_sets"):  # rosprompt: the words each label is scored by, for a person to read
+        extra = {**extra, "label_words": meta["label_word_sets"]}
+    if meta.get("unseen_labels"):
+        extra = {**extra, "unseen_labels": meta["unseen_labels"]}
     return extra
 
 
