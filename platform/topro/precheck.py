@@ -128,11 +128,19 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
                           f"({type(err).__name__}); give a local folder or 'tiny'") from None
 
 
+def refuse_classification(task: Task) -> None:
+    """A ``kind: classification`` task has its data layer (``topro.data.classification``) but no methods,
+    training or evaluation yet: say so before anything starts."""
+    if task.kind == "classification":
+        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: its reader and data "
+                          f"(topro.data.classification) exist, but no method trains or evaluates such a task yet")
+
+
 def check_names(cfg: TrainConfig) -> None:
     """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    get_task(cfg.task)
+    refuse_classification(get_task(cfg.task))
     if cfg.selection_metric is not None:  # topro.metrics imports seqeval (and sklearn): seconds on a busy box
         from topro.metrics import resolve_selection_metric
 
@@ -270,6 +278,7 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
     from topro.prompts.formats import load_format
 
     task = get_task(task)
+    refuse_classification(task)
     try:
         fmt = load_format(format)
         fmt.for_task(task.name)
