@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from topro.method_registry import method_entry, packable_methods
+
 
 EVAL_DTYPES = ("fp32", "bf16", "fp64")
 """Evaluation precisions. ``fp64`` is a reference precision, not a fast one: results then agree across
@@ -201,9 +203,9 @@ class TrainConfig:
         return check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both
 
     def _packing_problems(self) -> list[tuple[str, str]]:
-        if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
+        if self.prompt_packing != "per_word" and not method_entry(self.method).packable:
             return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
-                                       f"only {list(PACKABLE_METHODS)} (on masked LMs) can")]
+                                       f"only {packable_methods()} (on masked LMs) can")]
         if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
             return [("max_packed_length", f"must be at least max_length={self.max_length}, "
                                           f"got {self.max_packed_length}")]
@@ -211,10 +213,6 @@ class TrainConfig:
             return [("packed_word_bias", "applies to packed questions only; set prompt_packing: sentence "
                                          f"(got {self.prompt_packing!r})")]
         return []
-
-
-PACKABLE_METHODS = ("topro", "topro_soft")
-"""Methods that take ``prompt_packing: sentence``."""
 
 
 def _at_least(lo: float, optional: bool = False):

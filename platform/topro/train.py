@@ -44,11 +44,11 @@ from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_sentences
-from topro.methods import Method, MethodSpec, build_method
+from topro.methods import Method, build_method, method_spec
 from topro.methods.base import count_parameters
 from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
-from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
+from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -242,30 +242,6 @@ class CheckpointKeeper:
     @property
     def patience_spent(self) -> bool:
         return self.state.bad_evaluations >= self.patience
-
-
-MLM_HEAD_METHODS = ("topro", "topro_soft")
-"""Methods that score label words with the pretrained masked-LM head."""
-PROMPTED_METHODS = ("topro", "topro_soft")
-"""Methods that ask a templated question (and so record a template and verbalizer)."""
-
-
-def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
-    """The method's settings from the training config; only methods that ask a question record a template
-    and verbalizer."""
-    task = get_task(cfg.task)
-    prompted = cfg.method in PROMPTED_METHODS
-    return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
-                      template=(cfg.template or task.default_template) if prompted else None,
-                      verbalizer=(cfg.verbalizer or task.default_verbalizer) if prompted else None,
-                      label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
-                      base_model_path=model_path,
-                      mlm_head_untrained=cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path)),
-                      long_sentences=cfg.long_sentences, window_stride=cfg.window_stride,
-                      prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
-                      packed_word_bias=cfg.packed_word_bias,
-                      prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
-                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:

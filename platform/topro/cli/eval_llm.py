@@ -197,7 +197,7 @@ def eval_llm(run: EvalLLMConfig) -> int:
         f"{lang} {r['format_failure_rate']:.3f}" for lang, r in record["languages"].items()))
     print(f"per-language results: {output}")
     if run.mlflow:
-        from topro.llm.tracking import log_llm_run
+        from topro.tracking.llm_runs import log_llm_run
 
         run_id = log_llm_run(record, record["params"], tracking_uri=run.tracking_uri,
                              experiment=run.experiment, json_path=output)

@@ -1,19 +1,25 @@
 """Methods behind one protocol; ``build_method`` picks the implementation.
 
-The registry maps a method name to a factory. ToPro picks its masked-LM or
-seq2seq implementation from the model's config, so ``method: topro`` works
-for mBERT, XLM-R and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
+``topro.method_registry`` names every method's class and traits (torch-free);
+``METHODS`` maps a name to its factory. ToPro picks its masked-LM or seq2seq
+class from the model's config, so ``method: topro`` works for mBERT, XLM-R
+and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
 and name the backbone, which ``load_model`` fetches (see ``trained_only``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
 
-from topro.config import PACKABLE_METHODS
+from topro.config import TrainConfig
+from topro.data.tasks import get_task
+from topro.method_registry import METHOD_REGISTRY, MethodEntry, method_entry, packable_methods
 from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
+
+Factory = Callable[[MethodSpec, object, str], Method]
 
 
 def _is_seq2seq(model_path: str) -> bool:
@@ -22,43 +28,40 @@ def _is_seq2seq(model_path: str) -> bool:
     return bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
 
 
-def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    if _is_seq2seq(model_path):
-        if spec.prompt_packing != "per_word":
-            raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
-                             f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
-        from topro.methods.topro_seq2seq import ToProSeq2Seq
-
-        return ToProSeq2Seq(spec, tokenizer)
-    from topro.methods.topro_mlm import ToProMLM
-
-    return ToProMLM(spec, tokenizer)
+def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    """The registry's class for ``spec.method`` (its encoder-decoder class on an encoder-decoder model)."""
+    entry = METHOD_REGISTRY[spec.method]
+    encoder_decoder = entry.seq2seq_cls is not None and _is_seq2seq(model_path)
+    if encoder_decoder and spec.prompt_packing != "per_word":
+        raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method {spec.method!r} on the "
+                         f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+    return entry.implementation(encoder_decoder)(spec, tokenizer)
 
 
-def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.vanilla import Vanilla
-
-    return Vanilla(spec, tokenizer)
+METHODS: dict[str, Factory] = {name: _from_registry for name in METHOD_REGISTRY}
+"""Every method's factory: the registry's classes, and methods registered with ``register_method``."""
 
 
-def _prompt_tuning(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.prompt_tuning import PromptTuning
-
-    return PromptTuning(spec, tokenizer)
-
-
-def _topro_soft(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.topro_soft import ToProSoft
-
-    return ToProSoft(spec, tokenizer)
-
-
-METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {
-    "vanilla": _vanilla, "topro": _topro, "prompt_tuning": _prompt_tuning, "topro_soft": _topro_soft}
-
-
-def register_method(name: str, factory: Callable[[MethodSpec, object, str], Method]) -> None:
+def register_method(name: str, factory: Factory, entry: MethodEntry | None = None) -> None:
+    """Add a method built by ``factory(spec, tokenizer, model_path)``; ``entry`` gives its traits
+    (default: none of them)."""
     METHODS[name] = factory
+    METHOD_REGISTRY[name] = entry or MethodEntry(name)
+
+
+def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
+    """The method's settings from the training config: every field the two share by name, then what is
+    derived (the task's labels, the backbone, the template only for methods that ask a question)."""
+    from topro.models import mlm_head_untrained
+
+    task = get_task(cfg.task)
+    entry = method_entry(cfg.method)
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodSpec) if hasattr(cfg, f.name)}
+    return MethodSpec(**{**shared, "task": task.name, "labels": list(task.labels), "base_model": cfg.model,
+                         "base_model_path": model_path,
+                         "template": (cfg.template or task.default_template) if entry.prompted else None,
+                         "verbalizer": (cfg.verbalizer or task.default_verbalizer) if entry.prompted else None,
+                         "mlm_head_untrained": entry.head == "pretrained_mlm" and bool(mlm_head_untrained(model_path))})
 
 
 def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
@@ -66,9 +69,9 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
     packing = spec.prompt_packing
-    if packing != "per_word" and spec.method not in PACKABLE_METHODS:
+    if packing != "per_word" and not method_entry(spec.method).packable:
         raise ValueError(f"prompt_packing={packing!r}: method {spec.method!r} cannot pack prompts; "
-                         f"only {list(PACKABLE_METHODS)} can")
+                         f"only {packable_methods()} can")
     if tokenizer is None:
         from topro.models import load_tokenizer
 
@@ -93,4 +96,4 @@ def load_checkpoint(folder: str | Path, device=None):
 
 
 __all__ = ["Encoded", "META_FILE", "METHODS", "Method", "MethodSpec", "build_method", "load_checkpoint",
-           "register_method"]
+           "method_spec", "register_method"]

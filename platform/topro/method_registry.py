@@ -1,0 +1,68 @@
+"""Every method by name, with what the rest of topro asks about it; no torch, so configs and pre-checks read it.
+
+One line per method: the class that implements it (an import path, loaded only when a run builds the
+method) and its traits. ``config`` (which methods may pack prompts), ``precheck`` (which names exist),
+``train`` (which methods record a template, which score with the pretrained MLM head) and
+``docs/architecture.md`` read them here. Adding a method: its file in ``methods/``, one line below, its
+test. A third-party method registers at run time with ``topro.methods.register_method`` (which adds a
+line here too).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method's name, implementation and traits."""
+
+    name: str
+    """What ``method:`` says in a train config and ``topro.json`` records."""
+    cls: str = ""
+    """``module:Class`` of the implementation, built as ``Class(spec, tokenizer)``; empty for a method
+    registered with a factory (``register_method``)."""
+    seq2seq_cls: str | None = None
+    """The implementation for encoder-decoder models (mT5), when the method has one."""
+    prompted: bool = False
+    """Asks a templated question per word, so a run records a template and a verbalizer."""
+    packable: bool = False
+    """Can pack a sentence's questions into one row (``prompt_packing`` other than ``per_word``; masked LMs)."""
+    head: Literal["new", "pretrained_mlm"] = "new"
+    """``pretrained_mlm``: scores label words with the pretrained masked-LM head (a run warns when the
+    checkpoint lacks it); ``new``: a freshly initialised classification head."""
+    trains: Literal["whole_model", "part"] = "whole_model"
+    """``part``: trains a few tensors over a named backbone, and its checkpoint holds only those."""
+    unseen_labels: bool = False
+    """A label the training data never showed is still scored as its verbalizer's word under the pretrained
+    head (a new head has only an untrained row for it)."""
+
+    def implementation(self, encoder_decoder: bool = False) -> Any:
+        """The class, imported now (this imports torch)."""
+        path = self.seq2seq_cls if encoder_decoder and self.seq2seq_cls else self.cls
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
+    MethodEntry("vanilla", "topro.methods.vanilla:Vanilla"),
+    MethodEntry("topro", "topro.methods.topro_mlm:ToProMLM", seq2seq_cls="topro.methods.topro_seq2seq:ToProSeq2Seq",
+                prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
+    MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning", trains="part"),
+    MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft", prompted=True, packable=True,
+                head="pretrained_mlm", trains="part", unseen_labels=True),
+)}
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The entry of ``name``; a method registered only by factory has the default traits."""
+    return METHOD_REGISTRY.get(name) or MethodEntry(name)
+
+
+def method_names() -> list[str]:
+    return list(METHOD_REGISTRY)
+
+
+def packable_methods() -> list[str]:
+    return [name for name, entry in METHOD_REGISTRY.items() if entry.packable]
