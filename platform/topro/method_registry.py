@@ -66,3 +66,20 @@ def method_names() -> list[str]:
 
 def packable_methods() -> list[str]:
     return [name for name, entry in METHOD_REGISTRY.items() if entry.packable]
+
+
+TRAIT_COLUMNS = ("prompted", "packable", "head", "trains", "unseen_labels")
+
+
+def traits_table() -> str:
+    """The registry as the Markdown table ``docs/architecture.md`` shows (``tests/test_method_registry.py``
+    keeps the two the same)."""
+    def cell(value: Any) -> str:
+        return "yes" if value is True else "no" if value is False else f"`{value}`"
+
+    rows = ["| method | class | " + " | ".join(TRAIT_COLUMNS) + " |", "| --- " * (len(TRAIT_COLUMNS) + 2) + "|"]
+    for entry in METHOD_REGISTRY.values():
+        classes = " / ".join(f"`{c.removeprefix('topro.methods.').replace(':', '.')}`"
+                             for c in (entry.cls, entry.seq2seq_cls) if c)
+        rows.append(f"| `{entry.name}` | {classes} | " + " | ".join(cell(getattr(entry, t)) for t in TRAIT_COLUMNS) + " |")
+    return "\n".join(rows)

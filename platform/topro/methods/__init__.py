@@ -1,7 +1,7 @@
 """Methods behind one protocol; ``build_method`` picks the implementation.
 
 ``topro.method_registry`` names every method's class and traits (torch-free);
-``METHODS`` maps a name to its factory. ToPro picks its masked-LM or seq2seq
+``register_method`` adds one built by a factory. ToPro picks its masked-LM or seq2seq
 class from the model's config, so ``method: topro`` works for mBERT, XLM-R
 and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
@@ -38,8 +38,9 @@ def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     return entry.implementation(encoder_decoder)(spec, tokenizer)
 
 
-METHODS: dict[str, Factory] = {name: _from_registry for name in METHOD_REGISTRY}
-"""Every method's factory: the registry's classes, and methods registered with ``register_method``."""
+METHODS: dict[str, Factory] = {}
+"""Methods registered at run time with a factory (``register_method``); the registry's own are built from
+their classes."""
 
 
 def register_method(name: str, factory: Factory, entry: MethodEntry | None = None) -> None:
@@ -66,8 +67,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
 
 def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
     """The method of ``spec`` for the model at ``model_path`` (tokenizer loaded from there if not given)."""
-    if spec.method not in METHODS:
-        raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
+    if spec.method not in METHOD_REGISTRY:
+        raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHOD_REGISTRY)}")
     packing = spec.prompt_packing
     if packing != "per_word" and not method_entry(spec.method).packable:
         raise ValueError(f"prompt_packing={packing!r}: method {spec.method!r} cannot pack prompts; "
@@ -76,7 +77,7 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
         from topro.models import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-    return METHODS[spec.method](spec, tokenizer, model_path)
+    return METHODS.get(spec.method, _from_registry)(spec, tokenizer, model_path)
 
 
 def load_checkpoint(folder: str | Path, device=None):
