@@ -489,7 +489,7 @@ def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], flo
     cfg = run.cfg
     eval_method, eval_model = strategy.evaluation()
     dev = evaluate_sentences(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
-                             device=strategy.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
+                             device=strategy.device, dtype=cfg.dtype, max_tokens_per_batch=cfg.max_tokens_per_batch * 2,
                              max_examples=cfg.batch_size * 4)
     # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
     return dev, strategy.average(metric_value(dev, run.selection))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH
 from topro.config import EVAL_DTYPES, ConfigError, check_ranges, load_config
 from topro.config import _at_least as at_least
 
@@ -40,6 +41,8 @@ class EvaluateConfig:
     """First N sentences per language (``None``: all)."""
     viterbi: bool = True
     """For span tasks, also score the best valid IOB2 sequence."""
+    max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH
+    """Padded tokens in one forward pass (the same in every language and with ``parallel``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device (``auto``: CUDA when present)."""
     dtype: EvalDtype = "fp32"
@@ -53,7 +56,8 @@ class EvaluateConfig:
     def problems(self) -> list[tuple[str, str]]:
         required = [(name, f"required (--{name} or {name}=...)") for name in ("checkpoint", "output")
                     if not getattr(self, name)]
-        return required + check_ranges(self, {"max_sentences": at_least(1, optional=True)})
+        return required + check_ranges(self, {"max_sentences": at_least(1, optional=True),
+                                        "max_tokens_per_batch": at_least(1)})
 
 
 def add_parser(sub) -> None:
@@ -73,6 +77,7 @@ def add_parser(sub) -> None:
                    help="split scored in each language (default: the task's final split where it is at hand, "
                         "test for UDPOS, dev for PAN-X; dev otherwise)")
     p.add_argument("--max-sentences", type=int, help="first N sentences per language")
+    p.add_argument("--max-tokens-per-batch", type=int, help="padded tokens in one forward pass")
     p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=EVAL_DTYPES,
@@ -93,7 +98,8 @@ def config_from_args(args) -> EvaluateConfig:
     return load_config(EvaluateConfig, args.config, args.overrides, checkpoint=args.checkpoint,
                        output=args.output, overwrite=args.overwrite or None, tracking_uri=args.tracking_uri,
                        task=args.task, langs=args.langs, data_dir=args.data_dir, split=args.split,
-                       max_sentences=args.max_sentences, viterbi=False if args.no_viterbi else None,
+                       max_sentences=args.max_sentences, max_tokens_per_batch=args.max_tokens_per_batch,
+                       viterbi=False if args.no_viterbi else None,
                        device=args.device, dtype=args.dtype, parallel=args.parallel or None,
                        address=args.address)
 
@@ -156,7 +162,8 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
 
     kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
-                  viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype)
+                  viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype,
+                  max_tokens_per_batch=cfg.max_tokens_per_batch)
     if cfg.parallel:
         from topro.cluster.evaluation import evaluate_checkpoint_parallel
 
