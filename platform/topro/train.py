@@ -49,6 +49,7 @@ from topro.methods.base import count_parameters
 from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
+from topro.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,8 @@ class MethodModule(torch.nn.Module):
 
 
 class LocalStrategy:
-    """Single process: plain AdamW steps with gradient accumulation and clipping.
-
-    The protocol every strategy follows, i.e. what differs between one
-    process, DDP and DeepSpeed: ``rank``/``world_size``/``device``; ``wrap``
-    (a ``MethodModule`` into what the loop calls: itself, a DDP wrapper, a
-    DeepSpeed engine); ``accumulating`` and ``backward_and_step`` (one
-    micro-batch, stepping at an accumulation boundary); ``save_state``/
-    ``load_state`` (resuming), ``save_model`` (the export), ``checkpoint``
-    (after each English dev evaluation), ``average`` (over workers) and
-    ``after_step`` (fault injection).
-    """
+    """Single process: plain AdamW steps with gradient accumulation and clipping (a ``topro.strategy.Strategy``;
+    the Ray strategies reuse its steps and add Ray's part beside it)."""
 
     rank = 0
     world_size = 1
@@ -313,7 +305,7 @@ class Run:
     """The run's description, the first keys of the returned summary."""
 
 
-def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
+def prepare(cfg: TrainConfig, strategy: Strategy) -> Run:
     """Data, method, model, optimizer and schedule for ``cfg`` on ``strategy``'s rank.
 
     The order of the steps is the order in which they draw random numbers (the
@@ -364,7 +356,7 @@ def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
                steps_per_epoch, accum, total_steps, summary)
 
 
-def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: LocalStrategy) -> tuple[int, int]:
+def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: Strategy) -> tuple[int, int]:
     """(optimizer steps per epoch, micro-batches per step) for these examples on ``strategy``'s workers."""
     # The number of batches depends only on the lengths, not on the epoch's shuffle.
     batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
@@ -390,7 +382,7 @@ class Throughput:
     next_line: float = 0.0
 
 
-def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> dict[str, Any]:
+def fit(run: Run, strategy: Strategy, resume_from: Path | None = None) -> dict[str, Any]:
     """Train a prepared run; returns the summary (written to ``output_dir/metrics.json`` by the main rank)."""
     cfg = run.cfg
     strategy.wrap(run.module, run.optimizer, run.scheduler)
@@ -427,7 +419,7 @@ def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> d
     return summary
 
 
-def train_epoch(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, throughput: Throughput) -> bool:
+def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughput: Throughput) -> bool:
     """Train the rest of epoch ``state.epoch`` (all of it unless resumed mid-epoch), evaluating when due
     and at its end; returns whether training stops (early stopping or ``max_steps``)."""
     cfg, state, accum = run.cfg, keeper.state, run.accum
@@ -484,7 +476,7 @@ def train_epoch(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, thr
     return stop
 
 
-def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], float]:
+def evaluate_dev(run: Run, strategy: Strategy) -> tuple[dict[str, Any], float]:
     """English dev scores of the current weights, and the selection metric averaged over workers."""
     cfg = run.cfg
     eval_method, eval_model = strategy.evaluation()
@@ -495,7 +487,7 @@ def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], flo
     return dev, strategy.average(metric_value(dev, run.selection))
 
 
-def evaluate_and_keep(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, train_loss: float,
+def evaluate_and_keep(run: Run, strategy: Strategy, keeper: CheckpointKeeper, train_loss: float,
                       epoch: int) -> bool:
     """Evaluate dev; keep the best; return True when early stopping says stop."""
     task, selection, state = run.task, run.selection, keeper.state
@@ -515,7 +507,7 @@ def evaluate_and_keep(run: Run, strategy: LocalStrategy, keeper: CheckpointKeepe
     return keeper.patience_spent
 
 
-def export_average(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper) -> dict[str, Any]:
+def export_average(run: Run, strategy: Strategy, keeper: CheckpointKeeper) -> dict[str, Any]:
     """``selection: average_*``: load the kept checkpoints' mean, score and export it; returns the summary's
     ``selection`` keys (just ``selection`` for ``best``)."""
     cfg, state = run.cfg, keeper.state
@@ -540,7 +532,7 @@ def export_average(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper) 
     return averaged
 
 
-def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, strategy: Strategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
     """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
 
     ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and

@@ -1,7 +1,8 @@
 """Strategies for the training loop inside Ray Train workers: DDP and DeepSpeed.
 
-Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
-``topro.train.train`` unchanged. What they add:
+Both implement ``topro.strategy.Strategy``: ``topro.train.LocalStrategy``'s steps with ``RayWorker``
+beside them (no chain of subclasses), so the per-worker loop is ``topro.train.train`` unchanged. What
+they add:
 
 - ranks, and averaging over workers (``average``);
 - the wrapper (DDP, a DeepSpeed engine) and its accumulation and step;
@@ -57,8 +58,9 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint-step{step:06d}"
 
 
-class RayStrategy(LocalStrategy):
-    """What DDP and DeepSpeed share inside a Ray Train worker: ranks, reporting, faults."""
+class RayWorker:
+    """Ray's part of a strategy inside a Ray Train worker, beside ``LocalStrategy``'s steps (``class
+    DDPStrategy(RayWorker, LocalStrategy)``): ranks, reporting, checkpoints, faults."""
 
     def __init__(self, cfg: TrainConfig, fault_marker: str | None = None):
         import ray.train.torch
@@ -167,7 +169,7 @@ class RayStrategy(LocalStrategy):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DDPStrategy(RayStrategy):
+class DDPStrategy(RayWorker, LocalStrategy):
     """PyTorch DistributedDataParallel over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
 
     def wrap(self, module, optimizer, scheduler):
@@ -188,7 +190,7 @@ class DDPStrategy(RayStrategy):
             super().save_state(folder)
 
 
-class DeepSpeedStrategy(RayStrategy):
+class DeepSpeedStrategy(RayWorker, LocalStrategy):
     """DeepSpeed ZeRO (stages 0-3) with the loop's torch AdamW and linear schedule."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], fault_marker: str | None = None):
