@@ -111,7 +111,7 @@ def main() -> None:
     for r, part in enumerate(dev_rounds):
         for mode, s in setups.items():
             start = time.perf_counter()
-            predict(s["method"], s["model"], part, max_tokens=args.eval_max_tokens, max_examples=128)
+            predict(s["method"], s["model"], part, max_tokens_per_batch=args.eval_max_tokens, max_examples=128)
             s["eval_s"] += time.perf_counter() - start
 
     rates = {}

@@ -14,6 +14,8 @@ from topro.cli import main
 from topro.config import ConfigError, TrainConfig, load_config
 from topro.methods import load_checkpoint
 
+REPO = Path(__file__).resolve().parent.parent
+
 # vanilla learns visibly in a few steps with the tiny model, so its dev scores are worth comparing
 SMALL_VANILLA = ["max_train_sentences=80", "max_dev_sentences=30", "epochs=2", "max_length=64", "batch_size=8",
                  "learning_rate=3e-3", "eval_langs=[]", "progress=false", "num_threads=1"]
@@ -158,6 +160,22 @@ def test_deepspeed_config_fills_auto_from_the_run():
     assert deepspeed_config(TrainConfig(deepspeed_config="configs/deepspeed/zero3.yaml", dtype="bf16"))["bf16"]["enabled"]
     for stage in range(4):
         assert deepspeed_config(TrainConfig(deepspeed_config=f"zero{stage}"))["zero_optimization"]["stage"] == stage
+
+
+def test_deepspeed_configs_ship_with_the_package(tmp_path, monkeypatch):
+    """Run from any folder (a non-editable install has no repository): the ZeRO configs are package data."""
+    from topro.cluster.strategies import PACKAGED_DEEPSPEED_CONFIGS, deepspeed_config, resolve_deepspeed_config_path
+
+    monkeypatch.chdir(tmp_path)
+    for value in ("zero2", "configs/deepspeed/zero2.yaml"):
+        assert resolve_deepspeed_config_path(value) == PACKAGED_DEEPSPEED_CONFIGS / "zero2.yaml"
+    assert deepspeed_config(TrainConfig(strategy="deepspeed"))["zero_optimization"]["stage"] == 2  # the default
+    (tmp_path / "configs" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "configs" / "deepspeed" / "zero2.yaml").write_text("zero_optimization: {stage: 1}\n")
+    assert deepspeed_config(TrainConfig(deepspeed_config="zero2"))["zero_optimization"]["stage"] == 1  # cwd first
+    for name in ("zero0", "zero1", "zero2", "zero3"):  # the repository's files are the shipped ones
+        shipped = PACKAGED_DEEPSPEED_CONFIGS / f"{name}.yaml"
+        assert (REPO / "configs" / "deepspeed" / f"{name}.yaml").resolve() == shipped
 
 
 def test_deepspeed_config_errors_are_clear(tmp_path):

@@ -34,7 +34,7 @@ def test_shared_prefix_equals_naive(kind):
     if kind == "gemma3":
         assert len(prefix) > 2 * model.config.sliding_window, "prompt should cross the window"
     naive_counts, shared_counts = TokenCounts(), TokenCounts()
-    naive = score_naive(model, prefix, questions, labels, naive_counts, max_batch_tokens=512)
+    naive = score_naive(model, prefix, questions, labels, naive_counts, max_tokens_per_batch=512)
     # Context cached, sentence pending: one forward runs sentence, questions and labels.
     state = encode_shared_prefix(model, prefix[:12], counts=shared_counts)
     shared = score_shared(model, state, questions, labels, shared_counts, pending=prefix[12:])
@@ -45,7 +45,8 @@ def test_shared_prefix_equals_naive(kind):
     assert shared_counts.tokens * 5 < naive_counts.tokens
     # A small token budget splits the questions over several forwards.
     chunked_counts = TokenCounts()
-    chunked = score_shared(model, state, questions, labels, chunked_counts, pending=prefix[12:], max_tokens=120)
+    chunked = score_shared(model, state, questions, labels, chunked_counts, pending=prefix[12:],
+                           max_tokens_per_batch=120)
     torch.testing.assert_close(chunked, naive, atol=1e-8, rtol=1e-10)
     assert chunked_counts.forwards > 2
 
@@ -66,7 +67,7 @@ def test_many_sentences_packed_into_forwards(kind):
     state = encode_shared_prefix(model, context)
     for budget, max_forwards in [(4096, 1), (150, 6)]:
         counts = TokenCounts()
-        got = score_shared_many(model, state, items, labels, counts, max_tokens=budget)
+        got = score_shared_many(model, state, items, labels, counts, max_tokens_per_batch=budget)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-8, rtol=1e-10)
         assert got[-1].shape == (0, len(labels))

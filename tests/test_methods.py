@@ -156,7 +156,7 @@ def test_seq2seq_scores_every_label_and_learns(tiny_mt5, data_dir):
 
 def test_token_budget_batches_cover_everything_within_budget():
     lengths = [5, 50, 7, 12, 33, 8, 90, 3] * 20
-    batches = token_budget_batches(lengths, max_tokens=200, max_examples=16, shuffle=True, seed=1)
+    batches = token_budget_batches(lengths, max_tokens_per_batch=200, max_examples=16, shuffle=True, seed=1)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(lengths)))
     for b in batches:
@@ -167,7 +167,7 @@ def test_token_budget_batches_cover_everything_within_budget():
 
 def test_split_batches_keep_the_global_batch_for_any_number_of_workers():
     lengths = [5, 50, 7, 12, 33, 8, 90, 3] * 20 + [200]
-    batches = token_budget_batches(lengths, max_tokens=400, max_examples=16, shuffle=True, seed=3)
+    batches = token_budget_batches(lengths, max_tokens_per_batch=400, max_examples=16, shuffle=True, seed=3)
     assert split_batches(batches, 0, 1) == batches
     slices = [split_batches(batches, r, 2) for r in range(2)]
     assert len(slices[0]) == len(slices[1])  # collectives stay in step

@@ -169,7 +169,7 @@ def test_long_sentence_is_windowed_over_rows_and_every_word_predicted(request, f
             word = pieces[w]
             assert any(context[i:i + len(word)] == word for i in range(len(context))), (w, sentence.words[w])
     model = float64_model(packed, path)
-    prediction = predict(packed, model, [sentence], max_tokens=300)[0]
+    prediction = predict(packed, model, [sentence], max_tokens_per_batch=300)[0]
     assert not torch.isnan(torch.tensor(prediction.log_probs)).any()
     assert prediction.truncated_words == 0 and prediction.trimmed_prompts > 0
 

@@ -58,12 +58,12 @@ def test_tagger_tags_with_probabilities_from_a_trained_checkpoint(tiny_topro_che
 def test_tagger_token_budget_defaults_by_device_and_changes_no_prediction(tiny_topro_checkpoint, data_dir):
     from topro.serving import Tagger
 
-    assert Tagger.load(str(tiny_topro_checkpoint), device="cpu").max_tokens == 2048
+    assert Tagger.load(str(tiny_topro_checkpoint), device="cpu").max_tokens_per_batch == 2048
     sentences = _unlabelled(load_split("udpos", "de", "dev", data_dir, limit=12))
     outputs = []
     for budget in (256, 8192):
-        tagger = Tagger.load(str(tiny_topro_checkpoint), device="cpu", max_tokens=budget)
-        assert tagger.max_tokens == budget
+        tagger = Tagger.load(str(tiny_topro_checkpoint), device="cpu", max_tokens_per_batch=budget)
+        assert tagger.max_tokens_per_batch == budget
         outputs.append(tagger.tag(sentences))
     small, large = outputs
     for a, b in zip(small, large):

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from topro.config import ConfigError, read_yaml
+from topro.precheck import check_sweep_names
 from topro.sweep_config import grid_size, load_sweep_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,8 +69,9 @@ def test_base_may_be_a_train_config_file(tmp_path):
     ("base.selection_metric=f1", r"selection_metric: 'f1' is not a score of task 'udpos'"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, override, message):
+    """Keys and values are refused when the sweep loads; names (methods, templates, folders) by its pre-check."""
     with pytest.raises(ConfigError, match=message):
-        load_sweep_config(_write(tmp_path, BASE), [override])
+        check_sweep_names(load_sweep_config(_write(tmp_path, BASE), [override]))
 
 
 def test_relative_paths_are_resolved_on_the_driver(tmp_path, monkeypatch, data_dir):

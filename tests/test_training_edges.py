@@ -9,7 +9,8 @@ from topro.cli import main
 def test_shuffled_batches_differ_across_seeds_and_stay_length_homogeneous():
     rng = random.Random(0)
     lengths = [rng.randint(12, 300) for _ in range(400)]  # prompt lengths of a small set: few exact ties
-    runs = [token_budget_batches(lengths, max_tokens=2048, max_examples=8, shuffle=True, seed=s) for s in (1, 2)]
+    runs = [token_budget_batches(lengths, max_tokens_per_batch=2048, max_examples=8, shuffle=True, seed=s)
+            for s in (1, 2)]
     sets = [{frozenset(b) for b in batches} for batches in runs]
     # Sorting by length with shuffled ties gave (nearly) the same batches every epoch.
     assert len(sets[0] & sets[1]) <= 0.2 * len(sets[0])

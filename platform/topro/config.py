@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from topro.method_registry import METHOD_REGISTRY, method_entry, packable_methods
+
 
 EVAL_DTYPES = ("fp32", "bf16", "fp64")
 """Evaluation precisions. ``fp64`` is a reference precision, not a fast one: results then agree across
@@ -237,7 +239,7 @@ class TrainConfig:
                 + self._rosprompt_problems())
 
     def _rosprompt_problems(self) -> list[tuple[str, str]]:
-        lowest = 0 if self.method in ZERO_STEP_METHODS else 1  # epochs: 0 is zero-shot prompting
+        lowest = 0 if method_entry(self.method).zero_step else 1  # epochs: 0 is zero-shot prompting
         message = _at_least(lowest)(self.epochs)
         if message:
             return [("epochs", message)]
@@ -247,17 +249,17 @@ class TrainConfig:
         return [(changed[0], f"applies to method 'rosprompt' only (method is {self.method!r})")] if changed else []
 
     def _unseen_problems(self) -> list[tuple[str, str]]:
-        if self.unseen_labels and self.method in HEAD_METHODS:
+        if self.unseen_labels and not method_entry(self.method).unseen_labels:
             return [("unseen_labels", f"method {self.method!r} labels words with a classification head, which has "
                                       "no trained output row for a label never seen in training (it could only "
                                       "score 0 on it); use a label-word method: "
-                                      f"{', '.join(LABEL_WORD_METHODS)}")]
+                                      f"{', '.join(n for n, e in METHOD_REGISTRY.items() if e.unseen_labels)}")]
         return []
 
     def _packing_problems(self) -> list[tuple[str, str]]:
-        if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
+        if self.prompt_packing != "per_word" and not method_entry(self.method).packable:
             return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
-                                       f"only {list(PACKABLE_METHODS)} (on masked LMs) can")]
+                                       f"only {packable_methods()} (on masked LMs) can")]
         if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
             return [("max_packed_length", f"must be at least max_length={self.max_length}, "
                                           f"got {self.max_packed_length}")]
@@ -267,16 +269,8 @@ class TrainConfig:
         return []
 
 
-PACKABLE_METHODS = ("topro", "topro_soft")
-"""Methods that take ``prompt_packing: sentence``."""
-HEAD_METHODS = ("vanilla", "prompt_tuning")
-"""Methods that label words with a classification head (refuse ``unseen_labels``)."""
-LABEL_WORD_METHODS = ("topro", "topro_soft", "rosprompt")
-ZERO_STEP_METHODS = ("rosprompt",)
-"""Methods that take ``epochs: 0`` (scored with the prompt as initialised: NPPrompt-style zero-shot)."""
 ROSPROMPT_OFF = {"verbalizer_expansion": "none", "label_smoothing": 0.0, "prompt_drift_penalty": 0.0}
 """RoSPrompt's settings at their "off" values; another method refuses any other value."""
-"""Methods that score label words at a mask (take ``unseen_labels``; ``topro`` on masked LMs)."""
 
 
 def _at_least(lo: float, optional: bool = False):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from topro.batching import token_budget_batches
+from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH, MAX_EXAMPLES, token_budget_batches
 from topro.config import EVAL_DTYPES
 from topro.data.readers import Sentence
 from topro.data.tasks import Task, get_task
@@ -45,10 +45,12 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *, max_tokens: int = 8192,
-            max_examples: int = 256, device: torch.device | None = None, dtype: str = "fp32",
-            progress: bool = False, desc: str = "predict") -> list[SentencePrediction]:
-    """Per-word label log-probabilities for every sentence."""
+def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *,
+            max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH, max_examples: int = MAX_EXAMPLES,
+            device: torch.device | None = None, dtype: str = "fp32", progress: bool = False,
+            desc: str = "predict") -> list[SentencePrediction]:
+    """Per-word label log-probabilities for every sentence, in forwards of at most ``max_tokens_per_batch``
+    padded tokens and ``max_examples`` examples."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -59,7 +61,7 @@ def predict(method: Method, model: torch.nn.Module, sentences: list[Sentence], *
     for e in examples:
         out[e.sentence].truncated_words += e.truncated_words
         out[e.sentence].trimmed_prompts += len(e.words) * int(e.trimmed_context)  # packed rows hold several
-    batches = token_budget_batches([e.length for e in examples], max_tokens, max_examples)
+    batches = token_budget_batches([e.length for e in examples], max_tokens_per_batch, max_examples)
     for batch_ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
         chunk = [examples[i] for i in batch_ids]
         batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
@@ -141,9 +143,13 @@ def score_language(task: Task, labels: list[str], sentences: list[Sentence],
 
 
 def evaluate_sentences(method: Method, model, task: Task | str, sentences: list[Sentence], *,
-                       viterbi: bool = True, **predict_kwargs) -> dict[str, Any]:
+                       viterbi: bool = True, max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH,
+                       max_examples: int = MAX_EXAMPLES, device: torch.device | None = None, dtype: str = "fp32",
+                       progress: bool = False, desc: str = "predict") -> dict[str, Any]:
+    """Predict ``sentences`` (as ``predict`` does) and score them."""
     task = get_task(task)
-    predictions = predict(method, model, sentences, **predict_kwargs)
+    predictions = predict(method, model, sentences, max_tokens_per_batch=max_tokens_per_batch,
+                          max_examples=max_examples, device=device, dtype=dtype, progress=progress, desc=desc)
     return score_language(task, method.labels, sentences, predictions, viterbi=viterbi,
                           unseen_labels=unseen_labels_of(method))
 
@@ -179,14 +185,17 @@ def seen_label_view(task: Task, labels: list[str], unseen: list[str], sentences:
 
 
 def evaluate_seen_labels(method: Method, model, task: Task | str, sentences: list[Sentence], *,
-                         viterbi: bool = True, **predict_kwargs) -> dict[str, Any]:
+                         viterbi: bool = True, max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH,
+                         max_examples: int = MAX_EXAMPLES, device: torch.device | None = None,
+                         dtype: str = "fp32") -> dict[str, Any]:
     """English-dev scores for checkpoint selection: with ``unseen_labels`` only the seen labels are predicted
     and scored (``seen_label_view``), as in training; without, ``evaluate_sentences``."""
+    budget = dict(max_tokens_per_batch=max_tokens_per_batch, max_examples=max_examples, device=device, dtype=dtype)
     unseen = unseen_labels_of(method)
     if not unseen:
-        return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+        return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **budget)
     task = get_task(task)
-    predictions = predict(method, model, sentences, **predict_kwargs)
+    predictions = predict(method, model, sentences, **budget)
     seen_sentences, seen_predictions = seen_label_view(task, method.labels, unseen, sentences, predictions)
     return score_language(task, method.labels, seen_sentences, seen_predictions, viterbi=viterbi,
                           keep_predictions=False)
@@ -264,10 +273,14 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
 
 def evaluate_language(method: Method, model, task: Task | str, lang: str, *, data_dir: str | None = None,
                       split: str = "dev", max_sentences: int | None = None, viterbi: bool = True,
-                      **predict_kwargs) -> dict[str, Any]:
+                      max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH, max_examples: int = MAX_EXAMPLES,
+                      device: torch.device | None = None, dtype: str = "fp32", progress: bool = False,
+                      desc: str = "predict") -> dict[str, Any]:
     """Load ``lang``'s split of ``task`` and score the model on it."""
     sentences = load_scored_split(task, lang, split, data_dir, max_sentences)
-    return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+    return evaluate_sentences(method, model, task, sentences, viterbi=viterbi,
+                              max_tokens_per_batch=max_tokens_per_batch, max_examples=max_examples, device=device,
+                              dtype=dtype, progress=progress, desc=desc)
 
 
 def load_scored_split(task: Task | str, lang: str, split: str, data_dir: str | None,
@@ -314,8 +327,8 @@ def resolve_languages(task: Task | str, langs: list[str] | str, data_dir: str | 
 
 def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task: str | None = None,
                         data_dir: str | None = None, split: str = "dev", max_sentences: int | None = None,
-                        viterbi: bool = True, device: str = "auto", dtype: str = "fp32",
-                        progress: bool = True) -> dict[str, Any]:
+                        viterbi: bool = True, device: str = "auto", dtype: str = "fp32", progress: bool = True,
+                        max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> dict[str, Any]:
     """Zero-shot evaluation of a checkpoint on each language, one after another."""
     from topro.methods import load_checkpoint
     from topro.models import pick_device
@@ -334,7 +347,8 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     for lang in tqdm(languages, desc="languages", disable=not progress):
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
-                                          dtype=dtype, progress=progress, desc=lang)
+                                          dtype=dtype, progress=progress, desc=lang,
+                                          max_tokens_per_batch=max_tokens_per_batch)
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
                           extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
 

@@ -10,22 +10,16 @@ use (``epochs=0``, ``learning_rate=nan``) are refused by ``TrainConfig.problems`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 from topro.config import ConfigError, TrainConfig
-from topro.data.loading import DATA_DIR_ENV, resolve_data_dir, split_path
+from topro.data.loading import DATA_DIR_ENV, hub_offline, resolve_data_dir, split_path
 from topro.data.tasks import Task, get_task
+from topro.method_registry import METHOD_REGISTRY, method_names
+from topro.models import TINY
+from topro.sweep_config import checked_combinations, trial_train_config
 
-TINY = "tiny"  # topro.models.TINY, without importing torch
-BUILTIN_METHODS = ("vanilla", "topro", "prompt_tuning", "topro_soft", "rosprompt")  # topro.methods.METHODS holds these
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face hub may not be used (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def data_root(task: Task, data_dir: str | None) -> Path | None:
@@ -145,10 +139,8 @@ def check_names(cfg: TrainConfig) -> None:
         from topro.metrics import resolve_selection_metric
 
         resolve_selection_metric(get_task(cfg.task), cfg.selection_metric)
-    if cfg.method not in BUILTIN_METHODS:  # importing the registry imports torch: only when needed
-        from topro.methods import METHODS
-    if cfg.method not in BUILTIN_METHODS and cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
+    if cfg.method not in METHOD_REGISTRY:  # register_method adds third-party methods to it
+        raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(method_names()))}")
     get_template(cfg.task, cfg.template)
     get_verbalizer(cfg.task, cfg.verbalizer)
     from topro.unseen import expand_unseen_labels
@@ -254,10 +246,28 @@ def check_evaluate(checkpoint: str | Path, langs: list[str] | str, *, task: str 
     return _evaluation_languages(task_name, langs, split, data_dir, max_sentences)
 
 
-def check_sweep(sweep) -> None:
-    """A sweep's data and models, once on the driver (its names and values were checked when it loaded)."""
-    from topro.sweep_config import trial_train_config
+def check_trial_names(train: TrainConfig, where: str) -> None:
+    """Look up what a trial needs by name (task, method, template, verbalizer, model folder)."""
+    try:
+        check_names(train)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    model = train.model
+    if model != TINY and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"{where}: model folder {model!r} does not exist")
 
+
+def check_sweep_names(sweep) -> None:
+    """The names of the base and of every combination of the discrete search space (up to
+    ``sweep_config.MAX_CHECKED_COMBINATIONS``) exist."""
+    check_trial_names(trial_train_config(sweep, {}), f"{sweep.name}: base")
+    for params in checked_combinations(sweep):
+        check_trial_names(trial_train_config(sweep, params), f"{sweep.name}: search_space combination {params}")
+
+
+def check_sweep(sweep) -> None:
+    """A sweep's names, data and models, once on the driver (its keys and values were checked when it loaded)."""
+    check_sweep_names(sweep)
     eval_langs = sweep.eval_langs if sweep.eval_langs is not None else (sweep.base.get("eval_langs") or ["all"])
     def searched(field: str) -> list:
         space = sweep.search_space.get(field, {})

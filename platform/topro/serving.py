@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from topro.batching import MAX_EXAMPLES, default_max_tokens_per_batch
 from topro.data.readers import Sentence
 
 log = logging.getLogger(__name__)
@@ -136,17 +137,6 @@ def words_from_text(text: str) -> list[str]:
     return text.split()
 
 
-def default_max_tokens(device) -> int:
-    """Padded tokens per forward pass when none is given.
-
-    On CPU a smaller pass is faster: 2048 tokens keep a pass's activations in
-    cache, while at 8192 every pass page-faults its buffers in afresh
-    (multilingual-e5-small ToPro, one thread: 4.6 against 3.7 sentences/s).
-    An accelerator wants large passes.
-    """
-    return 2048 if str(device).startswith("cpu") else 8192
-
-
 class Tagger:
     """One loaded checkpoint that tags batches of unlabelled sentences.
 
@@ -155,8 +145,8 @@ class Tagger:
     a time keeps CPU threads from fighting, which the caller arranges.
     """
 
-    def __init__(self, method, model, info: ModelInfo, *, max_tokens: int | None = None, max_examples: int = 256,
-                 viterbi: bool = True):
+    def __init__(self, method, model, info: ModelInfo, *, max_tokens_per_batch: int | None = None,
+                 max_examples: int = MAX_EXAMPLES, viterbi: bool = True):
         from topro.data.tasks import get_task
 
         self.method = method
@@ -164,7 +154,7 @@ class Tagger:
         self.info = info
         self.task = get_task(info.task)
         self.label_index = {label: i for i, label in enumerate(method.labels)}
-        self.max_tokens = max_tokens or default_max_tokens(info.device)
+        self.max_tokens_per_batch = max_tokens_per_batch or default_max_tokens_per_batch(info.device)
         self.max_examples = max_examples
         # Span tasks (IOB2): decode the best valid tag sequence, so no I-X follows O.
         self.viterbi = viterbi and self.task.scheme == "iob2"
@@ -201,7 +191,7 @@ class Tagger:
 
         if not sentences:
             return []
-        predictions = predict(self.method, self.model, sentences, max_tokens=self.max_tokens,
+        predictions = predict(self.method, self.model, sentences, max_tokens_per_batch=self.max_tokens_per_batch,
                               max_examples=self.max_examples)
         out = []
         for sentence, prediction in zip(sentences, predictions):
@@ -289,5 +279,5 @@ def is_registry_or_remote(uri: str | None) -> bool:
 
 
 __all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
-           "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "default_max_tokens", "follows_alias",
+           "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "follows_alias",
            "public_model_info", "registered_version", "words_from_text"]

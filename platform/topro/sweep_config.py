@@ -25,7 +25,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from topro.config import COMMAND_LINE, ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 
@@ -175,20 +175,17 @@ def trial_train_config(cfg: SweepConfig, params: dict[str, Any], **fixed: Any) -
     return from_dict(TrainConfig, data, f"sweep {cfg.name!r} trial {params}")
 
 
-def check_train_config(train: TrainConfig, where: str) -> None:
-    """Look up what a trial needs by name (task, method, template, verbalizer, model folder)."""
-    from topro.precheck import check_names
-
-    try:
-        check_names(train)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    model = train.model
-    if model != "tiny" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-        raise ConfigError(f"{where}: model folder {model!r} does not exist")
-
-
 MAX_CHECKED_COMBINATIONS = 10_000
+
+
+def checked_combinations(cfg: SweepConfig) -> Iterator[dict[str, Any]]:
+    """The parameters of every combination of the discrete dimensions (at most ``MAX_CHECKED_COMBINATIONS``),
+    continuous dimensions at their lower bound: what loading and the pre-check try before any trial runs."""
+    dims = dimensions(cfg)
+    discrete = [d for d in dims if d.discrete]
+    continuous = {d.field: d.values[0] for d in dims if not d.discrete}
+    for combo in itertools.islice(itertools.product(*[d.values for d in discrete]), MAX_CHECKED_COMBINATIONS):
+        yield {**continuous, **{d.field: v for d, v in zip(discrete, combo)}}
 
 
 def validate(cfg: SweepConfig) -> None:
@@ -204,16 +201,9 @@ def validate(cfg: SweepConfig) -> None:
                 raise ConfigError(f"{cfg.name}: select_over: {key!r} is not a TrainConfig field")
     if not cfg.name or any(c in cfg.name for c in "/\\ ") or cfg.name.startswith("."):
         raise ConfigError(f"sweep name {cfg.name!r}: use letters, digits, '-', '_' or '.' (it names a folder)")
-    dims = dimensions(cfg)
-    base = trial_train_config(cfg, {})
-    check_train_config(base, f"{cfg.name}: base")
-    discrete = [d for d in dims if d.discrete]
-    continuous = {d.field: d.values[0] for d in dims if not d.discrete}
-    combos = itertools.islice(itertools.product(*[d.values for d in discrete]), MAX_CHECKED_COMBINATIONS)
-    for combo in combos:
-        params = {**continuous, **{d.field: v for d, v in zip(discrete, combo)}}
-        train = trial_train_config(cfg, params)
-        check_train_config(train, f"{cfg.name}: search_space combination {params}")
+    trial_train_config(cfg, {})
+    for params in checked_combinations(cfg):  # values as their fields take them; names: precheck.check_sweep_names
+        trial_train_config(cfg, params)
 
 
 def grid_size(cfg: SweepConfig) -> int:

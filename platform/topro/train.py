@@ -44,12 +44,13 @@ from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
 from topro.evaluate import autocast_for, evaluate_seen_labels
-from topro.methods import Method, MethodSpec, build_method
+from topro.methods import Method, build_method, method_spec
 from topro.methods.base import count_parameters, hide_unseen_gold
 from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
-from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
-from topro.unseen import expand_unseen_labels, unseen_label_indices
+from topro.models import TINY, load_tokenizer, pick_device, resolve_model_path
+from topro.strategy import Strategy
+from topro.unseen import unseen_label_indices
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,8 @@ class MethodModule(torch.nn.Module):
 
 
 class LocalStrategy:
-    """Single process: plain AdamW steps with gradient accumulation and clipping.
-
-    The protocol every strategy follows, i.e. what differs between one
-    process, DDP and DeepSpeed: ``rank``/``world_size``/``device``; ``wrap``
-    (a ``MethodModule`` into what the loop calls: itself, a DDP wrapper, a
-    DeepSpeed engine); ``accumulating`` and ``backward_and_step`` (one
-    micro-batch, stepping at an accumulation boundary); ``save_state``/
-    ``load_state`` (resuming), ``save_model`` (the export), ``checkpoint``
-    (after each English dev evaluation), ``average`` (over workers) and
-    ``after_step`` (fault injection).
-    """
+    """Single process: plain AdamW steps with gradient accumulation and clipping (a ``topro.strategy.Strategy``;
+    the Ray strategies reuse its steps and add Ray's part beside it)."""
 
     rank = 0
     world_size = 1
@@ -245,35 +237,6 @@ class CheckpointKeeper:
         return self.state.bad_evaluations >= self.patience
 
 
-MLM_HEAD_METHODS = ("topro", "topro_soft", "rosprompt")
-"""Methods that score label words with the pretrained masked-LM head."""
-PROMPTED_METHODS = ("topro", "topro_soft", "rosprompt")
-"""Methods that ask a templated question (and so record a template and verbalizer)."""
-
-
-def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
-    """The method's settings from the training config; only methods that ask a question record a template
-    and verbalizer."""
-    task = get_task(cfg.task)
-    prompted = cfg.method in PROMPTED_METHODS
-    return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
-                      template=(cfg.template or task.default_template) if prompted else None,
-                      verbalizer=(cfg.verbalizer or task.default_verbalizer) if prompted else None,
-                      label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
-                      base_model_path=model_path,
-                      mlm_head_untrained=cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path)),
-                      long_sentences=cfg.long_sentences, window_stride=cfg.window_stride,
-                      prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
-                      packed_word_bias=cfg.packed_word_bias,
-                      prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
-                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement,
-                      unseen_labels=expand_unseen_labels(task, cfg.unseen_labels),
-                      verbalizer_expansion=cfg.verbalizer_expansion, knn_k=cfg.knn_k, knn_aggregate=cfg.knn_aggregate,
-                      label_smoothing=cfg.label_smoothing, label_smoothing_kind=cfg.label_smoothing_kind,
-                      label_smoothing_temperature=cfg.label_smoothing_temperature,
-                      prompt_drift_penalty=cfg.prompt_drift_penalty)
-
-
 def embeddings_frozen(cfg: TrainConfig) -> bool:
     """``cfg.freeze_embeddings``, with ``None`` meaning: frozen unless the model is the random ``tiny``."""
     if cfg.freeze_embeddings is None:
@@ -343,7 +306,7 @@ class Run:
     """The run's description, the first keys of the returned summary."""
 
 
-def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
+def prepare(cfg: TrainConfig, strategy: Strategy) -> Run:
     """Data, method, model, optimizer and schedule for ``cfg`` on ``strategy``'s rank.
 
     The order of the steps is the order in which they draw random numbers (the
@@ -417,7 +380,7 @@ def label_word_summary(method: Method) -> dict[str, Any]:
     return {k: meta[k] for k in ("label_word_sets", "label_word_warnings") if k in meta}
 
 
-def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: LocalStrategy) -> tuple[int, int]:
+def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: Strategy) -> tuple[int, int]:
     """(optimizer steps per epoch, micro-batches per step) for these examples on ``strategy``'s workers."""
     # The number of batches depends only on the lengths, not on the epoch's shuffle.
     batches_per_epoch = len(epoch_batches(cfg, lengths, 0, strategy.rank, strategy.world_size, sizes))
@@ -443,7 +406,7 @@ class Throughput:
     next_line: float = 0.0
 
 
-def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> dict[str, Any]:
+def fit(run: Run, strategy: Strategy, resume_from: Path | None = None) -> dict[str, Any]:
     """Train a prepared run; returns the summary (written to ``output_dir/metrics.json`` by the main rank)."""
     cfg = run.cfg
     strategy.wrap(run.module, run.optimizer, run.scheduler)
@@ -482,7 +445,7 @@ def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> d
     return summary
 
 
-def train_epoch(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, throughput: Throughput) -> bool:
+def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughput: Throughput) -> bool:
     """Train the rest of epoch ``state.epoch`` (all of it unless resumed mid-epoch), evaluating when due
     and at its end; returns whether training stops (early stopping or ``max_steps``)."""
     cfg, state, accum = run.cfg, keeper.state, run.accum
@@ -539,19 +502,19 @@ def train_epoch(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, thr
     return stop
 
 
-def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], float]:
+def evaluate_dev(run: Run, strategy: Strategy) -> tuple[dict[str, Any], float]:
     """English dev scores of the current weights, and the selection metric averaged over workers."""
     cfg = run.cfg
     eval_method, eval_model = strategy.evaluation()
     # With unseen_labels: only the seen labels are predicted and scored, as in training.
     dev = evaluate_seen_labels(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
-                             device=strategy.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
-                             max_examples=cfg.batch_size * 4)
+                               device=strategy.device, dtype=cfg.dtype,
+                               max_tokens_per_batch=cfg.max_tokens_per_batch * 2, max_examples=cfg.batch_size * 4)
     # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
     return dev, strategy.average(metric_value(dev, run.selection))
 
 
-def evaluate_and_keep(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper, train_loss: float,
+def evaluate_and_keep(run: Run, strategy: Strategy, keeper: CheckpointKeeper, train_loss: float,
                       epoch: int) -> bool:
     """Evaluate dev; keep the best; return True when early stopping says stop."""
     task, selection, state = run.task, run.selection, keeper.state
@@ -571,7 +534,7 @@ def evaluate_and_keep(run: Run, strategy: LocalStrategy, keeper: CheckpointKeepe
     return keeper.patience_spent
 
 
-def export_average(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper) -> dict[str, Any]:
+def export_average(run: Run, strategy: Strategy, keeper: CheckpointKeeper) -> dict[str, Any]:
     """``selection: average_*``: load the kept checkpoints' mean, score and export it; returns the summary's
     ``selection`` keys (just ``selection`` for ``best``)."""
     cfg, state = run.cfg, keeper.state
@@ -596,7 +559,7 @@ def export_average(run: Run, strategy: LocalStrategy, keeper: CheckpointKeeper) 
     return averaged
 
 
-def train(cfg: TrainConfig, strategy: LocalStrategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, strategy: Strategy | None = None, resume_from: Path | None = None) -> dict[str, Any]:
     """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
 
     ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and

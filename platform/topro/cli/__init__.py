@@ -1,7 +1,9 @@
 """The ``topro`` command: one module per subcommand, each imported here by name.
 
 Every subcommand reads its settings into a typed dataclass through ``topro.config.load_config``
-(``--config FILE`` plus ``key=value`` overrides; its flags are shorthands for the same fields).
+(``--config FILE`` plus ``key=value`` overrides; its flags are shorthands for the same fields, built
+from the dataclass by ``topro.cli.flags.add_config_flags``: name, type, choices, default and the field's
+docstring as help).
 A subcommand module imports what only its command needs (torch, Ray, MLflow, plotting) inside
 its functions, so ``topro --help`` is quick and one command's missing optional package is named
 when that command runs, not when another does.

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
+from topro.config import _at_least as at_least
+from topro.config import check_ranges, load_config
 from topro.significance import ALPHA, N_RESAMPLES, ComparisonError, Predictions, compare_predictions, \
     comparison_markdown
 
@@ -50,37 +54,74 @@ def load_predictions(ref: str) -> Predictions:
     return Predictions(data["task"], f"{data.get('method', '?')} ({ref[:8]})", data["languages"])
 
 
+@dataclass
+class CompareConfig:
+    """Two evaluated systems and how their per-sentence predictions are compared."""
+
+    run_a: str | None = None
+    """MLflow run id, a results JSON of ``topro evaluate`` (predictions beside it), or a ``topro train`` output
+    folder (its eval.json). Required (the first positional argument)."""
+    run_b: str | None = None
+    """The same for the other system. Required (the second positional argument)."""
+    metric: str | None = None
+    """accuracy, f1 or f1_strict (default: the task's headline)."""
+    langs: str | None = None
+    """Comma-separated languages (default: all, which both must have)."""
+    resamples: int = N_RESAMPLES
+    """Bootstrap resamples."""
+    seed: int = 0
+    """Bootstrap seed."""
+    alpha: float = ALPHA
+    """Significance level."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI for run ids."""
+    output: str | None = None
+    """Also write the comparison as JSON to this file."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        required = [(name, "required (positional, or " + name + "=...)") for name in ("run_a", "run_b")
+                    if not getattr(self, name)]
+        return required + check_ranges(self, {"resamples": at_least(1)})
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="paired bootstrap of two evaluations per language (stored predictions)",
                        description="Compare two evaluated runs on the same sentences: per language, both scores, "
-                                   "the difference, its bootstrap 95%% interval and p-value; no model is run.")
-    p.add_argument("run_a", help="MLflow run id, a results JSON of topro evaluate (predictions beside it), or a "
-                                 "topro train output folder (its eval.json)")
-    p.add_argument("run_b", help="the same for the other system")
-    p.add_argument("--metric", help="accuracy, f1 or f1_strict (default: the task's headline)")
-    p.add_argument("--langs", help="comma-separated languages (default: all, which both must have)")
-    p.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default 0.05)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for run ids")
-    p.add_argument("--output", help="also write the comparison as JSON to this file")
+                                   "the difference, its bootstrap 95% interval and p-value; no model is run. "
+                                   "RUN_A RUN_B come first, then key=value overrides.")
+    p.add_argument("runs", nargs="*", metavar="RUN_A RUN_B",
+                   help="the two systems (run_a, run_b), then key=value overrides of CompareConfig fields")
+    p.add_argument("--config", help="YAML of CompareConfig fields")
+    add_config_flags(p, CompareConfig, [f for f in CompareConfig.__dataclass_fields__ if f not in ("run_a", "run_b")])
     p.set_defaults(func=cmd_compare)
 
 
+def config_from_args(args) -> CompareConfig:
+    """Positional words without ``=`` are the two runs, in order; the others ``key=value`` overrides."""
+    runs = [word for word in args.runs if "=" not in word or Path(word).exists()]
+    overrides = [word for word in args.runs if word not in runs]
+    if len(runs) > 2:
+        raise ComparisonError(f"expected two runs to compare, got {len(runs)}: {' '.join(runs)}")
+    named = dict(zip(("run_a", "run_b"), runs))
+    return load_config(CompareConfig, args.config, overrides, **named, **flag_values(args, CompareConfig))
+
+
 def cmd_compare(args) -> int:
+    return compare(config_from_args(args))
+
+
+def compare(cfg: CompareConfig) -> int:
     from topro import tracking
     from topro.data import get_task
 
-    if args.resamples < 1:
-        raise ComparisonError(f"--resamples must be at least 1, got {args.resamples}")
-    if not all(results_path(r).is_file() for r in (args.run_a, args.run_b)):
-        tracking.configure(args.tracking_uri)  # run ids: MLflow (files need none)
-    a, b = load_predictions(args.run_a), load_predictions(args.run_b)
-    metric = args.metric or get_task(a.task).metric
-    langs = [x for x in args.langs.split(",") if x] if args.langs else None
-    result = compare_predictions(a, b, metric, langs, n_resamples=args.resamples, seed=args.seed, alpha=args.alpha)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
+    if not all(results_path(r).is_file() for r in (cfg.run_a, cfg.run_b)):
+        tracking.configure(cfg.tracking_uri)  # run ids: MLflow (files need none)
+    a, b = load_predictions(cfg.run_a), load_predictions(cfg.run_b)
+    metric = cfg.metric or get_task(a.task).metric
+    langs = [x for x in cfg.langs.split(",") if x] if cfg.langs else None
+    result = compare_predictions(a, b, metric, langs, n_resamples=cfg.resamples, seed=cfg.seed, alpha=cfg.alpha)
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(result, indent=2))
     sys.stdout.write(f"## {a.task}: {a.label} vs {b.label}\n\n" + comparison_markdown(result))
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import ConfigError, check_ranges, load_config
 from topro.config import _at_least as at_least
 from topro.llm.backend_config import BackendConfig
@@ -92,50 +93,22 @@ class EvalLLMConfig(BackendConfig):
                              calibrate=self.calibrate, max_new_tokens=self.max_new_tokens)
 
 
+FLAG_GROUPS = {
+    None: ("task", "model", "langs", "shots", "format", "mode", "seed", "max_sentences", "split", "data_dir",
+           "verbalizer", "length_norm", "calibrate", "max_new_tokens", "output"),
+    "local Hugging Face model": ("device", "dtype", "scoring", "max_tokens_per_batch", "threads"),
+    "OpenAI-compatible server": ("api_model", "api", "concurrency", "timeout", "retries"),
+    "Ray": ("ray", "address", "cpus_per_task"),
+    "MLflow": ("mlflow", "tracking_uri", "experiment"),
+}
+"""Every field's flag, in the groups ``--help`` shows."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML LLM-evaluation config (EvalLLMConfig fields, configs/llm/*.yaml)")
-    p.add_argument("--task", help="task name (udpos, panx)")
-    p.add_argument("--model", help="Hugging Face id, local folder, or http(s) URL of an OpenAI-compatible server")
-    p.add_argument("--langs", help="comma-separated languages, or 'all' (default)")
-    p.add_argument("--shots", type=int, help="K demonstrations from English train (default 0)")
-    p.add_argument("--format", help="prompt format: a name (topro.prompts.formats) or a YAML file (default topro)")
-    p.add_argument("--mode", choices=["score", "generate"],
-                   help="rank label words by log-likelihood, or generate and match (default score)")
-    p.add_argument("--seed", type=int, help="demonstration sampling seed (default 42)")
-    p.add_argument("--max-sentences", type=int, help="first N sentences per language")
-    p.add_argument("--split", help="split (default dev)")
-    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--verbalizer", help="verbalizer name (default: the format's, else the task's)")
-    p.add_argument("--length-norm", action="store_true",
-                   help="score multi-token labels by mean instead of summed token log-prob")
-    p.add_argument("--calibrate", action="store_true",
-                   help="score mode: contextual calibration (divide out the label words' prior, "
-                        "measured on a content-free word)")
-    p.add_argument("--max-new-tokens", type=int, help="generation cap (default from the prompt)")
-    p.add_argument("--output", help="JSON file to write (default outputs/llm/<task>-<method>.json)")
-    local = p.add_argument_group("local Hugging Face model")
-    local.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    local.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    local.add_argument("--scoring", choices=["shared", "naive"],
-                       help="shared-prefix KV cache (default) or naive per-prompt reference")
-    local.add_argument("--max-tokens-per-batch", type=int, help="token budget per forward (default 4096)")
-    local.add_argument("--batch-tokens", type=int, help=argparse.SUPPRESS)  # the old name: refused, naming the new
-    local.add_argument("--threads", type=int, help="torch CPU threads per process")
-    http = p.add_argument_group("OpenAI-compatible server")
-    http.add_argument("--api-model", help="model name on the server (default: its first listed model)")
-    http.add_argument("--api", choices=["auto", "completions", "chat"])
-    http.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
-    http.add_argument("--timeout", type=float, help="seconds per request (default 60)")
-    http.add_argument("--retries", type=int, help="default 4")
-    ray_group = p.add_argument_group("Ray")
-    ray_group.add_argument("--no-ray", action="store_true", help="languages one after another in this process")
-    ray_group.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    ray_group.add_argument("--cpus-per-task", type=float, help="default 1")
-    track = p.add_argument_group("MLflow")
-    track.add_argument("--no-mlflow", action="store_true")
-    track.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    track.add_argument("--experiment", help="default topro-llm")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of EvalLLMConfig fields")
+    add_config_arguments(p, EvalLLMConfig, "configs/llm/*.yaml")
+    for group, fields in FLAG_GROUPS.items():
+        add_config_flags(p.add_argument_group(group) if group else p, EvalLLMConfig, fields)
+    p.add_argument("--batch-tokens", type=int, help=argparse.SUPPRESS)  # the old name: refused, naming the new
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -147,20 +120,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-FLAG_FIELDS = ("task", "model", "langs", "shots", "format", "mode", "seed", "max_sentences", "split", "data_dir",
-               "verbalizer", "max_new_tokens", "output", "device", "dtype", "scoring", "max_tokens_per_batch",
-               "threads", "api_model", "api", "concurrency", "timeout", "retries", "address", "cpus_per_task",
-               "tracking_uri", "experiment")
-"""Flags that set the field of the same name."""
-
-
 def config_from_args(args) -> EvalLLMConfig:
     if args.batch_tokens is not None:
         raise ConfigError("--batch-tokens is now --max-tokens-per-batch (max_tokens_per_batch=N)")
-    switches = {"length_norm": args.length_norm or None, "calibrate": args.calibrate or None,
-                "ray": False if args.no_ray else None, "mlflow": False if args.no_mlflow else None}
-    return load_config(EvalLLMConfig, args.config, args.overrides,
-                       **{name: getattr(args, name) for name in FLAG_FIELDS}, **switches)
+    return load_config(EvalLLMConfig, args.config, args.overrides, **flag_values(args, EvalLLMConfig))
 
 
 def cmd_eval_llm(args) -> int:
@@ -197,7 +160,7 @@ def eval_llm(run: EvalLLMConfig) -> int:
         f"{lang} {r['format_failure_rate']:.3f}" for lang, r in record["languages"].items()))
     print(f"per-language results: {output}")
     if run.mlflow:
-        from topro.llm.tracking import log_llm_run
+        from topro.tracking.llm_runs import log_llm_run
 
         run_id = log_llm_run(record, record["params"], tracking_uri=run.tracking_uri,
                              experiment=run.experiment, json_path=output)

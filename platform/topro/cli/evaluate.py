@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import EVAL_DTYPES, ConfigError, check_ranges, load_config
 from topro.config import _at_least as at_least
 
@@ -40,6 +42,8 @@ class EvaluateConfig:
     """First N sentences per language (``None``: all)."""
     viterbi: bool = True
     """For span tasks, also score the best valid IOB2 sequence."""
+    max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH
+    """Padded tokens in one forward pass (the same in every language and with ``parallel``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device (``auto``: CUDA when present)."""
     dtype: EvalDtype = "fp32"
@@ -53,49 +57,22 @@ class EvaluateConfig:
     def problems(self) -> list[tuple[str, str]]:
         required = [(name, f"required (--{name} or {name}=...)") for name in ("checkpoint", "output")
                     if not getattr(self, name)]
-        return required + check_ranges(self, {"max_sentences": at_least(1, optional=True)})
+        return required + check_ranges(self, {"max_sentences": at_least(1, optional=True),
+                                        "max_tokens_per_batch": at_least(1)})
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="zero-shot evaluation of a checkpoint on many languages",
                        description="Evaluate a checkpoint zero-shot per language. Settings are EvaluateConfig "
                                    "fields: from --config FILE, key=value overrides, or the flags below.")
-    p.add_argument("--config", help="YAML evaluation config (EvaluateConfig fields)")
-    p.add_argument("--checkpoint",
-                   help="checkpoint folder (RUN/checkpoint), or a registered model models:/<name>@<alias> "
-                        "(or models:/<name>/<version>) as `topro serve` takes")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlflow.db in the working directory)")
-    p.add_argument("--task", help="task name (default: the checkpoint's)")
-    p.add_argument("--langs", help="comma-separated languages, or 'all' (default)")
-    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--split", choices=["dev", "test"],
-                   help="split scored in each language (default: the task's final split where it is at hand, "
-                        "test for UDPOS, dev for PAN-X; dev otherwise)")
-    p.add_argument("--max-sentences", type=int, help="first N sentences per language")
-    p.add_argument("--no-viterbi", action="store_true", help="skip valid-IOB2 decoding for span tasks")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=EVAL_DTYPES,
-                   help="evaluation precision; fp64 is a reference precision whose results agree across "
-                        "processes, CPUs and thread counts (slow)")
-    p.add_argument("--parallel", action="store_true", help="one Ray task per language")
-    p.add_argument("--address", help="Ray cluster address for --parallel")
-    p.add_argument("--output", help="JSON file to write (an existing file that an earlier "
-                                    "`topro evaluate` of the same checkpoint did not write, e.g. "
-                                    "the eval.json of `topro train`, is kept unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output whoever wrote it")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of EvaluateConfig fields")
+    add_config_arguments(p, EvaluateConfig, "configs/evaluate/*.yaml")
+    add_config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
 
 def config_from_args(args) -> EvaluateConfig:
     """The flags are shorthands for the fields of the same name (``--no-viterbi``: ``viterbi=false``)."""
-    return load_config(EvaluateConfig, args.config, args.overrides, checkpoint=args.checkpoint,
-                       output=args.output, overwrite=args.overwrite or None, tracking_uri=args.tracking_uri,
-                       task=args.task, langs=args.langs, data_dir=args.data_dir, split=args.split,
-                       max_sentences=args.max_sentences, viterbi=False if args.no_viterbi else None,
-                       device=args.device, dtype=args.dtype, parallel=args.parallel or None,
-                       address=args.address)
+    return load_config(EvaluateConfig, args.config, args.overrides, **flag_values(args, EvaluateConfig))
 
 
 EVALUATE_WRITER = "topro evaluate"
@@ -156,7 +133,8 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
 
     kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
-                  viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype)
+                  viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype,
+                  max_tokens_per_batch=cfg.max_tokens_per_batch)
     if cfg.parallel:
         from topro.cluster.evaluation import evaluate_checkpoint_parallel
 

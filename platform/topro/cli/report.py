@@ -6,38 +6,61 @@ combined per-language CSV, a heatmap and a bar chart by language family, logged 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
+from topro.config import load_config
+
+
+@dataclass
+class ReportConfig:
+    """One sweep's report: which sweep, where its runs are, where the report goes."""
+
+    sweep: str | None = None
+    """Sweep name (its latest parent run) or a parent run id. Required."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``)."""
+    output: str | None = None
+    """Also write the Markdown to this file."""
+    out_dir: str | None = None
+    """Folder for report.md, per_language.csv and the plots (default ``outputs/reports/<sweep>``)."""
+    log: bool = True
+    """Log the report (Markdown, CSV, plots) to the sweep's parent run under ``report/``."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [] if self.sweep else [("sweep", "required (--sweep or sweep=...)")]
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="paper-style table of a sweep (methods x languages, mean ± std over seeds)",
                        description="Build the report of a sweep from its MLflow runs: print it as Markdown and "
                                    "log it (with CSV, heatmap and bar chart) to the sweep's parent run.")
-    p.add_argument("--sweep", required=True, help="sweep name (its latest parent run) or a parent run id")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--output", help="also write the Markdown to this file")
-    p.add_argument("--out-dir", help="folder for report.md, per_language.csv and the plots "
-                                     "(default outputs/reports/<sweep>)")
-    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    add_config_arguments(p, ReportConfig, "the flags below, in a file")
+    add_config_flags(p, ReportConfig)
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
+    return report(load_config(ReportConfig, args.config, args.overrides, **flag_values(args, ReportConfig)))
+
+
+def report(cfg: ReportConfig) -> int:
     from topro import tracking
     from topro.sweep_report import slug, sweep_report
 
-    uri = tracking.configure(args.tracking_uri)
-    out_dir = Path(args.out_dir or Path("outputs") / "reports" / slug(args.sweep).replace("/", "_"))
-    table = sweep_report(args.sweep, log_artifacts=not args.no_log, out_dir=out_dir)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table)
+    uri = tracking.configure(cfg.tracking_uri)
+    out_dir = Path(cfg.out_dir or Path("outputs") / "reports" / slug(cfg.sweep).replace("/", "_"))
+    table = sweep_report(cfg.sweep, log_artifacts=cfg.log, out_dir=out_dir)
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(table)
     sys.stdout.write(table)
     written = sorted(out_dir.glob("*")) if out_dir.is_dir() else []
     if written:
         print(f"\nwrote {len(written)} files to {out_dir}/: " + ", ".join(p.name for p in written))
-    if args.output:
-        print(f"wrote the Markdown to {args.output}")
-    if not args.no_log and written:
+    if cfg.output:
+        print(f"wrote the Markdown to {cfg.output}")
+    if cfg.log and written:
         print(f"logged them to the sweep's parent run (artifacts report/) at {uri}")
     return 0

@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+from topro.cli.flags import add_config_flags, flag_values
 from topro.config import TrainConfig, load_config
 
 log = logging.getLogger("topro")
@@ -15,10 +16,8 @@ def add_parser(sub) -> None:
                        description="Train on the task's English train split, select on English dev. "
                                    "Overrides are key=value pairs of TrainConfig fields, e.g. learning_rate=3e-5.")
     p.add_argument("--config", required=True, help="YAML training config (configs/train/*.yaml)")
-    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--output", help="run folder (writes checkpoint/ and metrics.json)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (same as workers=N)")
-    p.add_argument("--strategy", choices=["local", "ddp", "deepspeed"], help="same as strategy=...")
+    add_config_flags(p, TrainConfig, ["data_dir", "output_dir", "workers", "strategy"],
+                     flag_names={"output_dir": "--output"})
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--on-ray", action="store_true", help="always on Ray Train (strategy local becomes DDP), and "
                                                         "print the summary as JSON: what jobs/train.py runs")
@@ -27,8 +26,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(TrainConfig, args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output,
-                      workers=args.workers, strategy=args.strategy)
+    cfg = load_config(TrainConfig, args.config, args.overrides, **flag_values(args, TrainConfig))
     summary = train_and_evaluate(cfg, address=args.address, on_ray=True if args.on_ray else None)
     if args.on_ray:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}, indent=2))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class LanguageEvaluator:
     """Holds up to ``cache_size`` loaded checkpoints and scores one language per call."""
 
     def __init__(self, device: str = "auto", dtype: str = "fp32", num_threads: int | None = None,
-                 cache_size: int = 1):
+                 cache_size: int = 1, max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH):
         import torch
         import transformers
 
@@ -45,6 +47,7 @@ class LanguageEvaluator:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.dtype, self.cache_size = device, dtype, cache_size
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self.loads = 0
         from topro.cluster.runtime import node_name
@@ -78,7 +81,8 @@ class LanguageEvaluator:
         method, model = self._model(checkpoint)
         start = time.perf_counter()
         result = evaluate_language(method, model, task, lang, device=pick_device(self.device), dtype=self.dtype,
-                                   progress=False, desc=lang, **options)
+                                   max_tokens_per_batch=self.max_tokens_per_batch, progress=False, desc=lang,
+                                   **options)
         return {"lang": lang, "checkpoint": checkpoint, "result": result,
                 "seconds": time.perf_counter() - start, "loads": self.loads, "node": self.node}
 
@@ -117,7 +121,8 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
                                   max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
                                   dtype: str = "fp32", num_workers: int | None = None,
                                   cpus_per_worker: float = 1.0, address: str | None = None,
-                                  progress: bool = True, stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                                  progress: bool = True, stats: dict[str, Any] | None = None,
+                                  max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> list[dict[str, Any]]:
     """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job.
 
     ``stats``, if given, receives ``workers``, ``items`` (checkpoint-language pairs), ``model_loads`` and
@@ -149,7 +154,8 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     # SPREAD: on a multi-node cluster the evaluators go to different nodes where they fit.
     evaluator_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=num_gpus,
                                scheduling_strategy="SPREAD")(LanguageEvaluator)
-    actors = [evaluator_cls.remote(device, dtype, threads) for _ in range(workers)]
+    actors = [evaluator_cls.remote(device, dtype, threads, max_tokens_per_batch=max_tokens_per_batch)
+              for _ in range(workers)]
     holds: dict[int, str | None] = {i: None for i in range(workers)}
     options = {"data_dir": data_dir, "split": split, "max_sentences": max_sentences, "viterbi": viterbi}
     results: list[dict[str, dict[str, Any]]] = [{} for _ in jobs]
@@ -215,12 +221,13 @@ def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str,
                                  task: str | None = None, data_dir: str | None = None, split: str = "dev",
                                  max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
                                  dtype: str = "fp32", progress: bool = True, num_workers: int | None = None,
-                                 cpus_per_worker: float = 1.0, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+                                 cpus_per_worker: float = 1.0, stats: dict[str, Any] | None = None,
+                                 max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> dict[str, Any]:
     """Like ``topro.evaluate.evaluate_checkpoint``, one Ray actor task per language; the same record."""
     langs = langs if isinstance(langs, str) else tuple(langs)
     [record] = evaluate_checkpoints_parallel([EvaluationJob(str(checkpoint), langs, task)], data_dir=data_dir,
                                              split=split, max_sentences=max_sentences, viterbi=viterbi,
                                              device=device, dtype=dtype, num_workers=num_workers,
                                              cpus_per_worker=cpus_per_worker, address=address, progress=progress,
-                                             stats=stats)
+                                             stats=stats, max_tokens_per_batch=max_tokens_per_batch)
     return record

@@ -1,7 +1,8 @@
 """Strategies for the training loop inside Ray Train workers: DDP and DeepSpeed.
 
-Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
-``topro.train.train`` unchanged. What they add:
+Both implement ``topro.strategy.Strategy``: ``topro.train.LocalStrategy``'s steps with ``RayWorker``
+beside them (no chain of subclasses), so the per-worker loop is ``topro.train.train`` unchanged. What
+they add:
 
 - ranks, and averaging over workers (``average``);
 - the wrapper (DDP, a DeepSpeed engine) and its accumulation and step;
@@ -15,7 +16,7 @@ Both follow ``topro.train.LocalStrategy``'s protocol, so the per-worker loop is
 - saving and resuming from such a checkpoint (``save_state``, ``load_state``);
 - fault injection for tests (``fault_step``).
 
-``deepspeed_config`` turns a JSON/YAML file under ``configs/deepspeed/`` into
+``deepspeed_config`` turns a JSON/YAML file (``cluster/deepspeed/`` ships ZeRO 0 to 3) into
 the dict DeepSpeed gets, filling its ``auto`` values from the ``TrainConfig``.
 """
 from __future__ import annotations
@@ -49,15 +50,17 @@ AVERAGED_FLAG = "is_averaged"
 """Reported metric: 1.0 when this evaluation improved the best English dev score, else 0.0."""
 DEEPSPEED_TAG = "state"
 """DeepSpeed checkpoint tag inside each Ray checkpoint (one state per Ray checkpoint)."""
-REPO_ROOT = Path(__file__).resolve().parents[3]
+PACKAGED_DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
+"""The DeepSpeed configs shipped with topro (package data; ``configs/deepspeed/`` links to them)."""
 
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint-step{step:06d}"
 
 
-class RayStrategy(LocalStrategy):
-    """What DDP and DeepSpeed share inside a Ray Train worker: ranks, reporting, faults."""
+class RayWorker:
+    """Ray's part of a strategy inside a Ray Train worker, beside ``LocalStrategy``'s steps (``class
+    DDPStrategy(RayWorker, LocalStrategy)``): ranks, reporting, checkpoints, faults."""
 
     def __init__(self, cfg: TrainConfig, fault_marker: str | None = None):
         import ray.train.torch
@@ -166,7 +169,7 @@ class RayStrategy(LocalStrategy):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DDPStrategy(RayStrategy):
+class DDPStrategy(RayWorker, LocalStrategy):
     """PyTorch DistributedDataParallel over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
 
     def wrap(self, module, optimizer, scheduler):
@@ -187,7 +190,7 @@ class DDPStrategy(RayStrategy):
             super().save_state(folder)
 
 
-class DeepSpeedStrategy(RayStrategy):
+class DeepSpeedStrategy(RayWorker, LocalStrategy):
     """DeepSpeed ZeRO (stages 0-3) with the loop's torch AdamW and linear schedule."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict[str, Any], fault_marker: str | None = None):
@@ -315,16 +318,20 @@ def _direct_access_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter
 # --- DeepSpeed configs --------------------------------------------------------------------------
 
 def resolve_deepspeed_config_path(value: str) -> Path:
-    """A DeepSpeed config file: an absolute path; a path relative to the working directory or the
-    repository; or a bare name such as ``zero3`` for ``configs/deepspeed/zero3.yaml``."""
+    """A DeepSpeed config file: an absolute path; a path relative to the working directory; or one shipped
+    with topro, named bare (``zero3``) or as in the repository (``configs/deepspeed/zero3.yaml``), found
+    in the installed package wherever topro runs from."""
     path = Path(value).expanduser()
     if path.is_absolute():
         candidates = [path]
     else:
+        shipped = Path("configs/deepspeed")
         names = [path]
         if not path.suffix and len(path.parts) == 1:
-            names += [Path("configs/deepspeed") / f"{value}.yaml", Path("configs/deepspeed") / f"{value}.json"]
-        candidates = [base / name for base in dict.fromkeys([Path.cwd(), REPO_ROOT]) for name in names]
+            names += [shipped / f"{value}.yaml", shipped / f"{value}.json"]
+        candidates = [Path.cwd() / name for name in names]
+        candidates += [PACKAGED_DEEPSPEED_CONFIGS / name.name for name in names
+                       if name.parent == shipped and name.suffix in (".yaml", ".json")]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()

@@ -10,6 +10,12 @@ from topro.data.tasks import Task, get_task, language_meta
 DATA_DIR_ENV = "TOPRO_DATA_DIR"
 
 
+def hub_offline() -> bool:
+    """True when the Hugging Face hub may not be used (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """``data_dir`` if given, else ``$TOPRO_DATA_DIR``, else ``None`` (the hub)."""
     value = data_dir or os.environ.get(DATA_DIR_ENV)
@@ -33,8 +39,6 @@ def default_split(task: Task | str, data_dir: str | None = None, langs: list[str
     """What ``topro evaluate`` scores without ``--split``: the task's ``final_split`` (UDPOS: test) when it
     is at hand, else dev (logged). Model selection never calls this: it reads English dev only."""
     import logging
-
-    from topro.precheck import hub_offline
 
     task = get_task(task)
     if task.final_split == "dev":
@@ -74,8 +78,6 @@ def _load_missing_split(task: Task, lang: str, split: str, root: Path, path: Pat
                         limit: int | None) -> list[Sentence]:
     """A split not in the local folder: from the hub where it is reachable, else a message saying where
     it was looked for and how the folder is laid out."""
-    from topro.precheck import hub_offline
-
     have = available_languages(task, split, root)
     layout = f"{root}/{task.name}/{task.file_pattern.format(split='<split>', lang='<lang>')}"
     only_test = f" ({lang} has only a test split in the benchmark)" if lang in task.test_only else ""

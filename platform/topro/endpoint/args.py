@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from topro.batching import MAX_EXAMPLES
 from topro.config import ConfigError, check_ranges, from_dict
 from topro.config import _at_least as at_least
 from topro.llm.backend_config import BackendConfig
@@ -68,7 +69,7 @@ class TaggingArgs:
     """torch threads per replica (default: Ray's OMP_NUM_THREADS, i.e. the replica's num_cpus)."""
     max_tokens_per_batch: int | None = None
     """Padded tokens in one forward pass, at least 128 (default: 2048 on CPU, 8192 on an accelerator)."""
-    max_examples: int = 256
+    max_examples: int = MAX_EXAMPLES
     """Prompts in one forward pass at most."""
     tracking_uri: str | None = None
     """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``, made absolute)."""

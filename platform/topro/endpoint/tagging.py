@@ -318,7 +318,8 @@ class TaggerDeployment:
             return
         # Loaded beside the old model, which keeps answering meanwhile.
         new = await asyncio.to_thread(Tagger.load, old.info.uri, old.info.id, device=self.args.device,
-                                      max_tokens=self.args.max_tokens_per_batch, max_examples=self.args.max_examples)
+                                      max_tokens_per_batch=self.args.max_tokens_per_batch,
+                                      max_examples=self.args.max_examples)
         # One assignment: the next batch uses the new model; a batch already running holds `old` and
         # finishes with it (it is freed when that batch lets go of it).
         resident.tagger = new
@@ -333,7 +334,8 @@ class TaggerDeployment:
 
         uri = self.catalogue.uri_for(model_id)
         tagger = await asyncio.to_thread(Tagger.load, uri, model_id, device=self.args.device,
-                                         max_tokens=self.args.max_tokens_per_batch, max_examples=self.args.max_examples)
+                                         max_tokens_per_batch=self.args.max_tokens_per_batch,
+                                         max_examples=self.args.max_examples)
         return ResidentModel(tagger, self.loaded)
 
     async def _resident_for_request(self) -> ResidentModel:

@@ -196,7 +196,7 @@ class HFBackend:
                 results[i] = self.score(context, s, qs, continuations)
         if items:
             scores = score_shared_many(self.model, state, items, cont_ids, self.counts,
-                                       max_tokens=self.max_tokens_per_batch)
+                                       max_tokens_per_batch=self.max_tokens_per_batch)
             for i, x in zip(packed, scores):
                 results[i] = ScoreResult(x, [len(c) for c in cont_ids])
         return results
@@ -219,7 +219,7 @@ class HFBackend:
             tok = self.tokenizer
             prompts = [tok(context + sentence + q).input_ids for q in questions]
             fn = score_seq2seq_shared if self.scoring == "shared" else score_seq2seq_naive
-            kwargs = {"max_batch_tokens": self.max_tokens_per_batch} if self.scoring == "shared" else {}
+            kwargs = {"max_tokens_per_batch": self.max_tokens_per_batch} if self.scoring == "shared" else {}
             scores = fn(self.model, prompts, cont_ids, self.counts, **kwargs)
             return ScoreResult(scores, [len(c) for c in cont_ids])
         sent_ids, q_ids, labels = self._prompt_ids(context, sentence, questions, continuations)
@@ -240,11 +240,11 @@ class HFBackend:
             group_q = [q_ids[i] for i in rows]
             if self.scoring == "shared":
                 part = score_shared(self.model, state, group_q, cont_ids, self.counts, pending=sent_ids,
-                                    max_tokens=self.max_tokens_per_batch)
+                                    max_tokens_per_batch=self.max_tokens_per_batch)
             else:
                 prefix = self.bos + self.ids(context) + sent_ids
                 part = score_naive(self.model, prefix, group_q, cont_ids, self.counts,
-                                   max_batch_tokens=self.max_tokens_per_batch)
+                                   max_tokens_per_batch=self.max_tokens_per_batch)
             scores[rows] = part
         return ScoreResult(scores, [len(c) for c in labels[0]])
 

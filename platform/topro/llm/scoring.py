@@ -326,10 +326,10 @@ def _normalise_item(prefix: SharedPrefixCache | None, item: ScoringItem):
 
 @torch.inference_mode()
 def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[ScoringItem], labels: list[list[int]],
-                      counts: TokenCounts | None = None, *, max_tokens: int = 4096,
+                      counts: TokenCounts | None = None, *, max_tokens_per_batch: int = 4096,
                       max_logit_floats: int = 64_000_000) -> list[torch.Tensor]:
     """`score_shared` for several sentences after the same cached prefix: as
-    many whole sentences as fit in `max_tokens` share one forward (a forward
+    many whole sentences as fit in `max_tokens_per_batch` share one forward (a forward
     costs at least one read of the weights, however few its tokens), each
     seeing only the prefix and itself. A sentence too large for one forward
     is scored alone, its questions spread over several forwards."""
@@ -348,19 +348,19 @@ def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[Scori
         item_prefix, pending, questions = _normalise_item(prefix, item)
         size = len(pending) + sum(len(q) + extra for q in questions)
         kept = len(questions) * (1 + extra)
-        if item_prefix is prefix and prefix is not None and size <= max_tokens \
+        if item_prefix is prefix and prefix is not None and size <= max_tokens_per_batch \
                 and kept * vocab <= max_logit_floats:
             packable.append((i, pending, questions))
         else:
             results[i] = _score_alone(model, item_prefix, pending, questions, labels, counts,
-                                      max_tokens, max_logit_floats)
+                                      max_tokens_per_batch, max_logit_floats)
     while packable:
         tree, size, kept, members = _Tree(), 0, 0, []
         while packable:
             i, pending, questions = packable[0]
             s = len(pending) + sum(len(q) + extra for q in questions)
             k = len(questions) * (1 + extra)
-            if members and (size + s > max_tokens or (kept + k) * vocab > max_logit_floats):
+            if members and (size + s > max_tokens_per_batch or (kept + k) * vocab > max_logit_floats):
                 break
             packable.pop(0)
             tree.add_sentence(i, pending, prefix.length, dict(enumerate(questions)), labels)
@@ -374,8 +374,8 @@ def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[Scori
     return results
 
 
-def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens, max_logit_floats):
-    """One sentence; questions beyond `max_tokens` go to further forwards
+def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens_per_batch, max_logit_floats):
+    """One sentence; questions beyond `max_tokens_per_batch` go to further forwards
     against the cache of prefix + pending."""
     vocab = _vocab_size(model)
     extra = sum(len(l) - 1 for l in labels)
@@ -388,7 +388,8 @@ def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens, 
         size = len(pending)
         while todo:
             cost = len(questions[todo[0]]) + extra
-            if group and ((size + cost) > max_tokens or (len(group) + 1) * (1 + extra) * vocab > max_logit_floats):
+            if group and ((size + cost) > max_tokens_per_batch
+                          or (len(group) + 1) * (1 + extra) * vocab > max_logit_floats):
                 break
             qn = todo.pop(0)
             group[qn] = questions[qn]
@@ -409,7 +410,7 @@ def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens, 
 @torch.inference_mode()
 def score_shared(model, prefix: SharedPrefixCache | None, questions: list[list[int]], labels: list[list[int]],
                  counts: TokenCounts | None = None, *, pending: list[int] | tuple = (),
-                 max_tokens: int = 4096, max_logit_floats: int = 64_000_000) -> torch.Tensor:
+                 max_tokens_per_batch: int = 4096, max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """log p(label_j | prefix + pending + question_i), summed over label tokens:
     [n_questions, n_labels].
 
@@ -418,7 +419,7 @@ def score_shared(model, prefix: SharedPrefixCache | None, questions: list[list[i
     the pending tokens, every question and every label's tokens as a tree:
     a 4-D mask lets each see only its own ancestors, explicit positions place
     each label right after its question, and logits are taken only where a
-    label token is predicted. Questions beyond `max_tokens` go to further
+    label token is predicted. Questions beyond `max_tokens_per_batch` go to further
     forwards against the cache of prefix + pending."""
     if not questions:
         return torch.zeros(0, len(labels))
@@ -427,12 +428,12 @@ def score_shared(model, prefix: SharedPrefixCache | None, questions: list[list[i
         raise ValueError("every label needs at least one token")
     counts = counts if counts is not None else TokenCounts()
     item_prefix, pending, questions = _normalise_item(prefix, ScoringItem(list(pending), questions))
-    return _score_alone(model, item_prefix, pending, questions, labels, counts, max_tokens, max_logit_floats)
+    return _score_alone(model, item_prefix, pending, questions, labels, counts, max_tokens_per_batch, max_logit_floats)
 
 
 @torch.inference_mode()
 def score_naive(model, prefix_ids: list[int], questions: list[list[int]], labels: list[list[int]],
-                counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
+                counts: TokenCounts | None = None, max_tokens_per_batch: int = 4096,
                 max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """Reference: every prompt prefix + question_i + label_j runs in full
     through the model's own (2-D mask) path. Same output as `score_shared`."""
@@ -452,7 +453,7 @@ def score_naive(model, prefix_ids: list[int], questions: list[list[int]], labels
             nxt = prompts[k + len(chunk)]
             rows, longest = len(chunk) + 1, length[nxt]
             width = max(len(labels[p[1]]) for p in chunk + [nxt]) + 1
-            if rows * longest > max_batch_tokens or rows * width * vocab > max_logit_floats:
+            if rows * longest > max_tokens_per_batch or rows * width * vocab > max_logit_floats:
                 break
             chunk.append(nxt)
         k += len(chunk)
@@ -518,7 +519,7 @@ def _decoder_logprobs(logits: torch.Tensor, labels: list[list[int]], rows_per_la
 
 @torch.inference_mode()
 def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]],
-                         counts: TokenCounts | None = None, max_batch_tokens: int = 4096,
+                         counts: TokenCounts | None = None, max_tokens_per_batch: int = 4096,
                          max_logit_floats: int = 64_000_000) -> torch.Tensor:
     """Encoder-decoder models: each prompt (prefix + question, the encoder is
     bidirectional so nothing is shared across questions) is encoded once; its
@@ -528,7 +529,7 @@ def score_seq2seq_shared(model, prompts: list[list[int]], labels: list[list[int]
     pad = model.config.pad_token_id
     dec_in, dec_mask = _decoder_batch(model, labels)
     result = torch.zeros(len(prompts), len(labels))
-    step = max(1, max_batch_tokens // max(max(len(p) for p in prompts) + dec_in.shape[1] * len(labels), 1))
+    step = max(1, max_tokens_per_batch // max(max(len(p) for p in prompts) + dec_in.shape[1] * len(labels), 1))
     # The decoder's logits (prompts x labels x steps x vocabulary) count too: mT0's is 250k wide.
     step = max(1, min(step, max_logit_floats // max(1, len(labels) * dec_in.shape[1] * _vocab_size(model))))
     for s in range(0, len(prompts), step):

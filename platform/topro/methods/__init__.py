@@ -1,19 +1,25 @@
 """Methods behind one protocol; ``build_method`` picks the implementation.
 
-The registry maps a method name to a factory. ToPro picks its masked-LM or
-seq2seq implementation from the model's config, so ``method: topro`` works
-for mBERT, XLM-R and mT5 alike. ``prompt_tuning``, ``topro_soft`` and ``rosprompt`` train a
+``topro.method_registry`` names every method's class and traits (torch-free);
+``register_method`` adds one built by a factory. ToPro picks its masked-LM or seq2seq
+class from the model's config, so ``method: topro`` works for mBERT, XLM-R
+and mT5 alike. ``prompt_tuning``, ``topro_soft`` and ``rosprompt`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
 and name the backbone, which ``load_model`` fetches (see ``trained_only``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
 
-from topro.config import PACKABLE_METHODS
+from topro.config import TrainConfig
+from topro.data.tasks import get_task
+from topro.method_registry import METHOD_REGISTRY, MethodEntry, method_entry, packable_methods
 from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
+
+Factory = Callable[[MethodSpec, object, str], Method]
 
 
 def _is_seq2seq(model_path: str) -> bool:
@@ -22,70 +28,62 @@ def _is_seq2seq(model_path: str) -> bool:
     return bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
 
 
-def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    if _is_seq2seq(model_path):
-        if spec.prompt_packing != "per_word":
-            raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
-                             f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
-        if spec.unseen_labels:
-            raise ValueError(f"unseen_labels={spec.unseen_labels}: method 'topro' on the encoder-decoder "
-                             f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
-                             "word cannot leave its training softmax; use a masked LM")
-        from topro.methods.topro_seq2seq import ToProSeq2Seq
-
-        return ToProSeq2Seq(spec, tokenizer)
-    from topro.methods.topro_mlm import ToProMLM
-
-    return ToProMLM(spec, tokenizer)
+def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    """The registry's class for ``spec.method`` (its encoder-decoder class on an encoder-decoder model)."""
+    entry = METHOD_REGISTRY[spec.method]
+    encoder_decoder = entry.seq2seq_cls is not None and _is_seq2seq(model_path)
+    if encoder_decoder and spec.prompt_packing != "per_word":
+        raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method {spec.method!r} on the "
+                         f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+    if encoder_decoder and spec.unseen_labels:
+        raise ValueError(f"unseen_labels={spec.unseen_labels}: method {spec.method!r} on the encoder-decoder "
+                         f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
+                         "word cannot leave its training softmax; use a masked LM")
+    return entry.implementation(encoder_decoder)(spec, tokenizer)
 
 
-def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.vanilla import Vanilla
-
-    return Vanilla(spec, tokenizer)
-
-
-def _prompt_tuning(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.prompt_tuning import PromptTuning
-
-    return PromptTuning(spec, tokenizer)
+METHODS: dict[str, Factory] = {}
+"""Methods registered at run time with a factory (``register_method``); the registry's own are built from
+their classes."""
 
 
-def _topro_soft(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    from topro.methods.topro_soft import ToProSoft
-
-    return ToProSoft(spec, tokenizer)
-
-
-def _rosprompt(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    # masked LMs only: a tokenizer without a mask token (T5) is refused by ToPro's cloze it builds on
-    from topro.methods.rosprompt import RoSPrompt
-
-    return RoSPrompt(spec, tokenizer)
-
-
-METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {
-    "vanilla": _vanilla, "topro": _topro, "prompt_tuning": _prompt_tuning, "topro_soft": _topro_soft,
-    "rosprompt": _rosprompt}
-
-
-def register_method(name: str, factory: Callable[[MethodSpec, object, str], Method]) -> None:
+def register_method(name: str, factory: Factory, entry: MethodEntry | None = None) -> None:
+    """Add a method built by ``factory(spec, tokenizer, model_path)``; ``entry`` gives its traits
+    (default: none of them)."""
     METHODS[name] = factory
+    METHOD_REGISTRY[name] = entry or MethodEntry(name)
+
+
+def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
+    """The method's settings from the training config: every field the two share by name, then what is
+    derived (the task's labels, the backbone, the template only for methods that ask a question)."""
+    from topro.models import mlm_head_untrained
+    from topro.unseen import expand_unseen_labels
+
+    task = get_task(cfg.task)
+    entry = method_entry(cfg.method)
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodSpec) if hasattr(cfg, f.name)}
+    return MethodSpec(**{**shared, "task": task.name, "labels": list(task.labels), "base_model": cfg.model,
+                         "unseen_labels": expand_unseen_labels(task, cfg.unseen_labels),
+                         "base_model_path": model_path,
+                         "template": (cfg.template or task.default_template) if entry.prompted else None,
+                         "verbalizer": (cfg.verbalizer or task.default_verbalizer) if entry.prompted else None,
+                         "mlm_head_untrained": entry.head == "pretrained_mlm" and bool(mlm_head_untrained(model_path))})
 
 
 def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
     """The method of ``spec`` for the model at ``model_path`` (tokenizer loaded from there if not given)."""
-    if spec.method not in METHODS:
-        raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHODS)}")
+    if spec.method not in METHOD_REGISTRY:
+        raise ValueError(f"unknown method {spec.method!r}; known methods: {sorted(METHOD_REGISTRY)}")
     packing = spec.prompt_packing
-    if packing != "per_word" and spec.method not in PACKABLE_METHODS:
+    if packing != "per_word" and not method_entry(spec.method).packable:
         raise ValueError(f"prompt_packing={packing!r}: method {spec.method!r} cannot pack prompts; "
-                         f"only {list(PACKABLE_METHODS)} can")
+                         f"only {packable_methods()} can")
     if tokenizer is None:
         from topro.models import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-    return METHODS[spec.method](spec, tokenizer, model_path)
+    return METHODS.get(spec.method, _from_registry)(spec, tokenizer, model_path)
 
 
 def load_checkpoint(folder: str | Path, device=None):
@@ -105,4 +103,4 @@ def load_checkpoint(folder: str | Path, device=None):
 
 
 __all__ = ["Encoded", "META_FILE", "METHODS", "Method", "MethodSpec", "build_method", "load_checkpoint",
-           "register_method"]
+           "method_spec", "register_method"]

@@ -2,7 +2,8 @@
 
 ``runs``: the tracking URI, a sweep's parent and trial runs, their params, metrics and evaluations.
 ``registry``: registering checkpoints under aliases, and resolving ``models:/`` and ``runs:/`` URIs to
-local folders. ``metric_names``: the names metrics and params are logged under. Everything public is
+local folders. ``metric_names``: the names metrics and params are logged under. ``llm_runs``: one LLM
+evaluation as a run (imported by ``topro eval-llm --track`` itself). Everything public is
 re-exported here, so callers write ``from topro import tracking`` and ``tracking.<name>``.
 """
 from topro.tracking.metric_names import (TRAINING_METRIC_KEYS, TRAINING_METRIC_PREFIXES, evaluation_metrics,

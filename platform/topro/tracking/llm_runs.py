@@ -1,4 +1,4 @@
-"""MLflow logging of one LLM evaluation run (the lead may fold this into topro.tracking).
+"""MLflow logging of one LLM evaluation run (`topro eval-llm --track`).
 
 Params: the run configuration (`LLMEvalConfig` plus the method name and the
 demonstrations). Metrics: the task's headline metric, accuracy and the
