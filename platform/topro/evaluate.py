@@ -197,15 +197,16 @@ def write_results(path: str | Path, record: dict[str, Any]) -> Path:
     if predictions:
         summary["predictions_file"] = predictions_path(path).name
         write_json(predictions_path(path), {"task": record["task"], "method": record["method"],
-                                            "split": record.get("split"), "languages": predictions})
+                                            "split": record.get("split"), "languages": predictions},
+                   site="eval_predictions")
     return write_json(path, summary)
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    return path
+def write_json(path: str | Path, data: dict[str, Any], site: str = "eval_results") -> Path:
+    """``data`` as JSON at ``path``, atomically (``site``: see ``topro.atomic.SITES``)."""
+    from topro import atomic
+
+    return atomic.write_json(path, data, site, ensure_ascii=False)
 
 
 def evaluate_language(method: Method, model, task: Task | str, lang: str, *, data_dir: str | None = None,

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from topro import atomic
 from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
@@ -156,9 +157,19 @@ class LocalStrategy:
         return value
 
     def save_model(self, folder: Path) -> None:
-        """The consolidated export (safetensors + tokenizer + topro.json) that evaluation and serving load."""
+        """The consolidated export (safetensors + tokenizer + topro.json with each weight file's size and
+        sha256) that evaluation and serving load, written into ``folder``."""
         if self.is_main:
+            from topro.checkpoint_files import record_weights
+
             self.module.method.save(self.plain_model, folder)
+            record_weights(folder)
+
+    def export(self) -> None:
+        """The export, published atomically as ``export_dir`` (a link to ``checkpoint.vN``): the previous
+        best stays whole until the new one is complete."""
+        with atomic.staged_folder(self.export_dir, "checkpoint_export", needed=state_bytes(self.plain_model)) as tmp:
+            self.save_model(tmp)
 
     def save_state(self, folder: Path) -> None:
         """Model, optimizer and scheduler state, for resuming."""
@@ -174,11 +185,16 @@ class LocalStrategy:
     def checkpoint(self, state: "LoopState", record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
         """After an English dev evaluation (or the averaging, ``averaged``): keep the model if it is the
         new best (Ray strategies also checkpoint and report here)."""
-        if improved:
-            self.save_model(self.export_dir)
+        if improved and self.is_main:
+            self.export()
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s state dict (what an export writes, give or take the tokenizer)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 @dataclass
@@ -203,7 +219,7 @@ class LoopState:
         return state
 
     def save(self, folder: Path) -> None:
-        (folder / "loop_state.json").write_text(json.dumps(self.__dict__, indent=2))
+        atomic.write_json(folder / "loop_state.json", self.__dict__, "loop_state")
 
     def micro_batches_done(self, steps_per_epoch: int, accum: int) -> int:
         """Micro-batches of the current epoch already trained (a checkpoint taken mid-epoch)."""
@@ -447,7 +463,7 @@ def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> d
         **averaged,
     }
     if strategy.is_main:
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic.write_json(Path(cfg.output_dir) / "metrics.json", summary, "metrics")
     return summary
 
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from topro import atomic
 from topro.significance import ALPHA, N_RESAMPLES, ComparisonError, Predictions, compare_predictions, \
     comparison_markdown
 
@@ -81,6 +82,6 @@ def cmd_compare(args) -> int:
     result = compare_predictions(a, b, metric, langs, n_resamples=args.resamples, seed=args.seed, alpha=args.alpha)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        atomic.write_json(args.output, result, "report_text")
     sys.stdout.write(f"## {a.task}: {a.label} vs {b.label}\n\n" + comparison_markdown(result))
     return 0

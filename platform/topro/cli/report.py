@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from topro import atomic
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="paper-style table of a sweep (methods x languages, mean ± std over seeds)",
@@ -31,7 +33,7 @@ def cmd_report(args) -> int:
     table = sweep_report(args.sweep, log_artifacts=not args.no_log, out_dir=out_dir)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(table)
+        atomic.write_text(args.output, table, "report_text")
     sys.stdout.write(table)
     written = sorted(out_dir.glob("*")) if out_dir.is_dir() else []
     if written:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topro import atomic
 from topro import tracking
 from topro.cluster.sweep_faults import kill_driver_if_asked, note_driver_pid
 from topro.cluster.sweep_registry import register_champions
@@ -66,8 +67,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
     parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
                                       run_id=state.get("parent_run_id"), artifact_location=sweep.artifact_location)
     TrialSpool(experiment_dir / SPOOL_FILE).replay(force=True)  # what an earlier run could not write
-    state_file.write_text(json.dumps({"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
-                                      "experiment": experiment}, indent=2, default=str))
+    atomic.write_json(state_file, {"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
+                                   "experiment": experiment}, "sweep_state", default=str)
     summary = {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
                "experiment_dir": str(experiment_dir)}
     try:

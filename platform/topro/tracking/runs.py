@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topro import atomic
 from topro.tracking.metric_names import evaluation_metrics, flat_params, is_finite_number
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,10 @@ def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLi
     folder.mkdir(parents=True, exist_ok=True)
     if predictions:
         record["predictions_file"] = PREDICTIONS_FILE
-        (folder / PREDICTIONS_FILE).write_text(json.dumps(
-            {"task": record["task"], "method": record["method"], "split": record.get("split"),
-             "languages": predictions}, ensure_ascii=False))
-    (folder / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        atomic.write_json(folder / PREDICTIONS_FILE, {"task": record["task"], "method": record["method"],
+                                                      "split": record.get("split"), "languages": predictions},
+                          "tracking_eval", indent=None, ensure_ascii=False)
+    atomic.write_json(folder / "eval.json", record, "tracking_eval", ensure_ascii=False)
     reports.write_csv(reports.language_rows(record), folder / "per_language.csv")
     reports.plot_language_bars({record["method"]: {k: v[record["metric"]] for k, v in record["languages"].items()}},
                                folder / "per_language_by_family.png", metric=record["metric"],
