@@ -135,7 +135,7 @@ ALLOWED = {
     ("methods/topro_soft.py", "save"),
     # Into a temporary path the helper commits (atomic.staged_file / staged_folder):
     ("reports.py", "plot_language_bars"), ("reports.py", "plot_heatmap"), ("train.py", "export"),
-    ("train.py", "save_state"),
+    ("train.py", "save_state"), ("train.py", "save_resumable"),
     # Into a Ray checkpoint's temporary folder, which ray.train.report commits (Ray's own atomic upload):
     ("cluster/strategies.py", "checkpoint"), ("cluster/strategies.py", "save_model"),
     # The tiny model's own atomic publish (mkdtemp + os.replace of the whole folder):

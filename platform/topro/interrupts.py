@@ -56,14 +56,19 @@ class StopRequests:
         return time.monotonic() - self.since if self.since is not None else 0.0
 
     def __enter__(self) -> "StopRequests":
+        global _active
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+            _active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if _active is self:
+            _active = NEVER
 
     def interrupted(self, message: str) -> Interrupted:
         name = signal.Signals(self.signum).name if self.signum else "signal"
@@ -71,4 +76,21 @@ class StopRequests:
 
 
 NEVER = StopRequests()
-"""A request that never comes (Ray workers: the driver handles signals)."""
+"""A request that never comes (no command is listening: signals act as they always do)."""
+_active = NEVER
+
+
+def active() -> StopRequests:
+    """The stop requests of the command running now (``NEVER`` outside a ``StopRequests`` block)."""
+    return _active
+
+
+def resume_command() -> str:
+    """The command line that started this process, as the user would type it again."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith(("topro", "__main__.py")) or argv[0] == "-m"):
+        return "topro " + shlex.join(argv[1:])
+    return shlex.join(argv)

@@ -59,6 +59,8 @@ def checkpoint_dir_name(step: int) -> str:
 class RayStrategy(LocalStrategy):
     """What DDP and DeepSpeed share inside a Ray Train worker: ranks, reporting, faults."""
 
+    resumable = False  # resumes from Ray Train checkpoints, not output_dir/state
+
     def __init__(self, cfg: TrainConfig, fault_marker: str | None = None):
         import ray.train.torch
 
