@@ -142,6 +142,8 @@ ALLOWED = {
     ("models.py", "build_tiny_model"),
     # Temporary folders handed to MLflow and deleted after upload (not state a later command reads):
     ("llm/tracking.py", "log_llm_run"),
+    # The lock file that serialises a new SQLite store's schema creation (empty, not state):
+    ("tracking/runs.py", "create_sqlite_store_once"),
     # Ray head/worker log files (append-only logs, not state):
     ("cluster/local_cluster.py", "_ray_start"),
     # The helper's own write into a staged folder (fault injection's partial file):

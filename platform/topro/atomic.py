@@ -133,9 +133,27 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
-def _write_error(err: OSError, target: Path, needed: int | None) -> Exception:
+def _errno_of(err: BaseException, target: Path, needed: int | None) -> int | None:
+    """The errno behind a failed write. Writers that wrap the OS error (safetensors' ``SafetensorError``,
+    torch's ``PytorchStreamWriter`` RuntimeError) lose it: their message, or a filesystem with less free
+    space than the save needs, tells."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno
+    text = str(err)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return errno.ENOSPC
+    if "Permission denied" in text or "Read-only file system" in text:
+        return errno.EACCES
+    free = free_bytes(target.parent)
+    if needed and free is not None and free < needed:
+        return errno.ENOSPC
+    return None
+
+
+def _write_error(err: BaseException, target: Path, needed: int | None) -> BaseException:
     """``err`` as one clear line when it is a lack of space or permission; else ``err`` itself."""
-    if err.errno in NO_SPACE:
+    code = _errno_of(err, target, needed) if isinstance(err, Exception) else None
+    if code in NO_SPACE:
         free = free_bytes(target.parent)
         need = f"about {human_bytes(needed)}" if needed else "more space"
         left = f"{human_bytes(free)} free" if free is not None else "free space unknown"
@@ -143,9 +161,9 @@ def _write_error(err: OSError, target: Path, needed: int | None) -> Exception:
             f"no space left on device writing {target}: it needs {need}, {left} on that filesystem; "
             f"nothing was overwritten (the last complete export and resumable state are intact): free "
             f"space and rerun the same command to continue")
-    if err.errno in REFUSED:
+    if code in REFUSED:
         return StateWriteError(
-            f"cannot write {target}: {os.strerror(err.errno)}; nothing was overwritten: make the folder "
+            f"cannot write {target}: {os.strerror(code)}; nothing was overwritten: make the folder "
             f"writable (or choose another --output) and rerun the same command")
     return err
 
@@ -168,12 +186,12 @@ def staged_file(path: str | Path, site: str, needed: int | None = None) -> Itera
         _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise _write_error(err, path, needed) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        clear = _write_error(err, path, needed)
+        if clear is err:
+            raise
+        raise clear from err
 
 
 def write_bytes(path: str | Path, data: bytes, site: str) -> Path:
@@ -252,12 +270,14 @@ def staged_folder(target: str | Path, site: str, needed: int | None = None) -> I
                 _fsync_file(file)
         fsync_dir(tmp)
         _publish(tmp, target)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(err, target, needed or folder_bytes(current_version(target))) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(err, StateWriteError):
+            raise  # a file staged inside this folder already said it
+        clear = _write_error(err, target, needed or folder_bytes(current_version(target)))
+        if clear is err:
+            raise
+        raise clear from err
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -339,8 +359,8 @@ class RunLock:
     over. A lock of another host cannot be checked: the message says to remove it if that run is over.
     """
 
-    def __init__(self, folder: str | Path, what: str = "run"):
-        self.path = Path(folder) / LOCK_FILE
+    def __init__(self, folder: str | Path, what: str = "run", file_name: str = LOCK_FILE):
+        self.path = Path(folder) / file_name
         self.what = what
         self.held = False
 

@@ -68,9 +68,10 @@ def cmd_sweep(args) -> int:
         # forwarding, so none prints after (and interleaves with) the summary below.
         ray.shutdown()
     if summary["interrupted"]:
-        print(f"sweep {summary['name']} ({summary['total_trials']} trials) stopped; "
-              f"rerun the same command to resume it", file=sys.stderr)
-        return 130
+        print(f"topro sweep: stopped by signal {summary['signal']}: Tune saved the sweep's state, the MLflow runs "
+              f"are marked KILLED; rerun the same command to resume it ({summary['total_trials']} trials)",
+              file=sys.stderr)
+        return 128 + summary["signal"]
     sys.stdout.write("\n" + summary["report"] + "\n")
     for reg in summary["registered"]:
         print(f"registered {reg['uri']} (version {reg['version']}, English dev {reg['dev_score']:.4f})")

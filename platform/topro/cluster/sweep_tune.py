@@ -214,6 +214,7 @@ def graceful_stop():
         tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
         if stopped.is_set() or not tune_listens:
             raise KeyboardInterrupt
+        stopped.signum = signum  # the exit status says which (128 + signal)
         stopped.set()
         log.warning("stop requested (signal %d): ending the running trials and saving the sweep's state", signum)
         os.kill(os.getpid(), signal.SIGUSR1)

@@ -45,7 +45,34 @@ def configure(uri: str | None = None) -> str:
         os.environ.setdefault(key, value)
     resolved = tracking_uri(uri)
     mlflow.set_tracking_uri(resolved)
+    if resolved.startswith("sqlite:///"):
+        create_sqlite_store_once(resolved)
     return resolved
+
+
+_sqlite_ready: set[str] = set()
+
+
+def create_sqlite_store_once(uri: str) -> None:
+    """Create a SQLite store's schema under a file lock. Two processes opening a new store at once (two sweeps
+    started together) both run MLflow's migrations and one fails with ``table ... already exists``; once the
+    schema is there, SQLite's own locking serialises their writes (tests/test_sweep_writers.py)."""
+    if uri in _sqlite_ready:
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    path = Path(uri[len("sqlite:///"):]).expanduser()
+    if not path.parent.is_dir():
+        return  # MLflow says what is wrong with the path
+    with open(path.with_name(path.name + ".topro-init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # builds the store: schema and migrations
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _sqlite_ready.add(uri)
 
 
 def mlflow_client():
