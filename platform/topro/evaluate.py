@@ -276,14 +276,21 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     task_name = task or meta["task"]
     if task_name != meta["task"]:
         raise ValueError(f"checkpoint {checkpoint} was trained for task {meta['task']!r}, not {task_name!r}")
+    from topro.interrupts import active
+
     results = {}
     languages = resolve_languages(task_name, langs, data_dir, split)
     for lang in tqdm(languages, desc="languages", disable=not progress):
+        if active().requested:  # SIGTERM/SIGINT: keep the languages done (the caller writes them, marked partial)
+            break
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang)
+    extra = {"checkpoint": str(checkpoint), "split": split}
+    if len(results) < len(languages):
+        extra.update(partial=True, languages_not_evaluated=[x for x in languages if x not in results])
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
-                          extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
+                          extra=checkpoint_flags(meta, extra))
 
 
 def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
