@@ -197,6 +197,7 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
 
     init_ray(address)
     cfg = prepare_config(cfg)
+    atomic.clean_leftovers(cfg.output_dir, names=("checkpoint",))  # of a driver killed while copying the export
     name, storage = run_location(cfg)
     # Every node must reach the checkpoints (a restarted worker may land anywhere): checked before training.
     check_storage(storage, "storage_path")
