@@ -556,3 +556,18 @@ def test_k8s_object_store_storage_with_credentials_from_a_secret_validates(valid
     results = validator.validate(cluster + job + others)
     problems = [line for r in results for line in r.lines() if not r.ok]
     assert not problems, problems
+
+
+def test_k8s_ray_pods_give_training_its_shutdown_grace(rendered):
+    """Preemption sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: every Ray pod waits long
+    enough for ``topro train`` to save RUN/state within ``shutdown_grace_s`` (plus a margin)."""
+    from topro.config import TrainConfig
+
+    docs = rendered["k8s"]
+    for kind, spec_path in k8s_validate.RAY_CLUSTER_SPEC.items():
+        cluster = k8s_validate.get(_by_kind(docs, kind), spec_path)
+        if cluster is None:
+            continue
+        for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+            grace = group["template"]["spec"].get("terminationGracePeriodSeconds")
+            assert grace is not None and grace >= TrainConfig().shutdown_grace_s + 5, (kind, grace)

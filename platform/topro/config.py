@@ -122,7 +122,17 @@ class TrainConfig:
     (``accuracy`` for UDPOS, ``f1`` = seqeval default-mode span F1 for PAN-X). PAN-X also takes ``f1_strict``,
     ``viterbi_f1`` or ``accuracy``; UDPOS ``xtreme_seqeval_f1``. Named in ``metrics.json``, MLflow and the report."""
     output_dir: str = "outputs/run"
-    """Run folder: ``checkpoint/``, ``metrics.json``, ``eval.json``."""
+    """Run folder: ``checkpoint/`` (a link to the current ``checkpoint.vN/``), ``metrics.json``, ``eval.json``,
+    and while a local run is unfinished ``state/`` (what rerunning the same command resumes from)."""
+    shutdown_grace_s: float = 20.0
+    """SIGTERM/SIGINT on the local loop: the current step is finished or abandoned and a resumable state
+    written to ``output_dir/state/``; a save that ends later than this many seconds after the signal is
+    logged as late (Kubernetes kills after its ``terminationGracePeriodSeconds``, 30 s by default; the
+    KubeRay manifests set it to this plus a margin). The exit status is 128 + the signal."""
+    save_state_every_steps: int | None = None
+    """Local loop: also write the resumable state ``output_dir/state/`` every this many optimizer steps (it
+    survives a SIGKILL or a crash; ``None``: only on SIGTERM/SIGINT). It holds model, optimizer, scheduler
+    and every RNG state (about 3x the model's size) and is removed when the run finishes."""
     progress: bool = True
     """Show progress bars (``false`` silences every bar, model loading included)."""
     progress_every_s: float = 10.0
@@ -315,7 +325,8 @@ TRAIN_RANGES: dict[str, Any] = {
     "prompt_drift_penalty": _finite_non_negative,
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
-    "progress_every_s": _finite_non_negative, "packed_word_bias": _finite_non_negative,
+    "progress_every_s": _finite_non_negative, "shutdown_grace_s": _finite_non_negative,
+    "save_state_every_steps": _at_least(1, optional=True), "packed_word_bias": _finite_non_negative,
     "warmup_ratio": _fraction, "prefix_dropout": _fraction,
 }
 

@@ -260,15 +260,16 @@ def write_results(path: str | Path, record: dict[str, Any]) -> Path:
     if predictions:
         summary["predictions_file"] = predictions_path(path).name
         write_json(predictions_path(path), {"task": record["task"], "method": record["method"],
-                                            "split": record.get("split"), "languages": predictions})
+                                            "split": record.get("split"), "languages": predictions},
+                   site="eval_predictions")
     return write_json(path, summary)
 
 
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    return path
+def write_json(path: str | Path, data: dict[str, Any], site: str = "eval_results") -> Path:
+    """``data`` as JSON at ``path``, atomically (``site``: see ``topro.atomic.SITES``)."""
+    from topro import atomic
+
+    return atomic.write_json(path, data, site, ensure_ascii=False)
 
 
 def evaluate_language(method: Method, model, task: Task | str, lang: str, *, data_dir: str | None = None,
@@ -342,15 +343,22 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     task_name = task or meta["task"]
     if task_name != meta["task"]:
         raise ValueError(f"checkpoint {checkpoint} was trained for task {meta['task']!r}, not {task_name!r}")
+    from topro.interrupts import active
+
     results = {}
     languages = resolve_languages(task_name, langs, data_dir, split)
     for lang in tqdm(languages, desc="languages", disable=not progress):
+        if active().requested:  # SIGTERM/SIGINT: keep the languages done (the caller writes them, marked partial)
+            break
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang,
                                           max_tokens_per_batch=max_tokens_per_batch)
+    extra = {"checkpoint": str(checkpoint), "split": split}
+    if len(results) < len(languages):
+        extra.update(partial=True, languages_not_evaluated=[x for x in languages if x not in results])
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
-                          extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
+                          extra=checkpoint_flags(meta, extra))
 
 
 def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from topro import atomic
 from topro.data.tasks import language_meta
 
 
@@ -77,7 +78,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with path.open("w", newline="") as f:
+    with atomic.staged_file(path, "report_csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -126,7 +127,8 @@ def plot_language_bars(series: dict[str, dict[str, float]], path: str | Path, ti
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic.staged_file(path, "report_plot") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -160,7 +162,8 @@ def plot_heatmap(matrix: dict[str, dict[str, float]], path: str | Path, title: s
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic.staged_file(path, "report_plot") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 

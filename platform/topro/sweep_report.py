@@ -12,6 +12,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from topro import atomic
 from topro import reports, tracking
 
 
@@ -111,11 +112,11 @@ def sweep_report(ref: str, log_artifacts: bool = True, out_dir: str | Path | Non
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir or tmp)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "report.md").write_text(table)
+            atomic.write_text(folder / "report.md", table, "report_text")
             if comparisons:
                 import json
 
-                (folder / "significance.json").write_text(json.dumps(comparisons, indent=2))
+                atomic.write_json(folder / "significance.json", comparisons, "report_text")
             rows = []
             for record in records:
                 for row in reports.language_rows(record):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from topro import atomic, interrupts
 from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
@@ -53,6 +54,10 @@ from topro.strategy import Strategy
 from topro.unseen import unseen_label_indices
 
 log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+"""``output_dir/state``: the local loop's resumable state (a link to ``state.vN``), while a run is unfinished."""
+RNG_FILE = "rng_state.pt"
 
 
 def set_seed(seed: int) -> None:
@@ -89,10 +94,14 @@ class LocalStrategy:
 
     rank = 0
     world_size = 1
+    resumable = True
+    """Whether it keeps ``output_dir/state`` itself (Ray strategies resume from Ray Train checkpoints)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        self.step_rng: dict[str, Any] | None = None
+        self.state_saved_at: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -149,9 +158,19 @@ class LocalStrategy:
         return value
 
     def save_model(self, folder: Path) -> None:
-        """The consolidated export (safetensors + tokenizer + topro.json) that evaluation and serving load."""
+        """The consolidated export (safetensors + tokenizer + topro.json with each weight file's size and
+        sha256) that evaluation and serving load, written into ``folder``."""
         if self.is_main:
+            from topro.checkpoint_files import record_weights
+
             self.module.method.save(self.plain_model, folder)
+            record_weights(folder)
+
+    def export(self) -> None:
+        """The export, published atomically as ``export_dir`` (a link to ``checkpoint.vN``): the previous
+        best stays whole until the new one is complete."""
+        with atomic.staged_folder(self.export_dir, "checkpoint_export", needed=state_bytes(self.plain_model)) as tmp:
+            self.save_model(tmp)
 
     def save_state(self, folder: Path) -> None:
         """Model, optimizer and scheduler state, for resuming."""
@@ -163,15 +182,83 @@ class LocalStrategy:
         self.plain_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if (folder / RNG_FILE).is_file():  # the local loop's state: continue the random streams too
+            set_rng_states(torch.load(folder / RNG_FILE, weights_only=True))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / STATE_DIR
+
+    def before_micro_batch(self, state: "LoopState", step_start: bool) -> None:
+        """Before each micro-batch of the local loop: at a step's start remember the RNG states (what a
+        resumed run continues from) and save ``state/`` when ``save_state_every_steps`` says so; on
+        SIGTERM/SIGINT save it and stop with ``Interrupted``. A step under way is abandoned: the weights
+        have not changed since it started, only gradients were accumulated."""
+        if not self.resumable:
+            return
+        if step_start:
+            self.step_rng = rng_states()
+            every = self.cfg.save_state_every_steps
+            if every and state.step and state.step % every == 0 and state.step != self.state_saved_at:
+                self.save_resumable(state)
+        stops = interrupts.active()
+        if stops.requested:
+            seconds = self.save_resumable(state)
+            late = stops.elapsed() > self.cfg.shutdown_grace_s
+            raise stops.interrupted(
+                f"stopped at step {state.step} (epoch {state.epoch + 1}); saved the resumable state {self.state_dir} "
+                f"(model, optimizer, scheduler, RNG states, loop position) in {seconds:.1f} s"
+                f"{f', later than shutdown_grace_s={self.cfg.shutdown_grace_s:g}' if late else ''}; the best export "
+                f"{self.export_dir} is kept. Resume: rerun the same command ({interrupts.resume_command()})")
+
+    def save_resumable(self, state: "LoopState") -> float:
+        """Write ``state/`` atomically (model, optimizer, scheduler, RNG states at the step's start, loop
+        position, config); returns the seconds it took."""
+        start = time.perf_counter()
+        with atomic.staged_folder(self.state_dir, "training_state",
+                                  needed=3 * state_bytes(self.plain_model)) as tmp:
+            self.save_state(tmp)
+            torch.save(self.step_rng if self.step_rng is not None else rng_states(), tmp / RNG_FILE)
+            state.save(tmp)
+            atomic.write_json(tmp / "config.json", to_dict(self.cfg), "training_state")
+        self.state_saved_at = state.step
+        seconds = time.perf_counter() - start
+        log.info("saved the resumable state %s at step %d in %.2f s", self.state_dir, state.step, seconds)
+        return seconds
 
     def checkpoint(self, state: "LoopState", record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
         """After an English dev evaluation (or the averaging, ``averaged``): keep the model if it is the
         new best (Ray strategies also checkpoint and report here)."""
-        if improved:
-            self.save_model(self.export_dir)
+        if improved and self.is_main:
+            self.export()
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random stream training draws from (Python, NumPy, torch CPU and CUDA), as tensors and plain
+    values that ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s state dict (what an export writes, give or take the tokenizer)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 @dataclass
@@ -188,6 +275,9 @@ class LoopState:
     bad_evaluations: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int | None = None
+    epoch_loss_sum: float = 0.0
+    """Sum of the current epoch's micro-batch losses up to ``step`` (a mid-epoch resume continues it)."""
+    epoch_loss_count: int = 0
 
     @classmethod
     def load(cls, folder: Path) -> "LoopState":
@@ -196,7 +286,7 @@ class LoopState:
         return state
 
     def save(self, folder: Path) -> None:
-        (folder / "loop_state.json").write_text(json.dumps(self.__dict__, indent=2))
+        atomic.write_json(folder / "loop_state.json", self.__dict__, "loop_state")
 
     def micro_batches_done(self, steps_per_epoch: int, accum: int) -> int:
         """Micro-batches of the current epoch already trained (a checkpoint taken mid-epoch)."""
@@ -441,7 +531,7 @@ def fit(run: Run, strategy: Strategy, resume_from: Path | None = None) -> dict[s
         **averaged,
     }
     if strategy.is_main:
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic.write_json(Path(cfg.output_dir) / "metrics.json", summary, "metrics")
     return summary
 
 
@@ -454,7 +544,9 @@ def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughp
     # A remainder smaller than grad_accum is dropped: every step sees a full global batch.
     usable = run.steps_per_epoch * accum
     strategy.wrapped.train()
-    running, n_loss, stop = 0.0, 0, False
+    # Resumed mid-epoch: the epoch's running loss continues, so the next record's train_loss is unchanged.
+    running, n_loss = (state.epoch_loss_sum, state.epoch_loss_count) if skip > 0 else (0.0, 0)
+    stop = False
     bar = tqdm(total=min(len(batches), usable), desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and strategy.is_main), initial=max(skip, 0))
     # Without bars, a line at the first step (a trial shows signs of life at once), then every progress_every_s.
@@ -464,6 +556,7 @@ def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughp
     for micro, batch_ids in enumerate(batches[:usable]):
         if micro < skip:
             continue
+        strategy.before_micro_batch(state, step_start=micro % accum == 0)
         start = time.perf_counter()
         chunk = [run.examples[i] for i in batch_ids]
         batch = {k: v.to(strategy.device) for k, v in run.method.collate(chunk).items()}
@@ -480,6 +573,7 @@ def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughp
         bar.set_postfix(loss=f"{running / n_loss:.4f}")
         if not boundary:
             continue
+        state.epoch_loss_sum, state.epoch_loss_count = running, n_loss
         strategy.after_step(state.step)
         if lines and time.perf_counter() >= throughput.next_line:
             throughput.next_line = time.perf_counter() + cfg.progress_every_s
@@ -497,6 +591,7 @@ def train_epoch(run: Run, strategy: Strategy, keeper: CheckpointKeeper, throughp
     bar.close()
     finished_epoch = state.epoch
     state.epoch += 1  # before the end-of-epoch evaluation: its checkpoint resumes at the next epoch
+    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
     if not state.evaluated_now():
         stop = evaluate_and_keep(run, strategy, keeper, running / max(n_loss, 1), finished_epoch) or stop
     return stop
@@ -563,7 +658,8 @@ def train(cfg: TrainConfig, strategy: Strategy | None = None, resume_from: Path 
     """Train ``cfg``; returns the metrics document (also written to ``output_dir/metrics.json``).
 
     ``resume_from``: a checkpoint folder written by ``strategy.save_state`` and
-    ``LoopState.save``; training continues from its step.
+    ``LoopState.save``; training continues from its step. The local loop resumes from
+    ``output_dir/state`` when an interrupted run left one (and removes it when the run finishes).
     """
     from topro.quiet import quiet_stack
 
@@ -573,4 +669,32 @@ def train(cfg: TrainConfig, strategy: Strategy | None = None, resume_from: Path 
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    return fit(prepare(cfg, strategy), strategy, resume_from)
+    if strategy.resumable:
+        atomic.clean_leftovers(cfg.output_dir, names=("checkpoint", STATE_DIR))
+        resume_from = resume_from or local_resume_point(cfg)
+    summary = fit(prepare(cfg, strategy), strategy, resume_from)
+    if strategy.resumable:
+        atomic.remove_folder(strategy.state_dir)  # finished: nothing left to resume
+    return summary
+
+
+RESUME_MAY_CHANGE = ("progress", "progress_every_s", "num_threads", "shutdown_grace_s", "save_state_every_steps",
+                     "eval_langs", "max_sentences", "device")
+"""Settings a resumed local run may change (they do not alter what training computes)."""
+
+
+def local_resume_point(cfg: TrainConfig) -> Path | None:
+    """``output_dir/state`` when an interrupted local run left one with the same settings, else ``None``."""
+    folder = atomic.current_version(Path(cfg.output_dir) / STATE_DIR)
+    if folder is None:
+        return None
+    saved = json.loads((folder / "config.json").read_text())
+    now = to_dict(cfg)
+    changed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in changed[:4])
+        raise ConfigError(f"{Path(cfg.output_dir) / STATE_DIR} holds an unfinished run with other settings ({shown}): "
+                          f"rerun with its settings to continue it, or delete that folder (or choose another "
+                          f"--output) to start afresh")
+    log.info("continuing the interrupted run in %s", folder)
+    return folder

@@ -14,16 +14,16 @@ import argparse
 import logging
 import sys
 
-from topro.cli import compare, eval_llm, evaluate, report, serve, sweep, train
+from topro.cli import compare, eval_llm, evaluate, report, serve, sweep, train, verify
 from topro.config import ConfigError
 
-SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve)
+SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="topro", description="Prompt-based cross-lingual sequence labeling: "
                                                                "train, evaluate, sweep, report, compare, "
-                                                               "eval-llm, serve.")
+                                                               "eval-llm, serve, verify.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -35,9 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from topro.atomic import RunLocked, StateWriteError
+    from topro.interrupts import Interrupted
+
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except Interrupted as stop:  # SIGTERM / SIGINT: what was kept and how to resume, in one line
+        print(f"topro {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except StateWriteError as err:  # disk full, no permission: nothing good was overwritten
+        print(f"topro {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, FileNotFoundError, RunLocked) as err:
         print(f"topro {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

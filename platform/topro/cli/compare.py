@@ -15,6 +15,7 @@ from pathlib import Path
 from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import _at_least as at_least
 from topro.config import check_ranges, load_config
+from topro import atomic
 from topro.significance import ALPHA, N_RESAMPLES, ComparisonError, Predictions, compare_predictions, \
     comparison_markdown
 
@@ -122,6 +123,6 @@ def compare(cfg: CompareConfig) -> int:
     result = compare_predictions(a, b, metric, langs, n_resamples=cfg.resamples, seed=cfg.seed, alpha=cfg.alpha)
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=2))
+        atomic.write_json(cfg.output, result, "report_text")
     sys.stdout.write(f"## {a.task}: {a.label} vs {b.label}\n\n" + comparison_markdown(result))
     return 0

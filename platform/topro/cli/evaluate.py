@@ -140,7 +140,13 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
         record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
     else:
-        record = evaluate_checkpoint(checkpoint, langs, **kwargs)
+        from topro.interrupts import StopRequests
+
+        # SIGTERM/SIGINT: the language under way finishes; those done are written (atomically), marked partial.
+        with StopRequests() as stops:
+            record = evaluate_checkpoint(checkpoint, langs, **kwargs)
+        if stops.requested:
+            raise stopped_evaluation(stops, record, cfg.output, source)
     record.update(written_by=EVALUATE_WRITER, source=source)
     write_results(cfg.output, record)
     print(format_table(record))
@@ -150,6 +156,22 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
 def _score(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def stopped_evaluation(stops, record: dict, output: str, source: str):
+    """After SIGTERM/SIGINT: write the languages done (marked ``partial``); the ``Interrupted`` to raise."""
+    from topro.evaluate import write_results
+    from topro.interrupts import resume_command
+
+    done = len(record["languages"])
+    total = done + len(record.get("languages_not_evaluated", []))
+    kept = "nothing written"
+    if done:
+        record.update(written_by=EVALUATE_WRITER, source=source)
+        write_results(output, record)
+        kept = f"kept them in {output} (partial: true)"
+    return stops.interrupted(f"evaluated {done} of {total} languages; {kept}; rerun the same command to evaluate "
+                             f"all ({resume_command()})")
 
 
 def format_table(record: dict) -> str:

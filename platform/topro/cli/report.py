@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
+from topro import atomic
 from topro.config import load_config
 
 
@@ -54,7 +55,7 @@ def report(cfg: ReportConfig) -> int:
     table = sweep_report(cfg.sweep, log_artifacts=cfg.log, out_dir=out_dir)
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(table)
+        atomic.write_text(cfg.output, table, "report_text")
     sys.stdout.write(table)
     written = sorted(out_dir.glob("*")) if out_dir.is_dir() else []
     if written:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from topro import atomic
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="Ray Tune sweep over methods, models, templates, learning rates, seeds...",
@@ -66,9 +68,10 @@ def cmd_sweep(args) -> int:
         # forwarding, so none prints after (and interleaves with) the summary below.
         ray.shutdown()
     if summary["interrupted"]:
-        print(f"sweep {summary['name']} ({summary['total_trials']} trials) stopped; "
-              f"rerun the same command to resume it", file=sys.stderr)
-        return 130
+        print(f"topro sweep: stopped by signal {summary['signal']}: Tune saved the sweep's state, the MLflow runs "
+              f"are marked KILLED; rerun the same command to resume it ({summary['total_trials']} trials)",
+              file=sys.stderr)
+        return 128 + summary["signal"]
     sys.stdout.write("\n" + summary["report"] + "\n")
     for reg in summary["registered"]:
         print(f"registered {reg['uri']} (version {reg['version']}, English dev {reg['dev_score']:.4f})")
@@ -81,8 +84,7 @@ def cmd_sweep(args) -> int:
     if uri.startswith("sqlite:"):
         print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary_json(summary), f, indent=2, default=str)
+        atomic.write_json(args.summary, summary_json(summary), "sweep_summary", default=str)
     failed = [t for t in summary["trials"] if t.status == "ERROR"]
     if failed:
         print(f"{len(failed)} trials failed: {summary.get('failure_advice', '')}", file=sys.stderr)

@@ -35,16 +35,31 @@ def cmd_train(args) -> int:
 
 def train_and_evaluate(cfg: TrainConfig, address: str | None = None, on_ray: bool | None = None) -> dict:
     """Train (in-process, or on Ray Train when ``on_ray`` or the config asks for workers), print the
-    best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``."""
+    best score, then evaluate ``eval_langs`` on the best checkpoint. Also the body of ``jobs/train.py``.
+
+    One writer per run: a second ``topro train`` on the same output folder is refused (``RunLocked``)."""
+    from topro.atomic import RunLock
     from topro.precheck import check_train
 
     check_train(cfg)  # data, languages, model, names: seconds, before Ray starts or a model loads
     if on_ray is None:
         on_ray = cfg.strategy != "local" or cfg.workers > 1
+    with RunLock(cfg.output_dir, "topro train"):
+        return train_locked(cfg, address, on_ray)
+
+
+def train_locked(cfg: TrainConfig, address: str | None, on_ray: bool) -> dict:
     if not on_ray:
+        from topro.interrupts import StopRequests
         from topro.train import train
 
-        summary = train(cfg)
+        # SIGTERM/SIGINT: the loop saves output_dir/state and raises Interrupted (exit 128 + signal).
+        with StopRequests() as stops:
+            summary = train(cfg)
+        if stops.requested:  # the signal came during the last evaluation: the run is complete
+            raise stops.interrupted(f"training finished ({cfg.output_dir}/metrics.json, {cfg.output_dir}/checkpoint); "
+                                    f"eval_langs not evaluated: run topro evaluate --checkpoint "
+                                    f"{cfg.output_dir}/checkpoint")
     else:
         from topro.cluster.trainer import train_on_ray  # the only path that needs Ray
 

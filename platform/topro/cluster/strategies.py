@@ -62,6 +62,8 @@ class RayWorker:
     """Ray's part of a strategy inside a Ray Train worker, beside ``LocalStrategy``'s steps (``class
     DDPStrategy(RayWorker, LocalStrategy)``): ranks, reporting, checkpoints, faults."""
 
+    resumable = False  # resumes from Ray Train checkpoints, not output_dir/state
+
     def __init__(self, cfg: TrainConfig, fault_marker: str | None = None):
         import ray.train.torch
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topro import atomic
 from topro import tracking
 from topro.cluster.sweep_faults import kill_driver_if_asked, note_driver_pid
 from topro.cluster.sweep_registry import register_champions
@@ -50,7 +51,20 @@ NOT_TRANSIENT = ("ConfigError", "DataFormatError", "FormatError", "ValueError", 
 
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: str | None = None,
               fresh: bool = False, config_path: str | None = None) -> dict[str, Any]:
-    """Run (or resume) ``sweep`` end to end; returns a summary (parent run id, trials, report)."""
+    """Run (or resume) ``sweep`` end to end; returns a summary (parent run id, trials, report).
+
+    One driver per sweep: a second ``topro sweep`` of the same name and storage is refused (``RunLocked``),
+    by a lock beside the sweep's folder (``--fresh`` moves the folder aside)."""
+    if "://" not in sweep.storage_path:
+        storage = Path(sweep.storage_path).expanduser().resolve()
+        with atomic.RunLock(storage, f"topro sweep {sweep.name!r}", file_name=f".{sweep.name}.topro.lock"):
+            return run_sweep_locked(sweep, address=address, tracking_uri=tracking_uri, fresh=fresh,
+                                    config_path=config_path)
+    return run_sweep_locked(sweep, address=address, tracking_uri=tracking_uri, fresh=fresh, config_path=config_path)
+
+
+def run_sweep_locked(sweep: SweepConfig, *, address: str | None, tracking_uri: str | None, fresh: bool,
+                     config_path: str | None) -> dict[str, Any]:
     from topro.cluster.runtime import init_ray
 
     started = time.perf_counter()
@@ -66,8 +80,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
     parent = tracking.start_sweep_run(experiment, sweep.name, sweep_params(sweep, config_path),
                                       run_id=state.get("parent_run_id"), artifact_location=sweep.artifact_location)
     TrialSpool(experiment_dir / SPOOL_FILE).replay(force=True)  # what an earlier run could not write
-    state_file.write_text(json.dumps({"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
-                                      "experiment": experiment}, indent=2, default=str))
+    atomic.write_json(state_file, {"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
+                                   "experiment": experiment}, "sweep_state", default=str)
     summary = {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
                "experiment_dir": str(experiment_dir)}
     try:
@@ -83,7 +97,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, tracking_uri: s
             # state (not this run's results) decides what a rerun does. Nothing is evaluated yet.
             log.warning("sweep %s stopped; rerun the same command to resume it", sweep.name)
             close_stopped_sweep(parent)
-            return {**summary, "resumed": resumed, "interrupted": True, "total_trials": grid_size(sweep),
+            return {**summary, "resumed": resumed, "interrupted": True, "signal": getattr(stopped, "signum", 2),
+                    "total_trials": grid_size(sweep),
                     "trials": [], "selected": [], "registered": [], "report": "",
                     "wall_seconds": time.perf_counter() - started}
         outcome = conclude_sweep(sweep, results, parent, experiment_dir, address, started, train_seconds)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import tune
 
+from topro import atomic
 from topro import tracking
 from topro.cluster.sweep_tune import PLACEMENT_FILE, trial_config
 from topro.config import to_dict
@@ -184,8 +185,10 @@ class TrialSpool:
                 return
             except Exception as err:
                 self._failed(err, time.monotonic() - start)
-        with self.path.open("a") as out:
-            out.write(json.dumps({**entry, "error": self.first_error}, default=str) + "\n")
+        # The whole spool rewritten atomically (not appended): a kill mid-write leaves the old spool.
+        kept = self.path.read_text() if self.path.is_file() else ""
+        atomic.write_text(self.path, kept + json.dumps({**entry, "error": self.first_error}, default=str) + "\n",
+                          "mlflow_spool")
         self.replay()
 
     def replay(self, force: bool = False) -> bool:
@@ -201,7 +204,8 @@ class TrialSpool:
                 self.apply(entry)
             except Exception as err:
                 self._failed(err, time.monotonic() - start)
-                self.path.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries[done:]))
+                atomic.write_text(self.path, "".join(json.dumps(e, default=str) + "\n" for e in entries[done:]),
+                                  "mlflow_spool")
                 return False
         self.path.unlink()
         log.warning("MLflow answers again: wrote the %d kept trial records", len(entries))

@@ -20,6 +20,7 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from topro import atomic
 from topro.config import ConfigError, TrainConfig
 from topro.cluster.sweep_faults import kill_driver_if_asked
 from topro.data import get_task
@@ -100,7 +101,7 @@ def write_placement(trial_dir: Path, result) -> None:
     from topro.cluster.runtime import node_name
 
     workers = (result.return_value or {}).get("workers") or []
-    (trial_dir / PLACEMENT_FILE).write_text(json.dumps({"trial_node": node_name(), "workers": workers}, indent=2))
+    atomic.write_json(trial_dir / PLACEMENT_FILE, {"trial_node": node_name(), "workers": workers}, "trial_placement")
 
 
 # --- the search and its resources ------------------------------------------------------------------------------
@@ -213,6 +214,7 @@ def graceful_stop():
         tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
         if stopped.is_set() or not tune_listens:
             raise KeyboardInterrupt
+        stopped.signum = signum  # the exit status says which (128 + signal)
         stopped.set()
         log.warning("stop requested (signal %d): ending the running trials and saving the sweep's state", signum)
         os.kill(os.getpid(), signal.SIGUSR1)

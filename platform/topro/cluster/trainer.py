@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from topro import atomic
 from topro.config import TrainConfig, from_dict, to_dict
 from topro.cluster.strategies import AVERAGED_FLAG, BEST_FLAG, EXPORT_DIR, resolve_deepspeed_config_path
 
@@ -178,11 +178,14 @@ def copy_best_export(result, target: Path) -> str:
     export = best_checkpoint_path(result)
     if export is None:
         raise RuntimeError(f"run {result.path} reported no improved checkpoint")
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    pyarrow.fs.copy_files(export, str(target), source_filesystem=result.checkpoint.filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    # Staged and published atomically (RUN/checkpoint -> checkpoint.vN), then checked against its record:
+    # a copy cut short never replaces the previous export.
+    with atomic.staged_folder(target, "checkpoint_export") as tmp:
+        pyarrow.fs.copy_files(export, str(tmp), source_filesystem=result.checkpoint.filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        from topro.checkpoint_files import verify_checkpoint
+
+        verify_checkpoint(tmp)
     return export
 
 
@@ -194,6 +197,7 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
 
     init_ray(address)
     cfg = prepare_config(cfg)
+    atomic.clean_leftovers(cfg.output_dir, names=("checkpoint",))  # of a driver killed while copying the export
     name, storage = run_location(cfg)
     # Every node must reach the checkpoints (a restarted worker may land anywhere): checked before training.
     check_storage(storage, "storage_path")
@@ -209,6 +213,6 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
     export = copy_best_export(result, local)
     summary.update({"checkpoint": str(local), "ray_checkpoint": export, "ray_run": result.path,
                     "fault_injected": fault_injected_at(cfg)})
-    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(Path(cfg.output_dir) / "metrics.json", summary, "metrics")
     log.info("best checkpoint %s (copied from %s)", local, export)
     return summary

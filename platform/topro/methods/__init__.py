@@ -92,6 +92,9 @@ def load_checkpoint(folder: str | Path, device=None):
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: not a topro checkpoint (no {META_FILE})")
+    from topro.checkpoint_files import verify_checkpoint
+
+    verify_checkpoint(folder)  # a damaged weight file stops here with one line, not in the deserializer
     meta = json.loads(meta_path.read_text())
     spec = MethodSpec.from_meta(meta)
     method = build_method(spec, str(folder))

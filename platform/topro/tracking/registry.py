@@ -21,7 +21,8 @@ def registered_name(task: str, method: str) -> str:
 
 def log_checkpoint(run_id: str, folder: str | os.PathLike) -> None:
     """Log a checkpoint folder as the run's ``checkpoint`` artifact (what ``register_checkpoint`` registers)."""
-    mlflow_client().log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+    # RUN/checkpoint is a link to checkpoint.vN (topro.atomic): log the version it names now, whole.
+    mlflow_client().log_artifacts(run_id, str(Path(folder).resolve()), CHECKPOINT_ARTIFACT)
 
 
 def register_checkpoint(run_id: str, name: str, alias: str | None = "champion",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from topro import atomic
 from topro.tracking.metric_names import evaluation_metrics, flat_params, is_finite_number
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,34 @@ def configure(uri: str | None = None) -> str:
         os.environ.setdefault(key, value)
     resolved = tracking_uri(uri)
     mlflow.set_tracking_uri(resolved)
+    if resolved.startswith("sqlite:///"):
+        create_sqlite_store_once(resolved)
     return resolved
+
+
+_sqlite_ready: set[str] = set()
+
+
+def create_sqlite_store_once(uri: str) -> None:
+    """Create a SQLite store's schema under a file lock. Two processes opening a new store at once (two sweeps
+    started together) both run MLflow's migrations and one fails with ``table ... already exists``; once the
+    schema is there, SQLite's own locking serialises their writes (tests/test_sweep_writers.py)."""
+    if uri in _sqlite_ready:
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    path = Path(uri[len("sqlite:///"):]).expanduser()
+    if not path.parent.is_dir():
+        return  # MLflow says what is wrong with the path
+    with open(path.with_name(path.name + ".topro-init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # builds the store: schema and migrations
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _sqlite_ready.add(uri)
 
 
 def mlflow_client():
@@ -186,10 +214,10 @@ def log_evaluation(run_id: str, record: dict[str, Any], workdir: str | os.PathLi
     folder.mkdir(parents=True, exist_ok=True)
     if predictions:
         record["predictions_file"] = PREDICTIONS_FILE
-        (folder / PREDICTIONS_FILE).write_text(json.dumps(
-            {"task": record["task"], "method": record["method"], "split": record.get("split"),
-             "languages": predictions}, ensure_ascii=False))
-    (folder / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        atomic.write_json(folder / PREDICTIONS_FILE, {"task": record["task"], "method": record["method"],
+                                                      "split": record.get("split"), "languages": predictions},
+                          "tracking_eval", indent=None, ensure_ascii=False)
+    atomic.write_json(folder / "eval.json", record, "tracking_eval", ensure_ascii=False)
     reports.write_csv(reports.language_rows(record), folder / "per_language.csv")
     reports.plot_language_bars({record["method"]: {k: v[record["metric"]] for k, v in record["languages"].items()}},
                                folder / "per_language_by_family.png", metric=record["metric"],
