@@ -141,7 +141,7 @@ ALLOWED = {
     # The tiny model's own atomic publish (mkdtemp + os.replace of the whole folder):
     ("models.py", "build_tiny_model"),
     # Temporary folders handed to MLflow and deleted after upload (not state a later command reads):
-    ("llm/tracking.py", "log_llm_run"),
+    ("tracking/llm_runs.py", "log_llm_run"),
     # The lock file that serialises a new SQLite store's schema creation (empty, not state):
     ("tracking/runs.py", "create_sqlite_store_once"),
     # Ray head/worker log files (append-only logs, not state):

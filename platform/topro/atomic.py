@@ -56,6 +56,7 @@ SITES: dict[str, str] = {
     "sweep_summary": "topro sweep --summary FILE",
     "mlflow_spool": "the sweep's MLflow spool of trial records kept during a tracking outage",
     "trial_placement": "a Tune trial's placement record",
+    "derived_task_data": "a task's files derived from others (python -m topro.data.classification: panx_type)",
 }
 """Every write site: name -> what it writes."""
 

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from topro import atomic
 from topro.data.readers import DataFormatError, _lines, _open_checked, read_xtreme_tsv
 from topro.data.tasks import Task, get_task
 
@@ -103,8 +104,8 @@ def derive_panx_entity_types(data_dir: str | Path, out: str | Path, splits: tupl
                 lines.append(f"{text}\t{kind}")
                 tally[kind] += 1
             if lines:
-                (folder / target.file_pattern.format(split=split, lang=lang)).write_text("\n".join(lines) + "\n",
-                                                                                          encoding="utf-8")
+                atomic.write_text(folder / target.file_pattern.format(split=split, lang=lang),
+                                  "\n".join(lines) + "\n", "derived_task_data")
                 counts[f"{split}-{lang}"] = tally
     return counts
 
