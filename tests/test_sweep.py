@@ -91,6 +91,7 @@ def test_report_command_prints_the_table(sweep_run, capsys):
     assert "| setting | seeds | de | ru | avg |" in out
     one_seed = "1 (no spread: single seed)"
     assert out.count(f"| topro | {one_seed} |") == 1 and out.count(f"| vanilla | {one_seed} |") == 1
+    assert "`tiny` is a random-weight model built for smoke tests" in out and "configs/sweeps/e5.yaml" in out
 
 
 def test_parallel_evaluation_matches_sequential(sweep_run):

@@ -23,8 +23,10 @@ LOCAL_START_ATTEMPTS = 3
 def local_ray_env() -> dict[str, str]:
     """Environment for a loopback-only local Ray (also given to Ray workers)."""
     # RAY_USAGE_STATS_ENABLED=0: a local Ray's dashboard otherwise reports usage to usage-stats.ray.io.
+    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: see topro.quiet (no node of a one-machine Ray is preempted).
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool = True,
@@ -42,6 +44,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
     passthrough = {k: os.environ[k] for k in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "MLFLOW_TRACKING_URI",
                                               "HF_HUB_OFFLINE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH")
                    if k in os.environ}
+    from topro.data.loading import resolve_data_dir
+
+    if "TOPRO_DATA_DIR" not in passthrough and resolve_data_dir(None) is not None:
+        passthrough["TOPRO_DATA_DIR"] = str(resolve_data_dir(None))  # ../shared beside this checkout
     # Ray workers run in other working folders: relative paths are made absolute here, on the driver.
     for key in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH"):
         if passthrough.get(key) and "://" not in passthrough[key]:
