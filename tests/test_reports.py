@@ -74,6 +74,8 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
 
     parent = tracking.start_sweep_run("exp", "unit", {"search_space": {"seed": {"grid": [1, 2]}}})
     client = MlflowClient()
+    # MLflow 3's "Model training" kind, the tag the UI's own kind selector writes
+    assert client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == "custom_model_development"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "topro.json").write_text(json.dumps({"task": "udpos", "method": "topro"}))

@@ -52,6 +52,7 @@ def cmd_sweep(args) -> int:
     logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
     import ray
 
+    from topro import tracking
     from topro.cluster.sweep import TrackingOutage, run_sweep
 
     ray_was_running = ray.is_initialized()
@@ -79,7 +80,8 @@ def cmd_sweep(args) -> int:
           f"{summary['experiment']!r} at {summary['tracking_uri']}")
     uri = summary["tracking_uri"]
     if uri.startswith("sqlite:"):
-        print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+              f"{tracking.ui_link(summary['experiment_id'])}")
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(summary_json(summary), f, indent=2, default=str)
