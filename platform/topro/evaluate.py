@@ -277,10 +277,14 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
         raise ValueError(f"checkpoint {checkpoint} was trained for task {meta['task']!r}, not {task_name!r}")
     results = {}
     languages = resolve_languages(task_name, langs, data_dir, split)
-    for lang in tqdm(languages, desc="languages", disable=not progress):
+    from topro.progress import LanguageProgress
+
+    languages_done = LanguageProgress(len(languages), "evaluate", enabled=progress)
+    for lang in languages:
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang)
+        languages_done.done(lang, results[lang].get("n_sentences", 0))
     return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
                           extra=checkpoint_flags(meta, {"checkpoint": str(checkpoint), "split": split}))
 

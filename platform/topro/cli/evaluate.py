@@ -158,9 +158,14 @@ def evaluate(cfg: EvaluateConfig) -> int:
     kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
                   viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype)
     if cfg.parallel:
-        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+        import ray
 
+        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+        from topro.cluster.runtime import stop_ray_started_here
+
+        was_running = ray.is_initialized()
         record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
+        stop_ray_started_here(was_running)
     else:
         record = evaluate_checkpoint(checkpoint, langs, **kwargs)
     record.update(written_by=EVALUATE_WRITER, source=source)

@@ -132,3 +132,12 @@ def _start_local(ray, **init_kwargs) -> None:
             ray.shutdown()
             log.warning("local Ray did not start (attempt %d of %d: %s); trying again", attempt,
                         LOCAL_START_ATTEMPTS, str(err).split(".")[0])
+
+
+def stop_ray_started_here(was_running: bool) -> None:
+    """Stop the Ray this command started (not one it joined or found running): its workers' forwarded log
+    lines arrive late, and stopping it ends them before the command prints its final table."""
+    import ray
+
+    if not was_running and ray.is_initialized():
+        ray.shutdown()
