@@ -163,8 +163,8 @@ scheduler: asha
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_the_runs_metrics_and_report_in_a_browser(sweep_run):
     """A real `mlflow ui` on the finished sweep, read in headless Chromium through the link the sweep prints:
-    the model-training view (not the GenAI one), both trials, a trial's per-language metrics and the
-    parent's report artifacts. Screenshots are kept (the folder is printed)."""
+    the model-training view (not the GenAI one), both trials under the expanded parent, a trial's
+    per-language metrics and the parent's report artifacts. Screenshots are kept (the folder is printed)."""
     from browser import chromium_page, mlflow_ui, screenshot_dir
 
     shots = screenshot_dir("mlflow-ui")
@@ -178,7 +178,9 @@ def test_the_mlflow_ui_shows_the_runs_metrics_and_report_in_a_browser(sweep_run)
         page.goto(tracking.ui_link(experiment, base))
         page.get_by_text("mini", exact=True).first.wait_for()  # the parent run in the runs table
         assert page.get_by_text("Evaluation runs").count() == 0 and page.get_by_text("Judges").count() == 0
-        page.get_by_text("Model training").first.wait_for()
+        page.get_by_role("row").filter(has_text="mini").first.get_by_role("button").first.click()  # expand
+        for trial in tracking.child_runs(parent):
+            page.get_by_text(trial.info.run_name, exact=True).wait_for()
         page.screenshot(path=shots / "1-runs-table.png")
 
         page.goto(tracking.ui_link(experiment, base).replace("?", f"/runs/{child.info.run_id}?"))
