@@ -557,9 +557,14 @@ def test_the_tagging_page_in_a_browser(endpoint):
         page.fill("#text", "Angela Merkel besuchte gestern Paris .")
         page.click("#go")
         page.get_by_text("(panx, vanilla").wait_for()
-        entity_words = page.locator("#result .w.ent")
         panx_tags = page.locator("#result .w .t").all_inner_texts()
-        assert entity_words.count() == sum(t != "O" for t in panx_tags)  # every B-/I- word is in a span
+        # one box per entity span (a B-X, or an I-X that does not continue an X, starts one), holding its words
+        starts = [i for i, t in enumerate(panx_tags) if t != "O" and (
+            t.startswith("B-") or i == 0 or panx_tags[i - 1] == "O" or panx_tags[i - 1][2:] != t[2:])]
+        assert page.locator("#result .span").count() == len(starts)
+        assert page.locator("#result .span .w").count() == sum(t != "O" for t in panx_tags)
+        for k, i in enumerate(starts):
+            assert page.locator("#result .span").nth(k).get_attribute("class") == f"span {panx_tags[i][2:]}"
         page.screenshot(path=shots / "2-panx-spans.png")
 
         page.select_option("#model", "default")
