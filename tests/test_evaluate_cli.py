@@ -9,6 +9,7 @@ def test_evaluate_takes_a_registered_model_and_keeps_files_it_did_not_write(tmp_
     argv = ["evaluate", "--checkpoint", model_registry["model"], "--tracking-uri", model_registry["uri"],
             "--langs", "de", "--max-sentences", "5", "--output", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
+    assert "evaluate: de done (1/1 languages, " in capsys.readouterr().err  # progress, on stderr
     record = json.loads(out.read_text())
     assert record["source"] == "models:/topro-udpos-topro@champion" and record["task"] == "udpos"
     assert record["languages"]["de"]["n_sentences"] == 5

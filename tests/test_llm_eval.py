@@ -22,7 +22,7 @@ def backend(model_path):
     return HFBackend(model_path, threads=1, dtype="fp64")
 
 
-def test_cli_writes_record_and_mlflow_run(model_path, tmp_path, monkeypatch):
+def test_cli_writes_record_and_mlflow_run(model_path, tmp_path, monkeypatch, capsys):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -31,6 +31,9 @@ def test_cli_writes_record_and_mlflow_run(model_path, tmp_path, monkeypatch):
     code = main(["eval-llm", "--task", "udpos", "--model", model_path, "--langs", "de,en", "--max-sentences", "2",
                  "--shots", "2", "--no-ray", "--threads", "1", "--tracking-uri", uri, "--output", str(out)])
     assert code == 0
+    err = capsys.readouterr().err  # a line per language as it finishes, with the rate and what is left
+    assert "eval-llm: de done (1/2 languages, " in err and " sentences/s, ETA " in err
+    assert "eval-llm: en done (2/2 languages, " in err
     record = json.loads(out.read_text())
     assert record["method"] == "llm-topro-score-2shot" and record["metric"] == "accuracy"
     de = record["languages"]["de"]

@@ -65,11 +65,27 @@ def test_train_refuses_before_work_starts(workdir, capsys, monkeypatch, override
     assert_refused(code, err, seconds, *needles)
 
 
-def test_no_data_folder_at_all_says_so(workdir, capsys, monkeypatch):
+def test_no_data_folder_at_all_says_so(workdir, capsys, monkeypatch, tmp_path):
+    import topro.data.loading
+
     monkeypatch.delenv("TOPRO_DATA_DIR")
+    monkeypatch.setattr(topro.data.loading, "SHARED_DATA_DIR", tmp_path / "no-shared")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err, seconds = run_cli(["train", "--config", str(REPO / TRAIN), "--output", "run"], capsys)
     assert_refused(code, err, seconds, "no data folder given", "pass --data-dir or set TOPRO_DATA_DIR")
+
+
+def test_data_folder_beside_the_checkout_is_found_without_settings(monkeypatch):
+    """A fresh clone beside ../shared finds the data as every README command expects: no TOPRO_DATA_DIR."""
+    from topro.data.loading import CHECKOUT, SHARED_DATA_DIR, resolve_data_dir
+
+    monkeypatch.delenv("TOPRO_DATA_DIR")
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(f"no {SHARED_DATA_DIR} beside this checkout")
+    assert resolve_data_dir(None) == CHECKOUT.parent / "shared" / "data" / "xtreme"
+    monkeypatch.setenv("TOPRO_DATA_DIR", "/elsewhere")
+    assert resolve_data_dir(None) == Path("/elsewhere")
+    assert resolve_data_dir("/given") == Path("/given")
 
 
 def test_data_folder_without_the_task(workdir, capsys, tmp_path_factory):

@@ -81,6 +81,8 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
 
     parent = tracking.start_sweep_run("exp", "unit", {"search_space": {"seed": {"grid": [1, 2]}}})
     client = MlflowClient()
+    # MLflow 3's "Model training" kind, the tag the UI's own kind selector writes
+    assert client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == "custom_model_development"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "topro.json").write_text(json.dumps({"task": "udpos", "method": "topro"}))
@@ -117,6 +119,7 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
     assert "| topro | 2 | 60.0 ± 14.1 | 40.0 ± 14.1 | 50.0 ± 14.1 |" in out
     assert "| vanilla | 1 (no spread: single seed) | 40.0 | 20.0 | 30.0 |" in out
     assert "selected on English dev accuracy" in out
+    assert "random-weight" not in out  # these runs name no model: no smoke-test note
     # topro (seeds pooled: de 60%, ru 40%) vs vanilla (40%, 20%) on 100 words each: significant in both
     assert "### udpos: paired bootstrap against vanilla" in out
     assert "| de | 60.0 | 40.0 | +20.0 |" in out and "Five largest differences" in out
@@ -132,3 +135,12 @@ def test_nested_runs_metrics_report_and_registry(tmp_path, mlflow_store, capsys)
     assert tracking.registered_version_of_run(name, runs[1].info.run_id) == version
     folder = tracking.resolve_checkpoint(f"models:/{name}@champion", cache=tmp_path / "cache")
     assert json.loads((folder / "topro.json").read_text())["method"] == "topro"
+
+
+def test_a_sweep_of_the_tiny_model_is_called_a_smoke_test():
+    from topro.sweep_report import TINY_NOTE, uses_tiny_model
+
+    assert uses_tiny_model([{"model_param": "vanilla-e5"}, {"model_param": "tiny"}])
+    assert uses_tiny_model([{"model": "/root/.cache/topro/tiny-udpos-abc/model"}])
+    assert not uses_tiny_model([{"model_param": "/models/multilingual-e5-small", "model": "/models/x"}])
+    assert "random-weight" in TINY_NOTE and "configs/sweeps/e5.yaml" in TINY_NOTE

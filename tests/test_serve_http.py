@@ -489,3 +489,77 @@ def test_a_moved_alias_is_followed_with_zero_errors(ray_for_serve, serve_url, mo
         # each version answered with its own model's tags
         assert {t for _, v, t in out if v == first} == {out[0][2]} and {t for _, v, t in out if v == second} == {out[-1][2]}
     assert [(s["from_version"], s["to_version"]) for s in switches] == [(first, second)]
+
+
+def test_the_tagging_page_is_self_contained_and_puts_api_text_on_the_page_as_text():
+    """No CDN or other outside address, and no HTML built from answers (textContent only)."""
+    page = (REPO / "platform" / "topro" / "endpoint" / "page.html").read_text()  # what tagging.TAGGING_PAGE serves
+    assert "://" not in page and " src=" not in page and "href=" not in page
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+    assert "textContent" in page
+
+
+@pytest.mark.slow
+def test_the_tagging_page_in_a_browser(endpoint):
+    """Headless Chromium on GET /: a German sentence gets a tag per word (probability on hover), a PAN-X
+    model's answer is drawn as entity spans, a word `<script>...` shows as text and runs nothing, and an
+    over-long input shows the API's own 4xx message."""
+    from browser import chromium_page, screenshot_dir
+
+    shots = screenshot_dir("tagging-page")
+    front = requests.get(f"{endpoint}/", timeout=30)
+    assert front.status_code == 200 and front.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in front.headers["content-security-policy"]
+    udpos_tags = set(__import__("topro.data", fromlist=["get_task"]).get_task("udpos").labels)
+    with chromium_page(width=1200, height=800) as page:
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{endpoint}/")
+        page.locator("#model option[value=panx]").wait_for(state="attached")
+        assert page.locator("#model option").all_inner_texts() == ["default", "panx"]
+
+        sentence = "Die Kinder spielen heute im Garten ."
+        page.fill("#text", sentence)
+        page.fill("#lang", "de")
+        page.click("#go")
+        page.locator("#result .w").first.wait_for()
+        words = page.locator("#result .w")
+        assert words.count() == 7
+        tags = page.locator("#result .w .t").all_inner_texts()
+        assert set(tags) <= udpos_tags, tags
+        title = words.first.get_attribute("title")
+        assert title.startswith(tags[0]) and " p=" in title  # the probability, on hover
+        assert all(f" {t} " in f" {c} " for t, c in zip(tags, [words.nth(i).get_attribute("class")
+                                                              for i in range(7)]))  # POS colour classes
+        page.screenshot(path=shots / "1-german-sentence-udpos.png")
+
+        page.select_option("#model", "panx")
+        page.fill("#text", "Angela Merkel besuchte gestern Paris .")
+        page.click("#go")
+        page.get_by_text("(panx, vanilla").wait_for()
+        panx_tags = page.locator("#result .w .t").all_inner_texts()
+        # one box per entity span (a B-X, or an I-X that does not continue an X, starts one), holding its words
+        starts = [i for i, t in enumerate(panx_tags) if t != "O" and (
+            t.startswith("B-") or i == 0 or panx_tags[i - 1] == "O" or panx_tags[i - 1][2:] != t[2:])]
+        assert page.locator("#result .span").count() == len(starts)
+        assert page.locator("#result .span .w").count() == sum(t != "O" for t in panx_tags)
+        for k, i in enumerate(starts):
+            assert page.locator("#result .span").nth(k).get_attribute("class") == f"span {panx_tags[i][2:]}"
+        page.screenshot(path=shots / "2-panx-spans.png")
+
+        page.select_option("#model", "default")
+        page.fill("#text", "<script>alert(1)</script> ist <b>gut</b>")
+        page.click("#go")
+        page.locator("#result .w").first.wait_for()
+        assert page.locator("#result .w").first.inner_text().startswith("<script>alert(1)</script>")
+        assert page.locator("#result script, #result b").count() == 0 and dialogs == []
+        page.screenshot(path=shots / "3-escaped.png")
+
+        too_long = " ".join(["Wort"] * 25)  # the app's limit is 20 words
+        api = tag(endpoint, {"text": too_long, "lang": "de"})
+        assert 400 <= api.status_code < 500
+        page.fill("#text", too_long)
+        page.click("#go")
+        page.locator("#error").filter(has_text=str(api.status_code)).wait_for()
+        assert page.inner_text("#error") == f"{api.status_code}: {api.json()['detail']}"
+        page.screenshot(path=shots / "4-over-long-input.png")

@@ -138,3 +138,24 @@ def test_pooled_seeds_compare_over_sentences():
     assert result["languages"]["de"]["a"] == 0.5 and result["n_seeds_a"] == 2
     with pytest.raises(ComparisonError, match="different tasks"):
         compare_predictions(seeds_a, [Predictions("panx", "c", {"de": wrong})], "accuracy")
+
+
+def test_compare_names_the_direction_and_ends_with_the_language_average(tmp_path, capsys):
+    """Δ is A − B (a better B shows negative, and the header says so); the last table row is the mean over
+    languages with its interval, which lies between the languages' own differences here."""
+    from topro.cli import main
+
+    gold = [["NOUN"] * 4 for _ in range(40)]
+    half = [["NOUN", "NOUN", "VERB", "VERB"] for _ in range(40)]
+    digests = list(range(40))
+    a = _write_eval(tmp_path, "a", "udpos", {"de": {"digests": digests, "gold": gold, "pred": half},
+                                             "fr": {"digests": digests, "gold": gold, "pred": half}})
+    b = _write_eval(tmp_path, "b", "udpos", {"de": {"digests": digests, "gold": gold, "pred": gold},
+                                             "fr": {"digests": digests, "gold": gold, "pred": half}})
+    assert main(["compare", str(a), str(b), "--resamples", "500", "--output", str(tmp_path / "c.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "| Δ (A − B) |" in rows[0] and "| A: " in rows[0] and "| B: " in rows[0]
+    assert rows[1].startswith("| de | 50.0 | 100.0 | -50.0 |")  # B better: negative
+    assert rows[-1].startswith("| **avg of 2** | 50.0 | 75.0 | -25.0 |") and rows[-1].endswith("| * |")
+    average = json.loads((tmp_path / "c.json").read_text())["average"]
+    assert average["delta"] == pytest.approx(-0.25) and average["ci_low"] <= -0.25 <= average["ci_high"]

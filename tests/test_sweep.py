@@ -106,6 +106,7 @@ def test_report_command_prints_the_table(sweep_run, capsys):
     assert "| setting | seeds | de | ru | avg |" in out
     one_seed = "1 (no spread: single seed)"
     assert out.count(f"| topro | {one_seed} |") == 1 and out.count(f"| vanilla | {one_seed} |") == 1
+    assert "`tiny` is a random-weight model built for smoke tests" in out and "configs/sweeps/e5.yaml" in out
 
 
 def test_parallel_evaluation_matches_sequential(sweep_run):
@@ -172,3 +173,40 @@ scheduler: asha
     random = _sweep_config(tmp_path, "name: r\nsearch: random\nnum_samples: 3\n"
                                      "search_space: {method: {grid: [topro, vanilla]}}\n")
     assert isinstance(param_space(random)["method"], tune.search.sample.Categorical)
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_runs_metrics_and_report_in_a_browser(sweep_run):
+    """A real `mlflow ui` on the finished sweep, read in headless Chromium through the link the sweep prints:
+    the model-training view (not the GenAI one), both trials under the expanded parent, a trial's
+    per-language metrics and the parent's report artifacts. Screenshots are kept (the folder is printed)."""
+    from browser import chromium_page, mlflow_ui, screenshot_dir
+
+    shots = screenshot_dir("mlflow-ui")
+    summary = sweep_run["summary"]
+    parent = summary["parent_run_id"]
+    experiment = tracking.mlflow_client().get_run(parent).info.experiment_id
+    assert tracking.mlflow_client().get_experiment(experiment).tags[tracking.EXPERIMENT_KIND_TAG] == \
+        tracking.MODEL_TRAINING_KIND
+    child = tracking.child_runs(parent)[0]
+    with mlflow_ui(sweep_run["uri"], shots / "mlflow-ui.log") as base, chromium_page(height=1400) as page:
+        page.goto(tracking.ui_link(experiment, base))
+        page.get_by_text("mini", exact=True).first.wait_for()  # the parent run in the runs table
+        assert page.get_by_text("Evaluation runs").count() == 0 and page.get_by_text("Judges").count() == 0
+        page.get_by_role("row").filter(has_text="mini").first.get_by_role("button").first.click()  # expand
+        for trial in tracking.child_runs(parent):
+            page.get_by_text(trial.info.run_name, exact=True).wait_for()
+        page.screenshot(path=shots / "1-runs-table.png")
+
+        page.goto(tracking.ui_link(experiment, base).replace("?", f"/runs/{child.info.run_id}?"))
+        for name in ("accuracy.de", "accuracy.ru", "accuracy.avg"):
+            page.get_by_text(name, exact=True).first.wait_for()
+        page.screenshot(path=shots / "2-run-per-language-metrics.png")
+
+        page.goto(tracking.ui_link(experiment, base).replace("?", f"/runs/{parent}/artifacts?"))
+        page.get_by_text("report", exact=True).first.click()
+        for name in ("report.md", "heatmap_udpos.png", "per_language.csv"):
+            page.get_by_text(name, exact=True).first.wait_for()
+        page.screenshot(path=shots / "3-report-artifacts.png")
+    assert sorted(p.name for p in shots.glob("*.png")) == ["1-runs-table.png", "2-run-per-language-metrics.png",
+                                                           "3-report-artifacts.png"]

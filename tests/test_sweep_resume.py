@@ -35,7 +35,7 @@ def _sweep(config, uri, summary):
     return code, json.loads(summary.read_text())
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray_local, tiny_udpos):
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray_local, tiny_udpos, capfd):
     broken = tmp_path / "model-not-there-yet"
     broken.mkdir()
     # A config.json but no weights or tokenizer: it passes the driver's pre-check (a model folder) and
@@ -47,6 +47,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, ray
 
     code, first = _sweep(config, uri, tmp_path / "first.json")
     assert code == 1  # a trial failed
+    printed = "".join(capfd.readouterr())  # what a person sees: quieting Ray's noise keeps real errors
+    assert "Traceback (most recent call last)" in printed and "1 trials failed" in printed
     status = {t["params"]["model"]: t["status"] for t in first["trials"]}
     assert status == {"tiny": "TERMINATED", str(broken): "ERROR"}
     done = next(t for t in first["trials"] if t["params"]["model"] == "tiny")

@@ -347,13 +347,17 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
 
     results = {}
     languages = resolve_languages(task_name, langs, data_dir, split)
-    for lang in tqdm(languages, desc="languages", disable=not progress):
+    from topro.progress import LanguageProgress
+
+    languages_done = LanguageProgress(len(languages), "evaluate", enabled=progress)
+    for lang in languages:
         if active().requested:  # SIGTERM/SIGINT: keep the languages done (the caller writes them, marked partial)
             break
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
                                           max_sentences=max_sentences, viterbi=viterbi, device=dev,
                                           dtype=dtype, progress=progress, desc=lang,
                                           max_tokens_per_batch=max_tokens_per_batch)
+        languages_done.done(lang, results[lang].get("n_sentences", 0))
     extra = {"checkpoint": str(checkpoint), "split": split}
     if len(results) < len(languages):
         extra.update(partial=True, languages_not_evaluated=[x for x in languages if x not in results])

@@ -25,12 +25,12 @@ from topro.sweep_config import checked_combinations, trial_train_config
 def data_root(task: Task, data_dir: str | None) -> Path | None:
     """The local data folder for ``task``, checked; ``None`` means the hub (only when it is reachable)."""
     root = resolve_data_dir(data_dir)
-    given = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+    given = "--data-dir" if data_dir else f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "../shared"
     if root is None:
         if task.hub is None or hub_offline():
             why = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if task.hub else \
                 f"task {task.name!r} has no hub source"
-            raise ConfigError(f"no data folder given and {why}: pass --data-dir or set {DATA_DIR_ENV} "
+            raise ConfigError(f"no data folder given (none at ../shared/data/xtreme) and {why}: pass --data-dir or set {DATA_DIR_ENV} "
                               f"to a folder holding {task.name}/{{train,dev}}-<lang>.tsv")
         return None
     if not root.is_dir():

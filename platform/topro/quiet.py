@@ -8,6 +8,13 @@
 - transformers 5's notice that ``past_key_values`` is now called ``cache`` (a FutureWarning per model class
   and a log line): topro's LLM scoring passes and reads ``past_key_values``, the name every transformers
   it supports (4.45 on) takes.
+- Ray Train's ``PreemptionWatcher`` actor (Ray 2.60 starts one per worker group, ``max_restarts=-1``, its
+  worker handles as constructor arguments): Ray's core worker logs an error-level ``core_worker.cc ... E ...
+  Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object store and
+  max_restarts > 0`` for every trial, a warning that reads as a failure. It watches for nodes being drained
+  (spot preemption); a Ray that topro starts on one machine (``cluster/runtime.local_ray_env``) has no node
+  to lose, so there the watcher is not started (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``, Ray's own
+  switch): the cause is removed, not the line filtered. Joining a real cluster keeps it.
 - With ``progress=False``: every bar of transformers and huggingface_hub (loading weights, writing
   model shards), besides topro's own.
 """

@@ -88,6 +88,13 @@ def score_from_sums(sums: np.ndarray, metric: str) -> np.ndarray:
 def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, metric: str, n_resamples: int = N_RESAMPLES,
                      seed: int = 0, chunk: int = 500) -> dict[str, float]:
     """Paired bootstrap of ``score(A) - score(B)`` over sentences (rows of the stats)."""
+    a, b, deltas = bootstrap_deltas(stats_a, stats_b, metric, n_resamples, seed, chunk)
+    return summarize_deltas(a, b, deltas, n_sentences=stats_a.shape[0])
+
+
+def bootstrap_deltas(stats_a: np.ndarray, stats_b: np.ndarray, metric: str, n_resamples: int = N_RESAMPLES,
+                     seed: int = 0, chunk: int = 500) -> tuple[float, float, np.ndarray]:
+    """Both scores and ``n_resamples`` resampled differences ``score(A) - score(B)``."""
     if stats_a.shape != stats_b.shape:
         raise ComparisonError(f"paired bootstrap needs the same sentences: {stats_a.shape[0]} vs {stats_b.shape[0]}")
     n = stats_a.shape[0]
@@ -95,7 +102,6 @@ def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, metric: str, n_re
         raise ComparisonError("no sentences to compare")
     a = float(score_from_sums(stats_a.sum(axis=0), metric))
     b = float(score_from_sums(stats_b.sum(axis=0), metric))
-    observed = a - b
     rng = np.random.default_rng(seed)
     deltas = np.empty(n_resamples)
     for start in range(0, n_resamples, chunk):
@@ -103,12 +109,19 @@ def paired_bootstrap(stats_a: np.ndarray, stats_b: np.ndarray, metric: str, n_re
         idx = rng.integers(0, n, size=(size, n))
         deltas[start:start + size] = (score_from_sums(stats_a[idx].sum(axis=1), metric)
                                       - score_from_sums(stats_b[idx].sum(axis=1), metric))
+    return a, b, deltas
+
+
+def summarize_deltas(a: float, b: float, deltas: np.ndarray, n_sentences: int) -> dict[str, float]:
+    """The observed difference ``a - b``, the 95% percentile interval of ``deltas`` and the p-value."""
+    observed = a - b
+    n_resamples = len(deltas)
     # Two-sided: how often a resampled difference, centred on the observed one, is at least as far from 0.
     extreme = np.abs(deltas - observed) >= abs(observed) - 1e-12
     p_value = float((extreme.sum() + 1) / (n_resamples + 1))
     low, high = np.percentile(deltas, [2.5, 97.5])
     return {"a": a, "b": b, "delta": observed, "p_value": p_value, "ci_low": float(low), "ci_high": float(high),
-            "n_sentences": n, "n_resamples": n_resamples}
+            "n_sentences": n_sentences, "n_resamples": n_resamples}
 
 
 @dataclass
@@ -162,27 +175,41 @@ def compare_predictions(a: Predictions | list[Predictions], b: Predictions | lis
     common = None
     for x in group_a + group_b:
         common = check_comparable(group_a[0], x, langs)
-    results = {}
+    results, all_deltas = {}, []
     for i, lang in enumerate(common):
         sa = pooled_stats([p.languages[lang] for p in group_a], metric)
         sb = pooled_stats([p.languages[lang] for p in group_b], metric)
-        r = paired_bootstrap(sa, sb, metric, n_resamples, seed + i)
+        score_a, score_b, deltas = bootstrap_deltas(sa, sb, metric, n_resamples, seed + i)
+        r = summarize_deltas(score_a, score_b, deltas, n_sentences=sa.shape[0])
         r["significant"] = r["p_value"] < alpha
         results[lang] = r
+        all_deltas.append(deltas)
+    # The mean over languages: each language resampled on its own (independent seeds), the k-th resamples
+    # averaged, so its interval and p-value are those of the unweighted language average.
+    average = summarize_deltas(float(np.mean([r["a"] for r in results.values()])),
+                               float(np.mean([r["b"] for r in results.values()])),
+                               np.mean(all_deltas, axis=0), sum(r["n_sentences"] for r in results.values()))
+    average["significant"] = average["p_value"] < alpha
     return {"task": group_a[0].task, "metric": metric, "a": group_a[0].label, "b": group_b[0].label,
             "n_seeds_a": len(group_a), "n_seeds_b": len(group_b), "alpha": alpha, "n_resamples": n_resamples,
-            "seed": seed, "languages": results}
+            "seed": seed, "languages": results, "average": average}
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:
     """One row per language: both scores, the difference, its 95% bootstrap interval and the p-value."""
-    lines = [f"| lang | {result['a']} | {result['b']} | Δ | 95% CI of Δ | p | |", "|---|---|---|---|---|---|---|"]
-    for lang, r in result["languages"].items():
+    lines = [f"| lang | A: {result['a']} | B: {result['b']} | Δ (A − B) | 95% CI of Δ | p | |",
+             "|---|---|---|---|---|---|---|"]
+    rows = list(result["languages"].items())
+    if "average" in result:
+        rows.append((f"**avg of {len(result['languages'])}**", result["average"]))
+    for lang, r in rows:
         mark = "*" if r["significant"] else ""
         lines.append(f"| {lang} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['delta']:+.1f} | "
                      f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {r['p_value']:.4f} | {mark} |")
     n_sig = sum(r["significant"] for r in result["languages"].values())
     lines.append("")
+    lines.append("Δ = A − B: positive where A scores higher. The last row is the unweighted mean over languages, "
+                 "its interval from the per-language resamples averaged.")
     lines.append(f"{result['metric']} x 100; paired bootstrap over sentences, {result['n_resamples']} resamples "
                  f"(seed {result['seed']}), two-sided; * = significant at {result['alpha']} "
                  f"({n_sig} of {len(result['languages'])} languages); seeds pooled per sentence: "

@@ -36,8 +36,20 @@ def collect_scores(parent_run_id: str) -> tuple[list[reports.Scores], list[dict]
         entries.append(reports.scores_from_record(record, setting, seed=int(seed) if seed is not None else None,
                                                   **info))
         entries[-1].dev_score = record.get("dev_score")
-        records.append({**record, "run_id": run.info.run_id})
+        records.append({**record, "run_id": run.info.run_id, "model_param": run.data.params.get("model")})
     return entries, records
+
+
+TINY_NOTE = ("Note: `tiny` is a random-weight model built for smoke tests: it knows no label words, so this "
+             "run tests the pipeline, not the methods (ToPro needs a pretrained masked LM). For a real "
+             "comparison run configs/sweeps/e5.yaml (multilingual-e5-small; "
+             "`python ../shared/tools/offline_models.py e5` builds it), and gemma-3-270m once decoder "
+             "backbones land.")
+
+
+def uses_tiny_model(records: list[dict]) -> bool:
+    """Whether any evaluated run used the built-in random-weight ``tiny`` model (its param or its built path)."""
+    return any(r.get("model_param") == "tiny" or "/tiny-" in str(r.get("model", "")) for r in records)
 
 
 def baseline_setting(settings: list[str]) -> str:
@@ -108,6 +120,8 @@ def sweep_report(ref: str, log_artifacts: bool = True, out_dir: str | Path | Non
         comparisons += results
     if sections:
         table += "\n## Significance (paired bootstrap over sentences)\n\n" + "\n".join(sections)
+    if uses_tiny_model(records):
+        table += "\n" + TINY_NOTE + "\n"
     if log_artifacts or out_dir:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir or tmp)

@@ -150,9 +150,14 @@ def eval_llm(run: EvalLLMConfig) -> int:
 
         record = evaluate_llm(cfg, langs, load_backend(cfg.model, **options))
     else:
-        from topro.cluster.llm_eval import evaluate_llm_parallel
+        import ray
 
+        from topro.cluster.llm_eval import evaluate_llm_parallel
+        from topro.cluster.runtime import stop_ray_started_here
+
+        was_running = ray.is_initialized()
         record = evaluate_llm_parallel(cfg, langs, options, address=run.address, cpus_per_task=run.cpus_per_task)
+        stop_ray_started_here(was_running)
     output = Path(run.output or Path("outputs") / "llm" / f"{cfg.task}-{record['method']}.json")
     write_json(output, record)
     print(format_table(record))

@@ -136,9 +136,14 @@ def evaluate(cfg: EvaluateConfig) -> int:
                   viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype,
                   max_tokens_per_batch=cfg.max_tokens_per_batch)
     if cfg.parallel:
-        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+        import ray
 
+        from topro.cluster.evaluation import evaluate_checkpoint_parallel
+        from topro.cluster.runtime import stop_ray_started_here
+
+        was_running = ray.is_initialized()
         record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
+        stop_ray_started_here(was_running)
     else:
         from topro.interrupts import StopRequests
 

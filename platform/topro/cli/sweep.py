@@ -54,6 +54,7 @@ def cmd_sweep(args) -> int:
     logging.getLogger(__name__).info("sweep %s with topro from %s", sweep.name, Path(topro.__file__).parent)
     import ray
 
+    from topro import tracking
     from topro.cluster.sweep import TrackingOutage, run_sweep
 
     ray_was_running = ray.is_initialized()
@@ -82,7 +83,8 @@ def cmd_sweep(args) -> int:
           f"{summary['experiment']!r} at {summary['tracking_uri']}")
     uri = summary["tracking_uri"]
     if uri.startswith("sqlite:"):
-        print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        print(f"compare the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+              f"{tracking.ui_link(summary['experiment_id'])}")
     if args.summary:
         atomic.write_json(args.summary, summary_json(summary), "sweep_summary", default=str)
     failed = [t for t in summary["trials"] if t.status == "ERROR"]

@@ -163,6 +163,9 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     in_flight: dict[Any, int] = {}  # ref -> actor
     jobs_of: dict[Any, int] = {}  # ref -> job
     start, done, loads = time.perf_counter(), 0, {}
+    from topro.progress import LanguageProgress
+
+    languages_done = LanguageProgress(n_items, "evaluate", enabled=progress)
 
     def next_item(actor: int) -> tuple[int, str, str, str] | None:
         # Stay on the checkpoint this actor holds; otherwise take the one with most work left.
@@ -197,10 +200,9 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
             nodes[job][out["lang"]] = out["node"]
             loads[actor] = out["loads"]
             done += 1
-            if progress:
-                log.info("evaluated %s on %s in %.1fs on node %s (%d/%d)",
-                         "/".join(Path(out["checkpoint"]).parts[-2:]), out["lang"], out["seconds"], out["node"],
-                         done, n_items)
+            languages_done.done(out["lang"], out["result"].get("n_sentences", 0),
+                                f": {'/'.join(Path(out['checkpoint']).parts[-2:])} in {out['seconds']:.1f}s "
+                                f"on node {out['node']}")
             submit(actor)
     finally:
         for actor in actors:

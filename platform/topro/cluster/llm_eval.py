@@ -52,8 +52,15 @@ def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[st
         gpus_per_actor(options.get("device") or "auto", ray.cluster_resources().get("GPU", 0.0))
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus)(_evaluate_one)
     refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in langs]
-    languages, names = {}, set()
-    for lang, record, name in ray.get(refs):
+    from topro.progress import LanguageProgress
+
+    languages_done = LanguageProgress(len(refs), "eval-llm")
+    languages, names, pending = {}, set(), list(refs)
+    while pending:  # as they finish, for the progress line; the record keeps the languages' order below
+        ready, pending = ray.wait(pending, num_returns=1)
+        lang, record, name = ray.get(ready[0])
         languages[lang] = record
         names.add(name)
+        languages_done.done(lang, record.get("n_sentences", 0))
+    languages = {lang: languages[lang] for lang in langs}
     return finish_record(cfg, setup, languages, names.pop() if len(names) == 1 else cfg.model)

@@ -23,8 +23,10 @@ LOCAL_START_ATTEMPTS = 3
 def local_ray_env() -> dict[str, str]:
     """Environment for a loopback-only local Ray (also given to Ray workers)."""
     # RAY_USAGE_STATS_ENABLED=0: a local Ray's dashboard otherwise reports usage to usage-stats.ray.io.
+    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: see topro.quiet (no node of a one-machine Ray is preempted).
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+            "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool = True,
@@ -42,6 +44,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
     passthrough = {k: os.environ[k] for k in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "MLFLOW_TRACKING_URI",
                                               "HF_HUB_OFFLINE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH")
                    if k in os.environ}
+    from topro.data.loading import resolve_data_dir
+
+    if "TOPRO_DATA_DIR" not in passthrough and resolve_data_dir(None) is not None:
+        passthrough["TOPRO_DATA_DIR"] = str(resolve_data_dir(None))  # ../shared beside this checkout
     # Ray workers run in other working folders: relative paths are made absolute here, on the driver.
     for key in ("TOPRO_DATA_DIR", "TOPRO_CACHE", "TOPRO_TASKS_PATH", "TOPRO_PROMPTS_PATH"):
         if passthrough.get(key) and "://" not in passthrough[key]:
@@ -126,3 +132,12 @@ def _start_local(ray, **init_kwargs) -> None:
             ray.shutdown()
             log.warning("local Ray did not start (attempt %d of %d: %s); trying again", attempt,
                         LOCAL_START_ATTEMPTS, str(err).split(".")[0])
+
+
+def stop_ray_started_here(was_running: bool) -> None:
+    """Stop the Ray this command started (not one it joined or found running): its workers' forwarded log
+    lines arrive late, and stopping it ends them before the command prints its final table."""
+    import ray
+
+    if not was_running and ray.is_initialized():
+        ray.shutdown()

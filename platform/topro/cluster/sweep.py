@@ -83,7 +83,8 @@ def run_sweep_locked(sweep: SweepConfig, *, address: str | None, tracking_uri: s
     atomic.write_json(state_file, {"config": sweep_to_dict(sweep), "parent_run_id": parent, "tracking_uri": uri,
                                    "experiment": experiment}, "sweep_state", default=str)
     summary = {"name": sweep.name, "parent_run_id": parent, "experiment": experiment, "tracking_uri": uri,
-               "experiment_dir": str(experiment_dir)}
+               "experiment_dir": str(experiment_dir),
+               "experiment_id": tracking.mlflow_client().get_run(parent).info.experiment_id}
     try:
         tuner, resumed = build_tuner(sweep, experiment_dir, [MlflowTrialCallback(uri, parent, sweep,
                                                                                  str(experiment_dir))])

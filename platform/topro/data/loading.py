@@ -8,6 +8,10 @@ from topro.data.readers import READERS, DataFormatError, Sentence
 from topro.data.tasks import Task, get_task, language_meta
 
 DATA_DIR_ENV = "TOPRO_DATA_DIR"
+# A source checkout's neighbour ``../shared/data/xtreme`` (this project's machines and CI lay shared/ beside
+# the clone): found without any setting, so every README command runs as written in a fresh clone.
+CHECKOUT = Path(__file__).resolve().parents[3]
+SHARED_DATA_DIR = CHECKOUT.parent / "shared" / "data" / "xtreme"
 
 
 def hub_offline() -> bool:
@@ -17,9 +21,14 @@ def hub_offline() -> bool:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """``data_dir`` if given, else ``$TOPRO_DATA_DIR``, else ``None`` (the hub)."""
+    """``data_dir`` if given, else ``$TOPRO_DATA_DIR``, else ``../shared/data/xtreme`` beside the source
+    checkout where that folder exists, else ``None`` (the hub). The same lookup for every command."""
     value = data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    if (CHECKOUT / "pyproject.toml").is_file() and SHARED_DATA_DIR.is_dir():
+        return SHARED_DATA_DIR
+    return None
 
 
 def split_path(task: Task, lang: str, split: str, data_dir: Path) -> Path:

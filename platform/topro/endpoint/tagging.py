@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve import Application
 
@@ -47,6 +47,11 @@ from topro.endpoint.schemas import RequestProblem, TagRequest, TagResponse, chec
 log = logging.getLogger("ray.serve")
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
+TAGGING_PAGE = Path(__file__).with_name("page.html")
+# The page loads nothing from elsewhere and may only call this app; its inline script and style are its own.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; connect-src 'self'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def parse_args(args: dict[str, Any], app: str = "tagging") -> TaggingArgs:
@@ -419,6 +424,11 @@ class TaggerDeployment:
 
         return {"status": "ok", "replica": self.replica, "uptime_s": round(time.time() - self.started, 1),
                 "models_loaded": sorted(self.loaded), "torch_threads": torch.get_num_threads()}
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The tagging page: one self-contained HTML file (no CDN), talking to /models and /tag."""
+        return HTMLResponse(TAGGING_PAGE.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
 
     @api.get("/models")
     async def models(self) -> dict[str, Any]:

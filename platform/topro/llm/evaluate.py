@@ -310,7 +310,13 @@ def run_params(cfg: LLMEvalConfig, setup: RunSetup) -> dict[str, Any]:
 def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend) -> dict[str, Any]:
     """Every language one after another with one backend (the sequential path)."""
     setup = prepare(cfg)
-    languages = {lang: evaluate_llm_language(backend, cfg, lang, setup) for lang in langs}
+    from topro.progress import LanguageProgress
+
+    languages_done = LanguageProgress(len(langs), "eval-llm")
+    languages = {}
+    for lang in langs:
+        languages[lang] = evaluate_llm_language(backend, cfg, lang, setup)
+        languages_done.done(lang, languages[lang].get("n_sentences", 0))
     return finish_record(cfg, setup, languages, backend.name)
 
 

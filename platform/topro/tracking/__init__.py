@@ -11,13 +11,15 @@ from topro.tracking.metric_names import (TRAINING_METRIC_KEYS, TRAINING_METRIC_P
 from topro.tracking.registry import (CHECKPOINT_ARTIFACT, describe_model_uri, is_registry_uri, log_checkpoint,
                                      register_checkpoint, registered_name, registered_version_of_run,
                                      resolve_checkpoint)
-from topro.tracking.runs import (DEFAULT_TRACKING_URI, EVALUATED_TAG, HTTP_REQUEST_DEFAULTS, KIND_TAG, PARENT_TAG,
+from topro.tracking.runs import (DEFAULT_TRACKING_URI, EVALUATED_TAG, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
+                                 MODEL_TRAINING_QUERY, ui_link, HTTP_REQUEST_DEFAULTS, KIND_TAG, PARENT_TAG,
                                  PREDICTIONS_FILE, SWEEP_TAG, TRIAL_TAG, child_runs, configure, end_run,
                                  experiment_id, find_sweep_run, load_evaluation, load_predictions, log_evaluation,
                                  log_metrics, log_params, mlflow_client, start_sweep_run, trial_run, tracking_uri)
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "DEFAULT_TRACKING_URI", "EVALUATED_TAG", "HTTP_REQUEST_DEFAULTS", "KIND_TAG",
+    "CHECKPOINT_ARTIFACT", "DEFAULT_TRACKING_URI", "EVALUATED_TAG", "EXPERIMENT_KIND_TAG", "MODEL_TRAINING_KIND",
+    "MODEL_TRAINING_QUERY", "ui_link", "HTTP_REQUEST_DEFAULTS", "KIND_TAG",
     "PARENT_TAG", "PREDICTIONS_FILE", "SWEEP_TAG", "TRAINING_METRIC_KEYS", "TRAINING_METRIC_PREFIXES", "TRIAL_TAG",
     "child_runs", "configure", "describe_model_uri", "end_run", "evaluation_metrics", "experiment_id",
     "find_sweep_run", "flat_params", "is_finite_number", "is_number", "is_registry_uri", "load_evaluation",

@@ -31,8 +31,10 @@ def log_llm_run(record: dict[str, Any], params: dict[str, Any], *, tracking_uri:
 
     from topro.tracking import configure
 
+    from topro.tracking import experiment_id
+
     configure(tracking_uri)
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=experiment_id(experiment))  # created in the model-training view
     with mlflow.start_run(run_name=run_name or f"{record['task']}-{record['method']}") as run:
         mlflow.set_tags({"task": record["task"], "method": record["method"], "model": record["model"],
                          "kind": "llm-eval"})

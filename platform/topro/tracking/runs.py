@@ -31,6 +31,13 @@ TRIAL_TAG = "topro.trial_id"
 EVALUATED_TAG = "topro.evaluated"
 PREDICTIONS_FILE = "predictions.json"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+# MLflow 3's experiment kind, the tag its UI's own kind selector writes: "custom_model_development" is
+# "Model training" (runs table, metrics, charts) rather than the GenAI view (traces, judges).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow 3.17's UI decides its view by a workflow switch kept in the browser (default GenAI); a link with
+# this query opens the experiment in the model-training view whatever the browser kept.
+MODEL_TRAINING_QUERY = "workflowType=machine_learning"
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -88,14 +95,22 @@ def experiment_id(name: str, artifact_location: str | None = None) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before topro tagged its experiments
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
             log.warning("experiment %s keeps its artifacts at %s (it exists already), not at artifact_location %s",
                         name, found.artifact_location, artifact_location)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except Exception:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_link(experiment: str, base: str = "http://127.0.0.1:5000", query: str = MODEL_TRAINING_QUERY) -> str:
+    """Where ``mlflow ui`` shows experiment ``experiment`` (an id) in its model-training view."""
+    return f"{base}/#/experiments/{experiment}?{query}"
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
