@@ -10,6 +10,7 @@ use (``epochs=0``, ``learning_rate=nan``) are refused by ``TrainConfig.problems`
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
