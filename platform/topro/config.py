@@ -158,6 +158,10 @@ class TrainConfig:
     tokens of the word it asks about, in every layer and head. In a per-word prompt the sentence reads the
     question and so knows which word is asked; a packed sentence cannot, and this points the question at its
     word instead. 0 (the default): plain block attention."""
+    label_subword: Literal["auto", "first", "last"] = "auto"
+    """Vanilla and Prompt-Tuning: which subword's hidden state labels a word. ``auto``: ``last`` for
+    decoder-only LMs (a causal model's state at a position has read only what lies to its left, so only
+    the last subword has read the whole word), ``first`` for encoders (XTREME's convention)."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).

@@ -265,7 +265,8 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
                       packed_word_bias=cfg.packed_word_bias,
                       prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
-                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
+                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement,
+                      label_subword=cfg.label_subword)
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:

@@ -36,6 +36,12 @@ def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
 
 
 def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    from topro.models import model_kind
+
+    if model_kind(model_path) == "causal":
+        from topro.methods.vanilla_causal import CausalVanilla
+
+        return CausalVanilla(spec, tokenizer)
     from topro.methods.vanilla import Vanilla
 
     return Vanilla(spec, tokenizer)
