@@ -153,6 +153,40 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
         langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
         check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
     check_model(cfg.model)
+    check_lora_targets(cfg)
+
+
+ADAPTABLE_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")
+"""Layer classes PEFT's LoRA can adapt (``Conv1D``: GPT-2's linear layer)."""
+
+
+def adaptable_module_names(model: str) -> list[str]:
+    """Dotted names of the layers LoRA could adapt in ``model``'s backbone, read off the architecture built
+    on the meta device from its config (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, BertConfig
+
+    if model == TINY:  # the built-in tiny model is a BERT (topro.models.build_tiny_model); names need no sizes
+        config = BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=16)
+    else:
+        config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+    return [name for name, module in backbone.named_modules() if type(module).__name__ in ADAPTABLE_LAYERS]
+
+
+def check_lora_targets(cfg: TrainConfig) -> None:
+    """``adapter: lora``: every name in ``lora_targets`` matches a layer of the backbone (as PEFT matches: the
+    whole dotted name or its end)."""
+    if cfg.adapter != "lora" or not cfg.lora_targets or list(cfg.lora_targets) == ["all-linear"]:
+        return
+    names = adaptable_module_names(cfg.model)
+    missing = [t for t in cfg.lora_targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"lora_targets: {missing} match no linear, embedding or convolution layer of model "
+                          f"{cfg.model!r}; its layer names: {', '.join(known)} (or [all-linear])")
 
 
 def checkpoint_meta(checkpoint: str | Path) -> dict:

@@ -12,16 +12,16 @@ import argparse
 import logging
 import sys
 
-from topro.cli import compare, eval_llm, evaluate, report, serve, sweep, train
+from topro.cli import compare, eval_llm, evaluate, export, report, serve, sweep, train
 from topro.config import ConfigError
 
-SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve)
+SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="topro", description="Prompt-based cross-lingual sequence labeling: "
                                                                "train, evaluate, sweep, report, compare, "
-                                                               "eval-llm, serve.")
+                                                               "eval-llm, serve, export.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:

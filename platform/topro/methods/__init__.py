@@ -79,7 +79,11 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
         from topro.models import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-    return METHODS[spec.method](spec, tokenizer, model_path)
+    if spec.adapter == "none":
+        return METHODS[spec.method](spec, tokenizer, model_path)
+    from topro.methods.lora import inner_spec, with_adapter
+
+    return with_adapter(METHODS[spec.method](inner_spec(spec), tokenizer, model_path), spec)
 
 
 def load_checkpoint(folder: str | Path, device=None):

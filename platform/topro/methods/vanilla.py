@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, collate_common, model_inputs, scores_dtype, word_pieces
+from topro.methods.trained_only import from_pretrained_noting_fresh
 from topro.methods.whole_model import WholeModelMethod
 
 
@@ -43,8 +44,8 @@ class Vanilla(WholeModelMethod):
         return word_pieces(self.tokenizer, sentence.words)
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        return self.auto_model().from_pretrained(
-            model_path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+        return from_pretrained_noting_fresh(
+            self.auto_model(), model_path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id=self.label_index)
 
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
