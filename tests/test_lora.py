@@ -214,3 +214,33 @@ def test_a_causal_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path
     tok.save_pretrained(folder)
     with pytest.raises(ValueError, match="neither a pad nor an end-of-sequence token"):
         load_tokenizer(str(folder))
+
+
+def test_a_sweep_searches_adapter_and_model(tmp_path, data_dir):
+    from topro.config import ConfigError
+    from topro.precheck import check_sweep
+    from topro.sweep_config import grid_size, load_sweep_config, trial_train_config
+
+    llama = str(tiny_model_dir("llama"))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"""name: lora-sweep
+base: {{task: udpos, model: tiny, epochs: 1, data_dir: {data_dir}, eval_langs: [de]}}
+search_space:
+  method: {{grid: [vanilla, topro]}}
+  adapter: {{grid: [none, lora]}}
+  model: {{grid: [tiny, {llama}]}}
+""")
+    sweep = load_sweep_config(path)
+    assert grid_size(sweep) == 8
+    trial = trial_train_config(sweep, {"method": "vanilla", "adapter": "lora", "model": llama})
+    assert (trial.adapter, trial.model) == ("lora", llama)
+    check_sweep(sweep)
+    # a setting no trial could run is refused when the sweep loads, naming the field
+    path.write_text(path.read_text().replace("[vanilla, topro]", "[vanilla, prompt_tuning]"))
+    with pytest.raises(ConfigError, match="field 'adapter'"):
+        load_sweep_config(path)
+    # LoRA targets must name layers of every searched model (query: BERT's; Llama calls it q_proj)
+    path.write_text(path.read_text().replace("[vanilla, prompt_tuning]", "[vanilla]").replace(
+        "eval_langs: [de]", "eval_langs: [de], lora_targets: [query]"))
+    with pytest.raises(ConfigError, match=r"lora_targets: \['query'\] match no"):
+        check_sweep(load_sweep_config(path))

@@ -241,6 +241,12 @@ def check_sweep(sweep) -> None:
         check_train(train, eval_split=sweep.eval_split)
     for model in dict.fromkeys(models[1:]):
         check_model(model)
+    adapters = sweep.search_space.get("adapter", {})
+    adapters = list(adapters.get("grid", []) or adapters.get("choice", [])) or [sweep.base.get("adapter", "none")]
+    targets = sweep.base.get("lora_targets")
+    if targets and "lora" in adapters:  # the targets must name layers of every searched model
+        for model in dict.fromkeys(models):
+            check_lora_targets(TrainConfig(model=model, adapter="lora", lora_targets=list(targets)))
 
 
 def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, split: str = "dev",
