@@ -49,8 +49,12 @@ def _vanilla(spec: MethodSpec, tokenizer, model_path: str) -> Method:
 
 def _prompt_tuning(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     from topro.methods.prompt_tuning import PromptTuning
+    from topro.models import model_kind
 
-    return PromptTuning(spec, tokenizer)
+    folder = Path(model_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return PromptTuning(spec, tokenizer)  # a checkpoint from before decoder-only backbones: an encoder's
+    return PromptTuning(spec, tokenizer, causal=model_kind(model_path) == "causal")
 
 
 def _topro_soft(spec: MethodSpec, tokenizer, model_path: str) -> Method:
