@@ -17,8 +17,10 @@ TINY_RUN = dict(task="udpos", max_train_sentences=8, max_dev_sentences=4, epochs
                 learning_rate=1e-2, max_length=32, progress=False, adapter="lora", lora_r=4, seed=3)
 
 
-def model_path(kind: str, tiny_udpos: str) -> str:
-    return tiny_udpos if kind == "tiny" else str(tiny_model_dir(kind))
+def model_path(kind: str, request) -> str:
+    if kind in ("tiny", "mt5"):
+        return request.getfixturevalue({"tiny": "tiny_udpos", "mt5": "tiny_mt5"}[kind])
+    return str(tiny_model_dir(kind))
 
 
 def merged_equals_adapters(checkpoint: Path, merged: Path, data_dir) -> float:
@@ -34,15 +36,16 @@ def merged_equals_adapters(checkpoint: Path, merged: Path, data_dir) -> float:
 
 
 @pytest.mark.parametrize("kind,method", [("llama", "vanilla"), ("gemma3", "vanilla"), ("tiny", "vanilla"),
-                                         ("tiny", "topro")])
-def test_lora_trains_adapters_and_head_only_and_merges_exactly(kind, method, tmp_path, data_dir, tiny_udpos):
+                                         ("tiny", "topro"), ("tiny", "topro_soft"), ("mt5", "topro")])
+def test_lora_trains_adapters_and_head_only_and_merges_exactly(kind, method, tmp_path, data_dir, request):
     from safetensors import safe_open
 
     from topro.cli.export import ExportConfig, export_merged
     from topro.train import LocalStrategy, fit, prepare, set_seed
 
-    cfg = TrainConfig(method=method, model=model_path(kind, tiny_udpos), data_dir=str(data_dir),
-                      output_dir=str(tmp_path / "run"), **TINY_RUN)
+    extra = {"freeze_backbone": False} if method == "topro_soft" else {}  # soft ToPro fine-tuning its backbone
+    cfg = TrainConfig(method=method, model=model_path(kind, request), data_dir=str(data_dir),
+                      output_dir=str(tmp_path / "run"), **TINY_RUN, **extra)
     strategy = LocalStrategy(cfg)
     set_seed(cfg.seed)
     run = prepare(cfg, strategy)
@@ -50,7 +53,8 @@ def test_lora_trains_adapters_and_head_only_and_merges_exactly(kind, method, tmp
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     adapters = {n for n in trained if ".lora_A." in n or ".lora_B." in n}
-    heads = {"vanilla": {"classifier.weight", "classifier.bias"}, "topro": set()}[method]  # tiny has its MLM head
+    # what trains beside the adapters: vanilla's fresh head, soft ToPro's prompt (tiny has its MLM head)
+    heads = {"vanilla": {"classifier.weight", "classifier.bias"}, "topro": set(), "topro_soft": {"soft_prompt"}}[method]
     assert adapters and trained == adapters | heads
     fit(run, strategy)
     after = dict(model.named_parameters())
