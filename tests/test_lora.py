@@ -167,6 +167,7 @@ def test_lora_under_ray_train(strategy, tmp_path, data_dir, tiny_udpos, ray_loca
 @pytest.mark.parametrize("overrides,field", [
     (["method=prompt_tuning", "adapter=lora"], "adapter"),
     (["method=topro_soft", "adapter=lora"], "adapter"),  # freeze_backbone: true by default
+    (["method=rosprompt", "adapter=lora"], "adapter"),
     (["adapter=lora", "lora_r=0"], "lora_r"),
     (["adapter=lora", "lora_dropout=1.0"], "lora_dropout"),
     (["adapter=lora", "lora_alpha=-1"], "lora_alpha"),

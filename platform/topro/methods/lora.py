@@ -30,13 +30,14 @@ from topro.methods.trained_only import (backbone_fingerprint, fresh_parameters, 
 
 ADAPTERS = ("none", "lora")
 PROMPT_ONLY_METHODS = ("prompt_tuning",)
-"""Methods that train only a prompt on a frozen backbone (and ``topro_soft`` with ``freeze_backbone``):
+"""Methods that train only a prompt on a frozen backbone (and the soft-prompt ones with ``freeze_backbone``):
 there is no backbone training for LoRA to make cheaper."""
+SOFT_PROMPT_METHODS = ("topro_soft", "rosprompt")
 FINGERPRINT = "topro_backbone_fingerprint"
 
 
 def trains_only_a_prompt(method: str, freeze_backbone: bool) -> bool:
-    return method in PROMPT_ONLY_METHODS or (method == "topro_soft" and freeze_backbone)
+    return method in PROMPT_ONLY_METHODS or (method in SOFT_PROMPT_METHODS and freeze_backbone)
 
 
 def backbone_of(model: nn.Module) -> tuple[str, nn.Module]:
@@ -162,7 +163,7 @@ def with_adapter(method: Method, spec: MethodSpec) -> Method:
         raise ValueError(f"adapter must be one of {ADAPTERS}, got {spec.adapter!r}")
     if trains_only_a_prompt(spec.method, spec.freeze_backbone):
         raise ValueError(f"adapter: lora: method {spec.method!r} trains only a prompt on a frozen backbone"
-                         + (" (freeze_backbone: true)" if spec.method == "topro_soft" else "")
+                         + (" (freeze_backbone: true)" if spec.method in SOFT_PROMPT_METHODS else "")
                          + "; LoRA adapts a backbone that trains")
     return LoraMethod(method, spec)
 
