@@ -178,6 +178,30 @@ class TrainConfig:
     tokens of the word it asks about, in every layer and head. In a per-word prompt the sentence reads the
     question and so knows which word is asked; a packed sentence cannot, and this points the question at its
     word instead. 0 (the default): plain block attention."""
+    label_subword: Literal["auto", "first", "last"] = "auto"
+    """Vanilla and Prompt-Tuning: which subword's hidden state labels a word. ``auto``: ``last`` for
+    decoder-only LMs (a causal model's state at a position has read only what lies to its left, so only
+    the last subword has read the whole word), ``first`` for encoders (XTREME's convention)."""
+    adapter: Literal["none", "lora"] = "none"
+    """``lora``: freeze the backbone's pretrained weights and train low-rank adapters on it (LoRA, Hu et al.
+    2021, through PEFT) plus the parts the pretrained checkpoint lacks (a classification head) and anything
+    outside the backbone (a soft prompt). The checkpoint then holds only those tensors and finds its backbone
+    by fingerprint; ``topro export --merge`` writes a full one. Any method that trains its backbone (not
+    ``prompt_tuning``, nor ``topro_soft`` or ``rosprompt`` with ``freeze_backbone``)."""
+    lora_r: int = 8
+    """LoRA rank (at least 1; 4 to 64 usual)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is ``lora_alpha / lora_r x B A`` (positive; commonly 2 x ``lora_r``)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+    lora_targets: list[str] | None = None
+    """Names of the modules that get adapters, matched against the end of each module's dotted name
+    (``[q_proj, v_proj]``, ``[query, value]``), or ``[all-linear]``. ``None``: PEFT's default for the
+    architecture (attention query and value; every linear layer where it has none). A name matching no
+    module is refused before training."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them: less
+    memory, about a third more compute. Any backbone (its Hugging Face model's ``gradient_checkpointing_enable``)."""
     shots_per_label: int | None = None
     """Few-shot training: a seeded sampler (``seed``) takes English training sentences in a shuffled order,
     keeping each one that labels a word of a seen label still short of K, until every seen label has at
@@ -245,8 +269,19 @@ class TrainConfig:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
         both = ([("evals_per_epoch", "set either evals_per_epoch or eval_every_steps, not both")]
                 if self.evals_per_epoch and self.eval_every_steps else [])
-        return (check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both + self._unseen_problems()
-                + self._rosprompt_problems())
+        return (check_ranges(self, TRAIN_RANGES) + self._packing_problems() + self._adapter_problems() + both
+                + self._unseen_problems() + self._rosprompt_problems())
+
+    def _adapter_problems(self) -> list[tuple[str, str]]:
+        if self.adapter == "none":
+            return []
+        if self.method == "prompt_tuning" or (self.method in ("topro_soft", "rosprompt") and self.freeze_backbone):
+            why = " with freeze_backbone: true" if self.method != "prompt_tuning" else ""
+            return [("adapter", f"adapter: lora needs a method that trains its backbone; method {self.method!r}"
+                                f"{why} trains only a prompt on a frozen one (use adapter: none)")]
+        if self.lora_targets is not None and not self.lora_targets:
+            return [("lora_targets", "give at least one module name, or null for the architecture's default")]
+        return []
 
     def _rosprompt_problems(self) -> list[tuple[str, str]]:
         lowest = 0 if method_entry(self.method).zero_step else 1  # epochs: 0 is zero-shot prompting
@@ -328,6 +363,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "progress_every_s": _finite_non_negative, "shutdown_grace_s": _finite_non_negative,
     "save_state_every_steps": _at_least(1, optional=True), "packed_word_bias": _finite_non_negative,
     "warmup_ratio": _fraction, "prefix_dropout": _fraction,
+    "lora_r": _at_least(1), "lora_alpha": _positive, "lora_dropout": _fraction,
 }
 
 

@@ -25,6 +25,8 @@ class MethodEntry:
     registered with a factory (``register_method``)."""
     seq2seq_cls: str | None = None
     """The implementation for encoder-decoder models (mT5), when the method has one."""
+    causal_cls: str | None = None
+    """The implementation for decoder-only LMs (Llama, Gemma, Qwen, BLOOM), when the method has one."""
     prompted: bool = False
     """Asks a templated question per word, so a run records a template and a verbalizer."""
     packable: bool = False
@@ -40,18 +42,24 @@ class MethodEntry:
     zero_step: bool = False
     """Takes ``epochs: 0``: scored with its prompt as initialised (RoSPrompt: NPPrompt-style zero-shot)."""
 
-    def implementation(self, encoder_decoder: bool = False) -> Any:
-        """The class, imported now (this imports torch)."""
-        path = self.seq2seq_cls if encoder_decoder and self.seq2seq_cls else self.cls
+    def implementation(self, backbone: str | bool = "masked") -> Any:
+        """The class for a ``masked``, ``causal`` or ``seq2seq`` backbone (``True``: seq2seq), imported now
+        (this imports torch)."""
+        backbone = {True: "seq2seq", False: "masked"}.get(backbone, backbone)
+        if backbone == "causal" and not self.causal_cls and self.cls:
+            raise ValueError(f"method {self.name!r} does not run on decoder-only LMs; those take "
+                             f"{', '.join(n for n, e in METHOD_REGISTRY.items() if e.causal_cls)}")
+        path = {"seq2seq": self.seq2seq_cls, "causal": self.causal_cls}.get(backbone) or self.cls
         module, _, name = path.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
 METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
-    MethodEntry("vanilla", "topro.methods.vanilla:Vanilla"),
+    MethodEntry("vanilla", "topro.methods.vanilla:Vanilla", causal_cls="topro.methods.vanilla_causal:CausalVanilla"),
     MethodEntry("topro", "topro.methods.topro_mlm:ToProMLM", seq2seq_cls="topro.methods.topro_seq2seq:ToProSeq2Seq",
                 prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
-    MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning", trains="part"),
+    MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning",
+                causal_cls="topro.methods.prompt_tuning:CausalPromptTuning", trains="part"),
     MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft", prompted=True, packable=True,
                 head="pretrained_mlm", trains="part", unseen_labels=True),
     MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt", prompted=True, head="pretrained_mlm",
@@ -84,6 +92,6 @@ def traits_table() -> str:
     rows = ["| method | class | " + " | ".join(TRAIT_COLUMNS) + " |", "| --- " * (len(TRAIT_COLUMNS) + 2) + "|"]
     for entry in METHOD_REGISTRY.values():
         classes = " / ".join(f"`{c.removeprefix('topro.methods.').replace(':', '.')}`"
-                             for c in (entry.cls, entry.seq2seq_cls) if c)
+                             for c in (entry.cls, entry.seq2seq_cls, entry.causal_cls) if c)
         rows.append(f"| `{entry.name}` | {classes} | " + " | ".join(cell(getattr(entry, t)) for t in TRAIT_COLUMNS) + " |")
     return "\n".join(rows)

@@ -11,6 +11,7 @@ offline.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -176,10 +177,43 @@ def mlm_head_untrained(model_path: str) -> bool | None:
     return True
 
 
+MODEL_KINDS = ("masked", "causal", "seq2seq")
+
+
+def model_kind(model_path: str) -> str:
+    """``"seq2seq"`` (encoder-decoder), ``"masked"`` (a masked-LM architecture: BERT, XLM-R, ...) or
+    ``"causal"`` (decoder-only: Llama, Gemma, Qwen, BLOOM, ...), read from the model's config. A model type
+    with neither a masked nor a causal LM head is refused, naming the ``model`` field."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    # Masked first: BERT and XLM-R also have a causal-LM class (BertLMHeadModel), but are masked LMs.
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(f"model {model_path}: model type {config.model_type!r} has neither a masked-LM nor a "
+                     "causal-LM head; give a masked LM (BERT, XLM-R), a decoder-only LM or an encoder-decoder")
+
+
 def load_tokenizer(path: str):
+    """The tokenizer at ``path``; one without a pad token (Llama 3, Qwen base models) pads with its
+    end-of-sequence token (logged): attention masks keep padding out of every score."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {path}: its tokenizer has neither a pad nor an end-of-sequence token, so "
+                             "batches cannot be padded; give a model whose tokenizer defines one of them")
+        tokenizer.pad_token = tokenizer.eos_token
+        logging.getLogger(__name__).info("model %s: no pad token; padding with its end-of-sequence token %r",
+                                         path, tokenizer.eos_token)
+    return tokenizer
 
 
 def pick_device(device: str = "auto"):

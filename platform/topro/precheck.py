@@ -157,6 +157,7 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
         langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
         check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
     check_model(cfg.model)
+    check_lora_targets(cfg)
     check_shots(cfg)
     check_knn_k(cfg)
 
@@ -208,6 +209,39 @@ def _local_model_config(cfg: TrainConfig) -> dict | None:
     if path is None or not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+ADAPTABLE_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")
+"""Layer classes PEFT's LoRA can adapt (``Conv1D``: GPT-2's linear layer)."""
+
+
+def adaptable_module_names(model: str) -> list[str]:
+    """Dotted names of the layers LoRA could adapt in ``model``'s backbone, read off the architecture built
+    on the meta device from its config (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, BertConfig
+
+    if model == TINY:  # the built-in tiny model is a BERT (topro.models.build_tiny_model); names need no sizes
+        config = BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=16)
+    else:
+        config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+    return [name for name, module in backbone.named_modules() if type(module).__name__ in ADAPTABLE_LAYERS]
+
+
+def check_lora_targets(cfg: TrainConfig) -> None:
+    """``adapter: lora``: every name in ``lora_targets`` matches a layer of the backbone (as PEFT matches: the
+    whole dotted name or its end)."""
+    if cfg.adapter != "lora" or not cfg.lora_targets or list(cfg.lora_targets) == ["all-linear"]:
+        return
+    names = adaptable_module_names(cfg.model)
+    missing = [t for t in cfg.lora_targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"lora_targets: {missing} match no linear, embedding or convolution layer of model "
+                          f"{cfg.model!r}; its layer names: {', '.join(known)} (or [all-linear])")
 
 
 def checkpoint_meta(checkpoint: str | Path) -> dict:
@@ -280,6 +314,12 @@ def check_sweep(sweep) -> None:
         check_train(train, eval_split=sweep.eval_split)
     for model in dict.fromkeys(models[1:]):
         check_model(model)
+    adapters = sweep.search_space.get("adapter", {})
+    adapters = list(adapters.get("grid", []) or adapters.get("choice", [])) or [sweep.base.get("adapter", "none")]
+    targets = sweep.base.get("lora_targets")
+    if targets and "lora" in adapters:  # the targets must name layers of every searched model
+        for model in dict.fromkeys(models):
+            check_lora_targets(TrainConfig(model=model, adapter="lora", lora_targets=list(targets)))
 
 
 def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, split: str = "dev",

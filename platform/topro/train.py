@@ -346,6 +346,22 @@ def freeze_input_embeddings(model: torch.nn.Module) -> None:
     embeddings.weight.requires_grad_(False)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Activation recomputation in every Hugging Face model inside ``model`` (a method's wrapper holds one).
+    Non-reentrant, so it works when no input needs a gradient (frozen embeddings, LoRA)."""
+    from transformers import PreTrainedModel
+
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not found:
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} holds no Hugging Face model that "
+                          "supports it")
+    for hf in found:
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name; the old one is deprecated
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
@@ -426,8 +442,10 @@ def prepare(cfg: TrainConfig, strategy: Strategy) -> Run:
     total_steps = 0 if cfg.epochs == 0 else cfg.max_steps or steps_per_epoch * cfg.epochs
     check_selection(cfg, steps_per_epoch, getattr(strategy, "zero_stage", None))
     base_model = method.build_model(model_path)
-    if embeddings_frozen(cfg):
+    if embeddings_frozen(cfg) and cfg.adapter == "none":  # LoRA has frozen every pretrained weight already
         freeze_input_embeddings(base_model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base_model)
     n_trainable, n_total = count_parameters(base_model)
     log.info("%s: %d trainable of %d parameters (%.3f%%)", method.name, n_trainable, n_total,
              100 * n_trainable / max(n_total, 1))

@@ -14,16 +14,16 @@ import argparse
 import logging
 import sys
 
-from topro.cli import compare, eval_llm, evaluate, report, serve, sweep, train, verify
+from topro.cli import compare, eval_llm, evaluate, report, export, serve, sweep, train, verify
 from topro.config import ConfigError
 
-SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve, verify)
+SUBCOMMANDS = (train, evaluate, sweep, report, compare, eval_llm, serve, verify, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="topro", description="Prompt-based cross-lingual sequence labeling: "
                                                                "train, evaluate, sweep, report, compare, "
-                                                               "eval-llm, serve, verify.")
+                                                               "eval-llm, serve, verify, export.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:

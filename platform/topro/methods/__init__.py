@@ -22,16 +22,23 @@ from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
 Factory = Callable[[MethodSpec, object, str], Method]
 
 
-def _is_seq2seq(model_path: str) -> bool:
-    from transformers import AutoConfig
+def backbone_kind(model_path: str) -> str:
+    """``masked``, ``causal`` or ``seq2seq`` (``models.model_kind``); a trained-only checkpoint folder without
+    the backbone's ``config.json`` predates decoder-only backbones, and so is an encoder's."""
+    folder = Path(model_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return "masked"
+    from topro.models import model_kind
 
-    return bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
+    return model_kind(model_path)
 
 
 def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    """The registry's class for ``spec.method`` (its encoder-decoder class on an encoder-decoder model)."""
+    """The registry's class for ``spec.method`` on this backbone: its encoder-decoder class on an
+    encoder-decoder model, its decoder-only class on a causal LM, else its own."""
     entry = METHOD_REGISTRY[spec.method]
-    encoder_decoder = entry.seq2seq_cls is not None and _is_seq2seq(model_path)
+    kind = backbone_kind(model_path)
+    encoder_decoder = entry.seq2seq_cls is not None and kind == "seq2seq"
     if encoder_decoder and spec.prompt_packing != "per_word":
         raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method {spec.method!r} on the "
                          f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
@@ -39,7 +46,7 @@ def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
         raise ValueError(f"unseen_labels={spec.unseen_labels}: method {spec.method!r} on the encoder-decoder "
                          f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
                          "word cannot leave its training softmax; use a masked LM")
-    return entry.implementation(encoder_decoder)(spec, tokenizer)
+    return entry.implementation(kind)(spec, tokenizer)
 
 
 METHODS: dict[str, Factory] = {}
@@ -83,7 +90,12 @@ def build_method(spec: MethodSpec, model_path: str, tokenizer=None) -> Method:
         from topro.models import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-    return METHODS.get(spec.method, _from_registry)(spec, tokenizer, model_path)
+    method = METHODS.get(spec.method, _from_registry)
+    if spec.adapter == "none":
+        return method(spec, tokenizer, model_path)
+    from topro.methods.lora import inner_spec, with_adapter
+
+    return with_adapter(method(inner_spec(spec), tokenizer, model_path), spec)
 
 
 def load_checkpoint(folder: str | Path, device=None):

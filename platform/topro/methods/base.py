@@ -281,6 +281,19 @@ class MethodSpec:
     """Soft ToPro: train only the prompt (and any fresh head) rather than the whole model with it."""
     soft_prompt_placement: str = "replace"
     """Soft ToPro: ``replace`` the template's text with soft vectors or put them in front (``prefix``)."""
+    label_subword: str = "auto"
+    """Vanilla and Prompt-Tuning: the subword whose hidden state labels a word, ``first`` or ``last``
+    (``auto``, resolved when the method is built: last for decoder-only LMs, first for encoders)."""
+    adapter: str = "none"
+    """``lora``: the backbone is frozen and low-rank adapters train (``methods/lora.py``); ``none``."""
+    lora_r: int = 8
+    """LoRA: rank of the adapters."""
+    lora_alpha: float = 16.0
+    """LoRA: scale numerator (the update is ``lora_alpha / lora_r * B A``)."""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapters' input."""
+    lora_targets: list[str] | None = None
+    """LoRA: module names adapted (``None``: PEFT's default for the architecture, its attention query and value)."""
     verbalizer_expansion: str = "none"
     """RoSPrompt: ``none`` (the verbalizer's seed words) or ``knn`` (each label's ``knn_k`` nearest tokens)."""
     knn_k: int = 8

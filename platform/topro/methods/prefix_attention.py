@@ -1,4 +1,4 @@
-"""Deep prefix tuning (P-tuning v2) for encoder backbones, via transformers' attention interface.
+"""Deep prefix tuning (P-tuning v2) for encoder and decoder-only backbones, via transformers' attention interface.
 
 P-tuning v2 prepends trainable key/value vectors to every layer's self-attention.
 Its reference code fed them to BERT as ``past_key_values``; transformers 5's
@@ -41,6 +41,10 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     prefix = kwargs.pop(PREFIX_KWARG, None)
     if prefix is not None:
         prefix_key, prefix_value = prefix[module.layer_idx]
+        if attention_mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
+            # SDPA's own is_causal aligns queries with the first keys, i.e. with the prefix: spell it out.
+            attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+            attention_mask = attention_mask[None, None]
         key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
         value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
         attention_mask = widen_mask(attention_mask, prefix_key.shape[2])
@@ -56,7 +60,8 @@ def _register() -> None:
 
 
 def enable_prefix_attention(backbone: nn.Module) -> nn.Module:
-    """Switch ``backbone`` (BERT, XLM-R, ... encoders using the attention interface) to prefix attention."""
+    """Switch ``backbone`` (BERT, XLM-R, Llama, Gemma 3, ... models using the attention interface) to prefix
+    attention. In a decoder-only model every token sees the whole prefix and, as before, only its left."""
     _register()
     backbone.set_attn_implementation(ATTENTION_NAME)
     return backbone
@@ -85,4 +90,6 @@ class PrefixEncoder(nn.Module):
     @classmethod
     def for_backbone(cls, config, length: int, dropout: float) -> "PrefixEncoder":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_attention_heads, head_dim, length, dropout)
+        # Grouped-query attention (Llama, Gemma, Qwen): keys and values have fewer heads than queries.
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, length, dropout)

@@ -105,8 +105,10 @@ def backbone_candidates(spec: MethodSpec) -> list[str]:
 
 
 def load_backbone(spec: MethodSpec, checkpoint: str | Path, loader: Callable[[str], torch.nn.Module],
-                  fingerprint: str | None = None) -> torch.nn.Module:
-    """The backbone a trained-only checkpoint refers to, checked against its fingerprint."""
+                  fingerprint: str | None = None,
+                  fingerprint_of: Callable[[torch.nn.Module], str] = backbone_fingerprint) -> torch.nn.Module:
+    """The backbone a trained-only checkpoint refers to, checked against its fingerprint (``fingerprint_of``
+    what ``loader`` returns; a model that wraps its backbone gives the backbone's)."""
     from topro.models import TINY, resolve_model_path
 
     tried = []
@@ -122,7 +124,7 @@ def load_backbone(spec: MethodSpec, checkpoint: str | Path, loader: Callable[[st
         except OSError as err:
             tried.append(f"{candidate} ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
             continue
-        found = backbone_fingerprint(backbone)
+        found = fingerprint_of(backbone)
         if fingerprint and found != fingerprint:
             tried.append(f"{candidate} (a different backbone: fingerprint {found}, checkpoint expects {fingerprint})")
             continue

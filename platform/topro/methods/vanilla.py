@@ -1,9 +1,12 @@
-"""Vanilla token classification: a linear head labels each word's first subword.
+"""Vanilla token classification: a linear head labels each word's first subword (encoders) or its last
+(decoder-only LMs, ``vanilla_causal``: a causal model's hidden state at a position has read only what lies to
+its left, so only a word's last subword has read the whole word).
 
 A sentence longer than ``max_length`` is encoded in overlapping windows of
 whole words (consecutive windows share about ``window_stride`` tokens, as HF
 tokenizers' ``return_overflowing_tokens`` with a stride do), and each word is
-labelled by the one window where it has the most context on its shorter side.
+labelled by the one window where it has the most context on its shorter side (for a causal LM, which
+never sees right context: the most context on its left, i.e. the first window holding it).
 So every word gets a prediction, as ToPro's per-word prompts give it, and the
 methods are compared on the same words (``long_sentences: truncate`` restores
 cutting the sentence off, its lost words counted in ``n_truncated_words``).
@@ -15,16 +18,34 @@ import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import Encoded, collate_common, model_inputs, scores_dtype, word_pieces
+from topro.methods.trained_only import from_pretrained_noting_fresh
 from topro.methods.whole_model import WholeModelMethod
+
+
+LABEL_SUBWORDS = ("auto", "first", "last")
 
 
 class Vanilla(WholeModelMethod):
     name = "vanilla"
     auto_class = "AutoModelForTokenClassification"
+    causal = False
+    """A decoder-only backbone: attention looks left only (sets the default label subword and window choice)."""
+
+    def __init__(self, spec, tokenizer):
+        super().__init__(spec, tokenizer)
+        if spec.label_subword not in LABEL_SUBWORDS:
+            raise ValueError(f"label_subword must be one of {LABEL_SUBWORDS}, got {spec.label_subword!r}")
+        if spec.label_subword == "auto":  # recorded resolved, so a checkpoint reads as it was trained
+            spec.label_subword = "last" if self.causal else "first"
+        self.label_last = spec.label_subword == "last"
+
+    def word_pieces(self, sentence: Sentence) -> list[list[int]]:
+        """Each word's subword ids (a hook: decoder-only LMs tokenize the sentence as running text)."""
+        return word_pieces(self.tokenizer, sentence.words)
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        return self.auto_model().from_pretrained(
-            model_path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+        return from_pretrained_noting_fresh(
+            self.auto_model(), model_path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id=self.label_index)
 
     def encode(self, sentences: list[Sentence]) -> list[Encoded]:
@@ -40,8 +61,8 @@ class Vanilla(WholeModelMethod):
                              f"max_length {self.spec.max_length} leaves")
         out = []
         for s_index, sentence in enumerate(sentences):
-            # A word longer than the whole budget keeps its first pieces (its label sits on the first one).
-            pieces = [p[:budget] for p in word_pieces(self.tokenizer, sentence.words)]
+            # A word longer than the whole budget keeps its first pieces (its label sits on the first or last kept).
+            pieces = [p[:budget] for p in self.word_pieces(sentence)]
             if mode == "truncate" or sum(len(p) for p in pieces) <= budget:
                 out.append(self._truncated(s_index, sentence, pieces, budget))
             else:
@@ -55,7 +76,7 @@ class Vanilla(WholeModelMethod):
         wanted = set(labelled)
         for w_index in span:
             if w_index in wanted:
-                positions.append(len(ids))
+                positions.append(len(ids) + (len(pieces[w_index]) - 1 if self.label_last else 0))
                 labels.append(self.label_index.get(sentence.tags[w_index], -100) if sentence.tags else -100)
             ids.extend(pieces[w_index])
         ids.extend(self.layout.single_suffix)
@@ -96,7 +117,8 @@ class Vanilla(WholeModelMethod):
             best, best_context = None, -1
             for i, (a, b) in enumerate(spans):
                 if a <= w < b:
-                    context = min(offsets[w] - offsets[a], offsets[b] - offsets[w + 1])
+                    left = offsets[w] - offsets[a]
+                    context = left if self.causal else min(left, offsets[b] - offsets[w + 1])
                     if context > best_context:
                         best, best_context = i, context
             owner[w] = best

@@ -36,8 +36,11 @@ class WholeModelMethod:
         return getattr(transformers, self.auto_class)
 
     def build_model(self, model_path: str) -> torch.nn.Module:
-        """A trainable model initialised from a pretrained folder or id."""
-        return self.auto_model().from_pretrained(model_path)
+        """A trainable model initialised from a pretrained folder or id (noting the parts it lacked, which
+        LoRA trains whole)."""
+        from topro.methods.trained_only import from_pretrained_noting_fresh
+
+        return from_pretrained_noting_fresh(self.auto_model(), model_path)
 
     def load_model(self, checkpoint: str | Path) -> torch.nn.Module:
         """The model ``save`` wrote (safetensors only: no pickle is ever loaded)."""
