@@ -81,3 +81,22 @@ def test_a_checkpoint_without_the_record_loads_with_a_note(trained, tmp_path, ca
         method, model = load_checkpoint(folder)
     assert "records no weight-file sizes and hashes (written by an older topro): loaded unverified" in caplog.text
     assert method.name == "vanilla"
+
+
+@pytest.mark.slow  # the registry fixture trains a ToPro checkpoint and builds an MLflow store
+def test_a_damaged_registered_model_is_refused_by_alias(trained, tmp_path, model_registry, capsys):
+    """A registry alias resolves to a downloaded copy; the same check stops it (evaluate, serve, verify)."""
+    import mlflow
+
+    from topro.tracking import register_checkpoint
+
+    folder = copy_of(trained, tmp_path)
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with mlflow.start_run(run_name="damaged") as run:
+        mlflow.log_artifacts(str(folder), "checkpoint")
+    register_checkpoint(run.info.run_id, "topro-udpos-damaged", "champion")
+    assert main(["verify", "models:/topro-udpos-damaged@champion", "--tracking-uri", model_registry["uri"]]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's download bar
+    assert line.startswith("topro verify: error: checkpoint ") and "model.safetensors has" in line
+    assert "(truncated)" in line

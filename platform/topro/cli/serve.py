@@ -255,8 +255,14 @@ def serve_apps(cfg: ServeConfig) -> int:
 
     stop = threading.Event()
     failure = None
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         apps = build_applications(config, model=cfg.model, models=cfg.models, llm_model=cfg.llm_model,
                                   only=cfg.apps or None, config_dir=config_path.parent)
@@ -267,7 +273,8 @@ def serve_apps(cfg: ServeConfig) -> int:
             print(f"topro serve: {name} ready at http://{host}:{port}{route_prefix.rstrip('/')}/", flush=True)
         while not stop.wait(1.0):
             pass
-        print("topro serve: shutting down", flush=True)
+        print(f"topro serve: {signal.Signals(received[0]).name if received else 'stop'} received: shutting down "
+              f"(nothing to keep: requests in flight end with the replicas)", flush=True)
     finally:
         serve.shutdown()
         import ray
@@ -275,4 +282,4 @@ def serve_apps(cfg: ServeConfig) -> int:
         ray.shutdown()
         if failure:  # last, after what Ray prints while it stops
             print(f"topro serve: {failure}", file=sys.stderr, flush=True)
-    return 0
+    return 128 + received[0] if received else 0
