@@ -11,11 +11,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # annotations only: this module imports neither torch nor the loop
+if TYPE_CHECKING:  # annotations only: this module imports neither torch nor the loop (which imports it)
     import torch
 
     from topro.methods import Method
-    from topro.train import LoopState, MethodModule
 
 
 @runtime_checkable
@@ -37,12 +36,12 @@ class Strategy(Protocol):
     def export_dir(self) -> Path | None:
         """Where the best model's consolidated export goes (``None``: the Ray driver decides)."""
 
-    def wrap(self, module: MethodModule, optimizer, scheduler) -> Any:
-        """The ``MethodModule`` as the loop calls it: itself, a DDP wrapper or a DeepSpeed engine."""
+    def wrap(self, module: torch.nn.Module, optimizer, scheduler) -> Any:
+        """The ``train.MethodModule`` as the loop calls it: itself, a DDP wrapper or a DeepSpeed engine."""
 
     @property
-    def module(self) -> MethodModule:
-        """The ``MethodModule`` inside the wrapper."""
+    def module(self) -> torch.nn.Module:
+        """The ``train.MethodModule`` inside the wrapper."""
 
     @property
     def plain_model(self) -> torch.nn.Module:
@@ -73,9 +72,9 @@ class Strategy(Protocol):
     def load_state(self, folder: Path) -> None:
         """Restore what ``save_state`` wrote."""
 
-    def checkpoint(self, state: LoopState, record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
-        """After an English dev evaluation (or the averaging): keep the model if it is the new best; Ray
-        strategies also checkpoint and report here."""
+    def checkpoint(self, state: Any, record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
+        """After an English dev evaluation (or the averaging), with the loop's ``train.LoopState``: keep the
+        model if it is the new best; Ray strategies also checkpoint and report here."""
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (fault injection in the Ray layer)."""
