@@ -132,7 +132,8 @@ WRITE_CALLS = {"write_text", "write_bytes", "savefig", "to_csv", "save_pretraine
 ALLOWED = {
     # Writers into a folder the helper stages (staged_folder) and then publishes whole:
     ("methods/whole_model.py", "save"), ("methods/trained_only.py", "save_trained_only"),
-    ("methods/topro_soft.py", "save"),
+    ("methods/topro_soft.py", "save"), ("methods/lora.py", "save"), ("methods/prompt_tuning.py", "save"),
+    ("methods/vanilla_causal.py", "save"),
     # Into a temporary path the helper commits (atomic.staged_file / staged_folder):
     ("reports.py", "plot_language_bars"), ("reports.py", "plot_heatmap"), ("train.py", "export"),
     ("train.py", "save_state"), ("train.py", "save_resumable"),
