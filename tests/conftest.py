@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]  # tests/test_isolation.py runs the suite's own guards on planted tests
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TOPRO_SHARED_DIR", REPO.parent / "shared"))
 DATA_DIR = SHARED / "data" / "xtreme"
@@ -26,6 +28,58 @@ _paths = [str(REPO), str(REPO / "platform")]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     _paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _paths])
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "topro.endpoint.http:proxy_middlewares")
+
+
+# --- test tiers --------------------------------------------------------------------------------------
+# The fast tier (`bash scripts/test.sh`, the README's test command) is `-m "smoke or not slow"`: every test
+# that needs no Ray cluster, no Serve, no sweep and no MLflow server, plus the `smoke` tests (one real run of
+# each component). The full tier (`bash scripts/test.sh full`, CI) runs everything. A test that uses one of
+# these fixtures is put in the full tier here, so nobody has to remember the mark; an explicit `smoke` mark
+# keeps a test in the fast tier whatever fixtures it uses.
+FULL_TIER_FIXTURES = frozenset({
+    "ray_local",        # a local Ray cluster
+    "ray_for_serve", "serve_url", "endpoint",  # Ray Serve with four apps
+    "sweep_run",        # a whole sweep (Tune over Train, MLflow, evaluation actors)
+    "mlflow_server",    # an `mlflow server` subprocess
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("smoke") is None and FULL_TIER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_uri(request, monkeypatch, tmp_path_factory):
+    """Each test starts with MLflow pointed at nothing it did not choose: commands run in-process set MLflow's
+    process-wide tracking URI (and ``$MLFLOW_TRACKING_URI``) to their own stores, and a later test that read
+    the global one saw an earlier test's store. Tests that use ``model_registry`` get that registry."""
+    import mlflow
+
+    if "model_registry" in request.fixturenames:
+        uri = request.getfixturevalue("model_registry")["uri"]
+    else:
+        uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-default') / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+# What a test must not leave behind in the process environment: later in-process tests and every subprocess
+# that copies the environment (Ray workers, servers, `topro` children) would inherit it. Set them through
+# monkeypatch; a test that leaks one fails here.
+GUARDED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env():
+    before = {key: os.environ.get(key) for key in GUARDED_ENV}
+    yield
+    after = {key: os.environ.get(key) for key in GUARDED_ENV}
+    leaked = {key: value for key, value in after.items() if value != before[key]}
+    assert not leaked, f"the test left {leaked} in os.environ; set them with monkeypatch.setenv"
 
 
 @pytest.fixture(scope="session")
@@ -169,20 +223,6 @@ def untrained_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def _registry_tracking_uri(request):
-    """Point MLflow back at the test registry before each test that uses ``model_registry``: commands run
-    in-process by earlier tests (sweep, report, evaluate) set MLflow's process-wide tracking URI to their
-    own stores, and registry tests then looked in the wrong one (they failed only in a whole-suite run)."""
-    if "model_registry" in request.fixturenames:
-        import mlflow
-
-        uri = request.getfixturevalue("model_registry")["uri"]
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        mlflow.set_tracking_uri(uri)
-    yield
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,13 @@ with prompt logprobs and text offsets; greedy generation with stop strings)
 and POST /v1/chat/completions. Fault injection: `plan` is a list of
 behaviours consumed one per request ("503": answer 503; "slow": sleep past
 the client's timeout before answering); `completions=False` answers 404 on
-/v1/completions (a chat-only server). `max_in_flight` records concurrency.
+/v1/completions (a chat-only server); `prompt_lists=False` answers 400 to a
+list of prompts. `max_in_flight` records concurrency.
+
+Why a server written here, when tests/test_llm_peer_server.py runs a real one
+(`transformers serve`): this one fails when and how a test says (503s,
+timeouts, no completions endpoint), counts what is in flight, and returns
+prompt logprobs, which score mode needs and `transformers serve` lacks.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ import torch
 
 class TinyOpenAIServer:
     def __init__(self, model, tokenizer, name: str = "tiny", completions: bool = True,
-                 slow_seconds: float = 1.5, request_delay: float = 0.0):
+                 slow_seconds: float = 1.5, request_delay: float = 0.0, prompt_lists: bool = True):
         self.model, self.tok, self.name = model, tokenizer, name
         self.completions = completions
+        self.prompt_lists = prompt_lists
         self.slow_seconds, self.request_delay = slow_seconds, request_delay
         self.plan: list[str] = []
         self.requests = 0
@@ -77,6 +84,8 @@ class TinyOpenAIServer:
         if path == "/v1/models":
             return 200, {"object": "list", "data": [{"id": self.name, "object": "model"}]}
         if path == "/v1/completions" and self.completions:
+            if isinstance(body["prompt"], list) and not self.prompt_lists:
+                return 400, {"detail": "prompt must be a string."}  # as transformers serve answers
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             stop = body.get("stop") or []
             stop = [stop] if isinstance(stop, str) else stop

@@ -21,11 +21,59 @@ SMALL_TOPRO = ["max_train_sentences=24", "max_dev_sentences=15", "epochs=1", "ma
                "learning_rate=1e-3", "eval_langs=[]", "progress=false"]
 
 
-def test_ddp_on_two_workers_matches_one_worker(tmp_path, data_dir, tiny_udpos, ray_local):
-    """The same config on 1 (in-process) and 2 Ray workers: same steps, similar loss and English dev score."""
-    args = ["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir), *SMALL_VANILLA]
+def _watch_bound_sockets():
+    """Record every socket that this process and its descendants bind, until the returned stop() is called."""
+    import socket
+    import threading
+
+    import psutil
+
+    seen: dict[tuple[str, int, str], str] = {}
+    done = threading.Event()
+
+    def watch():
+        me = psutil.Process()
+        while not done.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    for conn in proc.net_connections(kind="inet"):
+                        bound = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and conn.laddr)
+                        if bound:
+                            seen[(conn.laddr.ip, conn.laddr.port, conn.type.name)] = " ".join(proc.cmdline()[:3])[:120]
+                except psutil.Error:
+                    pass
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def stop():
+        done.set()
+        watcher.join()
+        return seen
+
+    return stop
+
+
+def test_ddp_on_two_workers_matches_one_worker_on_loopback_and_averages(tmp_path, data_dir, tiny_udpos, ray_local):
+    """One 2-worker DDP run checked three ways (each Ray Train start costs ~20 s, so they share it):
+    - the same config in-process on 1 worker: same steps, similar loss and English dev score;
+    - every socket it binds (Ray's servers, the Train workers, the torch rendezvous) is on loopback (before
+      LoopbackTorchConfig, rank 0's TCPStore listened on every interface);
+    - ``selection: average_top_k``: the export copied to RUN/checkpoint is the averaged model."""
+    import ipaddress
+
+    from topro.data import load_split
+    from topro.evaluate import evaluate_sentences
+
+    args = ["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir), *SMALL_VANILLA,
+            "eval_every_steps=5", "patience=100", "selection=average_top_k", "k=2"]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
-    assert main([*args, "--output", str(tmp_path / "two"), "--workers", "2", "--strategy", "ddp"]) == 0
+    stop = _watch_bound_sockets()
+    try:
+        assert main([*args, "--output", str(tmp_path / "two"), "--workers", "2", "--strategy", "ddp"]) == 0
+    finally:
+        seen = stop()
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -36,21 +84,41 @@ def test_ddp_on_two_workers_matches_one_worker(tmp_path, data_dir, tiny_udpos, r
         assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"]
     assert one["best_dev_accuracy"] > 0.3  # it learned something, so the comparison means something
     assert abs(two["best_dev_accuracy"] - one["best_dev_accuracy"]) < 0.05
-    # the consolidated export was copied to RUN/checkpoint and loads like a single-process one
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+    outside = {k: v for k, v in seen.items() if not loopback(k[0])}
+    print("bound sockets:", *sorted(f"{ip}:{port}/{kind} {who}" for (ip, port, kind), who in seen.items()),
+          sep="\n  ")
+    assert not outside, outside
+    workers = [v for v in seen.values() if "ray::" in v or "default_worker" in v]
+    assert len(seen) >= 5 and workers, seen  # Ray's servers and the workers' were seen, so it looked
+
+    # the averaged export was copied to RUN/checkpoint, loads like a single-process one, and scores what
+    # the run reported for the average
+    assert two["selection"] == "average_top_k" and len(two["averaged_steps"]) == 2
+    assert Path(two["ray_checkpoint"]).parent.name.endswith("-averaged")
     assert two["checkpoint"] == str(tmp_path / "two" / "checkpoint")
     method, model = load_checkpoint(two["checkpoint"])
-    assert method.name == "vanilla" and sum(p.numel() for p in model.parameters()) > 0
-    assert Path(two["ray_checkpoint"]).parent.name == f"checkpoint-step{two['best_step']:06d}"
+    assert method.name == "vanilla"
+    dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=30))
+    assert dev["accuracy"] == pytest.approx(two["averaged_dev_accuracy"], abs=1e-6)
 
 
-def test_deepspeed_zero2_survives_a_killed_worker(tmp_path, data_dir, tiny_udpos, ray_local):
-    """ZeRO-2 on two workers; rank 1 is SIGKILLed at step 7: the group restarts from the step-5 checkpoint."""
+def test_deepspeed_zero2_survives_a_killed_worker_and_averages(tmp_path, data_dir, tiny_udpos, ray_local):
+    """ZeRO-2 on two workers; rank 1 is SIGKILLed at step 7: the group restarts from the step-5 checkpoint.
+    With ``selection: average_top_k`` (k=2) the export is the mean of checkpoints made since the restart
+    (snapshots live in memory), and it scores what the run reported for it."""
     from topro.cluster.trainer import best_checkpoint_path, build_trainer, fault_injected_at
+    from topro.data import load_split
+    from topro.evaluate import evaluate_sentences
 
     cfg = load_config(TrainConfig, "configs/train/udpos-topro.yaml",
                       [*SMALL_TOPRO, f"data_dir={data_dir}", f"output_dir={tmp_path / 'run'}", "workers=2",
                        "strategy=deepspeed", "deepspeed_config=zero2", "eval_every_steps=5", "fault_step=7",
-                       "max_failures=1", "patience=100"])
+                       "max_failures=1", "patience=100", "selection=average_top_k", "k=2"])
     result = build_trainer(cfg).fit()
     assert result.error is None
     summary = result.return_value
@@ -60,18 +128,23 @@ def test_deepspeed_zero2_survives_a_killed_worker(tmp_path, data_dir, tiny_udpos
     assert summary["resumed_from_step"] == 5
     assert summary["steps"] == summary["steps_per_epoch"] > 10
     assert [h["step"] for h in summary["history"]][:2] == [5, 10]  # history survived the restart
-    metrics = result.metrics
-    assert {"epoch", "step", "train_loss", "dev_accuracy", "best_dev_accuracy", "best_step"} <= set(metrics)
+    metrics = result.metrics  # the last report: the averaged checkpoint's (no training loss of its own)
+    assert {"epoch", "step", "dev_accuracy", "best_dev_accuracy", "best_step"} <= set(metrics)
+    assert all("train_loss" in h and "dev_accuracy" in h for h in summary["history"])
     # every rank wrote its ZeRO shards into the same Ray checkpoint
     state = Path(result.checkpoint.path) / "state"
     assert {p.name for p in state.iterdir()} >= {"mp_rank_00_model_states.pt",
                                                  "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
-    # the best checkpoint's consolidated export loads
+    # the averaged export: checkpoints made after the restart only, and it scores what the run reported
+    assert summary["selection"] == "average_top_k" and len(summary["averaged_steps"]) == 2
+    assert all(step > 5 for step in summary["averaged_steps"]), summary["averaged_steps"]
     export = best_checkpoint_path(result)
-    assert Path(export).parent.name == f"checkpoint-step{metrics['best_step']:06d}"
+    assert Path(export).parent.name.endswith("-averaged")
     method, model = load_checkpoint(export)
-    assert method.name == "topro" and model is not None
+    assert method.name == "topro"
+    dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=15))
+    assert dev["accuracy"] == pytest.approx(summary["averaged_dev_accuracy"], abs=1e-6)
 
 
 def test_deepspeed_config_fills_auto_from_the_run():
@@ -124,7 +197,7 @@ class _RunsCode:
         return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
-def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
+def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path, monkeypatch):
     """DeepSpeed loads its state with torch.load(weights_only=False): a pickle planted in the run's storage
     runs code on resume. ``load_deepspeed_state`` loads weights-only (DeepSpeed's own types allow-listed): a
     real ZeRO-2 state resumes, the tampered one is refused and its code never runs. World size 1, gloo."""
@@ -137,7 +210,10 @@ def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
 
     from topro.cluster.strategies import DEEPSPEED_TAG, load_deepspeed_state
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # Through monkeypatch: left in os.environ, later in-process tests and every subprocess that copies the
+    # environment would think they are rank 0 of a one-process group.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(key, "0" if key != "WORLD_SIZE" else "1")
     # A file:// rendezvous: an env:// one would leave a TCPStore listening on every interface in this
     # process (test_a_local_two_worker_run_listens_only_on_loopback watches this process too).
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
@@ -175,73 +251,6 @@ def test_deepspeed_resume_refuses_a_tampered_pickle(tmp_path):
         assert not marker.exists()
     finally:
         dist.destroy_process_group()
-
-
-def test_a_local_two_worker_run_listens_only_on_loopback(tmp_path, data_dir, ray_local):
-    """Every socket that this process and its descendants (Ray's servers, the Train workers, the torch
-    rendezvous) bind during a 2-worker DDP run is on a loopback address. Before LoopbackTorchConfig, rank 0's
-    TCPStore listened on every interface."""
-    import ipaddress
-    import socket
-    import threading
-
-    import psutil
-
-    seen: dict[tuple[str, int, str], str] = {}
-    stop = threading.Event()
-
-    def watch():
-        me = psutil.Process()
-        while not stop.is_set():
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    for conn in proc.net_connections(kind="inet"):
-                        bound = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and conn.laddr)
-                        if bound:
-                            seen[(conn.laddr.ip, conn.laddr.port, conn.type.name)] = " ".join(proc.cmdline()[:3])[:120]
-                except psutil.Error:
-                    pass
-            stop.wait(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        assert main(["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir),
-                     "--output", str(tmp_path / "run"), "--workers", "2", "--strategy", "ddp",
-                     *[a for a in SMALL_VANILLA if not a.startswith(("epochs=", "max_train"))], "epochs=1",
-                     "max_train_sentences=32"]) == 0
-    finally:
-        stop.set()
-        watcher.join()
-    def loopback(ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
-        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
-
-    outside = {k: v for k, v in seen.items() if not loopback(k[0])}
-    print("bound sockets:", *sorted(f"{ip}:{port}/{kind} {who}" for (ip, port, kind), who in seen.items()),
-          sep="\n  ")
-    assert not outside, outside
-    workers = [v for v in seen.values() if "ray::" in v or "default_worker" in v]
-    assert len(seen) >= 5 and workers, seen  # Ray's servers and the workers' were seen, so it looked
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
-def test_checkpoint_averaging_under_ray_train_exports_the_average(tmp_path, data_dir, tiny_udpos, ray_local, strategy):
-    """selection: average_top_k on two workers (DDP, DeepSpeed ZeRO-2): the copied export is the averaged model."""
-    from topro.cluster.trainer import train_on_ray
-    from topro.data import load_split
-    from topro.evaluate import evaluate_sentences
-
-    cfg = load_config(TrainConfig, "configs/train/udpos-vanilla.yaml",
-                      [*SMALL_VANILLA, "epochs=1", "eval_every_steps=2", "patience=100", f"data_dir={data_dir}",
-                       f"output_dir={tmp_path / 'run'}", "workers=2", f"strategy={strategy}",
-                       "deepspeed_config=zero2", "selection=average_top_k", "k=2"])
-    summary = train_on_ray(cfg)
-    assert summary["selection"] == "average_top_k" and len(summary["averaged_steps"]) == 2
-    assert Path(summary["ray_checkpoint"]).parent.name.endswith("-averaged")
-    method, model = load_checkpoint(summary["checkpoint"])
-    dev = evaluate_sentences(method, model, "udpos", load_split("udpos", "en", "dev", data_dir, limit=30))
-    assert dev["accuracy"] == pytest.approx(summary["averaged_dev_accuracy"], abs=1e-6)
 
 
 def test_checkpoint_averaging_refuses_zero3_before_workers_start(tmp_path):

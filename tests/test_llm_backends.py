@@ -85,14 +85,33 @@ def test_http_concurrency_limit(server):
     assert server.max_in_flight == 2
 
 
+def test_server_refusing_prompt_lists_gets_one_prompt_per_request(hf):
+    model, tok = tiny_model("llama")
+    with TinyOpenAIServer(model, tok, prompt_lists=False) as s:
+        settings = HTTPSettings(concurrency=2, prompts_per_request=4, retries=0)
+        client = OpenAIBackend(s.url, model="tiny", settings=settings)
+        prompts = [SENTENCE + q for q in QUESTIONS]
+        assert client.generate(prompts, max_new_tokens=6, context=CONTEXT) == hf.generate(
+            prompts, max_new_tokens=6, context=CONTEXT)
+        assert client._one_prompt_per_request
+        assert (s.requests, client.counts.forwards) == (4, 3)  # the refused list, then one request per prompt
+        torch.testing.assert_close(client.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS).logprobs,
+                                   hf.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS).logprobs, atol=1e-4, rtol=0)
+        assert s.requests == 4 + 3 * 4  # no list tried again
+
+
 def test_chat_only_server_generates_but_cannot_score():
     model, tok = tiny_model("llama")
     with TinyOpenAIServer(model, tok, completions=False) as s:
         client = load_backend(s.url + "/v1", api_model="tiny", retries=0)
         out = client.generate(["Sentence: a\nTags:"], max_new_tokens=3)
         assert client.api == "chat" and len(out) == 1
-        with pytest.raises(BackendError, match="use --mode generate"):
+        with pytest.raises(BackendError) as stopped:
             client.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
+        assert str(stopped.value) == (
+            "score mode needs the prompt's token logprobs (/v1/completions with echo=true and logprobs); "
+            f"{s.url}/v1 is used through /chat/completions (api=chat), which has none: use --mode generate with "
+            "this server, or score with a local model folder or a server that returns prompt logprobs")
 
 
 def test_hf_seq2seq_backend():

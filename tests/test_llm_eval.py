@@ -70,7 +70,7 @@ def test_other_formats_and_modes_report_failures(backend, model_path, fmt, mode)
         assert r["format_failed_words"] == sum(r["format_failure_reasons"].values())
 
 
-def test_ray_fan_out_matches_sequential(backend, model_path):
+def test_ray_fan_out_matches_sequential(backend, model_path, ray_local):
     from topro.cluster.llm_eval import evaluate_llm_parallel
 
     cfg = LLMEvalConfig(task="panx", model=model_path, shots=1, max_sentences=2)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel
 
 from topro.data import get_task, load_split
+from topro.metrics import accuracy
 from topro.methods import MethodSpec, build_method, load_checkpoint
 from topro.methods.base import count_parameters
 from topro.methods.prefix_attention import PREFIX_KWARG, enable_prefix_attention
@@ -193,4 +194,7 @@ def test_cli_train_then_evaluate(tmp_path, data_dir):
     assert code == 0
     record = json.loads(result.read_text())
     assert record["method"] == "prompt_tuning" and set(record["languages"]) == {"de", "ja"}
-    assert all(0 <= r["accuracy"] <= 1 and r["n_sentences"] == 10 for r in record["languages"].values())
+    predictions = json.loads((tmp_path / "eval.predictions.json").read_text())["languages"]
+    for lang, r in record["languages"].items():  # the score its own per-sentence predictions give
+        assert r["n_sentences"] == 10 and r["accuracy"] == pytest.approx(
+            accuracy(predictions[lang]["gold"], predictions[lang]["pred"]), abs=1e-12)

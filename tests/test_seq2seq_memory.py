@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("seq2seq_memory.py")
 BOUND_MIB = 400  # 64 prompts x 17 labels at 250k vocabulary: measured 122 MiB; all rows at once (before) 4162 MiB
 
 
+@pytest.mark.slow  # a subprocess scoring at mT5's 250k vocabulary: half a minute
 def test_seq2seq_scoring_memory_stays_bounded_at_mt5_vocabulary(tiny_mt5):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, str(SCRIPT), tiny_mt5, "64"], env=env, capture_output=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from net import serve_on_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = "serve_multiplexed_model_id"
@@ -37,39 +38,31 @@ bad_inputs = _load_module("serve_bad_inputs", REPO / "benchmarks" / "bad_inputs.
 poison_mix = _load_module("serve_poison_mix", REPO / "benchmarks" / "poison_mix.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def ray_for_serve(ray_local):
+    """The session's local Ray, shared on purpose: a second Ray cannot start in this process, and starting
+    one per module costs ~15 s. What sharing could hide is checked instead: no actor or trial of an earlier
+    test still holds CPUs (all of them are free within a minute), and Serve is shut down at the module's end.
+
+    Replicas import ``topro`` (the apps: ``topro.endpoint``) from this checkout: its folders go on the
+    replicas' PYTHONPATH through this runtime_env."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ("an earlier test left CPUs held on the shared Ray",
+                                             ray_local.available_resources(), ray_local.cluster_resources())
+        time.sleep(1)
+    yield {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "platform")])}}
 
 
 @pytest.fixture(scope="module")
-def ray_for_serve(request):
-    """The suite's shared Ray (``ray_local``) if there is one, else a local Ray for this module.
-
-    Replicas import ``topro`` (the apps: ``topro.endpoint``) from this checkout: its folders go on the workers' PYTHONPATH
-    (the environment, for a Ray started here; a runtime_env otherwise)."""
-    paths = [str(REPO), str(REPO / "platform")]
-    try:
-        request.getfixturevalue("ray_local")
-        owned = False
-    except pytest.FixtureLookupError:
-        owned = False
-    import ray
-
-    runtime_env = None
-    if ray.is_initialized():
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
-    else:
-        current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in current if p not in paths])
-        from topro.cluster.runtime import init_ray
-
-        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        owned = True
-    yield runtime_env
-    if owned:
-        ray.shutdown()
+def closed_port():
+    """A port bound by this process but not listening: a connection there is refused, and no other process
+    can take it while the module runs (a probed 'free' port could be taken and answer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +77,14 @@ def openai_upstream():
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_registry, openai_upstream):
+def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_registry, openai_upstream,
+              closed_port):
     from llm_tiny import tiny_model_dir
     from ray import serve as ray_serve
 
     from topro.endpoint.llm import make_app as make_llm_app
     from topro.endpoint.tagging import make_app
 
-    port = free_port()
     actor_options = {"num_cpus": 1}
     if ray_for_serve:
         actor_options["runtime_env"] = ray_for_serve
@@ -109,14 +102,12 @@ def serve_url(ray_for_serve, tiny_topro_checkpoint, untrained_checkpoint, model_
         "llm": ("/llm", make_llm_app({"model": str(tiny_model_dir("llama")), **llm_limits}, llm_options)),
         "remote-llm": ("/remote-llm", make_llm_app({"model": openai_upstream.url + "/v1", "api_model": "tiny-llama",
                                                           **llm_limits}, llm_options)),
-        "dead-llm": ("/dead-llm", make_llm_app({"model": f"http://127.0.0.1:{free_port()}/v1", "retries": 0,
+        "dead-llm": ("/dead-llm", make_llm_app({"model": f"http://127.0.0.1:{closed_port}/v1", "retries": 0,
                                                       "timeout": 5, **llm_limits}, llm_options)),
     }
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
     # All four deploy together (run_many), and this returns once every app is RUNNING (or raises).
-    ray_serve.run_many([ray_serve.RunTarget(app, name=name, route_prefix=prefix)
-                        for name, (prefix, app) in apps.items()])
-    url = f"http://127.0.0.1:{port}"
+    url = serve_on_free_port(lambda port: ray_serve.run_many([ray_serve.RunTarget(app, name=name, route_prefix=prefix)
+                                                              for name, (prefix, app) in apps.items()]))
     yield url
     ray_serve.shutdown()
 
@@ -206,10 +197,13 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(endpoint):
 
 
 def test_requests_that_arrive_while_the_model_runs_form_the_next_batch_together(ray_for_serve, serve_url):
-    """A stand-in model taking 0.3 s per call, 16 requests 15 ms apart: behind ``BatchGate`` the first
-    request runs alone and the 15 that arrive meanwhile go in one batch. ``@serve.batch`` alone (Ray 2.60)
-    forms a batch of whatever is queued the moment the last one was handed on, so nearly every request
-    becomes its own model call; if that ever changes, the gate may no longer be needed."""
+    """Behind ``BatchGate``, the requests that arrive while the model runs go in one batch. Load-proof: the
+    stand-in model's first call holds until all 16 requests have arrived (counted on entry), so "arrived
+    while the model ran" is a fact, not a timing; then the first request ran alone and the 15 others form
+    the next batch (two that passed the free gate together may pair off: at most 3 batches, one of >= 14).
+    ``@serve.batch`` alone (Ray 2.60) forms a batch of whatever is queued the moment the last one was
+    handed on: the ungated half (0.3 s calls, requests 15 ms apart) makes more, smaller batches than the
+    gated one in the same run; if that ever changes, the gate may no longer be needed."""
     import asyncio
     import contextlib
     import time
@@ -222,18 +216,27 @@ def test_requests_that_arrive_while_the_model_runs_form_the_next_batch_together(
 
     @ray_serve.deployment(max_ongoing_requests=64, ray_actor_options=options)
     class SlowModel:
-        def __init__(self, gated: bool):
+        def __init__(self, gated: bool, hold_until_arrived: int):
             self.gate = BatchGate() if gated else None
+            self.hold_until_arrived = hold_until_arrived
+            self.arrived = 0
             self.batch_sizes = []
 
         @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
         async def run(self, items: list[int]) -> list[int]:
             with self.gate.model_busy() if self.gate else contextlib.nullcontext():
                 self.batch_sizes.append(len(items))
-                await asyncio.sleep(0.3)
+                if self.hold_until_arrived and len(self.batch_sizes) == 1:
+                    for _ in range(6000):  # at most 60 s
+                        if self.arrived >= self.hold_until_arrived:
+                            break
+                        await asyncio.sleep(0.01)
+                else:
+                    await asyncio.sleep(0.3)
             return items
 
         async def __call__(self, item: int) -> int:
+            self.arrived += 1
             if self.gate:
                 await self.gate.wait_until_free()
             return await self.run(item)
@@ -244,17 +247,15 @@ def test_requests_that_arrive_while_the_model_runs_form_the_next_batch_together(
     sizes = {}
     for gated in (True, False):
         name = f"gate-{str(gated).lower()}"
-        handle = ray_serve.run(SlowModel.bind(gated), name=name, route_prefix=None)
+        handle = ray_serve.run(SlowModel.bind(gated, 16 if gated else 0), name=name, route_prefix=None)
         pending = []
         for i in range(16):
             pending.append(handle.remote(i))
             time.sleep(0.015)
-        assert [r.result(timeout_s=60) for r in pending] == list(range(16))
+        assert [r.result(timeout_s=120) for r in pending] == list(range(16))
         sizes[gated] = handle.sizes.remote().result(timeout_s=30)
         ray_serve.delete(name)
-    assert sum(sizes[True]) == 16 and len(sizes[True]) <= 3 and max(sizes[True]) >= 12, sizes
-    # Without the gate Ray forms more, smaller batches: about one per request on an idle machine, fewer on a
-    # loaded one (requests pile up while the submitter is slowed: 5 calls seen at load 32), never as few.
+    assert sum(sizes[True]) == 16 and len(sizes[True]) <= 3 and max(sizes[True]) >= 14, sizes
     assert len(sizes[False]) > len(sizes[True]) and sum(sizes[False]) == 16, sizes
 
 
@@ -286,28 +287,6 @@ def test_a_poison_sender_fails_no_good_request(endpoint):
     assert result["good_failed"] == 0, result
     assert result["good"]["ok"] >= 6 and sum(result["poison"].values()) >= 3, result
     assert all(k.startswith("422 sentences[0][1]: character 0 (U+D800)") for k in result["poison"]), result
-
-
-def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(tiny_topro_checkpoint):
-    """Beyond validation: the real tagger fails on one request's sentences inside a shared model call; that
-    request alone fails (422, the others succeeded alone), the others get the tags they get on their own."""
-    import asyncio
-
-    from topro.endpoint.tagging import tag_requests
-    from topro.data.readers import Sentence
-    from topro.serving import Tagger
-
-    tagger = Tagger.load(str(tiny_topro_checkpoint))
-    first, second = [Sentence(["Das", "ist", "gut"], [])], [Sentence(["Berlin"], []), Sentence(["ja", "."], [])]
-    poison = [Sentence(["a", "\ud800"], [])]  # what validation refuses; here it reaches the tokenizer
-    outcomes = asyncio.run(tag_requests(tagger.tag, [first, poison, second], "default"))
-    assert [o.status for o in outcomes] == [200, 422, 200], outcomes
-    assert "could not tag these sentences: TypeError" in outcomes[1].error and outcomes[1].tagged is None
-    alone = tagger.tag(first + second)
-    assert [[(w.word, w.tag) for w in s.words] for o in (outcomes[0], outcomes[2]) for s in o.tagged] == \
-        [[(w.word, w.tag) for w in s.words] for s in alone]
-    [only] = asyncio.run(tag_requests(tagger.tag, [poison], "default"))
-    assert only.status == 500 and only.error.startswith("tagging failed: TypeError")  # nothing to compare with
 
 
 def test_a_small_request_behind_maximal_ones_is_answered_between_their_chunks(endpoint):
@@ -378,7 +357,8 @@ def test_a_chunked_body_over_the_cap_is_cut_off_and_a_stalled_body_dropped(endpo
             "Content-Length: 1000\r\n\r\n")
     status, body, sent, seconds = _raw_request(endpoint, head, [b'{"text": "Das'])
     print(f"stalled body: {status} after {seconds:.2f}s")
-    assert status == 408 and "the body stopped arriving" in body and 2.0 <= seconds < 60, (status, body, seconds)
+    # At or after body_timeout_s (2 s), never before; a lower bound that no load can break.
+    assert status == 408 and "the body stopped arriving" in body and seconds >= 2.0, (status, body, seconds)
     assert tag(endpoint, {"text": "Das ist gut"}).status_code == 200
 
 

@@ -18,10 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from net import on_free_port
 
 
 def child_env(**extra) -> dict[str, str]:
@@ -39,8 +36,8 @@ def child_env(**extra) -> dict[str, str]:
 def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"exited with {process.returncode} before answering:\n{log.read_text()[-3000:]}")
+        if process.poll() is not None:  # RuntimeError, not pytest.fail: on_free_port may try another port
+            raise RuntimeError(f"exited with {process.returncode} before answering:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
@@ -60,12 +57,28 @@ def stop(process: subprocess.Popen) -> int:
         pytest.fail("did not stop within 90s of SIGTERM")
 
 
-def run_and_check(cmd: list[str], env: dict[str, str], port: int, log: Path, expected_model: str | None) -> int:
-    with log.open("w") as out:
-        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def start_healthy(command, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """``command(port)`` started on a free port and answering /healthz (another port if the first was taken)."""
+    started: list[subprocess.Popen] = []
+
+    def start(port: int):
+        with log.open("w") as out:
+            started.append(subprocess.Popen(command(port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, started[-1], log)
+        return started[-1], url
+
+    def kill_last():
+        if started[-1].poll() is None:
+            started[-1].kill()
+            started[-1].wait()
+
+    return on_free_port(start, stop=kill_last)
+
+
+def run_and_check(command, env: dict[str, str], log: Path, expected_model: str | None) -> int:
+    process, url = start_healthy(command, env, log)
     try:
-        wait_healthy(url, process, log)
         r = requests.post(f"{url}/tag", json={"text": "Das ist gut ."}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["model"]["uri"] == expected_model
@@ -91,20 +104,21 @@ def test_serve_run_with_the_project_config(tmp_path, model_registry):
     """The config the RayService embeds, unchanged but for the port (8000 may be taken on a shared machine)."""
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
-    port = free_port()
-    config["http_options"]["port"] = port
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
     serve_cli = Path(sys.executable).parent / "serve"
+
+    def command(port: int) -> list[str]:
+        config["http_options"]["port"] = port
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return [str(serve_cli), "run", str(path)]
+
     env = child_env(MLFLOW_TRACKING_URI=model_registry["uri"])
-    run_and_check([str(serve_cli), "run", str(path)], env, port, tmp_path / "serve-run.log",
-                  config["applications"][0]["args"]["model"])
+    run_and_check(command, env, tmp_path / "serve-run.log", config["applications"][0]["args"]["model"])
 
 
 def test_topro_serve_with_a_checkpoint_and_a_port(tmp_path, tiny_topro_checkpoint):
-    port = free_port()
-    code = run_and_check([sys.executable, "-m", "topro.cli", "serve", "--model", str(tiny_topro_checkpoint),
-                          "--port", str(port), "--num-cpus", "2"], child_env(), port, tmp_path / "topro-serve.log",
+    code = run_and_check(lambda port: [sys.executable, "-m", "topro.cli", "serve", "--model", str(tiny_topro_checkpoint),
+                                       "--port", str(port), "--num-cpus", "2"], child_env(), tmp_path / "topro-serve.log",
                          None)  # a checkpoint folder: its server path is not shown
     assert code == 0
     assert "topro serve: tagging ready at http://127.0.0.1:" in (tmp_path / "topro-serve.log").read_text()

@@ -198,3 +198,26 @@ def test_a_relative_tracking_uri_in_a_serve_config_resolves_against_the_config_f
     args = app._bound_deployment.init_args[0]
     assert name == "tagging" and args["tracking_uri"] == f"sqlite:///{tmp_path / 'configs' / 'db' / 'mlflow.db'}"
     assert args["allow_registry_ids"] == []  # the default: no registry id beyond the configured ones
+
+
+# Moved from test_serve_http.py: the batching of tag_requests over the real Tagger, no Serve needed.
+def test_a_request_the_model_cannot_take_fails_alone_and_its_batch_is_answered(tiny_topro_checkpoint):
+    """Beyond validation: the real tagger fails on one request's sentences inside a shared model call; that
+    request alone fails (422, the others succeeded alone), the others get the tags they get on their own."""
+    import asyncio
+
+    from topro.endpoint.tagging import tag_requests
+    from topro.data.readers import Sentence
+    from topro.serving import Tagger
+
+    tagger = Tagger.load(str(tiny_topro_checkpoint))
+    first, second = [Sentence(["Das", "ist", "gut"], [])], [Sentence(["Berlin"], []), Sentence(["ja", "."], [])]
+    poison = [Sentence(["a", "\ud800"], [])]  # what validation refuses; here it reaches the tokenizer
+    outcomes = asyncio.run(tag_requests(tagger.tag, [first, poison, second], "default"))
+    assert [o.status for o in outcomes] == [200, 422, 200], outcomes
+    assert "could not tag these sentences: TypeError" in outcomes[1].error and outcomes[1].tagged is None
+    alone = tagger.tag(first + second)
+    assert [[(w.word, w.tag) for w in s.words] for o in (outcomes[0], outcomes[2]) for s in o.tagged] == \
+        [[(w.word, w.tag) for w in s.words] for s in alone]
+    [only] = asyncio.run(tag_requests(tagger.tag, [poison], "default"))
+    assert only.status == 500 and only.error.startswith("tagging failed: TypeError")  # nothing to compare with

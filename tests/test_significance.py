@@ -8,7 +8,7 @@ import pytest
 from topro.data import get_task
 from topro.metrics import score_task
 from topro.significance import (ComparisonError, Predictions, compare_predictions, confidence_interval,
-                                paired_bootstrap, score_from_sums, sentence_stats)
+                                paired_bootstrap, score_from_sums, sentence_stats, t_quantile)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -17,10 +17,38 @@ def _tags(path):
     return [[line.split("\t")[1] for line in block.splitlines()] for block in path.read_text().strip().split("\n\n")]
 
 
+# Two-sided critical values of Student's t as printed in published tables (NIST/SEMATECH e-Handbook of
+# Statistical Methods, table 1.4.2 "Critical values of Student's t distribution", upper-tail 0.05 / 0.025 /
+# 0.005 columns, i.e. two-sided 0.90 / 0.95 / 0.99), to the three decimals printed there: an oracle that
+# is not the code's own numbers. df 31 and 120 lie beyond the old 30-row table that jumped to 1.96.
+PUBLISHED_T = {1: (6.314, 12.706, 63.657), 2: (2.920, 4.303, 9.925), 30: (1.697, 2.042, 2.750),
+               31: (1.696, 2.040, 2.744), 120: (1.658, 1.980, 2.617)}
+
+
+@pytest.mark.parametrize("df", sorted(PUBLISHED_T))
+@pytest.mark.parametrize("column,level", [(0, 0.90), (1, 0.95), (2, 0.99)])
+def test_t_quantile_matches_published_tables(df, column, level):
+    assert t_quantile(level, df) == pytest.approx(PUBLISHED_T[df][column], abs=6e-4)
+
+
+def test_t_quantile_refuses_what_has_no_quantile():
+    for level, df in ((1.0, 3), (0.0, 3), (0.95, 0)):
+        with pytest.raises(ValueError):
+            t_quantile(level, df)
+
+
 def test_confidence_interval_is_the_t_interval_over_seeds():
     low, high = confidence_interval([0.80, 0.84, 0.88])
-    half = 4.303 * 0.04 / 3 ** 0.5
-    assert low == pytest.approx(0.84 - half) and high == pytest.approx(0.84 + half)
+    half = PUBLISHED_T[2][1] * 0.04 / 3 ** 0.5
+    assert low == pytest.approx(0.84 - half, abs=1e-4) and high == pytest.approx(0.84 + half, abs=1e-4)
+    # 32 seeds: 31 degrees of freedom, where the old table gave the normal's 1.96 instead of t's 2.040.
+    values = [0.80 + 0.01 * (i % 5) for i in range(32)]
+    import statistics
+    low, high = confidence_interval(values)
+    half = PUBLISHED_T[31][1] * statistics.stdev(values) / 32 ** 0.5
+    assert (high - low) / 2 == pytest.approx(half, rel=3e-4)
+    low99, high99 = confidence_interval([0.80, 0.84, 0.88], level=0.99)
+    assert (high99 - low99) / 2 == pytest.approx(PUBLISHED_T[2][2] * 0.04 / 3 ** 0.5, rel=1e-4)
     assert confidence_interval([0.8]) is None
 
 

@@ -32,9 +32,16 @@ def sweep_run(tmp_path_factory, ray_local, tiny_udpos):
     config.write_text(SWEEP.format(storage=folder / "sweeps"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     code = main(["sweep", "--config", str(config), "--tracking-uri", uri, "--summary", str(folder / "summary.json")])
-    tracking.configure(uri)
     return {"code": code, "folder": folder, "uri": uri, "config": config,
             "summary": json.loads((folder / "summary.json").read_text())}
+
+
+@pytest.fixture(autouse=True)
+def _sweep_store(request):
+    """The sweep's own MLflow store for each test that reads MLflow through the process-wide URI (conftest
+    points every test at a fresh one first)."""
+    if "sweep_run" in request.fixturenames:
+        tracking.configure(request.getfixturevalue("sweep_run")["uri"])
 
 
 def test_sweep_runs_every_trial_and_evaluates_them(sweep_run):
@@ -43,8 +50,16 @@ def test_sweep_runs_every_trial_and_evaluates_them(sweep_run):
     assert [t["status"] for t in summary["trials"]] == ["TERMINATED", "TERMINATED"]
     assert {t["params"]["method"] for t in summary["trials"]} == {"topro", "vanilla"}
     assert len(summary["selected"]) == 2 and not summary["resumed"]
+    from topro.data import load_split
+    from topro.evaluate import evaluate_sentences
+    from topro.methods import load_checkpoint
+
+    dev = load_split("udpos", "en", "dev", limit=10)
     for trial in summary["trials"]:
-        assert 0 <= trial["dev_score"] <= 1 and (Path(trial["checkpoint"]) / "topro.json").is_file()
+        # The reported English dev score is the selected checkpoint's own score on those 10 dev sentences.
+        method, model = load_checkpoint(trial["checkpoint"])
+        assert trial["dev_score"] == pytest.approx(evaluate_sentences(method, model, "udpos", dev)["accuracy"],
+                                                   abs=1e-6)
         assert trial["average"]["n_languages"] == 2
 
 

@@ -5,6 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from topro.cli import main
+from topro.data import get_task
+from topro.metrics import score_task
 
 
 @pytest.mark.parametrize("task,method", [("udpos", "topro"), ("panx", "vanilla")])
@@ -26,15 +28,18 @@ def test_train_then_evaluate(tmp_path, data_dir, task, method, capsys):
     record = json.loads(result.read_text())
     assert record["task"] == task and record["method"] == method
     metric = "accuracy" if task == "udpos" else "f1"
+    predictions = json.loads((tmp_path / "eval.predictions.json").read_text())
     for lang in langs.split(","):
         r = record["languages"][lang]
-        assert 0.0 <= r[metric] <= 1.0 and r["n_sentences"] == 15 and "n_truncated_words" in r
+        assert r["n_sentences"] == 15 and r["n_truncated_words"] == 0
+        # The reported score is the one its own per-sentence predictions give (not merely a number in [0, 1]).
+        stored = predictions["languages"][lang]
+        assert r[metric] == pytest.approx(score_task(get_task(task), stored["gold"], stored["pred"])[metric], abs=1e-12)
     assert set(record["average"]) >= {metric, "n_languages"}
     if task == "panx":
         assert "viterbi" in record["languages"]["de"] and "f1_strict" in record["languages"]["de"]
     assert metrics["selection_metric"] == metric and f"best_dev_{metric}" in metrics
     assert record["split"] == "dev"  # no test files here, hub offline: dev (UDPOS would default to test)
-    predictions = json.loads((tmp_path / "eval.predictions.json").read_text())
     assert record["predictions_file"] == "eval.predictions.json"
     de = predictions["languages"]["de"]
     assert len(de["gold"]) == len(de["pred"]) == len(de["digests"]) == 15

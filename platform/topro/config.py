@@ -36,7 +36,7 @@ class TrainConfig:
     task: str = "udpos"
     """Task name from the registry (``udpos``, ``panx``, ...)."""
     method: str = "topro"
-    """Method name: ``vanilla``, ``topro``, ``prompt_tuning`` or ``topro_soft``."""
+    """Method name: ``vanilla``, ``topro``, ``prompt_tuning``, ``topro_soft`` or ``rosprompt``."""
     model: str = "tiny"
     """Hugging Face id, local folder, or ``tiny`` (built offline from the task's data)."""
     template: str | None = None
@@ -86,7 +86,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     epochs: int = 3
-    """Passes over the training set."""
+    """Passes over the training set (``rosprompt`` also takes 0: no training, the prompt as initialised is
+    scored and exported, i.e. NPPrompt-style zero-shot prompting)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (``None``: run all epochs)."""
     eval_every_steps: int | None = None
@@ -132,6 +133,13 @@ class TrainConfig:
     token vectors away from the other languages' (Wu & Dredze 2019; Artetxe et al. 2020), and with a
     250k-word vocabulary (XLM-R, e5) it is most of the work of a step: measured 3.7x faster ToPro
     steps for multilingual-e5-small on 2 CPU cores (benchmarks/topro_training_speed.py)."""
+    unseen_labels: list[str] = field(default_factory=list)
+    """Generalized zero-shot: labels held out of training, for IOB2 tasks also entity types (``LOC`` =
+    ``B-LOC`` + ``I-LOC``). Their label words leave the training softmax, their gold words carry no loss,
+    and English-dev selection scores the seen labels only; evaluation scores the full label set and also
+    reports seen / unseen / harmonic-mean scores per language. Label-word methods only (``topro`` on masked
+    LMs, ``topro_soft``, ``rosprompt``): a classification head has no trained row for a label it never saw.
+    Checked against the task's labels before anything starts; at least two labels must stay seen."""
     # Method-specific settings (ignored by methods that do not use them).
     prefix_length: int = 16
     """Prompt-Tuning / soft ToPro: number of trainable prompt vectors."""
@@ -158,6 +166,33 @@ class TrainConfig:
     tokens of the word it asks about, in every layer and head. In a per-word prompt the sentence reads the
     question and so knows which word is asked; a packed sentence cannot, and this points the question at its
     word instead. 0 (the default): plain block attention."""
+    shots_per_label: int | None = None
+    """Few-shot training: a seeded sampler (``seed``) takes English training sentences in a shuffled order,
+    keeping each one that labels a word of a seen label still short of K, until every seen label has at
+    least K labelled words (the pool: the first ``max_train_sentences``, or all). Refused, naming how many
+    words of each short label it found, when the data holds fewer. ``None``: every sentence."""
+    # RoSPrompt (method: rosprompt); its formulas are in methods/rosprompt.py and the README.
+    verbalizer_expansion: Literal["none", "knn"] = "none"
+    """RoSPrompt: ``none`` scores each label's seed words (a verbalizer's YAML list gives several, in several
+    languages); ``knn`` (NPPrompt) scores the ``knn_k`` vocabulary tokens nearest (cosine, input embeddings)
+    to the label's seed words. The chosen words are written to ``topro.json`` and shown by ``topro evaluate``."""
+    knn_k: int = 8
+    """RoSPrompt ``verbalizer_expansion: knn``: tokens per label (at most the vocabulary less special tokens)."""
+    knn_aggregate: Literal["mean", "max", "logsumexp"] = "mean"
+    """RoSPrompt: a label's score from its words' MLM logits: their ``mean``, ``max`` or ``logsumexp`` (minus
+    log of their number: the log of their mean probability)."""
+    label_smoothing: float = 0.0
+    """RoSPrompt: probability mass eps moved from the gold label to the other seen labels (0: plain
+    cross-entropy)."""
+    label_smoothing_kind: Literal["uniform", "contrastive"] = "contrastive"
+    """RoSPrompt: ``uniform`` spreads eps evenly; ``contrastive`` in proportion to
+    ``exp(cos(label, gold) / label_smoothing_temperature)`` over the labels' mean word embeddings."""
+    label_smoothing_temperature: float = 0.1
+    """RoSPrompt contrastive smoothing: temperature of the softmax over label similarities (smaller: the mass
+    goes to the nearest labels)."""
+    prompt_drift_penalty: float = 0.0
+    """RoSPrompt robustness penalty weight lambda: adds ``lambda * ||P - P0||^2 / ||P0||^2``, the soft prompt's
+    squared drift from its initialisation relative to that initialisation's squared norm (0: off)."""
     # Scale-out (used by the Ray layer).
     workers: int = 1
     """Ray Train workers (1 runs in-process without Ray unless ``strategy`` says otherwise).
@@ -198,7 +233,26 @@ class TrainConfig:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
         both = ([("evals_per_epoch", "set either evals_per_epoch or eval_every_steps, not both")]
                 if self.evals_per_epoch and self.eval_every_steps else [])
-        return check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both
+        return (check_ranges(self, TRAIN_RANGES) + self._packing_problems() + both + self._unseen_problems()
+                + self._rosprompt_problems())
+
+    def _rosprompt_problems(self) -> list[tuple[str, str]]:
+        lowest = 0 if self.method in ZERO_STEP_METHODS else 1  # epochs: 0 is zero-shot prompting
+        message = _at_least(lowest)(self.epochs)
+        if message:
+            return [("epochs", message)]
+        if self.method == "rosprompt":
+            return []
+        changed = [name for name, off in ROSPROMPT_OFF.items() if getattr(self, name) != off]
+        return [(changed[0], f"applies to method 'rosprompt' only (method is {self.method!r})")] if changed else []
+
+    def _unseen_problems(self) -> list[tuple[str, str]]:
+        if self.unseen_labels and self.method in HEAD_METHODS:
+            return [("unseen_labels", f"method {self.method!r} labels words with a classification head, which has "
+                                      "no trained output row for a label never seen in training (it could only "
+                                      "score 0 on it); use a label-word method: "
+                                      f"{', '.join(LABEL_WORD_METHODS)}")]
+        return []
 
     def _packing_problems(self) -> list[tuple[str, str]]:
         if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
@@ -215,6 +269,14 @@ class TrainConfig:
 
 PACKABLE_METHODS = ("topro", "topro_soft")
 """Methods that take ``prompt_packing: sentence``."""
+HEAD_METHODS = ("vanilla", "prompt_tuning")
+"""Methods that label words with a classification head (refuse ``unseen_labels``)."""
+LABEL_WORD_METHODS = ("topro", "topro_soft", "rosprompt")
+ZERO_STEP_METHODS = ("rosprompt",)
+"""Methods that take ``epochs: 0`` (scored with the prompt as initialised: NPPrompt-style zero-shot)."""
+ROSPROMPT_OFF = {"verbalizer_expansion": "none", "label_smoothing": 0.0, "prompt_drift_penalty": 0.0}
+"""RoSPrompt's settings at their "off" values; another method refuses any other value."""
+"""Methods that score label words at a mask (take ``unseen_labels``; ``topro`` on masked LMs)."""
 
 
 def _at_least(lo: float, optional: bool = False):
@@ -246,7 +308,7 @@ def _finite_non_negative(value):
 
 
 TRAIN_RANGES: dict[str, Any] = {
-    "epochs": _at_least(1), "grad_accum": _at_least(1), "batch_size": _at_least(1),
+    "grad_accum": _at_least(1), "batch_size": _at_least(1),
     "max_tokens_per_batch": _at_least(1), "max_length": _at_least(8), "patience": _at_least(1),
     "workers": _at_least(1), "keep_checkpoints": _at_least(1), "max_failures": _at_least(0),
     "prefix_length": _at_least(1),
@@ -254,6 +316,9 @@ TRAIN_RANGES: dict[str, Any] = {
     "evals_per_epoch": _at_least(1, optional=True),
     "max_train_sentences": _at_least(1, optional=True), "max_dev_sentences": _at_least(1, optional=True),
     "max_sentences": _at_least(1, optional=True), "num_threads": _at_least(1, optional=True),
+    "shots_per_label": _at_least(1, optional=True), "knn_k": _at_least(1),
+    "label_smoothing": _fraction, "label_smoothing_temperature": _positive,
+    "prompt_drift_penalty": _finite_non_negative,
     "learning_rate": _positive, "adam_eps": _positive, "cpus_per_worker": _positive,
     "weight_decay": _finite_non_negative, "max_grad_norm": _finite_non_negative,
     "progress_every_s": _finite_non_negative, "packed_word_bias": _finite_non_negative,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from topro.config import EVAL_DTYPES
 from topro.data.readers import Sentence
 from topro.data.tasks import Task, get_task
 from topro.methods import Method
-from topro.metrics import accuracy, fallback_label, score_task, span_scores, viterbi_iob2
+from topro.metrics import accuracy, fallback_label, generalized_scores, score_task, span_scores, viterbi_iob2
 
 
 @dataclass
@@ -115,9 +116,11 @@ def viterbi_scores(task: Task, gold: list[list[str]], viterbi_pred: list[list[st
 
 def score_language(task: Task, labels: list[str], sentences: list[Sentence],
                    predictions: list[SentencePrediction], viterbi: bool = True,
-                   keep_predictions: bool = True) -> dict[str, Any]:
+                   keep_predictions: bool = True, unseen_labels: list[str] | None = None) -> dict[str, Any]:
     """Every score of one language; with ``keep_predictions`` also the per-sentence predictions
-    (``predictions``: sentence digests, gold and predicted tags, what ``topro compare`` resamples)."""
+    (``predictions``: sentence digests, gold and predicted tags, what ``topro compare`` resamples).
+    ``unseen_labels`` (held out of training) adds the seen / unseen / harmonic-mean scores
+    (``metrics.generalized_scores``)."""
     gold = [s.tags for s in sentences]
     pred = [decode(task, labels, p) for p in predictions]
     result = score_task(task, gold, pred)
@@ -128,6 +131,8 @@ def score_language(task: Task, labels: list[str], sentences: list[Sentence],
                   n_truncated_words=sum(p.truncated_words for p in predictions),
                   n_trimmed_prompts=sum(p.trimmed_prompts for p in predictions))
     result.update(seen_word_scores(task, gold, pred, predictions))
+    if unseen_labels:
+        result.update(generalized_scores(task, gold, pred, unseen_labels))
     if keep_predictions:
         result["predictions"] = {"digests": [sentence_digest(s) for s in sentences], "gold": gold, "pred": pred}
         if viterbi and task.scheme == "iob2":
@@ -139,10 +144,59 @@ def evaluate_sentences(method: Method, model, task: Task | str, sentences: list[
                        viterbi: bool = True, **predict_kwargs) -> dict[str, Any]:
     task = get_task(task)
     predictions = predict(method, model, sentences, **predict_kwargs)
-    return score_language(task, method.labels, sentences, predictions, viterbi=viterbi)
+    return score_language(task, method.labels, sentences, predictions, viterbi=viterbi,
+                          unseen_labels=unseen_labels_of(method))
 
 
-AVERAGED = ("accuracy", "f1", "f1_strict", "xtreme_seqeval_f1", "accuracy_seen_words", "f1_seen_words")
+def unseen_labels_of(method: Method) -> list[str]:
+    """The labels ``method`` was trained without (its spec's ``unseen_labels``; none for older checkpoints)."""
+    return list(getattr(getattr(method, "spec", None), "unseen_labels", None) or [])
+
+
+def seen_label_view(task: Task, labels: list[str], unseen: list[str], sentences: list[Sentence],
+                    predictions: list[SentencePrediction]) -> tuple[list[Sentence], list[SentencePrediction]]:
+    """The sentences and predictions as a run that never saw ``unseen`` is selected on: the unseen labels'
+    scores at -inf (predictions are among the seen labels), and gold words of unseen labels out of the score
+    (tag tasks: those words are dropped; IOB2 tasks: their tags read ``O``, so no span of an unseen type is
+    counted)."""
+    drop = np.array([label in set(unseen) for label in labels])
+    out_sentences, out_predictions = [], []
+    for sentence, p in zip(sentences, predictions):
+        lp = p.log_probs.copy()
+        lp[:, drop] = -np.inf
+        if task.scheme == "iob2":
+            tags = ["O" if t in set(unseen) else t for t in sentence.tags]
+            out_sentences.append(dataclasses.replace(sentence, tags=tags))
+            out_predictions.append(dataclasses.replace(p, log_probs=lp))
+            continue
+        keep = [i for i, t in enumerate(sentence.tags) if t not in set(unseen)]
+        if not keep:
+            continue
+        out_sentences.append(dataclasses.replace(sentence, words=[sentence.words[i] for i in keep],
+                                                 tags=[sentence.tags[i] for i in keep]))
+        out_predictions.append(dataclasses.replace(p, log_probs=lp[keep]))
+    return out_sentences, out_predictions
+
+
+def evaluate_seen_labels(method: Method, model, task: Task | str, sentences: list[Sentence], *,
+                         viterbi: bool = True, **predict_kwargs) -> dict[str, Any]:
+    """English-dev scores for checkpoint selection: with ``unseen_labels`` only the seen labels are predicted
+    and scored (``seen_label_view``), as in training; without, ``evaluate_sentences``."""
+    unseen = unseen_labels_of(method)
+    if not unseen:
+        return evaluate_sentences(method, model, task, sentences, viterbi=viterbi, **predict_kwargs)
+    task = get_task(task)
+    predictions = predict(method, model, sentences, **predict_kwargs)
+    seen_sentences, seen_predictions = seen_label_view(task, method.labels, unseen, sentences, predictions)
+    return score_language(task, method.labels, seen_sentences, seen_predictions, viterbi=viterbi,
+                          keep_predictions=False)
+
+
+GENERALIZED = ("accuracy_seen_labels", "accuracy_unseen_labels", "accuracy_hmean_labels",
+               "f1_seen_labels", "f1_unseen_labels", "f1_hmean_labels", "n_unseen_label_words")
+"""Generalized zero-shot scores (``unseen_labels``), averaged over the languages where they are defined."""
+AVERAGED = ("accuracy", "f1", "f1_strict", "xtreme_seqeval_f1", "accuracy_seen_words", "f1_seen_words",
+            *GENERALIZED)
 PREDICTIONS = "predictions"
 """Key of the per-sentence predictions in a language's result (kept out of ``eval.json``, see ``split_predictions``)."""
 
@@ -157,7 +211,7 @@ def results_record(task: Task | str, method: str, model: str, languages: dict[st
     task = get_task(task)
     average: dict[str, Any] = {}
     for key in AVERAGED:
-        values = [r[key] for r in languages.values() if key in r]
+        values = [r[key] for r in languages.values() if r.get(key) is not None]
         if values:
             average[key] = statistics.fmean(values)
     vit = [r["viterbi"]["f1"] for r in languages.values() if "viterbi" in r]
@@ -293,6 +347,10 @@ def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, A
     """``extra`` plus what a checkpoint's ``topro.json`` says every score of it needs a footnote for."""
     if meta.get("mlm_head_untrained") or (meta.get("extra") or {}).get("mlm_head_untrained"):  # old: under extra
         extra = {**extra, "mlm_head_untrained": True}
+    if meta.get("label_word_sets"):  # rosprompt: the words each label is scored by, for a person to read
+        extra = {**extra, "label_words": meta["label_word_sets"]}
+    if meta.get("unseen_labels"):
+        extra = {**extra, "unseen_labels": meta["unseen_labels"]}
     return extra
 
 

@@ -130,3 +130,50 @@ def viterbi_iob2(log_probs: np.ndarray, labels: list[str]) -> list[int]:
     for t in range(n_words - 1, 0, -1):
         best.append(int(back[t, best[-1]]))
     return best[::-1]
+
+
+def harmonic_mean(a: float | None, b: float | None) -> float | None:
+    """2ab / (a + b), the generalized zero-shot summary of seen and unseen scores (0 when both are 0;
+    ``None`` when either is undefined)."""
+    if a is None or b is None:
+        return None
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def _keep_labels(tags: list[list[str]], keep: set[str]) -> list[list[str]]:
+    return [[t if t in keep else "O" for t in seq] for seq in tags]
+
+
+def generalized_scores(task: Task, gold: list[list[str]], pred: list[list[str]], unseen: list[str]) -> dict:
+    """Seen / unseen / harmonic-mean scores of a run whose ``unseen`` labels were held out of training.
+
+    Tag tasks: accuracy over the words whose gold label is seen (``accuracy_seen_labels``) and over those whose
+    gold label is unseen (``accuracy_unseen_labels``); the prediction is over the full label set either way.
+    IOB2 tasks: span micro-F1 over the seen entity types only and over the unseen types only
+    (``f1_seen_labels``, ``f1_unseen_labels``; the other types' tags read as ``O`` in gold and prediction
+    alike, which leaves the chosen types' spans and their matches as they are). ``*_hmean_labels`` is their
+    harmonic mean; ``n_unseen_label_words`` / ``n_seen_label_words`` count gold words. A score with no gold
+    word to score is ``None``."""
+    unseen_set = set(unseen)
+    n_unseen = sum(t in unseen_set for seq in gold for t in seq)
+    n_total = sum(len(seq) for seq in gold)
+    if task.scheme == "iob2":
+        labels = {t for seq in gold for t in seq} | {t for seq in pred for t in seq} | set(task.labels)
+        seen_keep = {t for t in labels if t not in unseen_set}
+        seen = span_scores(_keep_labels(gold, seen_keep), _keep_labels(pred, seen_keep))["f1"]
+        unseen_f1 = span_scores(_keep_labels(gold, unseen_set), _keep_labels(pred, unseen_set))["f1"] \
+            if n_unseen else None
+        name = "f1"
+        n_seen = n_total - n_unseen - sum(t == "O" for seq in gold for t in seq)
+        seen = seen if n_seen else None
+    else:
+        pairs = [(g, p) for gs, ps in zip(gold, pred) for g, p in zip(gs, ps)]
+        seen_pairs = [(g, p) for g, p in pairs if g not in unseen_set]
+        unseen_pairs = [(g, p) for g, p in pairs if g in unseen_set]
+        seen = sum(g == p for g, p in seen_pairs) / len(seen_pairs) if seen_pairs else None
+        unseen_f1 = sum(g == p for g, p in unseen_pairs) / len(unseen_pairs) if unseen_pairs else None
+        name = "accuracy"
+        n_seen = len(seen_pairs)
+    return {f"{name}_seen_labels": seen, f"{name}_unseen_labels": unseen_f1,
+            f"{name}_hmean_labels": harmonic_mean(seen, unseen_f1),
+            "n_seen_label_words": n_seen, "n_unseen_label_words": n_unseen, "unseen_labels": sorted(unseen_set)}

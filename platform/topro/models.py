@@ -48,6 +48,30 @@ def _tiny_corpus(task: str, data_dir: str | None) -> list[str]:
     return lines
 
 
+def tiny_vocabulary_words(task: str) -> list[str]:
+    """The words the ``tiny`` builder adds to its trained vocabulary (sorted): every word of every template
+    and every verbalizer of ``task`` (label words and, for verbalizers given lists, every seed word)."""
+    from topro.prompts import get_template, get_verbalizer, list_templates, list_verbalizers
+
+    words = {w for v in list_verbalizers(task) for w in get_verbalizer(task, v).all_words()}
+    for t in list_templates(task):
+        words.update(get_template(task, t).question.replace("{word}", " ").replace("{mask}", " ").split())
+    return sorted(words)
+
+
+def tiny_model_dir(task: str, data_dir: str | None, words: list[str]) -> Path:
+    """Where the ``tiny`` model of ``task`` is cached: its key covers the data folder and every word the
+    builder adds to the vocabulary (``tiny_vocabulary_words``), so a new template or verbalizer word (or a
+    verbalizer list) builds a new model instead of reusing one whose vocabulary lacks it."""
+    root = resolve_data_dir(data_dir)
+    # The real path: a data folder reached through a link is the same data, so the same model (two keys
+    # meant two builds, and the tokenizer trainer does not give the same vocabulary twice).
+    where = os.path.realpath(root) if root else None
+    added = hashlib.sha1("\x1f".join(words).encode()).hexdigest()
+    key = hashlib.sha1(f"{task}|{where}|v3-train-only|{added}".encode()).hexdigest()[:8]  # v1 read dev text
+    return cache_dir() / f"tiny-{task}-{key}"
+
+
 def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     """Build (once) a tiny BERT masked LM whose tokenizer is trained on ``task``'s data.
 
@@ -60,15 +84,11 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
 
     from topro.prompts import get_template, get_verbalizer, list_templates, list_verbalizers
 
-    root = resolve_data_dir(data_dir)
-    # The real path: a data folder reached through a link is the same data, so the same model (two keys
-    # meant two builds, and the tokenizer trainer does not give the same vocabulary twice).
-    where = os.path.realpath(root) if root else None
-    key = hashlib.sha1(f"{task}|{where}|v2-train-only".encode()).hexdigest()[:8]  # v1 also read dev text
-    target = cache_dir() / f"tiny-{task}-{key}"
+    get_task(task)  # clear error for an unknown task
+    words = tiny_vocabulary_words(task)
+    target = tiny_model_dir(task, data_dir, words)
     if _complete(target):
         return target
-    get_task(task)  # clear error for an unknown task
     corpus = _tiny_corpus(task, data_dir)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -76,12 +96,9 @@ def build_tiny_model(task: str, data_dir: str | None = None) -> Path:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=TINY_VOCAB, special_tokens=specials))
-    # Every label word and template word must be one token: add the missing ones to the vocabulary.
+    # Every label word, seed word and template word must be one token: add the missing ones to the vocabulary.
     vocab = tok.get_vocab()
-    words = {w for v in list_verbalizers(task) for w in get_verbalizer(task, v).words.values()}
-    for t in list_templates(task):
-        words.update(get_template(task, t).question.replace("{word}", " ").replace("{mask}", " ").split())
-    for word in sorted(words):
+    for word in words:
         if word not in vocab:
             vocab[word] = len(vocab)
     tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]")

@@ -19,7 +19,7 @@ from topro.data.loading import DATA_DIR_ENV, resolve_data_dir, split_path
 from topro.data.tasks import Task, get_task
 
 TINY = "tiny"  # topro.models.TINY, without importing torch
-BUILTIN_METHODS = ("vanilla", "topro", "prompt_tuning", "topro_soft")  # topro.methods.METHODS holds these
+BUILTIN_METHODS = ("vanilla", "topro", "prompt_tuning", "topro_soft", "rosprompt")  # topro.methods.METHODS holds these
 
 
 def hub_offline() -> bool:
@@ -128,11 +128,19 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
                           f"({type(err).__name__}); give a local folder or 'tiny'") from None
 
 
+def refuse_classification(task: Task) -> None:
+    """A ``kind: classification`` task has its data layer (``topro.data.classification``) but no methods,
+    training or evaluation yet: say so before anything starts."""
+    if task.kind == "classification":
+        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: its reader and data "
+                          f"(topro.data.classification) exist, but no method trains or evaluates such a task yet")
+
+
 def check_names(cfg: TrainConfig) -> None:
     """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    get_task(cfg.task)
+    refuse_classification(get_task(cfg.task))
     if cfg.selection_metric is not None:  # topro.metrics imports seqeval (and sklearn): seconds on a busy box
         from topro.metrics import resolve_selection_metric
 
@@ -143,6 +151,9 @@ def check_names(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
     get_template(cfg.task, cfg.template)
     get_verbalizer(cfg.task, cfg.verbalizer)
+    from topro.unseen import expand_unseen_labels
+
+    expand_unseen_labels(cfg.task, cfg.unseen_labels)
 
 
 def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
@@ -153,6 +164,57 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
         langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
         check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
     check_model(cfg.model)
+    check_shots(cfg)
+    check_knn_k(cfg)
+
+
+def check_shots(cfg: TrainConfig) -> None:
+    """``shots_per_label``: the English training data gives every seen label that many words (the same
+    seeded sample training takes; reading the split costs about a second)."""
+    if cfg.shots_per_label is None:
+        return
+    from topro.data import load_split
+    from topro.data.sampling import few_shot_sentences
+    from topro.unseen import expand_unseen_labels
+
+    task = get_task(cfg.task)
+    unseen = set(expand_unseen_labels(task, cfg.unseen_labels))
+    sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
+    few_shot_sentences(sentences, [label for label in task.labels if label not in unseen], cfg.shots_per_label,
+                       cfg.seed)
+
+
+def check_knn_k(cfg: TrainConfig) -> None:
+    """``knn_k`` at most the vocabulary, where the model's ``config.json`` is at hand without building anything
+    (a local folder, the hub cache, an already built ``tiny``); otherwise the method refuses it when the
+    model loads, still before training."""
+    if cfg.method != "rosprompt" or cfg.verbalizer_expansion != "knn":
+        return
+    config = _local_model_config(cfg)
+    vocab = (config or {}).get("vocab_size")
+    if isinstance(vocab, int) and cfg.knn_k > vocab:
+        raise ConfigError(f"field 'knn_k': {cfg.knn_k} is more than the {vocab} tokens of {cfg.model!r}'s vocabulary")
+
+
+def _local_model_config(cfg: TrainConfig) -> dict | None:
+    if cfg.model == TINY:
+        from topro.models import tiny_model_dir, tiny_vocabulary_words
+
+        folder = tiny_model_dir(cfg.task, cfg.data_dir, tiny_vocabulary_words(cfg.task))
+    else:
+        folder = Path(cfg.model).expanduser()
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(cfg.model, "config.json")
+            except Exception:
+                return None
+            folder = Path(cached).parent if isinstance(cached, str) else None
+    path = folder / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def checkpoint_meta(checkpoint: str | Path) -> dict:
@@ -216,6 +278,7 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
     from topro.prompts.formats import load_format
 
     task = get_task(task)
+    refuse_classification(task)
     try:
         fmt = load_format(format)
         fmt.for_task(task.name)

@@ -22,10 +22,6 @@ from typing import Any
 
 import numpy as np
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
 N_RESAMPLES = 10_000
 ALPHA = 0.05
 
@@ -34,16 +30,25 @@ class ComparisonError(ValueError):
     """Two evaluations cannot be compared: other task, other languages or other sentences."""
 
 
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom (scipy's ``t.ppf``):
+    any level in (0, 1), any df >= 1, never the normal's 1.96 in place of t."""
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level {level!r} must lie strictly between 0 and 1")
+    if df < 1:
+        raise ValueError(f"degrees of freedom {df!r} must be at least 1")
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
 def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """The t-interval of the mean of ``values`` (seeds); ``None`` for a single value (no spread to use)."""
-    if level != 0.95:
-        raise ValueError("only 95% intervals are tabulated")
     n = len(values)
     if n < 2:
         return None
     mean, std = statistics.fmean(values), statistics.stdev(values)
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    half = t * std / math.sqrt(n)
+    half = t_quantile(level, n - 1) * std / math.sqrt(n)
     return mean - half, mean + half
 
 

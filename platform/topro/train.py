@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 from topro.batching import split_batches, token_budget_batches
 from topro.config import ConfigError, TrainConfig, to_dict
 from topro.data import get_task, load_split
-from topro.evaluate import autocast_for, evaluate_sentences
+from topro.evaluate import autocast_for, evaluate_seen_labels
 from topro.methods import Method, MethodSpec, build_method
-from topro.methods.base import count_parameters
+from topro.methods.base import count_parameters, hide_unseen_gold
 from topro.averaging import CheckpointAverager, check_selection, evaluation_due
 from topro.metrics import metric_value, resolve_selection_metric
 from topro.models import TINY, load_tokenizer, mlm_head_untrained, pick_device, resolve_model_path
+from topro.unseen import expand_unseen_labels, unseen_label_indices
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +245,9 @@ class CheckpointKeeper:
         return self.state.bad_evaluations >= self.patience
 
 
-MLM_HEAD_METHODS = ("topro", "topro_soft")
+MLM_HEAD_METHODS = ("topro", "topro_soft", "rosprompt")
 """Methods that score label words with the pretrained masked-LM head."""
-PROMPTED_METHODS = ("topro", "topro_soft")
+PROMPTED_METHODS = ("topro", "topro_soft", "rosprompt")
 """Methods that ask a templated question (and so record a template and verbalizer)."""
 
 
@@ -265,7 +266,12 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
                       prompt_packing=cfg.prompt_packing, max_packed_length=cfg.max_packed_length,
                       packed_word_bias=cfg.packed_word_bias,
                       prefix_length=cfg.prefix_length, prefix_dropout=cfg.prefix_dropout,
-                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement)
+                      freeze_backbone=cfg.freeze_backbone, soft_prompt_placement=cfg.soft_prompt_placement,
+                      unseen_labels=expand_unseen_labels(task, cfg.unseen_labels),
+                      verbalizer_expansion=cfg.verbalizer_expansion, knn_k=cfg.knn_k, knn_aggregate=cfg.knn_aggregate,
+                      label_smoothing=cfg.label_smoothing, label_smoothing_kind=cfg.label_smoothing_kind,
+                      label_smoothing_temperature=cfg.label_smoothing_temperature,
+                      prompt_drift_penalty=cfg.prompt_drift_penalty)
 
 
 def embeddings_frozen(cfg: TrainConfig) -> bool:
@@ -355,13 +361,16 @@ def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
                     "so its scores are not those of the published method; flagged in metrics.json, MLflow and "
                     "the report", cfg.method, cfg.model)
     method = build_method(spec, model_path, tokenizer)
-    train_sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
+    train_sentences = training_sentences(cfg, task, spec.unseen_labels)
     dev_sentences = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
-    examples = method.encode(train_sentences)
+    # Generalized zero-shot: gold words of unseen labels carry no loss (and their label words leave the
+    # training softmax inside the method's loss).
+    examples, n_unseen_hidden = hide_unseen_gold(method.encode(train_sentences),
+                                                 unseen_label_indices(method.labels, spec.unseen_labels))
     lengths = [e.length for e in examples]
     sizes = [e.batch_units for e in examples]
     steps_per_epoch, accum = plan_steps(cfg, lengths, sizes, strategy)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    total_steps = 0 if cfg.epochs == 0 else cfg.max_steps or steps_per_epoch * cfg.epochs
     check_selection(cfg, steps_per_epoch, getattr(strategy, "zero_stage", None))
     base_model = method.build_model(model_path)
     if embeddings_frozen(cfg):
@@ -381,11 +390,31 @@ def prepare(cfg: TrainConfig, strategy: LocalStrategy) -> Run:
         "n_dev_sentences": len(dev_sentences), "world_size": strategy.world_size,
         "selection_metric": selection,
         "mlm_head_untrained": bool(spec.mlm_head_untrained),
+        "unseen_labels": list(spec.unseen_labels), "n_train_unseen_label_words": n_unseen_hidden,
+        **label_word_summary(method),
         "steps_per_epoch": steps_per_epoch, "batches_per_step": accum,
         "n_trainable_params": n_trainable, "n_total_params": n_total,
     }
     return Run(cfg, task, selection, method, module, optimizer, scheduler, examples, lengths, sizes, dev_sentences,
                steps_per_epoch, accum, total_steps, summary)
+
+
+def training_sentences(cfg: TrainConfig, task, unseen: list[str]) -> list:
+    """The English training sentences: the first ``max_train_sentences``, or with ``shots_per_label`` the
+    seeded few-shot sample of them that gives every seen label at least that many words."""
+    from topro.data.sampling import few_shot_sentences
+
+    sentences = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
+    if cfg.shots_per_label is None:
+        return sentences
+    seen = [label for label in task.labels if label not in set(unseen)]
+    return few_shot_sentences(sentences, seen, cfg.shots_per_label, cfg.seed)
+
+
+def label_word_summary(method: Method) -> dict[str, Any]:
+    """RoSPrompt: each label's scored words (and any warning about them), for ``metrics.json``."""
+    meta = method.meta() if hasattr(method, "readable_label_words") else {}
+    return {k: meta[k] for k in ("label_word_sets", "label_word_warnings") if k in meta}
 
 
 def plan_steps(cfg: TrainConfig, lengths: list[int], sizes: list[int], strategy: LocalStrategy) -> tuple[int, int]:
@@ -430,6 +459,8 @@ def fit(run: Run, strategy: LocalStrategy, resume_from: Path | None = None) -> d
     stop = keeper.patience_spent or bool(cfg.max_steps and state.step >= cfg.max_steps)
     while state.epoch < cfg.epochs and not stop:
         stop = train_epoch(run, strategy, keeper, throughput)
+    if cfg.epochs == 0 and not state.history:  # zero-shot prompting: score and export the initial prompt
+        evaluate_and_keep(run, strategy, keeper, float("nan"), 0)
     averaged = export_average(run, strategy, keeper)
     # Throughput over all workers: they run in lockstep, so rank 0's time is the run's.
     all_examples = strategy.average(float(throughput.examples)) * strategy.world_size
@@ -512,7 +543,8 @@ def evaluate_dev(run: Run, strategy: LocalStrategy) -> tuple[dict[str, Any], flo
     """English dev scores of the current weights, and the selection metric averaged over workers."""
     cfg = run.cfg
     eval_method, eval_model = strategy.evaluation()
-    dev = evaluate_sentences(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
+    # With unseen_labels: only the seen labels are predicted and scored, as in training.
+    dev = evaluate_seen_labels(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
                              device=strategy.device, dtype=cfg.dtype, max_tokens=cfg.max_tokens_per_batch * 2,
                              max_examples=cfg.batch_size * 4)
     # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.

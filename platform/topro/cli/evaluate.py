@@ -175,6 +175,10 @@ def evaluate(cfg: EvaluateConfig) -> int:
     return 0
 
 
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def format_table(record: dict) -> str:
     """A Markdown table of one results record: language, headline metric (and the other F1 mode for
     span tasks), sizes, truncation and the headline over the words the model saw."""
@@ -183,18 +187,30 @@ def format_table(record: dict) -> str:
     extra = [k for k in ("f1_strict",) if k in first]
     seen = f"{metric}_seen_words" if f"{metric}_seen_words" in first else None
     head = [metric, *extra, "accuracy"] if metric != "accuracy" else [metric, *extra]
-    cols = head + ["sentences", "words", "truncated words"] + ([seen] if seen else [])
+    gzs = [f"{metric}_{part}_labels" for part in ("seen", "unseen", "hmean")] \
+        if f"{metric}_seen_labels" in first else []
+    cols = head + ["sentences", "words", "truncated words"] + ([seen] if seen else []) + gzs + (
+        ["unseen-label words"] if gzs else [])
     rows = ["| lang | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for lang, r in record["languages"].items():
         cells = [f"{r[k]:.4f}" for k in head] + [str(r["n_sentences"]), str(r["n_words"]),
                                                  str(r["n_truncated_words"])]
         if seen:
             cells.append(f"{r[seen]:.4f}")
+        cells += [_score(r.get(k)) for k in gzs] + ([str(r["n_unseen_label_words"])] if gzs else [])
         rows.append(f"| {lang} | " + " | ".join(cells) + " |")
     avg = record["average"]
     cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + ["", "", ""] + (
-        [f"{avg.get(seen, float('nan')):.4f}"] if seen else [])
+        [f"{avg.get(seen, float('nan')):.4f}"] if seen else []) + [_score(avg.get(k)) for k in gzs] + (
+        [""] if gzs else [])
     rows.append("| average | " + " | ".join(cells) + " |")
+    if gzs:
+        rows.append(f"\nUnseen labels (held out of training): {', '.join(first.get('unseen_labels', []))}; "
+                    f"{metric} on words whose gold label is seen / unseen and their harmonic mean "
+                    f"(n/a: no gold word of an unseen label).")
+    words = record.get("label_words")
+    if words:
+        rows.append("\nLabel words: " + "; ".join(f"{label}: {' '.join(ws)}" for label, ws in words.items()))
     if record.get("averaged_steps"):
         rows.append(f"\nExported weights: {record['selection']}, the mean of the English-dev checkpoints of steps "
                     f"{record['averaged_steps']} (ranked by {record.get('selection_metric')}).")

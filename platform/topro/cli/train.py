@@ -86,11 +86,17 @@ def majority_baseline(cfg: TrainConfig, selection: str) -> tuple[str, float]:
     from topro.data import get_task, load_split
     from topro.metrics import metric_value, score_task
 
+    from topro.unseen import expand_unseen_labels
+
     task = get_task(cfg.task)
+    unseen = set(expand_unseen_labels(task, cfg.unseen_labels))
     train = load_split(task, cfg.train_lang, "train", cfg.data_dir, limit=cfg.max_train_sentences)
     dev = load_split(task, cfg.train_lang, "dev", cfg.data_dir, limit=cfg.max_dev_sentences)
-    tag = Counter(t for s in train for t in s.tags).most_common(1)[0][0]
-    scores = score_task(task, [s.tags for s in dev], [[tag] * len(s) for s in dev])
+    tag = Counter(t for s in train for t in s.tags if t not in unseen).most_common(1)[0][0]
+    # Scored as the dev selection is (evaluate.seen_label_view): unseen gold words dropped, or O in spans.
+    gold = [["O" if t in unseen else t for t in s.tags] if task.scheme == "iob2"
+            else [t for t in s.tags if t not in unseen] for s in dev]
+    scores = score_task(task, gold, [[tag] * len(g) for g in gold])
     if selection == "viterbi_f1":
         selection = "f1"  # all-majority is a valid IOB2 sequence: Viterbi leaves it as it is
     return tag, float(metric_value(scores, selection))

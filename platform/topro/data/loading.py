@@ -67,6 +67,9 @@ def load_split(task: str | Task, lang: str, split: str, data_dir: str | os.PathL
                limit: int | None = None) -> list[Sentence]:
     """Sentences of ``task``'s ``split`` in ``lang``; tags are checked against the label set."""
     task = get_task(task)
+    if task.kind != "tagging":
+        raise DataFormatError(f"task {task.name!r} is a {task.kind} task (one label per text): load it with "
+                              f"topro.data.classification.load_texts")
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_from_hub(task, lang, split, limit)

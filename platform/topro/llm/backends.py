@@ -313,7 +313,9 @@ class OpenAIBackend:
     (use generate mode). Generation uses `/v1/completions`, or
     `/v1/chat/completions` when the server has no completions endpoint (or
     `api="chat"`). Requests run `concurrency` at a time with retries on
-    connection errors, timeouts and 408/409/429/5xx."""
+    connection errors, timeouts and 408/409/429/5xx; prompts go
+    `prompts_per_request` to a request, or one at a time to a server that
+    refuses a list (`transformers serve`)."""
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  api: str = "auto", settings: HTTPSettings | None = None):
@@ -332,6 +334,7 @@ class OpenAIBackend:
         self.session.mount("https://", adapter)
         self.counts = TokenCounts()
         self._lock = threading.Lock()
+        self._one_prompt_per_request = False  # set when the server refuses a list of prompts
         self.model = model or self._first_model()
         self.name = f"{self.base_url}#{self.model}"
 
@@ -379,21 +382,49 @@ class OpenAIBackend:
         if len(items) <= 1 or self.settings.concurrency <= 1:
             return [fn(x) for x in items]
         with ThreadPoolExecutor(self.settings.concurrency) as pool:
-            return list(pool.map(fn, items))
+            futures = [pool.submit(fn, x) for x in items]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                # The first failure (a server that cannot score) stops the run now, not after every queued request.
+                for f in futures:
+                    f.cancel()
+                raise
 
-    def _completions(self, prompts: list[str], **params) -> list[dict]:
-        """Choices for each prompt, in order; prompts go in groups, concurrently."""
-        n = self.settings.prompts_per_request
+    def _completions(self, prompts: list[str], check=None, **params) -> list[dict]:
+        """Choices for each prompt, in order; prompts go in groups, concurrently. ``check(choice)`` runs on each
+        answer as it comes, so a server that lacks what is asked stops the run at its first answer."""
+        n = 1 if self._one_prompt_per_request else self.settings.prompts_per_request
         groups = [prompts[i:i + n] for i in range(0, len(prompts), n)]
 
-        def run(group: list[str]) -> list[dict]:
-            response = self._request("POST", "/completions", {"model": self.model, "prompt": group, **params})
+        def post(group: list[str]) -> list[dict]:
+            # One prompt goes as a string: some servers (`transformers serve`) take no list.
+            prompt = group[0] if len(group) == 1 else group
+            response = self._request("POST", "/completions", {"model": self.model, "prompt": prompt, **params})
             self._count(response)
             choices = sorted(response.get("choices") or [], key=lambda c: c.get("index", 0))
             if len(choices) != len(group):
                 raise BackendError(f"{self.base_url}/completions returned {len(choices)} choices "
                                    f"for {len(group)} prompts")
+            for choice in choices if check else ():
+                check(choice)
             return choices
+
+        def run(group: list[str]) -> list[dict]:
+            if len(group) == 1 or self._one_prompt_per_request:
+                return [c for p in group for c in post([p])]
+            try:
+                return post(group)
+            except BackendError as err:
+                if not any(f"HTTP {s}:" in str(err) for s in (400, 422)):
+                    raise
+                # A list of prompts refused: one prompt per request from now on (a real fault fails again there).
+                choices = [c for p in group for c in post([p])]
+                if not self._one_prompt_per_request:
+                    self._one_prompt_per_request = True
+                    log.warning("%s/completions refused a list of prompts (%s); sending one prompt per request",
+                                self.base_url, err)
+                return choices
 
         return [c for group in self._map(run, groups) for c in group]
 
@@ -402,22 +433,30 @@ class OpenAIBackend:
               continuations: list[str]) -> ScoreResult:
         return self._score_prompts([context + sentence + q for q in questions], continuations)
 
+    def _cannot_score(self, what_happened: str) -> str:
+        return (f"score mode needs the prompt's token logprobs (/v1/completions with echo=true and logprobs); "
+                f"{what_happened}: use --mode generate with this server, or score with a local model folder or a "
+                f"server that returns prompt logprobs")
+
+    def _has_prompt_logprobs(self, choice: dict) -> None:
+        lp = choice.get("logprobs") or {}
+        if not lp.get("tokens") or lp.get("token_logprobs") is None or lp.get("text_offset") is None:
+            raise BackendError(self._cannot_score(f"{self.base_url}/completions returned none"))
+
     def _score_prompts(self, base: list[str], continuations: list[str]) -> ScoreResult:
         if self.api == "chat":
-            raise BackendError("score mode needs /v1/completions with prompt logprobs; "
-                               "this backend is set to chat: use --mode generate")
+            raise BackendError(self._cannot_score(f"{self.base_url} is used through /chat/completions (api=chat), "
+                                                 "which has none"))
         prompts = [b + c for b in base for c in continuations]
         boundaries = [len(b) for b in base for _ in continuations]
-        choices = self._completions(prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+        choices = self._completions(prompts, check=self._has_prompt_logprobs, max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0)
         n_c = len(continuations)
         scores = torch.zeros(len(base), n_c)
         token_counts = [0] * n_c
         for k, (choice, boundary, prompt) in enumerate(zip(choices, boundaries, prompts)):
             lp = choice.get("logprobs") or {}
-            tokens, values, offsets = lp.get("tokens"), lp.get("token_logprobs"), lp.get("text_offset")
-            if not tokens or values is None or offsets is None:
-                raise BackendError(f"{self.base_url}/completions gave no prompt logprobs (echo=true, "
-                                   "logprobs=1); this server cannot score: use --mode generate")
+            tokens, values, offsets = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
             total, count = 0.0, 0
             for tok_text, value, offset in zip(tokens, values, offsets):
                 # Continuation tokens: those ending after the boundary and

@@ -2,7 +2,7 @@
 
 The registry maps a method name to a factory. ToPro picks its masked-LM or
 seq2seq implementation from the model's config, so ``method: topro`` works
-for mBERT, XLM-R and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
+for mBERT, XLM-R and mT5 alike. ``prompt_tuning``, ``topro_soft`` and ``rosprompt`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
 and name the backbone, which ``load_model`` fetches (see ``trained_only``).
 """
@@ -27,6 +27,10 @@ def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
         if spec.prompt_packing != "per_word":
             raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
                              f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+        if spec.unseen_labels:
+            raise ValueError(f"unseen_labels={spec.unseen_labels}: method 'topro' on the encoder-decoder "
+                             f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
+                             "word cannot leave its training softmax; use a masked LM")
         from topro.methods.topro_seq2seq import ToProSeq2Seq
 
         return ToProSeq2Seq(spec, tokenizer)
@@ -53,8 +57,16 @@ def _topro_soft(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     return ToProSoft(spec, tokenizer)
 
 
+def _rosprompt(spec: MethodSpec, tokenizer, model_path: str) -> Method:
+    # masked LMs only: a tokenizer without a mask token (T5) is refused by ToPro's cloze it builds on
+    from topro.methods.rosprompt import RoSPrompt
+
+    return RoSPrompt(spec, tokenizer)
+
+
 METHODS: dict[str, Callable[[MethodSpec, object, str], Method]] = {
-    "vanilla": _vanilla, "topro": _topro, "prompt_tuning": _prompt_tuning, "topro_soft": _topro_soft}
+    "vanilla": _vanilla, "topro": _topro, "prompt_tuning": _prompt_tuning, "topro_soft": _topro_soft,
+    "rosprompt": _rosprompt}
 
 
 def register_method(name: str, factory: Callable[[MethodSpec, object, str], Method]) -> None:

@@ -7,7 +7,7 @@ Training and evaluation only talk to this protocol, never to a method's name.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -171,6 +171,30 @@ def scores_dtype(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def seen_label_logits(logits: torch.Tensor, unseen_index: torch.Tensor) -> torch.Tensor:
+    """Label logits [N, n_labels] with the unseen labels' columns at -inf: they leave the training softmax
+    (probability 0, no gradient) while the seen labels keep their logits."""
+    if not len(unseen_index):
+        return logits
+    return logits.index_fill(-1, unseen_index.to(logits.device), float("-inf"))
+
+
+def hide_unseen_gold(examples: list[Encoded], unseen_index: list[int]) -> tuple[list[Encoded], int]:
+    """Training examples with every gold label in ``unseen_index`` set to -100 (no loss), and those left with
+    no labelled word dropped (a batch of them only would have no loss at all); also the number of words hidden."""
+    if not unseen_index:
+        return examples, 0
+    hidden_labels = set(unseen_index)
+    kept, hidden = [], 0
+    for e in examples:
+        labels = [-100 if label in hidden_labels else label for label in e.labels]
+        hidden += sum(label in hidden_labels for label in e.labels)
+        if any(label != -100 for label in labels):
+            e.labels = labels
+            kept.append(e)
+    return kept, hidden
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
@@ -257,6 +281,25 @@ class MethodSpec:
     """Soft ToPro: train only the prompt (and any fresh head) rather than the whole model with it."""
     soft_prompt_placement: str = "replace"
     """Soft ToPro: ``replace`` the template's text with soft vectors or put them in front (``prefix``)."""
+    verbalizer_expansion: str = "none"
+    """RoSPrompt: ``none`` (the verbalizer's seed words) or ``knn`` (each label's ``knn_k`` nearest tokens)."""
+    knn_k: int = 8
+    """RoSPrompt ``knn``: tokens per label."""
+    knn_aggregate: str = "mean"
+    """RoSPrompt: how a label's word logits become its score (``mean``, ``max``, ``logsumexp``)."""
+    label_smoothing: float = 0.0
+    """RoSPrompt: smoothing mass taken from the gold label."""
+    label_smoothing_kind: str = "contrastive"
+    """RoSPrompt: ``uniform`` or ``contrastive`` (by label-word similarity)."""
+    label_smoothing_temperature: float = 0.1
+    """RoSPrompt contrastive smoothing: softmax temperature over label similarities."""
+    prompt_drift_penalty: float = 0.0
+    """RoSPrompt: weight of the soft prompt's relative squared drift from its initialisation."""
+    label_token_sets: list[list[int]] | None = None
+    """RoSPrompt: each label's scored token ids as trained (checkpoints record them; ``None``: choose them)."""
+    unseen_labels: list[str] = field(default_factory=list)
+    """Labels held out of training (expanded: ``B-LOC``, ``I-LOC``, never a bare type); they leave the training
+    softmax (``seen_label_logits``) and evaluation reports seen / unseen scores."""
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "MethodSpec":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from topro.data.readers import Sentence
 from topro.methods.base import (Encoded, MethodSpec, collate_common, label_token_ids, model_inputs, scores_dtype,
-                                word_pieces)
+                                seen_label_logits, word_pieces)
 from topro.methods.packing import (check_packing, check_positions, collate_packed, enable_packed_attention,
                                    fit_questions, pack_sentence, packed_hidden)
 from topro.methods.whole_model import WholeModelMethod
@@ -39,6 +39,13 @@ def context_window(pieces: list[list[int]], target: int, budget: int) -> tuple[l
     centre = start_of + len(pieces[target]) // 2
     start = min(max(0, centre - budget // 2), len(flat) - budget)
     return flat[start:start + budget], True
+
+
+def unseen_index(labels: list[str], unseen: list[str]) -> torch.Tensor:
+    """The unseen labels' positions in ``labels`` as a tensor (empty: every label seen)."""
+    from topro.unseen import unseen_label_indices
+
+    return torch.tensor(unseen_label_indices(labels, list(unseen or [])), dtype=torch.long)
 
 
 def label_logits_at(model, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
@@ -82,6 +89,7 @@ class ToProMLM(WholeModelMethod):
         self.verbalizer = get_verbalizer(spec.task, spec.verbalizer)
         self.label_words = self.verbalizer.word_list(self.labels)
         self.label_ids = torch.tensor(label_token_ids(tokenizer, self.label_words, spec.label_word_policy))
+        self.unseen_index = unseen_index(self.labels, spec.unseen_labels)
         self.packing = check_packing(spec.prompt_packing, self.name)
         self.max_packed_length = int(spec.max_packed_length)
         self.max_questions_per_row = spec.max_questions_per_row  # None: as many as fit
@@ -159,7 +167,8 @@ class ToProMLM(WholeModelMethod):
         return label_logits_at(model, at_mask, self.label_ids.to(at_mask.device))
 
     def loss(self, model, batch) -> torch.Tensor:
-        return F.cross_entropy(self._label_logits(model, batch).float(), batch["labels"], ignore_index=-100)
+        logits = seen_label_logits(self._label_logits(model, batch).float(), self.unseen_index)
+        return F.cross_entropy(logits, batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
         return torch.log_softmax(scores_dtype(self._label_logits(model, batch)), dim=-1)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, scores_dtype
+from topro.methods.base import Encoded, MethodSpec, scores_dtype, seen_label_logits
 from topro.methods.packing import packed_hidden
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
 from topro.methods.trained_only import (fresh_parameters, from_pretrained_noting_fresh, load_backbone,
@@ -215,7 +215,8 @@ class ToProSoft:
 
     # -- training and inference -------------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:
-        return F.cross_entropy(model(**soft_inputs(batch)).float(), batch["labels"], ignore_index=-100)
+        logits = seen_label_logits(model(**soft_inputs(batch)).float(), self.cloze.unseen_index)
+        return F.cross_entropy(logits, batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
         return torch.log_softmax(scores_dtype(model(**soft_inputs(batch))), dim=-1)

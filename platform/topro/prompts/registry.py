@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from topro.config import ConfigError, read_yaml
@@ -30,15 +30,25 @@ class Template:
 
 @dataclass(frozen=True)
 class Verbalizer:
-    """One label word per tag."""
+    """One label word per tag, and for tags given a list in the YAML, more seed words (other languages,
+    synonyms) that ``rosprompt`` scores or expands from."""
 
     name: str
     task: str
     words: dict[str, str]
-    """tag -> label word."""
+    """tag -> label word (the first of a list): what ToPro, soft ToPro and the LLM formats use."""
+    seeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """tag -> every seed word of the tag, the label word first (a plain string: just it)."""
 
     def word_list(self, labels: list[str]) -> list[str]:
         return [self.words[label] for label in labels]
+
+    def seed_words(self, label: str) -> tuple[str, ...]:
+        return self.seeds.get(label) or (self.words[label],)
+
+    def all_words(self) -> set[str]:
+        """Every word the verbalizer names (label words and seeds)."""
+        return {w for label in self.words for w in self.seed_words(label)}
 
 
 def prompt_dirs() -> list[Path]:
@@ -71,11 +81,25 @@ def _prompts(task_name: str) -> tuple[dict[str, Template], dict[str, Verbalizer]
             unknown = [tag for tag in words if tag not in task.labels]
             if missing or unknown:
                 raise ConfigError(f"{path}: verbalizer {name!r}: missing tags {missing}, unknown tags {unknown}")
-            values = [str(w) for w in words.values()]
+            seeds = {tag: _seed_words(path, name, tag, value) for tag, value in words.items()}
+            values = [w for ws in seeds.values() for w in ws]
             if len(set(values)) != len(values):
                 raise ConfigError(f"{path}: verbalizer {name!r} uses a label word twice: {values}")
-            verbalizers[name] = Verbalizer(name, task_name, {k: str(v) for k, v in words.items()})
+            verbalizers[name] = Verbalizer(name, task_name, {k: ws[0] for k, ws in seeds.items()}, seeds)
     return templates, verbalizers
+
+
+def _seed_words(path: Path, verbalizer: str, tag: str, value) -> tuple[str, ...]:
+    """A tag's words: a plain string (one label word) or a non-empty list of them (the first is the label word)."""
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(w, (str, int, float)) and str(w).strip() for w in value):
+            raise ConfigError(f"{path}: verbalizer {verbalizer!r}: tag {tag!r} needs a word or a non-empty list of "
+                              f"words, got {value!r}")
+        return tuple(str(w) for w in value)
+    if value is None or isinstance(value, dict) or not str(value).strip():
+        raise ConfigError(f"{path}: verbalizer {verbalizer!r}: tag {tag!r} needs a word or a list of words, "
+                          f"got {value!r}")
+    return (str(value),)
 
 
 def list_templates(task: str) -> list[str]:

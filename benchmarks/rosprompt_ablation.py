@@ -1,0 +1,226 @@
+"""RoSPrompt ablation under generalized zero-shot labels: seen / unseen / harmonic mean per language.
+
+Variants (each trained with ``topro train`` from ``configs/train/<task>-rosprompt.yaml`` on the same
+few-shot English sample, ``shots_per_label``, and evaluated with ``topro evaluate`` on the same first
+``--eval-sentences`` dev sentences of each language):
+
+- ``rosprompt``: full (kNN label words, contrastive smoothing, prompt-drift penalty)
+- ``no_knn``: ``verbalizer_expansion=none`` (the seed words only)
+- ``no_contrastive``: ``label_smoothing_kind=uniform``
+- ``no_penalty``: ``prompt_drift_penalty=0``
+- ``topro_soft``: soft ToPro, the same prompt vectors and frozen backbone, one label word per label, no
+  smoothing, no penalty
+- ``topro``: fine-tuned ToPro (hand-written template, whole model trained)
+
+for every unseen-label set (``--unseen``, sets separated by ``;``) and seed (``--seeds``). Prints per
+variant the mean over seeds and unseen sets of each language's seen / unseen / harmonic-mean score
+(UDPOS: accuracy; PAN-X: span F1 by type group), their averages over languages, the number of
+unseen-label words per language and set, trainable parameters and training seconds; and the paired
+bootstrap over sentences (seeds pooled per sentence) of the harmonic mean, ``rosprompt`` vs ``topro_soft``,
+per unseen set and language. A finished run (its ``eval.json``) is reused, so an interrupted ablation resumes.
+
+    python benchmarks/rosprompt_ablation.py --task udpos --model tiny --langs en,de --seeds 1 \\
+        --unseen "NUM,PROPN,SCONJ" --eval-sentences 20 --epochs 2 --out runs/ablation-tiny
+    python benchmarks/rosprompt_ablation.py --task udpos --model ~/.cache/offline-models/multilingual-e5-small \\
+        --seeds 1,2,3 --unseen "NUM,PROPN,SCONJ;ADJ,ADV,INTJ" --out runs/ablation-e5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "platform"))
+
+OFF = ["verbalizer_expansion=none", "label_smoothing=0", "prompt_drift_penalty=0"]
+VARIANTS = {
+    "rosprompt": [],
+    "no_knn": ["verbalizer_expansion=none"],
+    "no_contrastive": ["label_smoothing_kind=uniform"],
+    "no_penalty": ["prompt_drift_penalty=0"],
+    "topro_soft": ["method=topro_soft", *OFF],
+    # fine-tuned ToPro: the whole model trains, so a fine-tuning learning rate
+    "topro": ["method=topro", *OFF, "learning_rate=1e-4"],
+}
+LANGS = "en,de,es,ru,tr,ar,he,hi,zh,ja,ko"  # benchmarks/methods_e5.py's UDPOS languages
+PANX_LANGS = "en,de,es,fr,ru,tr,he,fa,el,fi,vi"
+
+
+def run(cmd: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code:
+        sys.exit(f"failed ({code}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - start
+
+
+def run_one(variant: str, unseen: str, seed: int, args) -> Path:
+    """Train and evaluate one (variant, unseen set, seed); returns its folder (``eval.json`` inside)."""
+    out = Path(args.out) / f"{variant}__{unseen.replace(',', '-')}__seed{seed}"
+    if (out / "eval.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    topro = [sys.executable, "-m", "topro.cli"]
+    train = topro + ["train", "--config", f"configs/train/{args.task}-rosprompt.yaml", "--output", str(out),
+                     f"model={args.model}", f"unseen_labels=[{unseen}]", f"seed={seed}", f"epochs={args.epochs}",
+                     f"shots_per_label={args.shots}", f"max_dev_sentences={args.dev_sentences}", "eval_langs=[]",
+                     f"num_threads={args.threads}", "progress=false", *VARIANTS[variant], *args.override]
+    print(f"{out.name}: training", flush=True)
+    wall = run(train, out / "train.log")
+    evaluate = topro + ["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", args.langs, "--split", "dev",
+                        "--max-sentences", str(args.eval_sentences), "--output", str(out / "eval.json"),
+                        "--overwrite"]
+    wall += run(evaluate, out / "evaluate.log")
+    (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
+    return out
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def sentence_rows(task, gold: list[list[str]], pred: list[list[str]], unseen: set[str]) -> np.ndarray:
+    """Per-sentence counts whose sums give the seen and unseen scores: tag tasks (correct, words) for seen
+    then unseen gold words; IOB2 tasks (true positives, predicted, gold spans) over seen then unseen types."""
+    if task.scheme != "iob2":
+        rows = [[sum(a == b for a, b in zip(g, p) if a not in unseen), sum(a not in unseen for a in g),
+                 sum(a == b for a, b in zip(g, p) if a in unseen), sum(a in unseen for a in g)]
+                for g, p in zip(gold, pred)]
+        return np.array(rows, dtype=np.float64).reshape(-1, 4)
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    def spans(tags, keep):
+        return set(get_entities([t if (t in keep) else "O" for t in tags]))
+
+    every = set(task.labels)
+    rows = []
+    for g, p in zip(gold, pred):
+        row = []
+        for keep in (every - unseen - {"O"}, unseen):
+            gs, ps = spans(g, keep), spans(p, keep)
+            row += [len(gs & ps), len(ps), len(gs)]
+        rows.append(row)
+    return np.array(rows, dtype=np.float64).reshape(-1, 6)
+
+
+def hmean_from_sums(sums: np.ndarray, scheme: str) -> np.ndarray:
+    def ratio(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    if scheme != "iob2":
+        seen, unseen = ratio(sums[..., 0], sums[..., 1]), ratio(sums[..., 2], sums[..., 3])
+    else:
+        seen = ratio(2 * sums[..., 0], sums[..., 1] + sums[..., 2])
+        unseen = ratio(2 * sums[..., 3], sums[..., 4] + sums[..., 5])
+    return ratio(2 * seen * unseen, seen + unseen)
+
+
+def bootstrap_hmean(a: np.ndarray, b: np.ndarray, scheme: str, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap over sentences of hmean(A) - hmean(B) (as topro.significance.paired_bootstrap)."""
+    observed = float(hmean_from_sums(a.sum(0), scheme) - hmean_from_sums(b.sum(0), scheme))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_resamples, len(a)))
+    deltas = hmean_from_sums(a[idx].sum(1), scheme) - hmean_from_sums(b[idx].sum(1), scheme)
+    p = float(((np.abs(deltas - observed) >= abs(observed) - 1e-12).sum() + 1) / (n_resamples + 1))
+    return {"delta": observed, "p_value": p}
+
+
+def pooled(folders: list[Path], lang: str, task, unseen: set[str]) -> np.ndarray:
+    total = None
+    for folder in folders:
+        pred = json.loads((folder / "eval.predictions.json").read_text())["languages"][lang]
+        rows = sentence_rows(task, pred["gold"], pred["pred"], unseen)
+        total = rows if total is None else total + rows
+    return total
+
+
+def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
+    from topro.data import get_task
+    from topro.unseen import expand_unseen_labels
+
+    task = get_task(args.task)
+    metric = "accuracy" if task.scheme != "iob2" else "f1"
+    langs = [x for x in args.langs.split(",") if x]
+    records = {key: json.loads((folder / "eval.json").read_text()) for key, folder in runs.items()}
+    lines = [f"## {args.task}: seen / unseen / harmonic mean ({metric} x100), mean over seeds "
+             f"{args.seeds} and unseen sets {args.unseen.split(';')}", "",
+             "| variant | " + " | ".join(langs) + " | average | trainable params | train s |",
+             "|---" * (len(langs) + 4) + "|"]
+    for variant in args.variants:
+        keys = [k for k in records if k[0] == variant]
+        cells = []
+        for lang in langs + ["average"]:
+            parts = []
+            for part in ("seen", "unseen", "hmean"):
+                key = f"{metric}_{part}_labels"
+                parts.append(fmt(mean([(records[k]["average"] if lang == "average"
+                                        else records[k]["languages"][lang]).get(key) for k in keys])))
+            cells.append(" / ".join(parts))
+        metrics = [json.loads((runs[k] / "metrics.json").read_text()) for k in keys]
+        params = metrics[0]["n_trainable_params"] if metrics else None
+        seconds = mean([m["train_seconds"] for m in metrics])
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {params} | {seconds:.0f} |")
+    lines += ["", "Unseen-label words per language: " + "; ".join(
+        f"{unseen}: " + ", ".join(f"{lang} {next(r for k, r in records.items() if k[1] == unseen)['languages'][lang]['n_unseen_label_words']}"
+                                  for lang in langs) for unseen in args.unseen.split(";"))]
+    if {"rosprompt", "topro_soft"} <= set(args.variants):
+        lines += ["", "Paired bootstrap of the harmonic mean, rosprompt - topro_soft (seeds pooled per sentence; "
+                  "2000 resamples):", ""]
+        for unseen in args.unseen.split(";"):
+            labels = set(expand_unseen_labels(task, [x for x in unseen.split(",") if x]))
+            for lang in langs:
+                a = pooled([runs[(v, u, s)] for (v, u, s) in runs if v == "rosprompt" and u == unseen], lang, task, labels)
+                b = pooled([runs[(v, u, s)] for (v, u, s) in runs if v == "topro_soft" and u == unseen], lang, task,
+                           labels)
+                r = bootstrap_hmean(a, b, task.scheme)
+                lines.append(f"- {unseen} {lang}: {100 * r['delta']:+.1f} (p={r['p_value']:.3f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="udpos", choices=["udpos", "panx"])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--langs", help="evaluation languages (default: methods_e5.py's 11 for the task)")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--unseen", help="unseen-label sets separated by ';' (default: NUM,PROPN,SCONJ;ADJ,ADV,INTJ "
+                                    "for UDPOS, LOC;ORG for PAN-X)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--shots", type=int, default=8, help="shots_per_label")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--dev-sentences", type=int, default=100)
+    p.add_argument("--eval-sentences", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/rosprompt_ablation")
+    p.add_argument("--override", nargs="*", default=[], help="extra key=value for every training run")
+    args = p.parse_args(argv)
+    args.langs = args.langs or (LANGS if args.task == "udpos" else PANX_LANGS)
+    args.unseen = args.unseen or ("NUM,PROPN,SCONJ;ADJ,ADV,INTJ" if args.task == "udpos" else "LOC;ORG")
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    started = time.perf_counter()
+    runs = {(v, u, s): run_one(v, u, s, args) for v in args.variants for u in args.unseen.split(";") for s in seeds}
+    text = report(args, runs)
+    print(text)
+    (Path(args.out) / "report.md").write_text(text + "\n")
+    print(f"\nwall time: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
