@@ -41,6 +41,9 @@ class TrainConfig:
     """Hugging Face id, local folder, or ``tiny`` (built offline from the task's data)."""
     template: str | None = None
     """ToPro template name; ``None`` takes the task's default."""
+    llm_format: str = "topro"
+    """ToPro on a causal (decoder-only) LM: the prompt format (``prompts/llm_formats/<name>.yaml`` or a YAML
+    path, topro style) that ``topro eval-llm`` scores, so training starts from the same prompt."""
     verbalizer: str | None = None
     """Verbalizer name; ``None`` takes the task's default."""
     label_word_policy: Literal["strict", "first_subword"] = "strict"
@@ -144,11 +147,12 @@ class TrainConfig:
     """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
     text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
     prompt_packing: Literal["per_word", "sentence"] = "per_word"
-    """ToPro / soft ToPro on masked LMs: ``per_word`` is the paper's one prompt per word (each holding the
-    whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
+    """ToPro / soft ToPro on masked LMs, ToPro on causal LMs: ``per_word`` is the paper's one prompt per word
+    (each holding the whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
     (the sentence sees only itself, each question the sentence and itself, at its single-prompt positions),
     so a sentence costs about sentence + n x question tokens instead of n x (sentence + question). A
-    different computation: a checkpoint is trained and served in one mode (``topro.json`` records it).
+    different computation on a masked LM: a checkpoint is trained and served in one mode (``topro.json``
+    records it). On a causal LM each question sees the sentence before it either way: the same scores.
     ``batch_size`` counts questions in both modes."""
     max_packed_length: int = 512
     """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,

@@ -258,6 +258,7 @@ def method_spec(cfg: TrainConfig, model_path: str) -> MethodSpec:
     return MethodSpec(method=cfg.method, task=task.name, labels=list(task.labels), base_model=cfg.model,
                       template=(cfg.template or task.default_template) if prompted else None,
                       verbalizer=(cfg.verbalizer or task.default_verbalizer) if prompted else None,
+                      llm_format=cfg.llm_format,
                       label_word_policy=cfg.label_word_policy, max_length=cfg.max_length,
                       base_model_path=model_path,
                       mlm_head_untrained=cfg.method in MLM_HEAD_METHODS and bool(mlm_head_untrained(model_path)),

@@ -1,6 +1,6 @@
 """Methods behind one protocol; ``build_method`` picks the implementation.
 
-The registry maps a method name to a factory. ToPro picks its masked-LM or
+The registry maps a method name to a factory. ToPro picks its masked-LM, causal-LM or
 seq2seq implementation from the model's config, so ``method: topro`` works
 for mBERT, XLM-R and mT5 alike. ``prompt_tuning`` and ``topro_soft`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
@@ -16,14 +16,15 @@ from topro.config import PACKABLE_METHODS
 from topro.methods.base import META_FILE, Encoded, Method, MethodSpec
 
 
-def _is_seq2seq(model_path: str) -> bool:
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.from_pretrained(model_path), "is_encoder_decoder", False))
-
-
 def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
-    if _is_seq2seq(model_path):
+    from topro.models import model_kind
+
+    kind = model_kind(model_path)
+    if kind == "causal":
+        from topro.methods.topro_causal import ToProCausal
+
+        return ToProCausal(spec, tokenizer)
+    if kind == "seq2seq":
         if spec.prompt_packing != "per_word":
             raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
                              f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
