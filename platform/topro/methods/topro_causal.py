@@ -109,16 +109,18 @@ class ToProCausal(WholeModelMethod):
 
     # --- encoding ------------------------------------------------------------------------------------
 
-    def _prompt(self, words: list[str]) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
-        """(prefix ids, question ids, label ids per question) of a sentence's words, as eval-llm's backend
-        tokenizes them (``PromptTokens.prompt_ids``)."""
+    def _prompt(self, words: list[str], only: int | None = None
+                ) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
+        """(prefix ids, question ids, label ids per question) of a sentence's words (``only``: of word
+        ``only``'s question alone), as eval-llm's backend tokenizes them (``PromptTokens.prompt_ids``)."""
         from topro.prompts.formats import render_topro
 
         setup = self.setup
         p = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, words)
         end = setup.fmt.for_task(setup.task.name).answer_end
         continuations = [p.answers[t] + end for t in self.labels]
-        sent_ids, q_ids, labels = self.tokens.prompt_ids(setup.context, p.sentence, p.questions, continuations)
+        questions = p.questions if only is None else [p.questions[only]]
+        sent_ids, q_ids, labels = self.tokens.prompt_ids(setup.context, p.sentence, questions, continuations)
         return self.tokens.bos + self.tokens.ids(setup.context) + sent_ids, q_ids, labels
 
     def _fits(self, prefix: list[int], question: list[int], labels: list[list[int]]) -> bool:
@@ -143,8 +145,8 @@ class ToProCausal(WholeModelMethod):
 
         def prompt(radius: int):
             lo, hi = max(0, w - radius), min(n, w + radius + 1)
-            prefix, qs, labels = self._prompt(sentence.words[lo:hi])
-            return prefix, qs[w - lo], labels[w - lo]
+            prefix, [question], [labels] = self._prompt(sentence.words[lo:hi], only=w - lo)
+            return prefix, question, labels
 
         lo, hi = 0, n  # the largest radius that fits: binary search
         while lo < hi:
