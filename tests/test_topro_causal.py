@@ -131,3 +131,54 @@ def test_train_save_load_evaluate_round_trip(tmp_path, data_dir, capsys):
     assert code == 0, capsys.readouterr().err
     record = json.loads(result.read_text())
     assert record["languages"]["de"]["n_sentences"] == 4 and 0.0 <= record["languages"]["de"]["accuracy"] <= 1.0
+
+
+def test_tied_lm_head_is_not_flagged_untrained(tmp_path):
+    """gemma-3-270m's safetensors has no lm_head.* key: its head is its embedding matrix (tied). A causal
+    LM whose untied head is missing is flagged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from topro.models import mlm_head_untrained
+
+    gemma, llama = tiny_model_dir("gemma3"), tiny_model_dir("llama")
+    assert not any(k.startswith("lm_head") for k in load_file(gemma / "model.safetensors"))
+    assert mlm_head_untrained(str(gemma)) is False and mlm_head_untrained(str(llama)) is False
+    headless = tmp_path / "headless"
+    shutil.copytree(llama, headless)
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("lm_head")}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    assert mlm_head_untrained(str(headless)) is True
+
+
+def test_no_pad_token_pads_with_eos(caplog):
+    from transformers import AutoTokenizer
+
+    path = str(tiny_model_dir("llama"))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = None
+    task = get_task("udpos")
+    with caplog.at_level("INFO", logger="topro.methods.topro_causal"):
+        method = build_method(MethodSpec("topro", "udpos", list(task.labels), path), path, tok)
+    assert method.tokenizer.pad_token_id == tok.eos_token_id
+    assert "no pad token: padding with its eos token" in caplog.text
+
+
+def test_precheck_refuses_max_length_past_positions_and_headless_model_types(tmp_path):
+    from transformers import LlamaConfig, ViTConfig
+
+    from topro.config import ConfigError, TrainConfig
+    from topro.precheck import check_backbone
+
+    llama = tmp_path / "llama"
+    LlamaConfig(max_position_embeddings=256, architectures=["LlamaForCausalLM"]).save_pretrained(llama)
+    check_backbone(TrainConfig(model=str(llama), max_length=256))
+    with pytest.raises(ConfigError, match=r"max_length=512 exceeds the 256 positions"):
+        check_backbone(TrainConfig(model=str(llama), max_length=512))
+    vit = tmp_path / "vit"
+    ViTConfig().save_pretrained(vit)
+    with pytest.raises(ConfigError, match=r"model .*'vit'.* neither a masked-LM nor a causal-LM head"):
+        check_backbone(TrainConfig(model=str(vit)))
+    check_backbone(TrainConfig(model=str(vit), method="vanilla"))  # a plain encoder is fine for vanilla

@@ -143,6 +143,13 @@ def check_names(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
     get_template(cfg.task, cfg.template)
     get_verbalizer(cfg.task, cfg.verbalizer)
+    if cfg.method == "topro" and cfg.llm_format != "topro":
+        from topro.prompts.formats import FormatError, load_format
+
+        try:
+            load_format(cfg.llm_format).for_task(get_task(cfg.task).name)
+        except (FormatError, OSError) as err:
+            raise ConfigError(f"llm_format: {err}") from None
 
 
 def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
@@ -153,6 +160,29 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
         langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
         check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
     check_model(cfg.model)
+    check_backbone(cfg)
+
+
+def check_backbone(cfg: TrainConfig) -> None:
+    """ToPro's ``model`` has an LM head it can score label words with (masked, causal or seq2seq), and a
+    causal LM's positions hold ``max_length`` (read from its config, before any weights load)."""
+    if cfg.model == TINY or cfg.method != "topro":
+        return
+    from transformers import AutoConfig
+
+    from topro.models import model_kind
+
+    try:
+        kind = model_kind(cfg.model)
+        config = AutoConfig.from_pretrained(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except OSError:
+        return  # a hub id not cached here: the model's own load says what is wrong
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if kind == "causal" and limit and cfg.max_length > limit:
+        raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {cfg.model}; "
+                          f"set max_length <= {limit}")
 
 
 def checkpoint_meta(checkpoint: str | Path) -> dict:
