@@ -132,6 +132,15 @@ def test_train_save_load_evaluate_round_trip(tmp_path, data_dir, capsys):
     record = json.loads(result.read_text())
     assert record["languages"]["de"]["n_sentences"] == 4 and 0.0 <= record["languages"]["de"]["accuracy"] <= 1.0
 
+    from topro.data.readers import Sentence
+    from topro.serving import Tagger
+
+    tagger = Tagger.load(str(out / "checkpoint"), device="cpu")
+    [tagged] = tagger.tag([Sentence(["Anton", "lives", "in", "Berlin", "."], [], "en", "request")])
+    assert [w.word for w in tagged.words] == ["Anton", "lives", "in", "Berlin", "."]
+    assert all(w.tag in tagger.method.labels and 0.0 < w.prob <= 1.0 for w in tagged.words)
+    assert tagger.info.prompt_packing == "sentence"
+
 
 def test_tied_lm_head_is_not_flagged_untrained(tmp_path):
     """gemma-3-270m's safetensors has no lm_head.* key: its head is its embedding matrix (tied). A causal
