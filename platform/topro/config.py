@@ -207,7 +207,7 @@ class TrainConfig:
     def _packing_problems(self) -> list[tuple[str, str]]:
         if self.prompt_packing != "per_word" and self.method not in PACKABLE_METHODS:
             return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
-                                       f"only {list(PACKABLE_METHODS)} (on masked LMs) can")]
+                                       f"only {list(PACKABLE_METHODS)} (on masked or causal LMs) can")]
         if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
             return [("max_packed_length", f"must be at least max_length={self.max_length}, "
                                           f"got {self.max_packed_length}")]

@@ -26,8 +26,8 @@ def _topro(spec: MethodSpec, tokenizer, model_path: str) -> Method:
         return ToProCausal(spec, tokenizer)
     if kind == "seq2seq":
         if spec.prompt_packing != "per_word":
-            raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the "
-                             f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+            raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method 'topro' on the encoder-decoder "
+                             f"{model_path} cannot pack prompts; packing is for masked and causal LMs")
         from topro.methods.topro_seq2seq import ToProSeq2Seq
 
         return ToProSeq2Seq(spec, tokenizer)
