@@ -42,9 +42,11 @@ def rounds_of(items: list, rounds: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="masked LM folder or id (default: tiny)")
+def build_parser(description: str = __doc__, model_default: str | None = "tiny") -> argparse.ArgumentParser:
+    """The options (``causal_topro.py`` takes the same ones, with a causal LM's defaults)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=model_default, required=model_default is None,
+                        help=f"LM folder or id (default: {model_default})")
     parser.add_argument("--task", default="udpos", choices=["udpos", "panx"])
     parser.add_argument("--sentences", type=int, default=40, help="English sentences (train and dev)")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per micro-batch")
@@ -54,7 +56,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--data-dir", default=os.environ.get("TOPRO_DATA_DIR"))
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--max-length", type=int, default=128, help="max_length of one prompt")
+    return parser
+
+
+def main(parser: argparse.ArgumentParser | None = None) -> None:
+    args = (parser or build_parser()).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     train_sentences = load_split(args.task, "en", "train", args.data_dir, limit=args.sentences)
@@ -67,7 +74,7 @@ def main() -> None:
     for mode in MODES:
         cfg = TrainConfig(task=args.task, method="topro", model=args.model, data_dir=args.data_dir,
                           batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens, prompt_packing=mode,
-                          max_packed_length=args.max_packed_length)
+                          max_packed_length=args.max_packed_length, max_length=args.max_length)
         method = build_method(method_spec(cfg, path), path)
         examples = method.encode(train_sentences)
         batches = token_budget_batches([e.length for e in examples], args.max_tokens, args.batch_size,

@@ -44,7 +44,7 @@ def test_http_scores_match_local_model(hf, server):
     assert client.model == "tiny"
     remote = client.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
     local = hf.score(CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
-    torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(remote.logprobs, local.logprobs.float(), atol=1e-4, rtol=0)
     assert remote.continuation_tokens == local.continuation_tokens
     assert client.counts.tokens > 0
 

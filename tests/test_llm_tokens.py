@@ -99,7 +99,7 @@ def test_legacy_sentencepiece_prompts_score_as_whole_strings(legacy_llama):
     with TinyOpenAIServer(legacy_llama.model, legacy_llama.tokenizer) as server:
         remote = OpenAIBackend(server.url, settings=HTTPSettings(concurrency=2)).score(
             CONTEXT, SENTENCE, QUESTIONS, ANSWERS)
-    torch.testing.assert_close(local.logprobs, remote.logprobs, atol=1e-4, rtol=0)  # the server sums in float32
+    torch.testing.assert_close(local.logprobs.float(), remote.logprobs, atol=1e-4, rtol=0)  # the server sums in float32
     assert local.continuation_tokens == remote.continuation_tokens
     legacy_llama.scoring = "naive"
     try:

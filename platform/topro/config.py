@@ -43,6 +43,9 @@ class TrainConfig:
     """Hugging Face id, local folder, or ``tiny`` (built offline from the task's data)."""
     template: str | None = None
     """ToPro template name; ``None`` takes the task's default."""
+    llm_format: str = "topro"
+    """ToPro on a causal (decoder-only) LM: the prompt format (``prompts/llm_formats/<name>.yaml`` or a YAML
+    path, topro style) that ``topro eval-llm`` scores, so training starts from the same prompt."""
     verbalizer: str | None = None
     """Verbalizer name; ``None`` takes the task's default."""
     label_word_policy: Literal["strict", "first_subword"] = "strict"
@@ -164,11 +167,12 @@ class TrainConfig:
     """Soft ToPro: ``replace`` the template's text by the ``prefix_length`` soft vectors (split over its
     text spans, word and mask kept in place), or put them in front of the hand-written question (``prefix``)."""
     prompt_packing: Literal["per_word", "sentence"] = "per_word"
-    """ToPro / soft ToPro on masked LMs: ``per_word`` is the paper's one prompt per word (each holding the
-    whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
+    """ToPro / soft ToPro on masked LMs, ToPro on causal LMs: ``per_word`` is the paper's one prompt per word
+    (each holding the whole sentence); ``sentence`` packs a sentence's questions into one input with a block attention mask
     (the sentence sees only itself, each question the sentence and itself, at its single-prompt positions),
     so a sentence costs about sentence + n x question tokens instead of n x (sentence + question). A
-    different computation: a checkpoint is trained and served in one mode (``topro.json`` records it).
+    different computation on a masked LM: a checkpoint is trained and served in one mode (``topro.json``
+    records it). On a causal LM each question sees the sentence before it either way: the same scores.
     ``batch_size`` counts questions in both modes."""
     max_packed_length: int = 512
     """``prompt_packing: sentence``: most tokens in one packed row (a longer sentence is split over rows,
@@ -304,7 +308,7 @@ class TrainConfig:
     def _packing_problems(self) -> list[tuple[str, str]]:
         if self.prompt_packing != "per_word" and not method_entry(self.method).packable:
             return [("prompt_packing", f"method {self.method!r} cannot pack prompts ({self.prompt_packing!r}); "
-                                       f"only {packable_methods()} (on masked LMs) can")]
+                                       f"only {packable_methods()} (on masked or causal LMs) can")]
         if self.prompt_packing == "sentence" and self.max_packed_length < self.max_length:
             return [("max_packed_length", f"must be at least max_length={self.max_length}, "
                                           f"got {self.max_packed_length}")]

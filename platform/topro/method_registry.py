@@ -57,7 +57,7 @@ class MethodEntry:
 METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
     MethodEntry("vanilla", "topro.methods.vanilla:Vanilla", causal_cls="topro.methods.vanilla_causal:CausalVanilla"),
     MethodEntry("topro", "topro.methods.topro_mlm:ToProMLM", seq2seq_cls="topro.methods.topro_seq2seq:ToProSeq2Seq",
-                prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
+                causal_cls="topro.methods.topro_causal:ToProCausal", prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
     MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning",
                 causal_cls="topro.methods.prompt_tuning:CausalPromptTuning", trains="part"),
     MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft", prompted=True, packable=True,

@@ -143,6 +143,35 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+MODEL_KINDS = ("masked", "causal", "seq2seq")
+
+
+def model_kind(model_path: str) -> str:
+    """``masked``, ``causal`` or ``seq2seq``: which LM head the model at ``model_path`` has, from its config
+    (the class it was saved as, else what its model type supports). Neither an LM head nor a seq2seq model:
+    a ``ValueError`` naming the field ``model``."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "causal"
+    # Saved as a bare encoder (multilingual-e5) or a multimodal wrapper: what the type supports. Masked first:
+    # BERT and XLM-R also have a (rarely used) causal-LM class.
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(f"model {model_path!r} (model type {config.model_type!r}) has neither a masked-LM nor a "
+                     "causal-LM head, nor is it a seq2seq LM: set model to a masked, causal or seq2seq LM")
+
+
 MLM_HEAD_PREFIXES = ("cls.predictions.", "lm_head.", "generator_lm_head.", "pred_layer.", "vocab_projector.",
                      "vocab_transform.")
 """Weight-name prefixes of masked-LM heads (BERT, XLM-R/RoBERTa, ELECTRA, XLM, DistilBERT)."""
@@ -170,6 +199,8 @@ def mlm_head_untrained(model_path: str) -> bool | None:
         return None
     from safetensors import safe_open
 
+    if (folder / "config.json").is_file() and model_kind(str(folder)) == "causal":
+        return _causal_head_untrained(folder, files)
     for file in files:
         with safe_open(file, "pt") as f:
             if any(k.startswith(MLM_HEAD_PREFIXES) or f".{MLM_HEAD_PREFIXES[0]}" in k for k in f.keys()):
@@ -177,27 +208,24 @@ def mlm_head_untrained(model_path: str) -> bool | None:
     return True
 
 
-MODEL_KINDS = ("masked", "causal", "seq2seq")
-
-
-def model_kind(model_path: str) -> str:
-    """``"seq2seq"`` (encoder-decoder), ``"masked"`` (a masked-LM architecture: BERT, XLM-R, ...) or
-    ``"causal"`` (decoder-only: Llama, Gemma, Qwen, BLOOM, ...), read from the model's config. A model type
-    with neither a masked nor a causal LM head is refused, naming the ``model`` field."""
+def _causal_head_untrained(folder: Path, files: list[str]) -> bool:
+    """A causal LM's output layer is ``lm_head.weight``, or its embedding matrix when tied (gemma-3-270m's
+    safetensors has no ``lm_head.*`` key: its head is its embeddings)."""
+    from safetensors import safe_open
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    config = AutoConfig.from_pretrained(model_path)
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    # Masked first: BERT and XLM-R also have a causal-LM class (BertLMHeadModel), but are masked LMs.
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "masked"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal"
-    raise ValueError(f"model {model_path}: model type {config.model_type!r} has neither a masked-LM nor a "
-                     "causal-LM head; give a masked LM (BERT, XLM-R), a decoder-only LM or an encoder-decoder")
+    config = AutoConfig.from_pretrained(str(folder))
+    tied = getattr(config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    for file in files:
+        with safe_open(file, "pt") as f:
+            keys = list(f.keys())
+        if any(k.endswith("lm_head.weight") for k in keys):
+            return False
+        if tied and any(k.endswith(("embed_tokens.weight", "word_embeddings.weight", "wte.weight")) for k in keys):
+            return False
+    return True
 
 
 def load_tokenizer(path: str):

@@ -147,6 +147,13 @@ def check_names(cfg: TrainConfig) -> None:
     from topro.unseen import expand_unseen_labels
 
     expand_unseen_labels(cfg.task, cfg.unseen_labels)
+    if cfg.method == "topro" and cfg.llm_format != "topro":
+        from topro.prompts.formats import FormatError, load_format
+
+        try:
+            load_format(cfg.llm_format).for_task(get_task(cfg.task).name)
+        except (FormatError, OSError) as err:
+            raise ConfigError(f"llm_format: {err}") from None
 
 
 def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
@@ -160,6 +167,7 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
     check_lora_targets(cfg)
     check_shots(cfg)
     check_knn_k(cfg)
+    check_backbone(cfg)
 
 
 def check_shots(cfg: TrainConfig) -> None:
@@ -242,6 +250,28 @@ def check_lora_targets(cfg: TrainConfig) -> None:
         known = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ConfigError(f"lora_targets: {missing} match no linear, embedding or convolution layer of model "
                           f"{cfg.model!r}; its layer names: {', '.join(known)} (or [all-linear])")
+
+
+def check_backbone(cfg: TrainConfig) -> None:
+    """ToPro's ``model`` has an LM head it can score label words with (masked, causal or seq2seq), and a
+    causal LM's positions hold ``max_length`` (read from its config, before any weights load)."""
+    if cfg.model == TINY or cfg.method != "topro":
+        return
+    from transformers import AutoConfig
+
+    from topro.models import model_kind
+
+    try:
+        kind = model_kind(cfg.model)
+        config = AutoConfig.from_pretrained(cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except OSError:
+        return  # a hub id not cached here: the model's own load says what is wrong
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if kind == "causal" and limit and cfg.max_length > limit:
+        raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {cfg.model}; "
+                          f"set max_length <= {limit}")
 
 
 def checkpoint_meta(checkpoint: str | Path) -> dict:

@@ -27,8 +27,8 @@ import torch
 from topro.llm.backend_config import BackendConfig
 from topro.llm.generate import greedy_generate_shared
 from topro.llm.scoring import (SharedPrefixCache, ScoringItem, TokenCounts, encode_shared_prefix, score_naive,
-                               score_seq2seq_naive, score_seq2seq_shared, score_shared, score_shared_many,
-                               takes_tree_masks)
+                               score_seq2seq_naive, score_seq2seq_shared, score_dtype, score_shared,
+                               score_shared_many, takes_tree_masks)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,57 @@ def cut_at_stop(text: str, stop: str | None) -> str:
 
 
 # --- local Hugging Face models ---------------------------------------------------
+
+class PromptTokens:
+    """How a causal LM's ToPro prompts become token ids, for scoring here and for training
+    (``methods/topro_causal.py``): every piece is tokenized after all the text before it, and BOS is
+    prepended by hand when the tokenizer would add it (pieces are tokenized without special tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        probe = tokenizer("a").input_ids
+        self.bos = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None
+                    and probe[:1] == [tokenizer.bos_token_id] else [])
+        self._ids_cache: dict[str, list[int]] = {}
+        self._warned_boundary = False
+
+    def ids(self, text: str) -> list[int]:
+        """`text` tokenized on its own (no special tokens)."""
+        if text not in self._ids_cache:
+            if len(self._ids_cache) > 50_000:
+                self._ids_cache.clear()
+            self._ids_cache[text] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._ids_cache[text]
+
+    def tail_ids(self, before: str, text: str) -> list[int]:
+        """The ids of `text` as it tokenizes after `before`: the whole string is
+        encoded and split at the boundary (the lm-evaluation-harness way).
+        Tokenizing pieces alone and concatenating differs for tokenizers that add
+        a dummy prefix at every call (SentencePiece legacy mode, Llama-2/Mistral):
+        a spurious "▁" at every boundary, and other ids than a server sees."""
+        if not before:
+            return self.ids(text)
+        head, whole = self.ids(before), self.ids(before + text)
+        if whole[:len(head)] != head and not self._warned_boundary:
+            self._warned_boundary = True
+            log.warning("a token spans the boundary before %r; its ids are split at the boundary's token "
+                        "count (as lm-evaluation-harness does)", text[:40])
+        return whole[len(head):]
+
+    def prompt_ids(self, context: str, sentence: str, questions: list[str], continuations: list[str]):
+        """(sentence ids, question ids, label ids per question): every piece
+        tokenized after all the text before it, so prefix + question + label
+        is the whole prompt's tokenization (the prefix: ``bos + ids(context) + sentence ids``)."""
+        sent_ids = self.tail_ids(context, sentence)
+        base = context + sentence
+        q_ids = [self.tail_ids(base, q) for q in questions]
+        labels = [[self.tail_ids(base + q, c) for c in continuations] for q in questions]
+        for row in labels:
+            for c, ids in zip(continuations, row):
+                if not ids:
+                    raise ValueError(f"continuation {c!r} has no tokens")
+        return sent_ids, q_ids, labels
+
 
 class HFBackend:
     """A local causal or seq2seq LM (folder or hub id), batched, CPU or GPU.
@@ -115,51 +166,22 @@ class HFBackend:
         tok = self.tokenizer
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        # Prepend BOS ourselves when the tokenizer would (pieces are tokenized
-        # without special tokens and concatenated).
-        probe = tok("a").input_ids
-        self.bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
+        self.prompt_tokens = PromptTokens(tok)
+        self.bos = self.prompt_tokens.bos
         self.counts = TokenCounts()
         self._contexts: OrderedDict[str, SharedPrefixCache] = OrderedDict()
-        self._ids_cache: dict[str, list[int]] = {}
-        self._warned_boundary = False
 
     def ids(self, text: str) -> list[int]:
-        """`text` tokenized on its own (no special tokens)."""
-        if text not in self._ids_cache:
-            if len(self._ids_cache) > 50_000:
-                self._ids_cache.clear()
-            self._ids_cache[text] = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self._ids_cache[text]
+        return self.prompt_tokens.ids(text)
 
     def tail_ids(self, before: str, text: str) -> list[int]:
-        """The ids of `text` as it tokenizes after `before`: the whole string is
-        encoded and split at the boundary (the lm-evaluation-harness way).
-        Tokenizing pieces alone and concatenating differs for tokenizers that add
-        a dummy prefix at every call (SentencePiece legacy mode, Llama-2/Mistral):
-        a spurious "▁" at every boundary, and other ids than a server sees."""
-        if not before:
-            return self.ids(text)
-        head, whole = self.ids(before), self.ids(before + text)
-        if whole[:len(head)] != head and not self._warned_boundary:
-            self._warned_boundary = True
-            log.warning("a token spans the boundary before %r; its ids are split at the boundary's token "
-                        "count (as lm-evaluation-harness does)", text[:40])
-        return whole[len(head):]
+        return self.prompt_tokens.tail_ids(before, text)
 
     def _prompt_ids(self, context: str, sentence: str, questions: list[str], continuations: list[str]):
-        """(sentence ids, question ids, label ids per question): every piece
-        tokenized after all the text before it, so prefix + question + label
-        is the whole prompt's tokenization."""
-        sent_ids = self.tail_ids(context, sentence)
-        base = context + sentence
-        q_ids = [self.tail_ids(base, q) for q in questions]
-        labels = [[self.tail_ids(base + q, c) for c in continuations] for q in questions]
-        for row in labels:
-            for c, ids in zip(continuations, row):
-                if not ids:
-                    raise BackendError(f"continuation {c!r} has no tokens")
-        return sent_ids, q_ids, labels
+        try:
+            return self.prompt_tokens.prompt_ids(context, sentence, questions, continuations)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
 
     def _context_state(self, context: str) -> SharedPrefixCache | None:
         ids = self.bos + self.ids(context)
@@ -230,7 +252,7 @@ class HFBackend:
             sent_ids = self.bos + sent_ids
             if not sent_ids:
                 raise BackendError("empty prompt prefix: the format renders no context and no sentence")
-        scores = torch.zeros(len(questions), len(continuations))
+        scores = torch.zeros(len(questions), len(continuations), dtype=score_dtype(self.model))
         # Questions whose labels tokenize alike share one label tree (usually all of them).
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(labels):

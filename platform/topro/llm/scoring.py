@@ -52,6 +52,9 @@ __all__ = [
     "score_seq2seq_naive",
     "normalise",
     "takes_tree_masks",
+    "PromptTree",
+    "tree_visibility",
+    "score_dtype",
 ]
 
 @dataclass
@@ -119,6 +122,16 @@ def takes_tree_masks(config) -> bool:
     return not (getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi")
 
 
+def score_dtype(model) -> torch.dtype:
+    """The precision label scores are summed in: float64 for a float64 model (reference checks), else float32."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+def score_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits upcast to at least float32; float64 kept (the fp64 reference checks compare to 1e-6)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _check_model(model) -> None:
     if not takes_tree_masks(model.config):
         raise ValueError(f"{type(model).__name__} uses ALiBi position biases built from a 2-D mask; shared-prefix "
@@ -161,7 +174,7 @@ def _attention_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: 
     masks: dict[str, torch.Tensor] = {}
     for kind, window in windows.items():
         seen = visible if window is None or int(distance.max()) < window else visible & (distance < window)
-        masks[kind] = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+        masks[kind] = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
     if len(masks) == 1:
         return next(iter(masks.values()))
     first = next(iter(masks.values()))
@@ -217,7 +230,7 @@ class ScoringItem:
 
 
 @dataclass
-class _Tree:
+class PromptTree:
     """One forward's sequence as parallel lists: per sentence its pending
     tokens, then per question its tokens and every label's tokens but the last."""
 
@@ -265,19 +278,25 @@ class _Tree:
         sentence a token sees the earlier pending tokens, a question's tokens
         see their own earlier tokens, a label's tokens also their own earlier
         label tokens; nothing sees another sentence, question or label."""
-        sent, group, seg = torch.tensor(self.sent), torch.tensor(self.group), torch.tensor(self.seg)
         T = len(self.ids)
-        idx = torch.arange(T)
-        earlier = idx[None, :] <= idx[:, None]
-        same_sent = sent[None, :] == sent[:, None]
-        key_pending = (group == -1)[None, :]
-        same_group = group[None, :] == group[:, None]
-        same_branch = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
-        new = earlier & same_sent & (key_pending | (same_group & same_branch))
+        new = tree_visibility(torch.tensor(self.sent), torch.tensor(self.group), torch.tensor(self.seg))
         return torch.cat([torch.ones(T, n_cached, dtype=torch.bool), new], dim=1)[None]
 
 
-def _tree_forward(model, tree: _Tree, cache, counts: TokenCounts):
+def tree_visibility(sent: torch.Tensor, group: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """[..., T, T] booleans from a tree's per-token sentence, group and label-branch numbers [..., T] (see
+    ``PromptTree``; leading batch dimensions allowed): a token sees the earlier tokens of its own sentence
+    that are pending (group -1), or of its own question (group) on its own label branch or the trunk."""
+    idx = torch.arange(sent.shape[-1], device=sent.device)
+    earlier = idx[None, :] <= idx[:, None]
+    q_sent, k_sent = sent[..., :, None], sent[..., None, :]
+    q_group, k_group = group[..., :, None], group[..., None, :]
+    q_seg, k_seg = seg[..., :, None], seg[..., None, :]
+    same_branch = (k_seg == -1) | (k_seg == q_seg)
+    return earlier & (q_sent == k_sent) & ((k_group == -1) | ((k_group == q_group) & same_branch))
+
+
+def _tree_forward(model, tree: PromptTree, cache, counts: TokenCounts):
     """Run a tree against `cache` (or none); returns (log-prob of every target, output)."""
     from transformers import DynamicCache
 
@@ -291,7 +310,7 @@ def _tree_forward(model, tree: _Tree, cache, counts: TokenCounts):
                 position_ids=positions.to(device), past_key_values=cache if cache is not None else DynamicCache(),
                 use_cache=True, logits_to_keep=torch.tensor(tree.kept, device=device))
     counts.add(len(tree.ids), len(tree.ids))
-    logits = out.logits[0].float()  # [kept, vocab]
+    logits = score_precision(out.logits[0])  # [kept, vocab]
     lse = torch.logsumexp(logits, dim=-1)
     slots = torch.tensor([t[3] for t in tree.targets], device=device)
     tokens = torch.tensor([t[4] for t in tree.targets], device=device)
@@ -355,7 +374,7 @@ def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[Scori
             results[i] = _score_alone(model, item_prefix, pending, questions, labels, counts,
                                       max_tokens_per_batch, max_logit_floats)
     while packable:
-        tree, size, kept, members = _Tree(), 0, 0, []
+        tree, size, kept, members = PromptTree(), 0, 0, []
         while packable:
             i, pending, questions = packable[0]
             s = len(pending) + sum(len(q) + extra for q in questions)
@@ -368,7 +387,7 @@ def score_shared_many(model, prefix: SharedPrefixCache | None, items: list[Scori
             size, kept = size + s, kept + k
         values, _ = _tree_forward(model, tree, prefix.cache(1), counts)
         for i, n in members:
-            results[i] = torch.zeros(n, len(labels))
+            results[i] = torch.zeros(n, len(labels), dtype=score_dtype(model))
         for (i, qn, j, _, _), value in zip(tree.targets, values):
             results[i][qn, j] += value
     return results
@@ -381,7 +400,7 @@ def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens_p
     extra = sum(len(l) - 1 for l in labels)
     cache = prefix.cache(1) if prefix is not None else None
     start = prefix.length if prefix is not None else 0
-    result = torch.zeros(len(questions), len(labels))
+    result = torch.zeros(len(questions), len(labels), dtype=score_dtype(model))
     todo = list(range(len(questions)))
     while todo:
         group: dict[int, list[int]] = {}
@@ -394,7 +413,7 @@ def _score_alone(model, prefix, pending, questions, labels, counts, max_tokens_p
             qn = todo.pop(0)
             group[qn] = questions[qn]
             size += cost
-        tree = _Tree()
+        tree = PromptTree()
         tree.add_sentence(0, pending, start, group, labels)
         values, out = _tree_forward(model, tree, cache, counts)
         for (_, qn, j, _, _), value in zip(tree.targets, values):
@@ -445,7 +464,7 @@ def score_naive(model, prefix_ids: list[int], questions: list[list[int]], labels
     prompts = [(i, j) for i in range(len(questions)) for j in range(len(labels))]
     length = {p: len(prefix_ids) + len(questions[p[0]]) + len(labels[p[1]]) for p in prompts}
     prompts.sort(key=lambda p: length[p])
-    result = torch.zeros(len(questions), len(labels))
+    result = torch.zeros(len(questions), len(labels), dtype=score_dtype(model))
     k = 0
     while k < len(prompts):
         chunk = [prompts[k]]
@@ -475,7 +494,7 @@ def score_naive(model, prefix_ids: list[int], questions: list[list[int]], labels
         out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                     use_cache=False, logits_to_keep=torch.tensor(kept, device=device))
         counts.add(int(attention.sum()), B * L)
-        logits = out.logits.float()
+        logits = score_precision(out.logits)
         lse = torch.logsumexp(logits, dim=-1)
         rows = torch.tensor([r for r, _, _ in needed])
         cols = torch.tensor([where[pos] for _, pos, _ in needed])

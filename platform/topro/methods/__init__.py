@@ -1,8 +1,8 @@
 """Methods behind one protocol; ``build_method`` picks the implementation.
 
 ``topro.method_registry`` names every method's class and traits (torch-free);
-``register_method`` adds one built by a factory. ToPro picks its masked-LM or seq2seq
-class from the model's config, so ``method: topro`` works for mBERT, XLM-R
+``register_method`` adds one built by a factory. ToPro picks its masked-LM, causal-LM or
+seq2seq class from the model's config, so ``method: topro`` works for mBERT, XLM-R
 and mT5 alike. ``prompt_tuning``, ``topro_soft`` and ``rosprompt`` train a
 few tensors on a frozen backbone; their checkpoints hold only those tensors
 and name the backbone, which ``load_model`` fetches (see ``trained_only``).
@@ -41,7 +41,7 @@ def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
     encoder_decoder = entry.seq2seq_cls is not None and kind == "seq2seq"
     if encoder_decoder and spec.prompt_packing != "per_word":
         raise ValueError(f"prompt_packing={spec.prompt_packing!r}: method {spec.method!r} on the "
-                         f"encoder-decoder {model_path} cannot pack prompts; packing is for masked LMs")
+                         f"encoder-decoder {model_path} cannot pack prompts; packing is for masked and causal LMs")
     if encoder_decoder and spec.unseen_labels:
         raise ValueError(f"unseen_labels={spec.unseen_labels}: method {spec.method!r} on the encoder-decoder "
                          f"{model_path} generates label words over the whole vocabulary, so an unseen label's "

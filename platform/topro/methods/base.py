@@ -255,6 +255,8 @@ class MethodSpec:
     template: str | None = None
     """The ToPro question template (ToPro and soft ToPro; ``None`` for methods that use none)."""
     verbalizer: str | None = None
+    llm_format: str = "topro"
+    """ToPro on a causal LM: the eval-llm prompt format it trains (``prompts/llm_formats/``)."""
     label_word_policy: str = "strict"
     max_length: int = 128
     base_model_path: str | None = None

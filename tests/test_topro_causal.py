@@ -1,0 +1,193 @@
+"""ToPro on causal LMs (tiny random Llama and Gemma 3, float64): the training-time scores are eval-llm's,
+packed rows give the per-word scores and gradients, and a checkpoint trains, saves, loads and evaluates."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llm_tiny import tiny_model_dir
+from topro.data import get_task, load_split
+from topro.methods import MethodSpec, build_method
+
+KINDS = ["llama", "gemma3"]
+
+
+def causal_method(kind: str, packing: str = "per_word", **spec):
+    task = get_task("udpos")
+    path = str(tiny_model_dir(kind))
+    fields = dict(method="topro", task="udpos", labels=list(task.labels), base_model=path,
+                  verbalizer=task.default_verbalizer, max_length=1024, prompt_packing=packing,
+                  max_packed_length=2048)
+    method = build_method(MethodSpec(**{**fields, **spec}), path)
+    torch.manual_seed(0)
+    model = method.build_model(path).to(torch.float64)
+    return method, model, path
+
+
+def sentences(data_dir, n=3):
+    return load_split("udpos", "en", "dev", str(data_dir), limit=n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_untrained_scores_equal_eval_llm_scoring(kind, data_dir):
+    """Before any step, the label log-probs training computes are `topro eval-llm --mode score --shots 0`'s
+    (its own library function, on the fp64 backend) within 1e-6; the label words span several tokens."""
+    from topro.llm.backends import HFBackend
+    from topro.llm.evaluate import LLMEvalConfig, predict_sentences, prepare
+
+    method, model, path = causal_method(kind)
+    model.eval()
+    sents = sentences(data_dir)
+    with torch.no_grad():
+        ours = method.label_log_probs(model, method.collate(method.encode(sents))).numpy()
+    cfg = LLMEvalConfig(task="udpos", model=path, format="topro", mode="score", shots=0)
+    results = predict_sentences(HFBackend(path, threads=1, dtype="fp64"), prepare(cfg), cfg, sents)
+    reference = np.concatenate([r.log_probs for r in results])
+    assert ours.shape == reference.shape == (sum(len(s) for s in sents), len(method.labels))
+    assert max(len(method.tokens.ids(w)) for w in method.label_words) > 1  # multi-token label words
+    np.testing.assert_allclose(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_architecture_and_prompt_recorded(data_dir):
+    method, _, _ = causal_method("llama")
+    meta = method.meta()
+    assert meta["architecture"] == "causal" and meta["llm_format"] == "topro"
+    assert type(method).__name__ == "ToProCausal"
+
+
+def _scores_and_grads(method, model, sents):
+    model.zero_grad()
+    batch = method.collate(method.encode(sents))
+    scores = method.label_scores(model, batch)
+    method.loss(model, batch).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return scores.detach(), grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_rows_give_per_word_scores_and_gradients(kind, data_dir):
+    """One row per sentence (each question seeing the sentence and itself, at its own prompt's positions)
+    is the per-word computation: the same label scores and loss gradients in float64. Gemma 3's rows are
+    far longer than its tiny sliding window (8), so the local layers' windows are crossed."""
+    sents = sentences(data_dir, 2)
+    per_word, model, _ = causal_method(kind)
+    packed, _, _ = causal_method(kind, "sentence")
+    model.train()  # dropout is 0 in these configs: train mode, as in a training step
+    rows = packed.encode(sents)
+    assert len(rows) == len(sents) and len(per_word.encode(sents)) == sum(len(s) for s in sents)
+    if kind == "gemma3":
+        assert min(r.length for r in rows) > 4 * model.config.sliding_window
+    want_scores, want_grads = _scores_and_grads(per_word, model, sents)
+    got_scores, got_grads = _scores_and_grads(packed, model, sents)
+    torch.testing.assert_close(got_scores, want_scores, atol=1e-9, rtol=1e-9)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) > 5
+    # The models' attention softmax runs in float32 even for float64 inputs (transformers' eager path; SDPA
+    # the same on this CPU): a sentence token's gradient is one sum in the packed row and a sum of per-word
+    # parts otherwise, rounded to float32 at different points. Measured: up to 1.3e-7 on gradients of
+    # magnitude ~3 (layer 0; the last layer, where no sentence output is read, agrees to 1e-16).
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-6,
+                                   msg=name)
+
+
+def test_packed_rows_respect_max_packed_length_and_questions(data_dir):
+    sents = sentences(data_dir, 2)
+    method, _, _ = causal_method("llama", "sentence", max_packed_length=200, max_questions_per_row=3)
+    rows = method.encode(sents)
+    assert all(len(r.words) <= 3 for r in rows)
+    assert sorted((r.sentence, w) for r in rows for w in r.words) == [
+        (i, w) for i, s in enumerate(sents) for w in range(len(s))]
+
+
+def test_long_sentence_prompt_is_trimmed_to_max_length(data_dir):
+    """A prompt longer than max_length keeps the widest window of words around its word that fits."""
+    sents = sentences(data_dir, 3)
+    method, model, _ = causal_method("llama", max_length=140)  # full prompts: 114-116, 164-170, 188-194 tokens
+    rows = method.encode(sents)
+    assert [r.trimmed_context for r in rows if r.sentence == 0] == [False] * len(sents[0])
+    assert all(r.trimmed_context for r in rows if r.sentence > 0)
+    assert all(max(r.position_ids) < 140 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_save_load_evaluate_round_trip(tmp_path, data_dir, capsys):
+    from topro.cli import main
+
+    path = str(tiny_model_dir("gemma3"))
+    out = tmp_path / "run"
+    code = main(["train", "--config", "configs/train/udpos-topro.yaml", "--data-dir", str(data_dir),
+                 "--output", str(out), f"model={path}", "max_train_sentences=6", "max_dev_sentences=4",
+                 "epochs=1", "eval_langs=[]", "progress=false", "learning_rate=1e-3", "max_length=512",
+                 "batch_size=16", "prompt_packing=sentence"])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / "checkpoint" / "topro.json").read_text())
+    assert meta["architecture"] == "causal" and meta["prompt_packing"] == "sentence"
+    result = tmp_path / "eval.json"
+    code = main(["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", "de", "--data-dir", str(data_dir),
+                 "--max-sentences", "4", "--output", str(result)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(result.read_text())
+    assert record["languages"]["de"]["n_sentences"] == 4 and 0.0 <= record["languages"]["de"]["accuracy"] <= 1.0
+
+    from topro.data.readers import Sentence
+    from topro.serving import Tagger
+
+    tagger = Tagger.load(str(out / "checkpoint"), device="cpu")
+    [tagged] = tagger.tag([Sentence(["Anton", "lives", "in", "Berlin", "."], [], "en", "request")])
+    assert [w.word for w in tagged.words] == ["Anton", "lives", "in", "Berlin", "."]
+    assert all(w.tag in tagger.method.labels and 0.0 < w.prob <= 1.0 for w in tagged.words)
+    assert tagger.info.prompt_packing == "sentence"
+
+
+def test_tied_lm_head_is_not_flagged_untrained(tmp_path):
+    """gemma-3-270m's safetensors has no lm_head.* key: its head is its embedding matrix (tied). A causal
+    LM whose untied head is missing is flagged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from topro.models import mlm_head_untrained
+
+    gemma, llama = tiny_model_dir("gemma3"), tiny_model_dir("llama")
+    assert not any(k.startswith("lm_head") for k in load_file(gemma / "model.safetensors"))
+    assert mlm_head_untrained(str(gemma)) is False and mlm_head_untrained(str(llama)) is False
+    headless = tmp_path / "headless"
+    shutil.copytree(llama, headless)
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("lm_head")}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    assert mlm_head_untrained(str(headless)) is True
+
+
+def test_no_pad_token_pads_with_eos(caplog):
+    from transformers import AutoTokenizer
+
+    path = str(tiny_model_dir("llama"))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = None
+    task = get_task("udpos")
+    with caplog.at_level("INFO", logger="topro.methods.topro_causal"):
+        method = build_method(MethodSpec("topro", "udpos", list(task.labels), path), path, tok)
+    assert method.tokenizer.pad_token_id == tok.eos_token_id
+    assert "no pad token: padding with its eos token" in caplog.text
+
+
+def test_precheck_refuses_max_length_past_positions_and_headless_model_types(tmp_path):
+    from transformers import LlamaConfig, ViTConfig
+
+    from topro.config import ConfigError, TrainConfig
+    from topro.precheck import check_backbone
+
+    llama = tmp_path / "llama"
+    LlamaConfig(max_position_embeddings=256, architectures=["LlamaForCausalLM"]).save_pretrained(llama)
+    check_backbone(TrainConfig(model=str(llama), max_length=256))
+    with pytest.raises(ConfigError, match=r"max_length=512 exceeds the 256 positions"):
+        check_backbone(TrainConfig(model=str(llama), max_length=512))
+    vit = tmp_path / "vit"
+    ViTConfig().save_pretrained(vit)
+    with pytest.raises(ConfigError, match=r"model .*'vit'.* neither a masked-LM nor a causal-LM head"):
+        check_backbone(TrainConfig(model=str(vit)))
+    check_backbone(TrainConfig(model=str(vit), method="vanilla"))  # a plain encoder is fine for vanilla
