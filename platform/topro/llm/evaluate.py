@@ -28,7 +28,7 @@ import torch
 from topro.data import Sentence, get_task, load_split
 from topro.data.tasks import Task
 from topro.llm.backends import Backend
-from topro.prompts.formats import (PromptFormat, load_format, render_context, render_pair,
+from topro.prompts.formats import (PromptFormat, load_format, render_context, render_pair, task_prompt,
                                render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
 from topro.evaluate import SentencePrediction, decode, load_scored_split, viterbi_scores
@@ -89,21 +89,14 @@ class RunSetup:
 
 def prepare(cfg: LLMEvalConfig) -> RunSetup:
     task = get_task(cfg.task)
-    fmt = load_format(cfg.format)
-    fmt.for_task(task.name)
-    if fmt.label_words == "tags":
-        words = {tag: tag for tag in task.labels}
-    else:
-        from topro.prompts import get_verbalizer
-
-        words = dict(get_verbalizer(task.name, cfg.verbalizer or fmt.verbalizer).words)
-        words = {tag: words[tag] for tag in task.labels}
     demos = []
     if cfg.shots:
+        fmt = load_format(cfg.format)
         train = load_split(task, cfg.demo_lang, cfg.demo_split, cfg.data_dir)
         demos = select_demos(train, cfg.shots, cfg.seed, fmt.style)
-    context = render_context(fmt, task.name, words, demos)
-    return RunSetup(task, fmt, words, context, fallback_label(task.scheme, list(task.labels)), demos)
+    prompt = task_prompt(task, cfg.format, cfg.verbalizer, demos)
+    return RunSetup(task, prompt.fmt, prompt.label_words, prompt.context,
+                    fallback_label(task.scheme, list(task.labels)), demos)
 
 
 @dataclass

@@ -71,7 +71,8 @@ class ToProCausal(WholeModelMethod):
 
     def __init__(self, spec: MethodSpec, tokenizer):
         from topro.llm.backends import PromptTokens
-        from topro.llm.evaluate import LLMEvalConfig, prepare
+        from topro.data.tasks import get_task
+        from topro.prompts.formats import task_prompt
 
         if tokenizer.pad_token_id is None:
             log.info("%s has no pad token: padding with its eos token %r (padding is never attended to)",
@@ -83,8 +84,7 @@ class ToProCausal(WholeModelMethod):
         self.tokenizer = tokenizer
         self.tokens = PromptTokens(tokenizer)
         # eval-llm's own setup (format, label words, instruction): one prompt source for both.
-        self.setup = prepare(LLMEvalConfig(task=spec.task, model=spec.base_model, format=spec.llm_format, shots=0,
-                                           verbalizer=spec.verbalizer))
+        self.setup = task_prompt(get_task(spec.task), spec.llm_format, spec.verbalizer)
         if self.setup.fmt.style != "topro":
             raise ValueError(f"llm_format={spec.llm_format!r} is a {self.setup.fmt.style!r}-style format; "
                              "ToPro training needs a topro-style format (one question per word)")

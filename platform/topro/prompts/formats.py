@@ -224,6 +224,36 @@ def render_context(fmt: PromptFormat, task: str, label_words: dict[str, str],
     return "".join(parts)
 
 
+def format_label_words(fmt: PromptFormat, task: str, labels: list[str], verbalizer: str | None = None) -> dict[str, str]:
+    """Tag -> the label word ``fmt`` shows: the tag itself (``label_words: tags``) or the ToPro verbalizer's
+    word (``verbalizer``, else the format's own)."""
+    if fmt.label_words == "tags":
+        return {tag: tag for tag in labels}
+    from topro.prompts import get_verbalizer
+
+    words = dict(get_verbalizer(task, verbalizer or fmt.verbalizer).words)
+    return {tag: words[tag] for tag in labels}
+
+
+@dataclass
+class TaskPrompt:
+    """A format made concrete for one task: its label words and its context (instruction + demonstrations);
+    what LLM evaluation (``llm.evaluate.prepare``) and ToPro training on causal LMs share."""
+
+    task: object  # topro.data.tasks.Task
+    fmt: PromptFormat
+    label_words: dict[str, str]
+    context: str
+
+
+def task_prompt(task, format_name: str, verbalizer: str | None = None, demos: list[Demo] = ()) -> TaskPrompt:
+    """``format_name`` for ``task`` (a ``Task``), with ``demos`` rendered into the context."""
+    fmt = load_format(format_name)
+    fmt.for_task(task.name)
+    words = format_label_words(fmt, task.name, list(task.labels), verbalizer)
+    return TaskPrompt(task, fmt, words, render_context(fmt, task.name, words, list(demos)))
+
+
 def render_topro(fmt: PromptFormat, task: str, label_words: dict[str, str], context: str,
                  words: list[str]) -> ToProPrompts:
     t = fmt.for_task(task)
