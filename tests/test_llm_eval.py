@@ -62,7 +62,8 @@ def test_other_formats_and_modes_report_failures(backend, model_path, fmt, mode)
     cfg = LLMEvalConfig(task="panx", model=model_path, format=fmt, mode=mode, shots=1, max_sentences=2,
                         max_new_tokens=8)
     r = evaluate_llm(cfg, ["de"], backend)["languages"]["de"]
-    assert 0.0 <= r["format_failure_rate"] <= 1.0 and "f1" in r
+    # The rate is the failed words over the words scored (not merely a number in [0, 1]).
+    assert r["format_failure_rate"] == pytest.approx(r["format_failed_words"] / r["n_words"], abs=1e-12) and "f1" in r
     if mode == "score":
         assert r["format_failure_rate"] == 0.0 and "viterbi" in r
     else:
