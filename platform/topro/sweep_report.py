@@ -41,10 +41,11 @@ def collect_scores(parent_run_id: str) -> tuple[list[reports.Scores], list[dict]
 
 
 TINY_NOTE = ("Note: `tiny` is a random-weight model built for smoke tests: it knows no label words, so this "
-             "run tests the pipeline, not the methods (ToPro needs a pretrained masked LM). For a real "
+             "run tests the pipeline, not the methods (ToPro needs a pretrained LM head). For a real "
              "comparison run configs/sweeps/e5.yaml (multilingual-e5-small; "
-             "`python ../shared/tools/offline_models.py e5` builds it), and gemma-3-270m once decoder "
-             "backbones land.")
+             "`python ../shared/tools/offline_models.py e5` builds it), or the same sweep with "
+             "model=~/.cache/offline-models/gemma-3-270m, a decoder-only LM with its pretrained head "
+             "(`python ../shared/tools/offline_models.py gemma`).")
 
 
 def uses_tiny_model(records: list[dict]) -> bool:
