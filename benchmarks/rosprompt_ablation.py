@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "platform"))
 
 OFF = ["verbalizer_expansion=none", "label_smoothing=0", "prompt_drift_penalty=0"]
 VARIANTS = {
@@ -49,17 +46,9 @@ VARIANTS = {
     # fine-tuned ToPro: the whole model trains, so a fine-tuning learning rate
     "topro": ["method=topro", *OFF, "learning_rate=1e-4"],
 }
-LANGS = "en,de,es,ru,tr,ar,he,hi,zh,ja,ko"  # benchmarks/methods_e5.py's UDPOS languages
-PANX_LANGS = "en,de,es,fr,ru,tr,he,fa,el,fi,vi"
-
-
-def run(cmd: list[str], log: Path) -> float:
-    start = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
-    if code:
-        sys.exit(f"failed ({code}): {' '.join(cmd)}; see {log}")
-    return time.perf_counter() - start
+# The same 11 languages per task and the same subprocess runner as benchmarks/methods_e5.py (beside this
+# script, so on its path when run as `python benchmarks/rosprompt_ablation.py`).
+from methods_e5 import LANGS, PANX_LANGS, run  # noqa: E402
 
 
 def run_one(variant: str, unseen: str, seed: int, args) -> Path:
