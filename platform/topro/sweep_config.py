@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from topro.config import COMMAND_LINE, ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from topro.config import (COMMAND_LINE, ConfigError, TrainConfig, check_ranges, deep_merge, from_dict,
+                          parse_overrides, read_yaml, to_dict)
+from topro.config import _at_least as at_least
 
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 DISCRETE_KINDS = ("grid", "choice")
@@ -83,6 +85,9 @@ class SweepConfig:
     """First N sentences per evaluation language (default: the base config's ``max_sentences``)."""
     eval_split: str = "dev"
     """Split evaluated in each language (the XTREME data here ships train and dev)."""
+    eval_max_tokens_per_batch: int | None = None
+    """Padded tokens in one forward of the evaluation actors (default: the base's
+    ``eval_max_tokens_per_batch``, else 8192). The base's ``max_tokens_per_batch`` is the training budget."""
     eval_workers: int | None = None
     """Parallel evaluation workers, each holding a model (default: what the cluster's CPUs allow)."""
     eval_cpus_per_worker: float = 1.0
@@ -104,6 +109,9 @@ class SweepConfig:
     every node of a multi-node cluster before the sweep starts."""
     register_alias: str | None = "champion"
     """Register the best checkpoint per task and method (English dev) with this alias; ``null``: don't."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return check_ranges(self, {"eval_max_tokens_per_batch": at_least(1, optional=True)})
 
 
 def _searchable_fields() -> dict[str, Any]:
@@ -173,6 +181,14 @@ def trial_train_config(cfg: SweepConfig, params: dict[str, Any], **fixed: Any) -
     """The ``TrainConfig`` of one trial: base, then the sampled ``params``, then ``fixed`` (output folders...)."""
     data = {**base_train_dict(cfg), **params, **fixed}
     return from_dict(TrainConfig, data, f"sweep {cfg.name!r} trial {params}")
+
+
+def evaluation_max_tokens_per_batch(cfg: SweepConfig) -> int:
+    """The evaluation actors' token budget: the sweep's ``eval_max_tokens_per_batch``, else the base's
+    ``eval_langs`` budget (its ``eval_max_tokens_per_batch``, else 8192)."""
+    if cfg.eval_max_tokens_per_batch is not None:
+        return cfg.eval_max_tokens_per_batch
+    return trial_train_config(cfg, {}).eval_langs_max_tokens_per_batch()
 
 
 MAX_CHECKED_COMBINATIONS = 10_000

@@ -80,7 +80,8 @@ def train_locked(cfg: TrainConfig, address: str | None, on_ray: bool) -> dict:
 
         record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
                                      max_sentences=cfg.max_sentences, viterbi=cfg.viterbi,
-                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress,
+                                     max_tokens_per_batch=cfg.eval_langs_max_tokens_per_batch())
         record["selection_metric"] = summary["selection_metric"]
         record["selection"] = summary.get("selection", "best")
         if summary.get("averaged_steps"):
