@@ -241,8 +241,9 @@ def _resolve_base(base: Any, sweep_file: Path | None) -> dict[str, Any]:
 
 
 def load_sweep_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                      **extra: Any) -> SweepConfig:
-    """Load a sweep YAML, then ``key=value`` overrides.
+                      flags: dict[str, Any] | None = None, **extra: Any) -> SweepConfig:
+    """Load a sweep YAML, then ``key=value`` overrides, then ``flags`` (sweep fields) and ``extra`` (base
+    fields) from the command line; ``None`` values are not given.
 
     Overrides name sweep fields (``num_samples=2``), nested entries (``search_space.seed.grid=[1,2]``),
     base fields (``base.max_train_sentences=100``) or, as a shorthand, base fields directly
@@ -264,12 +265,13 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
             base_from_command_line.add(key)
     if isinstance(parsed.get("base"), str):
         parsed["base"] = dict(_resolve_base(parsed["base"], None))
-    data = deep_merge(data, parsed)
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    data = deep_merge(deep_merge(data, parsed), given)
     for key, value in extra.items():  # e.g. data_dir from the command line goes into the base
         if value is not None:
             data.setdefault("base", {})[key] = value
             base_from_command_line.add(key)
-    cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in parsed})
+    cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in [*parsed, *given]})
     apply_seeds(cfg, where)
     # Freeze every base field (defaults included): a resumed sweep must see the same trials.
     cfg.base = to_dict(from_dict(TrainConfig, cfg.base, f"{where}: base",
