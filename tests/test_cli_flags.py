@@ -13,6 +13,7 @@ from topro.cli.eval_llm import EvalLLMConfig
 from topro.cli.eval_llm import config_from_args as eval_llm_config
 from topro.cli.evaluate import EvaluateConfig
 from topro.cli.evaluate import config_from_args as evaluate_config
+from topro.cli.export import ExportConfig
 from topro.cli.flags import _collection, _scalar, field_docs
 from topro.cli.report import ReportConfig
 from topro.cli.serve import ServeConfig
@@ -21,7 +22,7 @@ from topro.cli.sweep import SweepRunOptions, load_sweep
 from topro.sweep_config import SweepConfig
 
 COMMANDS = {"evaluate": EvaluateConfig, "eval-llm": EvalLLMConfig, "report": ReportConfig, "compare": CompareConfig,
-            "sweep": SweepConfig, "serve": ServeConfig}
+            "sweep": SweepConfig, "serve": ServeConfig, "export": ExportConfig}
 
 
 def _subparser(command: str):
