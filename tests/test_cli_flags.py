@@ -102,10 +102,10 @@ def test_the_sweep_and_serve_flags_users_have_keep_working():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", "--data-dir", "D"])  # --config is required
     cfg = serve_config(build_parser().parse_args(["serve", *SERVE_FLAGS_IN_USE, "port=9000"]))
-    assert cfg == ServeConfig(serve_config="serve/config.yaml", model="m", models={"a": "models:/x@champion", "b": "ck"},
-                              llm_model="http://127.0.0.1:8001/v1", host="127.0.0.1", port=8001,
-                              apps=["tagging", "llm"], address="auto", num_cpus=2, startup_timeout=20.0,
-                              startup_attempts=2)  # a flag beats key=value, as for every command
+    assert cfg == ServeConfig(serve_config="serve/config.yaml", model="m",
+                              models={"a": "models:/x@champion", "b": "ck"}, llm_model="http://127.0.0.1:8001/v1",
+                              host="127.0.0.1", port=8001, apps=["tagging", "llm"], address="auto", num_cpus=2,
+                              startup_timeout=20.0, startup_attempts=2)  # a flag beats key=value, as for every command
 
 
 def test_serve_flags_key_value_and_file_agree_and_bad_pairs_are_named(tmp_path):

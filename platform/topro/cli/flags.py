@@ -143,10 +143,12 @@ def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        if hasattr(args, f.name):
-            value = getattr(args, f.name)
-            values[f.name] = _pairs(f.name, value) if value is not None and _collection(hints[f.name]) == "dict" \
-                else value
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value is not None and _collection(hints[f.name]) == "dict":
+            value = _pairs(f.name, value)
+        values[f.name] = value
     return values
 
 
