@@ -137,3 +137,14 @@ def test_sweep_flags_set_sweep_fields_and_data_dir_the_bases(tmp_path, data_dir)
     assert "eval_max_tokens_per_batch" not in {k for k, v in sweep.base.items() if v is not None}
     with pytest.raises(SystemExit):
         parse(["sweep", "--config", str(config), "--seeds", "1,x"])
+
+
+def test_the_export_and_verify_flags_users_have_keep_working():
+    from topro.cli.export import config_from_args as export_config
+
+    parse = build_parser().parse_args
+    assert export_config(parse(["export", "--merge", "ck", "--output", "out", "--overwrite"])) == \
+        ExportConfig(merge="ck", output="out", overwrite=True)
+    args = parse(["verify", "models:/m@champion", "--sizes-only", "--tracking-uri", "sqlite:///m.db"])
+    assert (args.checkpoint, args.hashes, args.tracking_uri) == ("models:/m@champion", False, "sqlite:///m.db")
+    assert parse(["verify", "ck"]).hashes is None  # not given: the file and key=value stand
