@@ -60,9 +60,11 @@ METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 causal_cls="topro.methods.topro_causal:ToProCausal", prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
     MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning",
                 causal_cls="topro.methods.prompt_tuning:CausalPromptTuning", trains="part"),
-    MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft", prompted=True, packable=True,
+    MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft",
+                causal_cls="topro.methods.topro_soft_causal:CausalToProSoft", prompted=True, packable=True,
                 head="pretrained_mlm", trains="part", unseen_labels=True),
-    MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt", prompted=True, head="pretrained_mlm",
+    MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt",
+                causal_cls="topro.methods.topro_soft_causal:CausalRoSPrompt", prompted=True, head="pretrained_mlm",
                 trains="part", unseen_labels=True, zero_step=True),
 )}
 
