@@ -58,6 +58,15 @@ def test_soft_prompt_at_template_embeddings_scores_as_causal_topro(kind, packing
     torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
 
 
+def test_soft_topro_on_bloom_per_word_scores_as_causal_topro(data_dir):
+    """ALiBi: the prompt trees are unfolded per label, the soft vectors with them (float64, 1e-9)."""
+    sents = sentences(data_dir, 1)
+    hard, path = method_on("bloom", "topro")
+    soft, _ = method_on("bloom")
+    torch.testing.assert_close(log_probs(soft, model_of(soft, path), sents),
+                               log_probs(hard, model_of(hard, path), sents), atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_only_the_soft_prompt_receives_gradient_and_moves_the_scores(kind, data_dir):
     sents = sentences(data_dir, 1)
