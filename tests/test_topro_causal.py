@@ -219,3 +219,24 @@ def test_bloom_alibi_per_word_scores_equal_eval_llm_and_packed_is_refused(data_d
     assert float(model.transformer.h[0].self_attention.query_key_value.weight.grad.abs().max()) > 0
     with pytest.raises(ValueError, match=r"prompt_packing='sentence'.*bloom.*ALiBi"):
         causal_method("bloom", "sentence")
+
+
+def test_unseen_labels_leave_the_training_softmax(data_dir):
+    """An unseen label's column is out of the loss's softmax (as on masked LMs): the loss is the cross-entropy
+    over the seen labels' scores alone, and the unseen words get no gradient from it."""
+    from topro.methods.base import hide_unseen_gold
+
+    method, model, _ = causal_method("llama", unseen_labels=["INTJ", "SYM", "X"])
+    unseen = method.unseen_index.tolist()
+    assert [method.labels[i] for i in unseen] == ["INTJ", "SYM", "X"]
+    examples, _ = hide_unseen_gold(method.encode(sentences(data_dir, 1)), unseen)
+    batch = method.collate(examples)
+    with torch.no_grad():
+        scores = method.label_scores(model, batch)
+        seen = [i for i in range(len(method.labels)) if i not in unseen]
+        position = {label: k for k, label in enumerate(seen)}
+        want = torch.nn.functional.cross_entropy(scores[:, seen], torch.tensor([position[int(l)] for l in batch["labels"]]))
+        everything = torch.nn.functional.cross_entropy(scores, batch["labels"])
+        got = method.loss(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert float((got - everything).abs()) > 1e-6

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, pad_batch, scores_dtype
+from topro.methods.base import Encoded, MethodSpec, pad_batch, scores_dtype, seen_label_logits
 from topro.methods.packing import check_packing, check_positions
 from topro.methods.whole_model import WholeModelMethod
 
@@ -155,6 +155,9 @@ class ToProCausal(WholeModelMethod):
                              "ToPro training needs a topro-style format (one question per word)")
         self.label_words = [self.setup.label_words[t] for t in self.labels]
         self.packing = check_packing(spec.prompt_packing, self.name)
+        from topro.methods.topro_mlm import unseen_index
+
+        self.unseen_index = unseen_index(self.labels, spec.unseen_labels)
 
     def build_model(self, model_path: str) -> torch.nn.Module:
         return self.ready(super().build_model(model_path))
@@ -311,7 +314,9 @@ class ToProCausal(WholeModelMethod):
         return tree_scores(model, batch, self.n_scored)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return F.cross_entropy(scores_dtype(self.label_scores(model, batch)), batch["labels"], ignore_index=-100)
+        # Unseen labels leave the training softmax (as on masked LMs): their words are never pushed down.
+        scores = seen_label_logits(scores_dtype(self.label_scores(model, batch)), self.unseen_index)
+        return F.cross_entropy(scores, batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
         return torch.log_softmax(self.label_scores(model, batch), dim=-1)
