@@ -173,3 +173,22 @@ def test_train_and_evaluate_through_the_cli(method, tmp_path, data_dir, capsys):
     assert code == 0, capsys.readouterr().err
     record = json.loads(result.read_text())
     assert record["languages"]["de"]["n_sentences"] == 2 and 0.0 <= record["languages"]["de"]["accuracy"] <= 1.0
+
+
+def test_fine_tuned_backbone_is_saved_whole_beside_the_prompt(tmp_path, data_dir):
+    """``freeze_backbone: false``: the decoder trains with the prompt, and the checkpoint holds both."""
+    sents = sentences(data_dir, 1)
+    method, path = method_on("gemma3", freeze_backbone=False)
+    model = model_of(method, path, torch.float32).train()
+    method.loss(model, method.collate(method.encode(sents))).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert "soft_prompt" in with_grad and any(n.startswith("lm.model.layers.") for n in with_grad)
+    with torch.no_grad():
+        model.lm.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # as if trained
+        model.soft_prompt.add_(0.1)
+    method.save(model, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "topro.json").read_text())["backbone_in_checkpoint"] is True
+    loaded_method, loaded = load_checkpoint(tmp_path)
+    torch.testing.assert_close(loaded.lm.model.layers[0].mlp.down_proj.weight, model.lm.model.layers[0].mlp.down_proj.weight)
+    torch.testing.assert_close(log_probs(loaded_method, loaded, sents), log_probs(method, model, sents), atol=1e-5, rtol=0)
