@@ -200,3 +200,14 @@ def test_a_method_without_a_class_for_the_backbone_kind_is_refused_before_loadin
     import sys
 
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_packed_prompts_on_an_alibi_model_are_refused_before_loading(workdir, capsys):
+    """BLOOM (ALiBi) runs ToPro per word only: packing is refused from its config, naming the field."""
+    from transformers import BloomConfig
+
+    bloom = workdir.parent / "bloom-config-only"
+    BloomConfig(architectures=["BloomForCausalLM"]).save_pretrained(bloom)
+    code, err, seconds = run_cli(["train", "--config", str(REPO / "configs/train/udpos-topro.yaml"), "--output", "run",
+                                  f"model={bloom}", "prompt_packing=sentence"], capsys)
+    assert_refused(code, err, seconds, "prompt_packing='sentence'", "(bloom)", "ALiBi", "per_word")

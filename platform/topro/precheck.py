@@ -276,6 +276,13 @@ def check_backbone(cfg: TrainConfig) -> None:
     if not entry.runs_on(kind):
         raise ConfigError(f"method {cfg.method!r} has no implementation for {kind} LMs ({config.model_type}, "
                           f"model {cfg.model!r}); the methods that run on {kind} LMs: {', '.join(methods_for(kind))}")
+    if kind == "causal" and cfg.prompt_packing != "per_word":
+        from topro.llm.scoring import takes_tree_masks
+
+        if not takes_tree_masks(config):
+            raise ConfigError(f"prompt_packing={cfg.prompt_packing!r}: model {cfg.model!r} ({config.model_type}) "
+                              "takes ALiBi position biases from a 2-D padding mask, which cannot hold a packed "
+                              "row's questions; use prompt_packing=per_word")
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if kind == "causal" and limit and cfg.max_length > limit:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {cfg.model}; "
