@@ -6,7 +6,6 @@ uninterrupted run (each rank's RNG streams and running loss are in the checkpoin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,37 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from slowdown import slowed_env
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Loaded by every Python process of the run (the driver and the Ray workers inherit PYTHONPATH): slows each
-# optimizer step of the Ray Train workers by $TOPRO_TEST_STEP_SLEEP seconds, so that the signal lands mid-run.
-# The loop itself is unchanged.
-SITECUSTOMIZE = '''
-import importlib.util, os, sys, time
-
-class SlowSteps:
-    def find_spec(self, name, path, target=None):
-        if name != "topro.cluster.strategies":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            inner = module.RayWorker.after_step
-
-            def after_step(self, step):
-                time.sleep(float(os.environ["TOPRO_TEST_STEP_SLEEP"]))
-                return inner(self, step)
-            module.RayWorker.after_step = after_step
-        spec.loader.exec_module = exec_module
-        return spec
-
-if os.environ.get("TOPRO_TEST_STEP_SLEEP"):
-    sys.meta_path.insert(0, SlowSteps())
-'''
+# Each optimizer step of the Ray Train workers takes 1.5 s more in the interrupted run (see slowdown.py), so that
+# the signal lands mid-run.
+SLOW_STEPS = "topro.cluster.strategies:RayWorker.after_step=1.5"
 
 # Dropout is on (BERT's 0.1), checkpoints come mid-epoch (eval_every_steps=3 of 5 steps per epoch) and the run
 # crosses epochs: each rank's random streams and running loss must resume, not just the weights.
@@ -57,14 +32,9 @@ def command(out: Path, data_dir) -> list[str]:
             "--data-dir", str(data_dir), "--output", str(out), "--workers", "2", "--strategy", "ddp", *SMALL]
 
 
-def env(hooks: Path, sleep: float) -> dict[str, str]:
-    path = os.pathsep.join([str(hooks), str(REPO / "platform"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "TOPRO_TEST_STEP_SLEEP": str(sleep), "OMP_NUM_THREADS": "1"}
-
-
 def run(out: Path, data_dir, hooks: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, data_dir), cwd=REPO, env=env(hooks, 0.0), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(command(out, data_dir), cwd=REPO, env=slowed_env(hooks, None), capture_output=True,
+                          text=True, timeout=900)
 
 
 def latest_checkpoint_step(out: Path) -> int | None:
@@ -80,16 +50,14 @@ def latest_checkpoint_step(out: Path) -> int | None:
 def test_sigterm_on_the_ray_driver_keeps_the_latest_checkpoint_and_the_rerun_reaches_the_same_history(
         tmp_path, data_dir, tiny_udpos):
     hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     reference = run(tmp_path / "uninterrupted", data_dir, hooks)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
     assert expected["steps"] == 10 and [h["step"] for h in expected["history"]] == [3, 5, 6, 9, 10]
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(out, data_dir), cwd=REPO, env=env(hooks, 1.5), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(out, data_dir), cwd=REPO, env=slowed_env(hooks, SLOW_STEPS),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while latest_checkpoint_step(out) is None:  # the first checkpoint (step 3) is registered
         assert proc.poll() is None, proc.stderr.read()[-3000:]
