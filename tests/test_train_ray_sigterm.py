@@ -2,7 +2,12 @@
 the tiny model): a real subprocess and a real signal after the first Ray checkpoint. The driver aborts the Ray
 Train run, says in one line which checkpoint (step) is kept and how to resume, and exits 143; rerunning the same
 command continues from that checkpoint and reaches the same English dev history, to the digit, as an
-uninterrupted run (each rank's RNG streams and running loss are in the checkpoint: ``rank<N>_state.pt``)."""
+uninterrupted run (each rank's RNG streams and running loss are in the checkpoint: ``rank<N>_state.pt``).
+
+Without ``rank<N>_state.pt`` (tried: its restore disabled) the history differed from the first evaluation after
+the resume (step 5: dev accuracy 0.3841 against 0.3775, train loss 2.7007 against 2.6960): every rank restarted
+its dropout stream from the seed, and rank 1 took rank 0's running loss from ``loop_state.json``. With it, the
+DDP resume is bitwise: the same history and the same exported ``model.safetensors``."""
 from __future__ import annotations
 
 import json
