@@ -95,3 +95,16 @@ def test_sigterm_on_the_ray_driver_keeps_the_latest_checkpoint_and_the_rerun_rea
     assert got["best_step"] == expected["best_step"] and got["steps"] == expected["steps"]
     a, b = (p / "checkpoint" / "model.safetensors" for p in (tmp_path / "uninterrupted", out))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_stop_before_the_first_ray_checkpoint_says_the_rerun_starts_afresh(tmp_path):
+    from topro.cluster.trainer import latest_ray_checkpoint, stopped_run_message
+    from topro.config import TrainConfig
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), shutdown_grace_s=5)
+    storage = str(tmp_path / "run" / "ray")
+    assert latest_ray_checkpoint("run", storage) is None
+    line = stopped_run_message(cfg, "run", storage, elapsed=6.0, abort_seconds=1.2)
+    assert line.startswith("stopped the Ray Train run run (workers stopped in 1.2 s, later than shutdown_grace_s=5); "
+                           "no Ray checkpoint had been written yet"), line
+    assert "rerunning the same command starts afresh" in line
