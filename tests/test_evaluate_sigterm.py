@@ -52,3 +52,48 @@ def test_sigterm_keeps_the_languages_done(tmp_path, data_dir, tiny_udpos):
     assert record["partial"] is True and sorted(record["languages"]) == sorted(lang for _, lang in started)
     missing = record["languages_not_evaluated"]
     assert len(missing) == 3 and set(missing) | set(record["languages"]) == {"de", "fr", "ru", "ar", "zh"}
+
+
+# Each language takes 4 s more in the Ray actors (see slowdown.py): two actors, five languages.
+SLOW_LANGUAGES = "topro.evaluate:evaluate_language=4"
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_parallel_evaluation_keeps_the_languages_finished_and_cancels_the_rest(
+        tmp_path, data_dir, tiny_udpos):
+    from slowdown import slowed_env
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/train/udpos-vanilla.yaml", "--data-dir", str(data_dir), "--output",
+                 str(run), "max_train_sentences=8", "max_dev_sentences=4", "epochs=1", "eval_langs=[]",
+                 "progress=false"]) == 0
+    output = tmp_path / "eval.json"
+    proc = subprocess.Popen([sys.executable, "-m", "topro.cli", "evaluate", "--checkpoint", str(run / "checkpoint"),
+                             "--langs", "de,fr,ru,ar,zh", "--data-dir", str(data_dir), "--max-sentences", "5",
+                             "--output", str(output), "--parallel"], cwd=REPO,
+                            env=slowed_env(tmp_path / "hooks", SLOW_LANGUAGES), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # LanguageProgress: "evaluate: de done (1/5 languages, ..."
+        seen.append(line)
+        if " done (2/5 languages" in line:
+            break
+    else:
+        raise AssertionError("".join(seen)[-3000:])
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    done = [line.split("evaluate: ")[1].split()[0] for line in err.splitlines() if " languages, " in line]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"topro evaluate: SIGTERM: evaluated {len(done)} of 5 languages (those under way were "
+                           f"cancelled); kept them in {output} (partial: true); rerun the same command"), line
+    assert "Traceback" not in rest, rest[-3000:]
+    cancelled = int(err.split("stopped: ")[1].split()[0])  # the Ray tasks under way, killed with their actors
+    assert cancelled >= 1 and len(done) + cancelled <= 5
+    record = json.loads(output.read_text())
+    assert record["partial"] is True and sorted(record["languages"]) == sorted(done) and 2 <= len(done) < 5
+    missing = record["languages_not_evaluated"]
+    assert set(missing) | set(done) == {"de", "fr", "ru", "ar", "zh"} and not set(missing) & set(done)
+    # What was kept is what a full evaluation scores for those languages (no half-written language).
+    assert all(record["languages"][lang]["n_sentences"] == 5 for lang in done)

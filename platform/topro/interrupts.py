@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,16 @@ class Interrupted(Exception):
 
 class StopRequests:
     """While active (a ``with`` block in the main thread), the first SIGINT/SIGTERM sets ``signum`` and
-    ``since``; a second one restores the previous handler and re-sends itself (an immediate stop)."""
+    ``since``; a second one restores the previous handler and re-sends itself (an immediate stop).
 
-    def __init__(self):
+    ``on_first_signal``: also called at the first signal, for a command that does not check the flag (the
+    Ray driver waits inside ``trainer.fit()``). It runs inside the signal handler: it must only start work
+    (a thread), not wait for it, and not raise (an exception raised into Ray's C++ wait is a SystemError)."""
+
+    def __init__(self, on_first_signal: Callable[[], None] | None = None):
         self.signum: int | None = None
         self.since: float | None = None
+        self.on_first_signal = on_first_signal
         self._previous: dict[int, object] = {}
 
     @property
@@ -49,6 +55,9 @@ class StopRequests:
             signal.raise_signal(signum)
             return
         self.signum, self.since = signum, time.monotonic()
+        if self.on_first_signal is not None:
+            self.on_first_signal()
+            return
         log.warning("%s received: finishing the current step, then saving a resumable state (a second signal "
                     "stops at once)", signal.Signals(signum).name)
 

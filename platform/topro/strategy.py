@@ -72,6 +72,11 @@ class Strategy(Protocol):
     def load_state(self, folder: Path) -> None:
         """Restore what ``save_state`` wrote."""
 
+    def restore_rank_state(self, folder: Path, state: Any) -> None:
+        """After ``load_state``, with the loop's ``train.LoopState`` from the same checkpoint: restore what only
+        this rank knew (Ray: its RNG streams and its running loss of the epoch; the local loop keeps both in
+        its state already)."""
+
     def checkpoint(self, state: Any, record: dict[str, Any], *, improved: bool, averaged: bool = False) -> None:
         """After an English dev evaluation (or the averaging), with the loop's ``train.LoopState``: keep the
         model if it is the new best; Ray strategies also checkpoint and report here."""

@@ -247,6 +247,7 @@ def fit(run: Run, strategy: Strategy, resume_from: Path | None = None) -> dict[s
     if resume_from is not None:
         state = LoopState.load(Path(resume_from))
         strategy.load_state(Path(resume_from))
+        strategy.restore_rank_state(Path(resume_from), state)
         if strategy.is_main:
             log.info("resumed from step %d (epoch %d) of checkpoint %s", state.step, state.epoch, resume_from)
     keeper = CheckpointKeeper(state, cfg.patience, CheckpointAverager(cfg.selection, cfg.k))
@@ -533,6 +534,9 @@ class LocalStrategy:
         self.scheduler.load_state_dict(state["scheduler"])
         if (folder / RNG_FILE).is_file():  # the local loop's state: continue the random streams too
             set_rng_states(torch.load(folder / RNG_FILE, weights_only=True))
+
+    def restore_rank_state(self, folder: Path, state: "LoopState") -> None:
+        """Nothing: one process, whose RNG states ``load_state`` restored and whose running loss is the state's."""
 
     @property
     def state_dir(self) -> Path:

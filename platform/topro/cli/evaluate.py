@@ -135,23 +135,27 @@ def evaluate(cfg: EvaluateConfig) -> int:
     kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
                   viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype,
                   max_tokens_per_batch=cfg.max_tokens_per_batch)
+    from topro.interrupts import StopRequests
+
     if cfg.parallel:
         import ray
 
         from topro.cluster.evaluation import evaluate_checkpoint_parallel
-        from topro.cluster.runtime import stop_ray_started_here
+        from topro.cluster.runtime import init_ray, stop_ray_started_here
 
         was_running = ray.is_initialized()
-        record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
-        stop_ray_started_here(was_running)
+        init_ray(cfg.address)  # before StopRequests: ray.init installs its own SIGTERM handler (sys.exit)
+        # SIGTERM/SIGINT: the languages finished are kept, those under way cancelled (their actors killed).
+        with StopRequests() as stops:
+            record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
+        stop_ray_started_here(was_running)  # before the one line or the table: no forwarded log lines after it
     else:
-        from topro.interrupts import StopRequests
-
         # SIGTERM/SIGINT: the language under way finishes; those done are written (atomically), marked partial.
         with StopRequests() as stops:
             record = evaluate_checkpoint(checkpoint, langs, **kwargs)
-        if stops.requested:
-            raise stopped_evaluation(stops, record, cfg.output, source)
+    if stops.requested:
+        raise stopped_evaluation(stops, record, cfg.output, source, cancelled=" (those under way were cancelled)"
+                                 if cfg.parallel else "")
     record.update(written_by=EVALUATE_WRITER, source=source)
     write_results(cfg.output, record)
     print(format_table(record))
@@ -163,7 +167,7 @@ def _score(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def stopped_evaluation(stops, record: dict, output: str, source: str):
+def stopped_evaluation(stops, record: dict, output: str, source: str, cancelled: str = ""):
     """After SIGTERM/SIGINT: write the languages done (marked ``partial``); the ``Interrupted`` to raise."""
     from topro.evaluate import write_results
     from topro.interrupts import resume_command
@@ -175,7 +179,7 @@ def stopped_evaluation(stops, record: dict, output: str, source: str):
         record.update(written_by=EVALUATE_WRITER, source=source)
         write_results(output, record)
         kept = f"kept them in {output} (partial: true)"
-    return stops.interrupted(f"evaluated {done} of {total} languages; {kept}; rerun the same command to evaluate "
+    return stops.interrupted(f"evaluated {done} of {total} languages{cancelled}; {kept}; rerun the same command to evaluate "
                              f"all ({resume_command()})")
 
 

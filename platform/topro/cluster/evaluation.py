@@ -128,18 +128,25 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     ``stats``, if given, receives ``workers``, ``items`` (checkpoint-language pairs), ``model_loads`` and
     ``seconds``. Long because it is one actor pool's life (checks, pool, submit, gather with progress,
     shut down), read top to bottom.
+
+    SIGTERM/SIGINT (a ``topro.interrupts.StopRequests`` around the call): the languages already finished are
+    kept, those under way cancelled (their actors killed); a record missing languages says ``partial: true``
+    and lists ``languages_not_evaluated``, as the sequential path does.
     """
     from topro.cluster.runtime import init_ray
     from topro.evaluate import checkpoint_flags, resolve_languages, results_record
+    from topro.interrupts import active
 
     ray = init_ray(address)
     metas = [_checkpoint_meta(job.checkpoint) for job in jobs]
     pending: dict[str, list[tuple[int, str, str]]] = OrderedDict()  # checkpoint -> [(job, task, lang)]
+    languages: list[list[str]] = []  # job -> its languages
     for i, (job, meta) in enumerate(zip(jobs, metas)):
         task = job.task or meta["task"]
         if task != meta["task"]:
             raise ValueError(f"checkpoint {job.checkpoint} was trained for task {meta['task']!r}, not {task!r}")
-        for lang in resolve_languages(task, job.languages, data_dir, split):
+        languages.append(resolve_languages(task, job.languages, data_dir, split))
+        for lang in languages[-1]:
             pending.setdefault(job.checkpoint, []).append((i, task, lang))
     n_items = sum(len(v) for v in pending.values())
     if n_items == 0:
@@ -162,7 +169,7 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     nodes: list[dict[str, str]] = [{} for _ in jobs]  # job -> language -> node that scored it
     in_flight: dict[Any, int] = {}  # ref -> actor
     jobs_of: dict[Any, int] = {}  # ref -> job
-    start, done, loads = time.perf_counter(), 0, {}
+    start, loads = time.perf_counter(), {}
     from topro.progress import LanguageProgress
 
     languages_done = LanguageProgress(n_items, "evaluate", enabled=progress)
@@ -188,22 +195,30 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
         in_flight[ref] = actor
         jobs_of[ref] = job
 
+    def collect(ref) -> int:
+        actor, job = in_flight.pop(ref), jobs_of.pop(ref)
+        out = ray.get(ref)
+        results[job][out["lang"]] = out["result"]
+        nodes[job][out["lang"]] = out["node"]
+        loads[actor] = out["loads"]
+        languages_done.done(out["lang"], out["result"].get("n_sentences", 0),
+                            f": {'/'.join(Path(out['checkpoint']).parts[-2:])} in {out['seconds']:.1f}s "
+                            f"on node {out['node']}")
+        return actor
+
     try:
         for actor in range(workers):
             submit(actor)
         while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
-            actor, job = in_flight.pop(ref), jobs_of.pop(ref)
-            out = ray.get(ref)
-            results[job][out["lang"]] = out["result"]
-            nodes[job][out["lang"]] = out["node"]
-            loads[actor] = out["loads"]
-            done += 1
-            languages_done.done(out["lang"], out["result"].get("n_sentences", 0),
-                                f": {'/'.join(Path(out['checkpoint']).parts[-2:])} in {out['seconds']:.1f}s "
-                                f"on node {out['node']}")
-            submit(actor)
+            if active().requested:  # SIGTERM/SIGINT: keep what has finished; the rest dies with the actors
+                for ref in ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)[0]:
+                    collect(ref)
+                log.warning("stopped: %d language(s) under way cancelled", len(in_flight))
+                break
+            # A timeout, so that a stop request is seen while every actor is busy.
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            if ready:
+                submit(collect(ready[0]))
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -215,8 +230,15 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
                      nodes=sorted({n for per_job in nodes for n in per_job.values()}))
     return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
                            extra=checkpoint_flags(meta, {"checkpoint": str(job.checkpoint), "split": split,
-                                                         "nodes": dict(sorted(nodes[i].items()))}))
+                                                         "nodes": dict(sorted(nodes[i].items())),
+                                                         **unfinished(languages[i], results[i])}))
             for i, (job, meta) in enumerate(zip(jobs, metas))]
+
+
+def unfinished(languages: list[str], results: dict[str, Any]) -> dict[str, Any]:
+    """``partial`` and ``languages_not_evaluated`` for a record that misses languages (a stopped evaluation)."""
+    missing = [lang for lang in languages if lang not in results]
+    return {"partial": True, "languages_not_evaluated": missing} if missing else {}
 
 
 def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str, address: str | None = None, *,

@@ -10,7 +10,8 @@ they add:
   metrics through ``ray.train.report``: each rank writes its part into its own
   temporary folder (DDP: rank 0 writes model, optimizer and scheduler state;
   DeepSpeed: every rank writes its ZeRO shards) and Ray merges them into one
-  checkpoint folder in the run's storage. When the score improved, rank 0
+  checkpoint folder in the run's storage; every rank adds ``rank<N>_state.pt``,
+  its RNG streams and running loss, so a resumed run continues exactly. When the score improved, rank 0
   also writes the consolidated export (safetensors + tokenizer + topro.json,
   what ``topro evaluate`` and serving load) into its ``model/`` subfolder;
 - saving and resuming from such a checkpoint (``save_state``, ``load_state``);
@@ -38,7 +39,7 @@ import torch
 from topro.config import ConfigError, TrainConfig, read_yaml
 from topro.data import get_task
 from topro.metrics import resolve_selection_metric
-from topro.train import LocalStrategy, LoopState, MethodModule
+from topro.train import LocalStrategy, LoopState, MethodModule, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ PACKAGED_DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint-step{step:06d}"
+
+
+def rank_state_file(rank: int) -> str:
+    return f"rank{rank}_state.pt"
 
 
 class RayWorker:
@@ -123,6 +128,7 @@ class RayWorker:
         folder = Path(tempfile.mkdtemp(prefix="topro-checkpoint-"))
         try:
             self.save_state(folder)
+            self.save_rank_state(folder, state)
             if improved:
                 self.save_model(folder / EXPORT_DIR)
             if self.is_main:
@@ -135,6 +141,21 @@ class RayWorker:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def save_rank_state(self, folder: Path, state: LoopState) -> None:
+        """What only this rank knows, as ``rank<N>_state.pt``: its RNG streams (dropout draws differ by rank)
+        and its running loss of the epoch, so that a resumed run continues exactly as an uninterrupted one."""
+        torch.save({"rng": rng_states(), "epoch_loss_sum": state.epoch_loss_sum,
+                    "epoch_loss_count": state.epoch_loss_count}, folder / rank_state_file(self.rank))
+
+    def restore_rank_state(self, folder: Path, state: LoopState) -> None:
+        path = folder / rank_state_file(self.rank)
+        if not path.is_file():  # a checkpoint of an older topro: the streams restart from the seed
+            log.warning("%s has no %s: this rank's random streams restart from the seed", folder, path.name)
+            return
+        saved = torch.load(path, weights_only=True)
+        set_rng_states(saved["rng"])
+        state.epoch_loss_sum, state.epoch_loss_count = saved["epoch_loss_sum"], saved["epoch_loss_count"]
 
     def after_step(self, step: int) -> None:
         """Fault injection: at ``fault_step`` the rank-1 (or only, or ``fault_node``'s) worker kills itself, once per run.

@@ -15,6 +15,13 @@ safetensors export. Ray keeps the best checkpoint and the latest one (plus
 worker group from the latest checkpoint (``max_failures`` times); a new
 ``fit`` with the same name and storage continues from it too.
 
+SIGTERM/SIGINT on the driver (``train_on_ray``): the Ray Train run is aborted
+(its workers abandon the step under way), the one line names the latest Ray
+checkpoint and the command that resumes from it, and the exit status is
+128 + the signal. Each rank's RNG streams and running loss are in every
+checkpoint (``rank<N>_state.pt``), so the resumed run's English dev history is
+the uninterrupted run's, to the digit (``tests/test_train_ray_sigterm.py``).
+
 ``metrics.json`` and the summary name where each rank ran: ``workers`` is a
 list of ``{"rank", "node", "node_id", "pid"}`` (``node``: the Ray node's
 name); ``placement_strategy: SPREAD`` puts workers on different nodes.
@@ -29,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +204,9 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
 
     from topro.cluster.storage import check_storage
 
+    import ray
+
+    was_running = ray.is_initialized()
     init_ray(address)
     cfg = prepare_config(cfg)
     atomic.clean_leftovers(cfg.output_dir, names=("checkpoint",))  # of a driver killed while copying the export
@@ -205,14 +217,125 @@ def train_on_ray(cfg: TrainConfig, address: str | None = None) -> dict[str, Any]
         log.warning("run %s already has checkpoints in %s: continuing from the latest (another output_dir or "
                     "run_name starts afresh)", name, storage)
     trainer = build_trainer(cfg)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    summary = dict(result.return_value or {})
-    local = Path(cfg.output_dir) / "checkpoint"
-    export = copy_best_export(result, local)
-    summary.update({"checkpoint": str(local), "ray_checkpoint": export, "ray_run": result.path,
-                    "fault_injected": fault_injected_at(cfg)})
-    atomic.write_json(Path(cfg.output_dir) / "metrics.json", summary, "metrics")
+    from topro.interrupts import StopRequests
+
+    # SIGTERM/SIGINT: during fit, the Ray Train run is aborted (Interrupted says which checkpoint resumes);
+    # after it, the export copy and metrics.json are finished first.
+    with StopRequests() as stops:
+        result = fit_or_stop(trainer, stops, cfg, name, storage, was_running)
+        if result.error is not None:
+            raise result.error
+        summary = dict(result.return_value or {})
+        local = Path(cfg.output_dir) / "checkpoint"
+        export = copy_best_export(result, local)
+        summary.update({"checkpoint": str(local), "ray_checkpoint": export, "ray_run": result.path,
+                        "fault_injected": fault_injected_at(cfg)})
+        atomic.write_json(Path(cfg.output_dir) / "metrics.json", summary, "metrics")
     log.info("best checkpoint %s (copied from %s)", local, export)
+    if stops.requested:  # the signal came after training: the run is complete
+        raise stops.interrupted(f"training finished ({cfg.output_dir}/metrics.json, {local}); eval_langs not "
+                                f"evaluated: run topro evaluate --checkpoint {local}")
     return summary
+
+
+# --- SIGTERM / SIGINT on the driver -------------------------------------------------------------------------
+
+class RunAborter:
+    """Aborts a Ray Train run from a thread (a signal handler may only start it): the controller stops its
+    worker group and exits; one that has not within ``grace_s`` is killed (its workers die with it)."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.controller = None
+        self.thread: threading.Thread | None = None
+        self.seconds: float | None = None
+
+    def start(self) -> None:
+        if self.controller is not None and self.thread is None:
+            self.thread = threading.Thread(target=self._abort, name="topro-abort-run", daemon=True)
+            self.thread.start()
+
+    def _abort(self) -> None:
+        import ray
+
+        start = time.monotonic()
+        log.warning("stopping the Ray Train run: its workers abandon the step under way")
+        try:
+            ray.get(self.controller.abort.remote(), timeout=self.grace_s)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("the Ray Train controller did not stop within shutdown_grace_s=%g: killing it", self.grace_s)
+            ray.kill(self.controller)
+        except ray.exceptions.RayActorError:
+            pass  # abort ends the controller's process: the expected answer
+        self.seconds = time.monotonic() - start
+
+    def wait(self) -> float:
+        if self.thread is not None:
+            self.thread.join(self.grace_s + 10)
+        return self.seconds or 0.0
+
+
+def fit_or_stop(trainer, stops, cfg: TrainConfig, name: str, storage: str, was_running: bool = True):
+    """``trainer.fit()``; on SIGTERM/SIGINT during it the Ray Train run is aborted (the workers abandon the step
+    under way; the latest Ray checkpoint is what a rerun of the same command continues from) and
+    ``Interrupted`` is raised, saying which step that is. A fit that finished anyway returns its result.
+    ``was_running``: whether Ray ran before this command (if not, it is stopped before the one line)."""
+    from topro.cluster.runtime import stop_ray_started_here
+
+    aborter = RunAborter(cfg.shutdown_grace_s)
+
+    def keep_controller(controller) -> None:
+        aborter.controller = controller
+        if stops.requested:  # the signal came before the controller existed
+            aborter.start()
+
+    if hasattr(trainer, "_register_sigint_handler"):
+        # Ray Train (v2) would replace our SIGINT handler with its own (abort, then a RayActorError traceback)
+        # and leave SIGTERM to Ray's sys.exit(15): we keep its controller and abort it on either signal.
+        trainer._register_sigint_handler = keep_controller
+    stops.on_first_signal = aborter.start
+    try:
+        return trainer.fit()
+    except Exception:
+        if not stops.requested:
+            raise
+        seconds = aborter.wait()
+        message = stopped_run_message(cfg, name, storage, stops.elapsed(), seconds)
+        # A Ray started here is stopped first: its forwarded worker log lines would follow the one line.
+        stop_ray_started_here(was_running)
+        raise stops.interrupted(message) from None
+    finally:
+        stops.on_first_signal = None  # after fit: a signal only sets the flag
+
+
+def latest_ray_checkpoint(name: str, storage: str) -> tuple[str, int | None] | None:
+    """(path, step) of the latest checkpoint Ray Train registered for run ``name`` (what a new ``fit``
+    continues from), from its checkpoint manager's snapshot; ``None`` before the first."""
+    import pyarrow.fs
+
+    run = f"{storage.rstrip('/')}/{name}"
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{run}/checkpoint_manager_snapshot.json")
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        latest = json.loads(stream.read().decode()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return f"{run}/{latest['checkpoint_dir_name']}", (latest.get("metrics") or {}).get("step")
+
+
+def stopped_run_message(cfg: TrainConfig, name: str, storage: str, elapsed: float, abort_seconds: float) -> str:
+    """The one line after a stop: what was kept and the command that resumes."""
+    from topro.interrupts import resume_command
+
+    late = f", later than shutdown_grace_s={cfg.shutdown_grace_s:g}" if elapsed > cfg.shutdown_grace_s else ""
+    latest = latest_ray_checkpoint(name, storage)
+    if latest is None:
+        kept = ("no Ray checkpoint had been written yet (the first comes with the first English dev evaluation); "
+                "rerunning the same command starts afresh")
+    else:
+        path, step = latest
+        kept = (f"the latest Ray checkpoint is step {step} ({path}); steps after it are abandoned. Resume: rerun "
+                f"the same command, it continues from that checkpoint")
+    return (f"stopped the Ray Train run {name} (workers stopped in {abort_seconds:.1f} s{late}); {kept} "
+            f"({resume_command()})")
