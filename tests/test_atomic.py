@@ -133,12 +133,13 @@ ALLOWED = {
     # Writers into a folder the helper stages (staged_folder) and then publishes whole:
     ("methods/whole_model.py", "save"), ("methods/trained_only.py", "save_trained_only"),
     ("methods/topro_soft.py", "save"), ("methods/lora.py", "save"), ("methods/prompt_tuning.py", "save"),
-    ("methods/vanilla_causal.py", "save"),
+    ("methods/vanilla_causal.py", "save"), ("methods/topro_soft_causal.py", "save"),
     # Into a temporary path the helper commits (atomic.staged_file / staged_folder):
     ("reports.py", "plot_language_bars"), ("reports.py", "plot_heatmap"), ("train.py", "export"),
     ("train.py", "save_state"), ("train.py", "save_resumable"),
     # Into a Ray checkpoint's temporary folder, which ray.train.report commits (Ray's own atomic upload):
     ("cluster/strategies.py", "checkpoint"), ("cluster/strategies.py", "save_model"),
+    ("cluster/strategies.py", "save_rank_state"),
     # The tiny model's own atomic publish (mkdtemp + os.replace of the whole folder):
     ("models.py", "build_tiny_model"),
     # Temporary folders handed to MLflow and deleted after upload (not state a later command reads):
