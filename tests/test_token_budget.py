@@ -91,6 +91,7 @@ def test_the_evaluation_actor_batches_with_its_budget(monkeypatch, tiny_topro_ch
     """What a sweep's evaluation actors run, built in-process (no Ray): the budget reaches batching, and the
     scores are those of the sequential path (fp64)."""
     from topro.cluster.evaluation import LanguageEvaluator
+    from topro.cluster.runtime import node_name
 
     calls = _recording_budgets(monkeypatch)
     options = {"data_dir": str(data_dir), "split": "dev", "max_sentences": 6, "viterbi": True}
@@ -98,6 +99,7 @@ def test_the_evaluation_actor_batches_with_its_budget(monkeypatch, tiny_topro_ch
                                                                               "udpos", "de", options)
     default = LanguageEvaluator(dtype="fp64").evaluate(str(tiny_topro_checkpoint), "udpos", "de", options)
     assert [budget for budget, _ in calls] == [256, EVALUATION_MAX_TOKENS_PER_BATCH]
-    assert small["node"] == "local"
+    # "local" alone; a Ray an earlier test of the session started (the fast tier's smoke tests) names its node
+    assert small["node"] == node_name()
     assert small["result"]["accuracy"] == default["result"]["accuracy"]
     assert small["result"]["n_words"] == default["result"]["n_words"] > 0
