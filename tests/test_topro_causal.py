@@ -309,3 +309,21 @@ def test_answer_end_setting_recorded_and_read_back():
     assert MethodSpec.from_meta(old).answer_end_scored == "always"
     with pytest.raises(ValueError, match="answer_end_scored"):
         causal_method("llama", answer_end_scored="sometimes")[0].answer_end
+
+
+def test_checkpoint_scores_with_the_answer_end_setting_it_was_trained_with(tmp_path, data_dir):
+    """A saved causal ToPro checkpoint with ``when_needed`` reloads (``load_checkpoint``, as ``topro evaluate``
+    and Serve do) dropping the answer end again: the same label log-probs."""
+    from topro.methods import load_checkpoint
+
+    sents = sentences(data_dir, 1)
+    method, model, _ = causal_method("llama", llm_format="topro-tags", answer_end_scored="when_needed")
+    model.eval()
+    method.save(model, tmp_path)
+    assert json.loads((tmp_path / "topro.json").read_text())["answer_end_scored"] == "when_needed"
+    loaded, loaded_model = load_checkpoint(tmp_path)
+    assert loaded.answer_end == ""
+    with torch.no_grad():
+        want = method.label_log_probs(model, method.collate(method.encode(sents)))
+        got = loaded.label_log_probs(loaded_model.to(torch.float64), loaded.collate(loaded.encode(sents)))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
