@@ -13,6 +13,9 @@ per second side by side, then ``train_speedup`` and ``eval_speedup`` (sentence o
 
     python /work/shared/tools/offline_models.py gemma
     python benchmarks/causal_topro.py --model ~/.cache/offline-models/gemma-3-270m --sentences 20 --threads 1
+    # also without the answer end where the label words are prefix-free (answer_end_scored: when_needed)
+    python benchmarks/causal_topro.py --model ~/.cache/offline-models/gemma-3-270m --sentences 6 --threads 1 \
+        --variants per_word sentence per_word:when_needed sentence:when_needed
 """
 from __future__ import annotations
 

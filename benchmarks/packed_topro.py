@@ -14,7 +14,9 @@ run interleaved in ``--rounds`` rounds (a slice of one, then the same slice of
 the other), so a change in machine load hits both alike. Prints tokens per
 sentence, training prompts (questions) per second and evaluation words per
 second for each; the last two lines are ``train_speedup <ratio>`` and
-``eval_speedup <ratio>`` (sentence over per_word).
+``eval_speedup <ratio>`` (sentence over per_word). ``--variants`` times other layouts in the same run:
+``MODE:ANSWER_END`` pairs (``answer_end_scored`` of a causal LM, ``always`` or ``when_needed``), each
+reported as a speedup over the first; the last two lines are then the last variant's over the first.
 
     python benchmarks/packed_topro.py --model /work/models/multilingual-e5-small --sentences 40
 """
@@ -35,6 +37,16 @@ from topro.models import resolve_model_path
 from topro.train import build_optimizer, embeddings_frozen, freeze_input_embeddings, method_spec
 
 MODES = ("per_word", "sentence")
+ANSWER_END = ("always", "when_needed")
+
+
+def variant(text: str) -> tuple[str, str]:
+    """``MODE`` or ``MODE:ANSWER_END`` (``--variants``) as (prompt_packing, answer_end_scored)."""
+    mode, _, end = text.partition(":")
+    if mode not in MODES or (end or "always") not in ANSWER_END:
+        raise argparse.ArgumentTypeError(f"{text!r}: not MODE[:ANSWER_END] with MODE in {MODES}, "
+                                         f"ANSWER_END in {ANSWER_END}")
+    return mode, end or "always"
 
 
 def rounds_of(items: list, rounds: int) -> list[list]:
@@ -57,6 +69,10 @@ def build_parser(description: str = __doc__, model_default: str | None = "tiny")
     parser.add_argument("--data-dir", default=os.environ.get("TOPRO_DATA_DIR"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=128, help="max_length of one prompt")
+    parser.add_argument("--variants", type=variant, nargs="+", default=[(m, "always") for m in MODES],
+                        metavar="MODE[:ANSWER_END]",
+                        help="layouts timed, the first the baseline (default: per_word sentence); ANSWER_END: "
+                             "answer_end_scored on a causal LM, always (default) or when_needed")
     return parser
 
 
@@ -71,10 +87,12 @@ def main(parser: argparse.ArgumentParser | None = None) -> None:
     path = resolve_model_path(args.model, args.task, args.data_dir)
 
     setups = {}
-    for mode in MODES:
+    for mode, answer_end in args.variants:
+        name = mode if answer_end == "always" else f"{mode}:{answer_end}"
         cfg = TrainConfig(task=args.task, method="topro", model=args.model, data_dir=args.data_dir,
                           batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens, prompt_packing=mode,
-                          max_packed_length=args.max_packed_length, max_length=args.max_length)
+                          max_packed_length=args.max_packed_length, max_length=args.max_length,
+                          answer_end_scored=answer_end)
         method = build_method(method_spec(cfg, path), path)
         examples = method.encode(train_sentences)
         batches = token_budget_batches([e.length for e in examples], args.max_tokens, args.batch_size,
@@ -84,11 +102,11 @@ def main(parser: argparse.ArgumentParser | None = None) -> None:
         if embeddings_frozen(cfg):
             freeze_input_embeddings(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        setups[mode] = {"method": method, "model": model, "params": params, "examples": examples,
+        setups[name] = {"method": method, "model": model, "params": params, "examples": examples,
                         "optimizer": build_optimizer(cfg, model, len(batches))[0], "batches": batches,
                         "train_s": 0.0, "eval_s": 0.0, "prompts": 0}
         tokens = sum(e.length for e in examples)
-        print(f"{mode:<9} {len(examples):>6} inputs for {n_train_words} words, {tokens / len(train_sentences):8.1f} "
+        print(f"{name:<9} {len(examples):>6} inputs for {n_train_words} words, {tokens / len(train_sentences):8.1f} "
               f"tokens per sentence, {len(batches)} micro-batches", flush=True)
     print(f"model {args.model}, {args.task}, {len(train_sentences)} train / {len(dev_sentences)} dev sentences, batch "
           f"{args.batch_size} questions, torch threads {torch.get_num_threads()}", flush=True)
@@ -124,10 +142,17 @@ def main(parser: argparse.ArgumentParser | None = None) -> None:
     rates = {}
     for mode, s in setups.items():
         rates[mode] = (s["prompts"] / s["train_s"], n_dev_words / s["eval_s"])
+        slots = sum(len(getattr(e, "slots", ())) for e in s["examples"])
+        if slots:  # causal rows: full-vocabulary logit rows read
+            print(f"{mode:<9} {slots / n_train_words:.1f} logit rows per word", flush=True)
         print(f"{mode:<9} train {s['prompts']:>6} prompts {s['train_s']:8.1f} s {rates[mode][0]:8.1f} prompts/s | "
               f"eval {n_dev_words} words {s['eval_s']:7.1f} s {rates[mode][1]:8.1f} words/s", flush=True)
-    print(f"train_speedup {rates['sentence'][0] / rates['per_word'][0]:.2f}")
-    print(f"eval_speedup {rates['sentence'][1] / rates['per_word'][1]:.2f}")
+    names = list(rates)
+    for name in names[1:-1]:
+        print(f"{name} over {names[0]}: train {rates[name][0] / rates[names[0]][0]:.2f}x, "
+              f"eval {rates[name][1] / rates[names[0]][1]:.2f}x")
+    print(f"train_speedup {rates[names[-1]][0] / rates[names[0]][0]:.2f}")
+    print(f"eval_speedup {rates[names[-1]][1] / rates[names[0]][1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -240,3 +240,90 @@ def test_unseen_labels_leave_the_training_softmax(data_dir):
         got = method.loss(model, batch)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     assert float((got - everything).abs()) > 1e-6
+
+
+def _eval_llm_log_probs(path, fmt, sents, answer_end_scored):
+    from topro.llm.backends import HFBackend
+    from topro.llm.evaluate import LLMEvalConfig, predict_sentences, prepare
+
+    cfg = LLMEvalConfig(task="udpos", model=path, format=fmt, mode="score", shots=0,
+                        answer_end_scored=answer_end_scored)
+    setup = prepare(cfg)
+    results = predict_sentences(HFBackend(path, threads=1, dtype="fp64"), setup, cfg, sents)
+    return np.concatenate([r.log_probs for r in results]), setup.answer_end
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answer_end_dropped_for_prefix_free_labels_per_word_packed_and_eval_llm_agree(kind, data_dir, caplog):
+    """``answer_end_scored: when_needed`` with label words that tokenize prefix-free (the tag names of
+    ``topro-tags``, 2-5 tokens each on the tiny tokenizer): the answer end is not scored, the rows shrink, and
+    per-word, packed and eval-llm with the same setting give the same label log-probs (float64, 1e-6), which
+    differ from the ``always`` ones."""
+    sents = sentences(data_dir, 2)
+    spec = dict(llm_format="topro-tags", answer_end_scored="when_needed")
+    with caplog.at_level("INFO", logger="topro.llm.backends"):
+        per_word, model, path = causal_method(kind, **spec)
+        assert per_word.answer_end == ""
+    assert "prefix-free" in caplog.text and "without the answer end" in caplog.text
+    packed, _, _ = causal_method(kind, "sentence", **spec)
+    always, _, _ = causal_method(kind, llm_format="topro-tags")
+    assert always.answer_end == "\n" and per_word.meta()["answer_end_scored"] == "when_needed"
+    rows, rows_always = per_word.encode(sents), always.encode(sents)
+    assert sum(r.length for r in rows) < sum(r.length for r in rows_always)
+    assert sum(len(r.slots) for r in rows) < sum(len(r.slots) for r in rows_always)
+    model.eval()
+    with torch.no_grad():
+        got = per_word.label_log_probs(model, per_word.collate(rows)).numpy()
+        got_packed = packed.label_log_probs(model, packed.collate(packed.encode(sents))).numpy()
+    reference, end = _eval_llm_log_probs(path, "topro-tags", sents, "when_needed")
+    assert end == ""
+    np.testing.assert_allclose(got, reference, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got_packed, reference, atol=1e-6, rtol=0)
+    with_end, _ = _eval_llm_log_probs(path, "topro-tags", sents, "always")
+    assert np.abs(with_end - reference).max() > 1e-3
+
+
+def test_answer_end_kept_when_labels_are_not_prefix_free(data_dir, caplog):
+    """The default verbalizer's " verb" is one token that starts " verbal": ``when_needed`` keeps the end
+    (training and eval-llm alike, logged), so the scores are the ``always`` ones."""
+    sents = sentences(data_dir, 1)
+    with caplog.at_level("INFO", logger="topro.llm.backends"):
+        method, model, path = causal_method("llama", answer_end_scored="when_needed")
+        assert method.answer_end == "\n"
+    assert "not prefix-free" in caplog.text and "' verbal'" in caplog.text
+    model.eval()
+    with torch.no_grad():
+        got = method.label_log_probs(model, method.collate(method.encode(sents))).numpy()
+    reference, end = _eval_llm_log_probs(path, "topro", sents, "always")
+    assert end == "\n"
+    np.testing.assert_allclose(got, reference, atol=1e-6, rtol=0)
+
+
+def test_answer_end_setting_recorded_and_read_back():
+    """topro.json records the setting, so evaluation and serving rebuild the method that was trained;
+    checkpoints from before the setting read back as ``always``."""
+    method, _, _ = causal_method("llama", llm_format="topro-tags", answer_end_scored="when_needed")
+    spec = MethodSpec.from_meta(json.loads(json.dumps(method.meta())))
+    assert spec.answer_end_scored == "when_needed"
+    old = {k: v for k, v in method.meta().items() if k != "answer_end_scored"}
+    assert MethodSpec.from_meta(old).answer_end_scored == "always"
+    with pytest.raises(ValueError, match="answer_end_scored"):
+        causal_method("llama", answer_end_scored="sometimes")[0].answer_end
+
+
+def test_checkpoint_scores_with_the_answer_end_setting_it_was_trained_with(tmp_path, data_dir):
+    """A saved causal ToPro checkpoint with ``when_needed`` reloads (``load_checkpoint``, as ``topro evaluate``
+    and Serve do) dropping the answer end again: the same label log-probs."""
+    from topro.methods import load_checkpoint
+
+    sents = sentences(data_dir, 1)
+    method, model, _ = causal_method("llama", llm_format="topro-tags", answer_end_scored="when_needed")
+    model.eval()
+    method.save(model, tmp_path)
+    assert json.loads((tmp_path / "topro.json").read_text())["answer_end_scored"] == "when_needed"
+    loaded, loaded_model = load_checkpoint(tmp_path)
+    assert loaded.answer_end == ""
+    with torch.no_grad():
+        want = method.label_log_probs(model, method.collate(method.encode(sents)))
+        got = loaded.label_log_probs(loaded_model.to(torch.float64), loaded.collate(loaded.encode(sents)))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

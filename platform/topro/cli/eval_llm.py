@@ -55,6 +55,11 @@ class EvalLLMConfig(BackendConfig):
     """Score multi-token labels by the mean instead of the sum of their token log-probs."""
     calibrate: bool = False
     """Score mode: contextual calibration (divide out the label words' prior, measured on a content-free word)."""
+    answer_end_scored: Literal["always", "when_needed"] = "always"
+    """Score mode: score each label with the format's answer end after it (``always``), or only when the label
+    words' tokenizations are not prefix-free (``when_needed``: checked once from the tokenizer and logged; a
+    prefix-free single-token label set then costs one logit row per question). Use the value a causal ToPro
+    checkpoint was trained with (its ``topro.json``) to score as it was trained."""
     max_new_tokens: int | None = None
     """Generation cap (default from the prompt)."""
     output: str | None = None
@@ -90,12 +95,13 @@ class EvalLLMConfig(BackendConfig):
         return LLMEvalConfig(task=self.task, model=os.path.expanduser(self.model), format=self.format, mode=self.mode,
                              shots=self.shots, seed=self.seed, split=self.split, max_sentences=self.max_sentences,
                              data_dir=self.data_dir, verbalizer=self.verbalizer, length_norm=self.length_norm,
-                             calibrate=self.calibrate, max_new_tokens=self.max_new_tokens)
+                             calibrate=self.calibrate, max_new_tokens=self.max_new_tokens,
+                             answer_end_scored=self.answer_end_scored)
 
 
 FLAG_GROUPS = {
     None: ("task", "model", "langs", "shots", "format", "mode", "seed", "max_sentences", "split", "data_dir",
-           "verbalizer", "length_norm", "calibrate", "max_new_tokens", "output"),
+           "verbalizer", "length_norm", "calibrate", "answer_end_scored", "max_new_tokens", "output"),
     "local Hugging Face model": ("device", "dtype", "scoring", "max_tokens_per_batch", "threads"),
     "OpenAI-compatible server": ("api_model", "api", "concurrency", "timeout", "retries"),
     "Ray": ("ray", "address", "cpus_per_task"),

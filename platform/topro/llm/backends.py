@@ -116,6 +116,45 @@ class PromptTokens:
         return sent_ids, q_ids, labels
 
 
+ANSWER_END_SCORED = ("always", "when_needed")
+"""``answer_end_scored`` settings (eval-llm's score mode, ToPro / soft ToPro / RoSPrompt on causal LMs)."""
+
+
+def scored_answer_end(setting: str, prompt, tokens: PromptTokens | None, answers: list[str]) -> str:
+    """The text scored after every answer: the format's answer end (``always``), or, with ``when_needed``,
+    nothing when the answers' token sequences are prefix-free. The end is there so an answer whose tokens
+    start another's can lose to it (without it p(" noun") >= p(" nouns")); when none starts another it only
+    costs a logit row and a branch token per label and question (a single-token answer is then read from the
+    question's last logit row alone). ``prompt``: a ``TaskPrompt`` or eval-llm's ``RunSetup`` (task, fmt,
+    label_words, context); ``answers``: each scored continuation without the end. Decided once, from the
+    answers as the tokenizer splits them after a probe question, and logged with the reason."""
+    from topro.prompts.formats import render_topro
+
+    if setting not in ANSWER_END_SCORED:
+        raise ValueError(f"answer_end_scored must be one of {ANSWER_END_SCORED}, got {setting!r}")
+    end = prompt.fmt.for_task(prompt.task.name).answer_end
+    if setting == "always" or not end:
+        return end
+    if tokens is None:
+        log.info("answer_end_scored=when_needed: this backend has no local tokenizer to check the answers "
+                 "with; scoring the answer end %r after each", end)
+        return end
+    probe = render_topro(prompt.fmt, prompt.task.name, prompt.label_words, prompt.context, ["word"])
+    before = prompt.context + probe.sentence + probe.questions[0]
+    ids = {text: tuple(tokens.tail_ids(before, text)) for text in answers}
+    clash = next(((a, b) for a in ids for b in ids
+                  if len(ids[a]) < len(ids[b]) and ids[b][:len(ids[a])] == ids[a]), None)
+    if clash:
+        a, b = clash
+        log.info("answer_end_scored=when_needed: answer %r %s starts answer %r %s (not prefix-free): scoring "
+                 "the answer end %r after each", a, list(ids[a]), b, list(ids[b]), end)
+        return end
+    lengths = sorted({len(v) for v in ids.values()})
+    log.info("answer_end_scored=when_needed: the %d answers tokenize prefix-free (%s token(s) each): scoring "
+             "them without the answer end %r", len(ids), "/".join(map(str, lengths)), end)
+    return ""
+
+
 class HFBackend:
     """A local causal or seq2seq LM (folder or hub id), batched, CPU or GPU.
 
