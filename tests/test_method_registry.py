@@ -51,7 +51,7 @@ def test_method_spec_takes_every_field_it_shares_with_the_train_config(tiny_udpo
                       prefix_dropout=0.25, freeze_backbone=False, soft_prompt_placement="prefix")
     spec = method_spec(cfg, tiny_udpos)
     shared = [f.name for f in dataclasses.fields(MethodSpec) if hasattr(cfg, f.name)]
-    assert len(shared) == 30  # 15 + RoSPrompt's 8 + label_subword, adapter, 4 lora_* + llm_format
+    assert len(shared) == 31  # 15 + RoSPrompt's 8 + label_subword, adapter, 4 lora_* + llm_format, answer_end_scored
     assert {name: getattr(spec, name) for name in shared} == {name: getattr(cfg, name) for name in shared}
     assert (spec.base_model, spec.base_model_path, spec.labels[:2]) == (tiny_udpos, tiny_udpos, ["ADJ", "ADP"])
     assert method_spec(TrainConfig(method="vanilla", model=tiny_udpos), tiny_udpos).template is None  # not prompted
