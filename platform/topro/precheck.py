@@ -124,18 +124,31 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
 
 
 def refuse_classification(task: Task) -> None:
-    """A ``kind: classification`` task has its data layer (``topro.data.classification``) but no methods,
-    training or evaluation yet: say so before anything starts."""
+    """LLM evaluation of a ``kind: classification`` task is not built: say so before anything starts."""
     if task.kind == "classification":
-        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: its reader and data "
-                          f"(topro.data.classification) exist, but no method trains or evaluates such a task yet")
+        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: `topro train`, "
+                          f"`evaluate`, `sweep` and `serve` take it, but LLM evaluation of one is not built yet")
+
+
+def check_classification(cfg: TrainConfig) -> None:
+    """A ``kind: classification`` task: the method has a classification form (the registry's
+    ``classification_cls``) and asks one question per text (no packing)."""
+    if get_task(cfg.task).kind != "classification":
+        return
+    entry = METHOD_REGISTRY.get(cfg.method)
+    if entry is not None and not entry.classification_cls:
+        takes = [n for n, e in METHOD_REGISTRY.items() if e.classification_cls]
+        raise ConfigError(f"method {cfg.method!r} has no classification form; task {cfg.task!r} "
+                          f"(one label per text) takes {', '.join(takes)}")
+    if cfg.prompt_packing != "per_word":
+        raise ConfigError(f"prompt_packing={cfg.prompt_packing!r}: task {cfg.task!r} asks one question per text, "
+                          f"so there is nothing to pack; use per_word")
 
 
 def check_names(cfg: TrainConfig) -> None:
     """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    refuse_classification(get_task(cfg.task))
     if cfg.selection_metric is not None:  # topro.metrics imports seqeval (and sklearn): seconds on a busy box
         from topro.metrics import resolve_selection_metric
 
@@ -147,6 +160,7 @@ def check_names(cfg: TrainConfig) -> None:
     from topro.unseen import expand_unseen_labels
 
     expand_unseen_labels(cfg.task, cfg.unseen_labels)
+    check_classification(cfg)
     if cfg.method == "topro" and cfg.llm_format != "topro":
         from topro.prompts.formats import FormatError, load_format
 

@@ -1,0 +1,249 @@
+"""Sentence-level classification (task kind ``classification``): encoding per method, metrics, the registry's
+per-kind classes and the pre-checks (fast tier), and ``topro train`` + ``topro evaluate`` on the PAN-X-derived
+``panx_type`` task end to end (slow tier)."""
+import json
+import math
+
+import pytest
+import torch
+
+from topro.config import ConfigError, TrainConfig, from_dict
+from topro.data import get_task, load_split
+from topro.data.classification import TextExample, as_sentence, derive_panx_entity_types
+from topro.metrics import class_scores, generalized_scores, score_task, selection_metrics
+
+TASK = "panx_type"
+LABELS = ["PER", "ORG", "LOC"]
+
+
+def spec(method: str, model: str, **extra):
+    from topro.methods import MethodSpec
+
+    return MethodSpec(method=method, task=TASK, labels=LABELS, base_model=model, **extra)
+
+
+def texts(*pairs):
+    return [as_sentence(TextExample(text, label, "en", f"t:{i}")) for i, (text, label) in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def panx_type_dir(tmp_path_factory, data_dir):
+    """``panx_type`` derived from the real PAN-X files of en and de (train and dev; ~8 s)."""
+    out = tmp_path_factory.mktemp("panx_type")
+    derive_panx_entity_types(data_dir, out, splits=("train", "dev"), langs=["en", "de"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def panx_type_dev_de(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("panx_type_dev")
+    derive_panx_entity_types(data_dir, out, splits=("dev",), langs=["de"])
+    return out
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------
+
+def test_class_scores_by_hand():
+    gold = ["PER", "PER", "ORG", "LOC", "LOC", "LOC"]
+    pred = ["PER", "ORG", "ORG", "LOC", "PER", "LOC"]
+    scores = class_scores(gold, pred)
+    per = scores["per_class"]
+    # PER: 1 hit of 2 predicted, 2 gold; ORG: 1 of 2, 1 gold; LOC: 2 of 2, 3 gold
+    assert per["PER"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert per["ORG"]["f1"] == pytest.approx(2 / 3) and per["LOC"]["f1"] == pytest.approx(0.8)
+    assert scores["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+    # a class in neither gold nor prediction is left out; one predicted but never gold counts with F1 0
+    assert class_scores(["PER", "ORG"], ["PER", "ORG"])["macro_f1"] == 1.0
+    assert class_scores(["PER", "PER"], ["PER", "LOC"])["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_score_task_and_generalized_scores_on_texts():
+    task = get_task(TASK)
+    gold = [["PER"], ["ORG"], ["LOC"], ["LOC"]]
+    pred = [["PER"], ["LOC"], ["LOC"], ["PER"]]
+    scores = score_task(task, gold, pred)
+    assert scores["accuracy"] == 0.5 and "xtreme_seqeval_f1" not in scores and "f1" not in scores
+    assert scores["macro_f1"] == pytest.approx(class_scores(["PER", "ORG", "LOC", "LOC"],
+                                                            ["PER", "LOC", "LOC", "PER"])["macro_f1"])
+    g = generalized_scores(task, gold, pred, ["LOC"])
+    assert g["accuracy_seen_labels"] == 0.5 and g["accuracy_unseen_labels"] == 0.5
+    assert g["accuracy_hmean_labels"] == 0.5 and g["n_unseen_label_words"] == 2
+    assert selection_metrics(task) == ["accuracy", "macro_f1"]
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+def test_load_split_gives_one_unit_sentences(panx_type_dev_de):
+    sentences = load_split(TASK, "de", "dev", panx_type_dev_de, limit=5)
+    lines = (panx_type_dev_de / TASK / "dev-de.tsv").read_text().splitlines()[:5]
+    assert [(s.words, s.tags) for s in sentences] == [([t], [label]) for t, label in (x.rsplit("\t", 1) for x in lines)]
+    assert sentences[0].source.endswith("dev-de.tsv:1") and sentences[0].lang == "de"
+
+
+def test_classification_template_asks_no_word(tmp_path, monkeypatch):
+    from topro.prompts import registry
+
+    (tmp_path / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\ntemplates:\n  bad:\n    question: \"{{word}} is a {{mask}} .\"\n")
+    monkeypatch.setenv("TOPRO_PROMPTS_PATH", str(tmp_path))
+    registry._prompts.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"template 'bad' needs a 'question' holding \{mask\} and no \{word\}"):
+            registry.get_template(TASK, "bad")
+    finally:
+        registry._prompts.cache_clear()
+
+
+# -- the registry's per-kind classes and the pre-checks ---------------------------------------------------------
+
+def test_registry_names_a_classification_class_per_method():
+    from topro.method_registry import METHOD_REGISTRY
+    from topro.methods.classification import TextCloze, TextClozeRoSPrompt, TextClozeSoft, TextVanilla
+
+    found = {name: METHOD_REGISTRY[name].implementation("masked", "classification")
+             for name in ("topro", "topro_soft", "rosprompt", "vanilla")}
+    assert found == {"topro": TextCloze, "topro_soft": TextClozeSoft, "rosprompt": TextClozeRoSPrompt,
+                     "vanilla": TextVanilla}
+    with pytest.raises(ValueError, match="'prompt_tuning' has no classification form; classification tasks take"):
+        METHOD_REGISTRY["prompt_tuning"].implementation("masked", "classification")
+    with pytest.raises(ValueError, match="runs on masked LMs only; this backbone is causal"):
+        METHOD_REGISTRY["topro"].implementation("causal", "classification")
+    assert METHOD_REGISTRY["topro"].implementation("masked").__name__ == "ToProMLM"  # token tasks as before
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"method": "prompt_tuning"}, "method 'prompt_tuning' has no classification form"),
+    ({"method": "topro", "prompt_packing": "sentence"}, "asks one question per text, so there is nothing to pack"),
+    ({"method": "vanilla", "unseen_labels": ["LOC"]}, "classification head"),
+    ({"method": "rosprompt", "unseen_labels": ["LOC", "PER"]}, "leaves 1 of the 3 labels"),
+    ({"method": "rosprompt", "unseen_labels": ["MISC"]}, r"\['MISC'\] is not among the labels"),
+])
+def test_bad_classification_settings_stop_before_training(overrides, needle):
+    from topro.precheck import check_names
+
+    with pytest.raises(ConfigError, match=needle):
+        check_names(from_dict(TrainConfig, {"task": TASK, **overrides}))
+
+
+def test_llm_evaluation_of_a_classification_task_is_refused_saying_so():
+    from topro.precheck import check_llm
+
+    with pytest.raises(ConfigError, match="LLM evaluation of one is not built yet"):
+        check_llm(task=TASK, model="x", format="topro", langs="en")
+
+
+# -- encoding (tiny XLM-R with a real sentencepiece tokenizer: "person", "organisation", "location" whole) -----
+
+def test_cloze_encoding_one_prompt_per_text(tiny_xlmr):
+    from topro.methods import build_method
+
+    method = build_method(spec("topro", tiny_xlmr, max_length=48), tiny_xlmr)
+    tok, layout = method.tokenizer, method.layout
+    short, long = "Angela Merkel spoke .", " ".join(["Paris"] * 80)
+    examples = method.encode(texts((short, "PER"), (long, "LOC")))
+    assert len(examples) == 2 and [e.words for e in examples] == [[0], [0]]
+    question = tok("The named entities of this text are a kind of: <mask> .", add_special_tokens=False)["input_ids"]
+    text = tok(short, add_special_tokens=False)["input_ids"]
+    assert examples[0].input_ids == layout.lead + text + layout.middle + question + layout.suffix
+    assert examples[0].input_ids[examples[0].positions[0]] == tok.mask_token_id
+    assert examples[0].labels == [0] and examples[1].labels == [2] and not examples[0].trimmed_context
+    # a long text keeps its beginning; the question and its mask are never cut
+    cut = examples[1]
+    assert cut.length == 48 and cut.trimmed_context and cut.input_ids[-len(question) - len(layout.suffix):] == \
+        question + layout.suffix
+    long_ids = tok(long, add_special_tokens=False)["input_ids"]
+    n_text = 48 - layout.pair_overhead - len(question)
+    assert n_text > 0
+    assert cut.input_ids[len(layout.lead):len(layout.lead) + n_text] == long_ids[:n_text]
+
+
+def test_cloze_scores_equal_the_full_vocabulary_reference_in_float64(tiny_xlmr):
+    """The label-restricted head at the text's mask = the full MLM logits read at that position (float64)."""
+    from topro.methods import build_method
+    from topro.methods.topro_mlm import full_vocab_label_logits
+
+    method = build_method(spec("topro", tiny_xlmr), tiny_xlmr)
+    torch.manual_seed(0)
+    model = method.build_model(tiny_xlmr).double().eval()
+    batch = method.collate(method.encode(texts(("Angela Merkel spoke .", "PER"), ("Die Stadt Paris", "LOC"),
+                                               ("Siemens AG", "ORG"))))
+    with torch.no_grad():
+        ours = method.label_log_probs(model, batch)
+        ref = torch.log_softmax(full_vocab_label_logits(model, batch, method.label_ids), dim=-1)
+    assert ours.shape == (3, 3) and ours.dtype == torch.float64
+    assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+
+
+def test_soft_prompt_question_per_text(tiny_xlmr):
+    from topro.methods import build_method
+
+    for name in ("topro_soft", "rosprompt"):
+        method = build_method(spec(name, tiny_xlmr, prefix_length=6, verbalizer_expansion="none"), tiny_xlmr)
+        examples = method.encode(texts(("Angela Merkel spoke .", "PER")))
+        batch = method.collate(examples)
+        soft = batch["soft_index"][0]
+        # the question's text became 6 soft vectors (5 before the mask, 1 after, by token counts); the text is
+        # kept as it is and the mask sits between the soft runs
+        assert (soft >= 0).sum() == 6 and sorted(soft[soft >= 0].tolist()) == list(range(6))
+        mask_at = examples[0].positions[0]
+        assert batch["input_ids"][0, mask_at] == method.tokenizer.mask_token_id
+        model = method.build_model(tiny_xlmr).eval()
+        with torch.no_grad():
+            lp = method.label_log_probs(model, batch)
+        assert lp.shape == (1, 3) and torch.allclose(lp.exp().sum(-1), torch.ones(1))
+
+
+def test_vanilla_reads_the_text_with_a_sequence_classification_head(tiny_xlmr):
+    from topro.methods import build_method
+
+    method = build_method(spec("vanilla", tiny_xlmr, max_length=10), tiny_xlmr)
+    model = method.build_model(tiny_xlmr).eval()
+    assert type(model).__name__ == "XLMRobertaForSequenceClassification" and model.config.num_labels == 3
+    examples = method.encode(texts(("Angela Merkel spoke .", "PER"), (" ".join(["Paris"] * 30), "LOC")))
+    assert [e.length for e in examples][1] == 10 and examples[1].trimmed_context and examples[1].labels == [2]
+    batch = method.collate(examples)
+    with torch.no_grad():
+        lp = method.label_log_probs(model, batch)
+        direct = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    assert torch.allclose(lp, direct)
+    with torch.no_grad():
+        loss = method.loss(model, batch)
+    assert math.isclose(float(loss), float(-(direct[0, 0] + direct[1, 2]) / 2), rel_tol=1e-5)
+
+
+# -- end to end (slow) ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [
+    ("rosprompt", ["unseen_labels=[LOC]", "verbalizer=multilingual", "shots_per_label=null", "epochs=2"]),
+    ("vanilla", ["epochs=1"]),
+])
+def test_train_then_evaluate_panx_type(tmp_path, panx_type_dir, method, extra, capsys):
+    from topro.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", f"configs/train/panx_type-{'rosprompt' if method == 'rosprompt' else 'vanilla'}.yaml",
+                 "--data-dir", str(panx_type_dir), "--output", str(out), "max_train_sentences=60",
+                 "max_dev_sentences=30", "eval_langs=[]", "progress=false", "learning_rate=3e-3", *extra]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selection_metric"] == "accuracy" and metrics["n_train_sentences"] == 60
+    result = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", "de,en", "--data-dir",
+                 str(panx_type_dir), "--max-sentences", "20", "--output", str(result)]) == 0
+    table = capsys.readouterr().out
+    assert "| lang | accuracy | macro_f1 | texts | trimmed texts |" in table
+    record = json.loads(result.read_text())
+    predictions = json.loads((tmp_path / "eval.predictions.json").read_text())
+    for lang in ("de", "en"):
+        r = record["languages"][lang]
+        stored = predictions["languages"][lang]
+        assert r["n_sentences"] == 20 and all(len(g) == 1 for g in stored["gold"])
+        again = score_task(get_task(TASK), stored["gold"], stored["pred"])
+        assert r["accuracy"] == pytest.approx(again["accuracy"]) and r["macro_f1"] == pytest.approx(again["macro_f1"])
+    if method == "rosprompt":
+        de = record["languages"]["de"]
+        assert record["unseen_labels"] == ["LOC"] and de["n_unseen_label_words"] == sum(
+            g == ["LOC"] for g in predictions["languages"]["de"]["gold"])
+        assert {"accuracy_seen_labels", "accuracy_unseen_labels", "accuracy_hmean_labels"} <= set(de)
+        assert metrics["n_train_unseen_label_words"] > 0  # LOC texts were in the data and carried no loss
+        assert "label_words" in record
