@@ -4,6 +4,7 @@ per-kind classes and the pre-checks (fast tier), and ``topro train`` + ``topro e
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,126 @@ def test_train_then_evaluate_panx_type(tmp_path, panx_type_dir, method, extra, c
         assert {"accuracy_seen_labels", "accuracy_unseen_labels", "accuracy_hmean_labels"} <= set(de)
         assert metrics["n_train_unseen_label_words"] > 0  # LOC texts were in the data and carried no loss
         assert "label_words" in record
+
+
+# -- serving (Ray-free) ---------------------------------------------------------------------------------------------
+
+def test_tagger_classifies_texts_and_refuses_the_other_kind(tmp_path, tiny_xlmr):
+    from topro.data import get_task
+    from topro.evaluate import predict
+    from topro.methods import MethodSpec, build_method
+    from topro.serving import Tagger, WrongKindError
+
+    def checkpoint(task: str) -> str:
+        method = build_method(MethodSpec(method="topro", task=task, labels=list(get_task(task).labels),
+                                         base_model=tiny_xlmr), tiny_xlmr)
+        torch.manual_seed(0)
+        method.save(method.build_model(tiny_xlmr), tmp_path / task)
+        return str(tmp_path / task)
+
+    tagger = Tagger.load(checkpoint(TASK), "cls", device="cpu")
+    assert tagger.kind == "classification"
+    units = texts(("Angela Merkel spoke .", "PER"), ("Die Stadt Paris", "LOC"))
+    out = tagger.classify([as_sentence(TextExample(s.words[0], "", "de")) for s in units])
+    expected = [p.log_probs[0] for p in predict(tagger.method, tagger.model, units)]
+    for result, log_probs, unit in zip(out, expected, units):
+        assert result.text == unit.words[0] and result.lang == "de" and not result.trimmed
+        assert list(result.scores) == LABELS and result.label == LABELS[int(log_probs.argmax())]
+        assert [result.scores[k] for k in LABELS] == pytest.approx(np.exp(log_probs).tolist(), abs=1e-6)
+        assert result.prob == max(result.scores.values()) and sum(result.scores.values()) == pytest.approx(1, abs=1e-5)
+    with pytest.raises(WrongKindError, match="is a classification model .* send its requests to POST /classify"):
+        tagger.tag(units)
+    tagging = Tagger.load(checkpoint("panx"), "ner", device="cpu")
+    with pytest.raises(WrongKindError, match="is a tagging model .* send its requests to POST /tag"):
+        tagging.classify(units)
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"texts": []}, 422, "texts: send at least one text"),
+    ({"texts": ["a", "b", "c"]}, 413, "texts: 3 texts in one request; the limit is 2"),
+    ({"text": "   "}, 422, "text: empty or whitespace-only text"),
+    ({"texts": ["ok", "one two three four five six"]}, 413, "texts[1]: 6 words; the limit is 5 words per text"),
+    ({"texts": ["x" * 11]}, 413, "texts[0]: a word of 11 characters; the limit is 10"),
+    ({"text": "bad \ud800"}, 422, "text: character 4 (U+D800) cannot be encoded as UTF-8"),
+])
+def test_classify_request_limits_name_the_text(body, status, needle):
+    from topro.endpoint.schemas import ClassifyRequest, Limits, RequestProblem, check_text_limits
+
+    with pytest.raises(RequestProblem) as err:
+        check_text_limits(ClassifyRequest(**body), Limits(max_sentences=2, max_words=5, max_word_chars=10))
+    assert err.value.status == status and needle in err.value.message
+    with pytest.raises(ValueError, match="send exactly one of 'texts'"):
+        ClassifyRequest(texts=["a"], text="b")
+
+
+# -- serving over real HTTP (slow: Ray Serve) ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classify_url(ray_local, tiny_panx, tmp_path_factory):
+    """The ``tagging`` app on 127.0.0.1 with an (untrained) ``panx_type`` topro checkpoint as ``default`` and a
+    PAN-X tagging one as ``ner``, both over the tiny PAN-X BERT; Serve is shut down at the module's end."""
+    import os
+    from pathlib import Path
+
+    from net import serve_on_free_port
+    from ray import serve as ray_serve
+
+    from topro.endpoint.tagging import make_app
+    from topro.methods import MethodSpec, build_method
+
+    repo = Path(__file__).resolve().parent.parent
+    folders = {}
+    for task in (TASK, "panx"):
+        method = build_method(MethodSpec(method="topro", task=task, labels=list(get_task(task).labels),
+                                         base_model=tiny_panx), tiny_panx)
+        folders[task] = tmp_path_factory.mktemp(task)
+        method.save(method.build_model(tiny_panx), folders[task])
+    actor = {"num_cpus": 1, "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join([str(repo), str(repo / "platform")])}}}
+    app = make_app({"model": str(folders[TASK]), "models": {"ner": str(folders["panx"])}, "max_sentences": 3,
+                    "max_words": 10, "max_word_chars": 20, "max_call_words": 10, "max_batch_size": 8},
+                   {"Tagger": {"num_replicas": 1, "ray_actor_options": actor}})
+    url = serve_on_free_port(lambda port: ray_serve.run(app, name="classify", route_prefix="/"))
+    yield url
+    ray_serve.shutdown()
+
+
+@pytest.mark.slow
+def test_classify_route_over_http(classify_url):
+    import requests
+
+    from topro.endpoint.schemas import ClassifyResponse
+
+    body = {"texts": ["Angela Merkel sprach in Berlin .", "Siemens AG baut Züge ."], "lang": "de"}
+    r = requests.post(f"{classify_url}/classify", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    ClassifyResponse.model_validate(answer)  # the documented response schema
+    assert answer["model"]["task"] == TASK and answer["model"]["method"] == "topro"
+    assert [t["text"] for t in answer["texts"]] == body["texts"]
+    for t in answer["texts"]:
+        assert t["lang"] == "de" and list(t["scores"]) == LABELS and t["label"] in LABELS
+        assert t["prob"] == max(t["scores"].values()) and sum(t["scores"].values()) == pytest.approx(1, abs=1e-4)
+    # more words than one model call takes (max_call_words 10): split into chunks, the same answer per text
+    many = {"texts": ["Angela Merkel sprach in Berlin .", "Siemens AG baut Züge .", "Paris"]}
+    r = requests.post(f"{classify_url}/classify", json=many, timeout=120)
+    assert r.status_code == 200 and r.json()["batch"]["chunks"] == 2
+    assert r.json()["texts"][:2] == [{**t, "lang": None} for t in answer["texts"]]
+
+    bad = [({"texts": []}, 422, "texts: send at least one text"),
+           ({"texts": ["a", "b", "c", "d"]}, 413, "the limit is 3"),
+           ({"text": " "}, 422, "text: empty or whitespace-only text"),
+           ({"sentences": [["a"]]}, 422, "unknown field"),
+           ({"text": "Berlin", "lang": "xx"}, 422, "lang: 'xx' is not a language of task 'panx_type'"),
+           ({"text": "bad \ud800"}, 422, "cannot be encoded as UTF-8")]
+    for request_body, status, needle in bad:
+        r = requests.post(f"{classify_url}/classify", json=request_body, timeout=60)
+        assert r.status_code == status and needle in r.json()["detail"], (request_body, r.status_code, r.text)
+    # each route refuses a model of the other kind, saying which route to use
+    r = requests.post(f"{classify_url}/tag", json={"text": "Angela Merkel"}, timeout=60)
+    assert r.status_code == 422 and "send its requests to POST /classify" in r.json()["detail"]
+    r = requests.post(f"{classify_url}/classify", json={"text": "Angela Merkel"}, timeout=120,
+                      headers={"serve_multiplexed_model_id": "ner"})
+    assert r.status_code == 422 and "send its requests to POST /tag" in r.json()["detail"]
+    assert requests.post(f"{classify_url}/tag", json={"text": "Angela Merkel"}, timeout=120,
+                         headers={"serve_multiplexed_model_id": "ner"}).status_code == 200
+    assert requests.get(f"{classify_url}/healthz", timeout=30).json()["status"] == "ok"
