@@ -371,3 +371,64 @@ def test_classify_route_over_http(classify_url):
     assert requests.post(f"{classify_url}/tag", json={"text": "Angela Merkel"}, timeout=120,
                          headers={"serve_multiplexed_model_id": "ner"}).status_code == 200
     assert requests.get(f"{classify_url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+# -- the sweep and the report ----------------------------------------------------------------------------------------
+
+def test_report_shows_generalized_zero_shot_columns():
+    from topro.reports import generalized_table
+
+    def record(setting, seed, seen, unseen, hmean, n):
+        return {"task": TASK, "method": "rosprompt", "setting": setting, "seed": seed, "unseen_labels": ["LOC"],
+                "average": {"accuracy": 0.5, "accuracy_seen_labels": seen, "accuracy_unseen_labels": unseen,
+                            "accuracy_hmean_labels": hmean, "n_unseen_label_words": n}}
+
+    plain = {"task": "panx", "method": "vanilla", "average": {"f1": 0.4}}  # no unseen labels: not in the table
+    table = generalized_table([record("knn", 1, 0.8, 0.2, 0.32, 30.0), record("knn", 2, 0.6, 0.4, 0.48, 30.0),
+                               plain])
+    assert "### panx_type: generalized zero-shot (accuracy, %" in table and "panx:" not in table
+    assert "| knn | LOC | 2 | 70.0 ± 14.1 | 30.0 ± 14.1 | 40.0 ± 11.3 | 30.0 |" in table
+    assert generalized_table([plain]) == ""
+
+
+def test_the_shipped_classification_configs_pass_the_prechecks(tmp_path, data_dir):
+    """The sweep and train configs of panx_type load and pass every check `topro sweep` / `train` run first."""
+    from topro.config import load_config
+    from topro.precheck import check_sweep, check_train
+    from topro.sweep_config import load_sweep_config
+
+    derive_panx_entity_types(data_dir, tmp_path, splits=("train", "dev"), langs=["en"])
+    sweep = load_sweep_config("configs/sweeps/panx_type-unseen.yaml", [f"base.data_dir={tmp_path}", "eval_langs=[en]"])
+    check_sweep(sweep)
+    for name in ("rosprompt", "vanilla"):
+        check_train(load_config(TrainConfig, f"configs/train/panx_type-{name}.yaml",
+                                [f"data_dir={tmp_path}", "eval_langs=[en]"]))
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_classification_task_and_its_report(tmp_path, panx_type_dir, ray_local, capsys):
+    """A real sweep (Tune over Ray Train trials, MLflow in SQLite) on panx_type with LOC unseen: trials are
+    selected on English dev accuracy, evaluated with accuracy, macro-F1 and seen / unseen / hmean, and the
+    report prints the generalized zero-shot table."""
+    from topro import tracking
+    from topro.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"base.data_dir={panx_type_dir}", "base.max_train_sentences=60", "base.max_dev_sentences=20",
+                 "base.epochs=1", "base.shots_per_label=null", "base.verbalizer_expansion=none", "seeds=[1]",
+                 "eval_langs=[de]", "max_sentences=10", f"storage_path={tmp_path / 'sweeps'}", "base.max_failures=0"]
+    summary_path = tmp_path / "summary.json"
+    assert main(["sweep", "--config", "configs/sweeps/panx_type-unseen.yaml", "--tracking-uri", uri,
+                 "--summary", str(summary_path), *overrides]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert [t["status"] for t in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    for trial in summary["trials"]:
+        average = trial["average"]
+        assert {"accuracy", "macro_f1", "accuracy_seen_labels", "accuracy_hmean_labels"} <= set(average)
+        assert 0 <= trial["dev_score"] <= 1
+    capsys.readouterr()
+    tracking.configure(uri)
+    assert main(["report", "--sweep", "panx_type-unseen", "--tracking-uri", uri, "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "### panx_type (accuracy, %" in out and "### panx_type: generalized zero-shot (accuracy, %" in out
+    assert "| LOC | 1 |" in out
