@@ -432,3 +432,27 @@ def test_a_sweep_over_a_classification_task_and_its_report(tmp_path, panx_type_d
     out = capsys.readouterr().out
     assert "### panx_type (accuracy, %" in out and "### panx_type: generalized zero-shot (accuracy, %" in out
     assert "| LOC | 1 |" in out
+
+
+# -- SIB-200: its task spec, prompts and the hub rows' reading (the hub itself is not reachable here) -------------
+
+def test_sib200_rows_read_as_texts():
+    from topro.data.loading import _hub_text
+    from topro.data.readers import DataFormatError
+    from topro.prompts import get_template, get_verbalizer
+
+    task = get_task("sib200")
+    assert task.kind == "classification" and task.hub.path == "Davlan/sib200" and task.hub.splits == {"dev": "validation"}
+    allowed = set(task.labels)
+    row = {"index_id": 7, "category": "travel", "text": " The train to Lyon leaves at noon . "}
+    s = _hub_text(task, row, "eng_Latn", "Davlan/sib200/eng_Latn[validation]", 3, None, allowed)
+    assert (s.words, s.tags, s.lang, s.source) == (["The train to Lyon leaves at noon ."], ["travel"], "eng_Latn",
+                                                   "Davlan/sib200/eng_Latn[validation]#3")
+    names = list(task.labels)  # a ClassLabel column gives indices
+    assert _hub_text(task, {**row, "category": 3}, "x", "w", 0, names, allowed).tags == ["sports"]
+    with pytest.raises(DataFormatError, match=r"w row 5: unknown label 'weather'; allowed labels"):
+        _hub_text(task, {**row, "category": "weather"}, "x", "w", 5, None, allowed)
+    with pytest.raises(DataFormatError, match=r"w row 6: empty text \(label 'travel'\)"):
+        _hub_text(task, {**row, "text": "  "}, "x", "w", 6, None, allowed)
+    assert get_template("sib200").question == "The topic of this text is: {mask} ."
+    assert get_verbalizer("sib200", "multilingual").seed_words("science/technology")[0] == "science"
