@@ -126,11 +126,49 @@ def test_bad_classification_settings_stop_before_training(overrides, needle):
         check_names(from_dict(TrainConfig, {"task": TASK, **overrides}))
 
 
-def test_llm_evaluation_of_a_classification_task_is_refused_saying_so():
+def test_llm_evaluation_of_a_classification_task_takes_topro_formats_only():
     from topro.precheck import check_llm
 
-    with pytest.raises(ConfigError, match="LLM evaluation of one is not built yet"):
-        check_llm(task=TASK, model="x", format="topro", langs="en")
+    with pytest.raises(ConfigError, match="classification task .* takes a topro-style format .* not 'sentence'"):
+        check_llm(task=TASK, model="x", format="sentence", langs="en")
+
+
+def test_llm_prompt_of_a_text_is_one_question_about_it():
+    from topro.prompts.formats import render_topro, task_prompt
+
+    prompt = task_prompt(get_task(TASK), "topro")
+    assert prompt.label_words == {"PER": "person", "ORG": "organisation", "LOC": "location"}
+    assert prompt.context == "Named entity type: location organisation person\n"
+    rendered = render_topro(prompt.fmt, TASK, prompt.label_words, prompt.context, ["Angela Merkel sprach ."])
+    assert rendered.sentence == "Text: Angela Merkel sprach .\n"
+    assert rendered.questions == ["The named entities of this text are a kind of:"]
+    assert rendered.answers == {"PER": " person", "ORG": " organisation", "LOC": " location"}
+
+
+@pytest.mark.slow
+def test_eval_llm_on_a_classification_task(tmp_path, panx_type_dir, capsys):
+    """`topro eval-llm` on panx_type with a tiny Gemma 3: one scored question per text; accuracy and
+    macro-F1 add up from the per-class counts of the gold texts."""
+    from llm_tiny import tiny_model_dir
+
+    from topro.cli import main
+
+    out = tmp_path / "llm.json"
+    assert main(["eval-llm", "--task", TASK, "--model", str(tiny_model_dir("gemma3")), "--langs", "de,en",
+                 "--max-sentences", "6", "--shots", "1", "--no-ray", "--threads", "1", "--data-dir",
+                 str(panx_type_dir), "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    record = json.loads(out.read_text())
+    gold = {lang: [s.tags for s in load_split(TASK, lang, "dev", panx_type_dir, limit=6)] for lang in ("de", "en")}
+    for lang in ("de", "en"):
+        r = record["languages"][lang]
+        assert r["n_sentences"] == r["n_words"] == 6 and r["format_failure_rate"] == 0.0
+        # the per-class counts are those of the 6 gold texts, and the scores add up from them
+        assert {c: v["support"] for c, v in r["per_class"].items() if v["support"]} == \
+            {c: sum(g == [c] for g in gold[lang]) for c in {g[0] for g in gold[lang]}}
+        assert sum(r["predicted_label_counts"].values()) == 6
+        hits = sum(v["recall"] * v["support"] for v in r["per_class"].values())
+        assert r["accuracy"] == pytest.approx(hits / 6)
+        assert r["macro_f1"] == pytest.approx(sum(v["f1"] for v in r["per_class"].values()) / len(r["per_class"]))
 
 
 # -- encoding (tiny XLM-R with a real sentencepiece tokenizer: "person", "organisation", "location" whole) -----

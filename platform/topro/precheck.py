@@ -123,11 +123,12 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
                           f"({type(err).__name__}); give a local folder or 'tiny'") from None
 
 
-def refuse_classification(task: Task) -> None:
-    """LLM evaluation of a ``kind: classification`` task is not built: say so before anything starts."""
-    if task.kind == "classification":
-        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: `topro train`, "
-                          f"`evaluate`, `sweep` and `serve` take it, but LLM evaluation of one is not built yet")
+def check_llm_classification(task: Task, fmt) -> None:
+    """LLM evaluation of a ``kind: classification`` task asks one question per text: only a ``topro``-style
+    format does (the ``sentence`` style has the model write a tag after every word)."""
+    if task.kind == "classification" and fmt.style != "topro":
+        raise ConfigError(f"format {fmt.name!r}: task {task.name!r} is a classification task (one label per "
+                          f"text); it takes a topro-style format (one question per text), not {fmt.style!r}")
 
 
 def check_classification(cfg: TrainConfig) -> None:
@@ -373,9 +374,9 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
     from topro.prompts.formats import load_format
 
     task = get_task(task)
-    refuse_classification(task)
     try:
         fmt = load_format(format)
+        check_llm_classification(task, fmt)
         fmt.for_task(task.name)
     except ValueError as err:
         raise ConfigError(f"--format: {err}") from None
