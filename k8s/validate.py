@@ -653,7 +653,7 @@ class Validator:
             return []  # reported by check_entrypoint
         if not any(Path(a).name == "sweep.py" or a in ("sweep", "train") for a in argv):
             return []
-        storage = next((a.split("=", 1)[1] for a in argv if a.startswith("storage_path=")), None)
+        storage = sweep_storage_path(argv)
         target = get(data, ("spec", "clusterSelector", "ray.io/cluster"))
         if target in clusters:  # the job runs on an existing RayCluster: its mounts and env count
             cluster = clusters[target]
@@ -1128,6 +1128,18 @@ def _read(path: Path, report: Report) -> list[Manifest]:
         return []
 
 
+def sweep_storage_path(argv: list[str]) -> str | None:
+    """The ``storage_path`` a sweep's command line sets: ``storage_path=X``, ``--storage-path X`` or
+    ``--storage-path=X`` (the flag is a shorthand for the field)."""
+    for i, arg in enumerate(argv):
+        for prefix in ("storage_path=", "--storage-path="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):]
+        if arg == "--storage-path" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, help="manifest files or kustomization directories")
@@ -1148,3 +1160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -104,6 +104,20 @@ def build_tiny_gemma3(out: Path, sliding_window: int = 8) -> Path:
     return out
 
 
+def build_tiny_bloom(out: Path) -> Path:
+    """BLOOM: ALiBi position biases built from the 2-D padding mask (no position ids, no 4-D masks)."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tok = build_bpe_tokenizer(out)
+    torch.manual_seed(3)
+    config = BloomConfig(vocab_size=len(tok), hidden_size=64, n_layer=2, n_head=4, initializer_range=0.2,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    BloomForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def build_tiny_t5(out: Path) -> Path:
     import sentencepiece as spm
     import torch
@@ -139,8 +153,9 @@ _ROOT = Path(tempfile.mkdtemp(prefix="topro-llm-tiny-"))
 
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(kind: str) -> Path:
-    """Folder of a tiny model ("llama", "gemma3" or "t5"), built once per process."""
-    builders = {"llama": build_tiny_llama, "gemma3": build_tiny_gemma3, "t5": build_tiny_t5}
+    """Folder of a tiny model ("llama", "gemma3", "bloom" or "t5"), built once per process."""
+    builders = {"llama": build_tiny_llama, "gemma3": build_tiny_gemma3, "bloom": build_tiny_bloom,
+                "t5": build_tiny_t5}
     return builders[kind](_ROOT / kind)
 
 

@@ -4,11 +4,15 @@ A probe (bind port 0, read the port, close) leaves a moment in which another pro
 take the port before our server binds it. Servers that bind port 0 themselves are used as such
 (``TinyOpenAIServer``); for those that need a port up front (Ray Serve's HTTP proxy, ``mlflow server``,
 ``topro serve``) ``on_free_port`` probes, starts, and, when the start failed because somebody else now holds
-the port, tries again on another one. Any other failure is raised at once.
+the port, tries again on another one. Any other failure is raised at once. ``wait_until_healthy`` is how a
+test waits for a server process it started.
 """
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -52,3 +56,24 @@ def serve_on_free_port(deploy: Callable[[int], object], *, attempts: int = 3) ->
         return f"http://127.0.0.1:{port}"
 
     return on_free_port(start, attempts=attempts, stop=serve.shutdown)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, *, timeout_s: float, poll_s: float = 1.0,
+                       name: str = "the server") -> None:
+    """Return once GET ``url`` answers 200. ``process`` exiting first raises ``RuntimeError`` with the tail of
+    its ``log`` (``on_free_port`` then tries another port if somebody else took this one); no answer within
+    ``timeout_s`` fails the test (another port would not help)."""
+    import pytest
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before answering:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
+            pass
+        time.sleep(poll_s)
+    pytest.fail(f"{name}: no answer from {url} within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")

@@ -126,6 +126,16 @@ def test_bad_classification_settings_stop_before_training(overrides, needle):
         check_names(from_dict(TrainConfig, {"task": TASK, **overrides}))
 
 
+def test_a_classification_task_on_a_causal_lm_stops_before_a_model_loads():
+    from llm_tiny import tiny_model_dir
+
+    from topro.precheck import check_backbone
+
+    cfg = from_dict(TrainConfig, {"task": TASK, "method": "topro", "model": str(tiny_model_dir("gemma3"))})
+    with pytest.raises(ConfigError, match="classification task: its methods run on masked LMs only so far; .* causal LM"):
+        check_backbone(cfg)
+
+
 def test_llm_evaluation_of_a_classification_task_takes_topro_formats_only():
     from topro.precheck import check_llm
 

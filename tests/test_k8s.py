@@ -408,6 +408,13 @@ BROKEN_CASES = {
         "spec.entrypoint",
         "storage_path /tmp/sweeps is not on a volume every Ray node mounts (shared mounts: /mnt/topro)",
     ),
+    "rayjob-storage-path-flag-node-local": (
+        RAYJOB,
+        [("storage_path=/mnt/topro/sweeps", "--storage-path /tmp/sweeps")],
+        "RayJob/topro-sweep-demo",
+        "spec.entrypoint",
+        "storage_path /tmp/sweeps is not on a volume every Ray node mounts (shared mounts: /mnt/topro)",
+    ),
     "rayjob-without-storage-path": (
         RAYJOB,
         [(" storage_path=/mnt/topro/sweeps", "")],

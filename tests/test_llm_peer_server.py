@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,25 +20,11 @@ import requests
 import torch
 
 from llm_tiny import DATA_DIR, tiny_model_dir
-from net import on_free_port
+from net import on_free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
 SERVER_START_SECONDS = 300  # imports, the model load, uvicorn; ~60-80 s measured on the loaded 2-core machine
-
-
-def wait_until_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"transformers serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"transformers serve not healthy after {SERVER_START_SECONDS}s:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -68,7 +53,8 @@ def peer_server(tmp_path_factory):
         with log.open("a") as out:
             started.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(started[-1], url, log)
+        wait_until_healthy(f"{url}/health", started[-1], log, timeout_s=SERVER_START_SECONDS, poll_s=0.5,
+                           name="transformers serve")
         return url
 
     try:

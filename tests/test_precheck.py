@@ -179,3 +179,35 @@ def test_failure_advice_matches_the_failure():
     assert "fix the configuration or data" in failure_advice([ValueError("x")])
     transient = failure_advice([RuntimeError("worker died")])
     assert "rerun the same command" in transient and "fix" not in transient
+
+
+def test_a_method_without_a_class_for_the_backbone_kind_is_refused_before_loading(workdir, capsys, monkeypatch):
+    """The registry says which backbone kinds a method runs on: a method with no decoder-only class, given a
+    causal LM, stops in the pre-checks with a message naming the method, the model kind and the methods that
+    run on it. The model folder holds a config and no weights, so any model load would fail otherwise."""
+    from transformers import LlamaConfig
+
+    from topro.method_registry import METHOD_REGISTRY, MethodEntry
+
+    monkeypatch.setitem(METHOD_REGISTRY, "masked_only", MethodEntry(
+        "masked_only", "topro.methods.topro_mlm:ToProMLM", prompted=True, head="pretrained_mlm"))
+    llama = workdir.parent / "llama-config-only"
+    LlamaConfig(max_position_embeddings=256, architectures=["LlamaForCausalLM"]).save_pretrained(llama)
+    code, err, seconds = run_cli(["train", "--config", str(REPO / "configs/train/udpos-topro.yaml"), "--output", "run",
+                                  f"model={llama}", "method=masked_only", "max_length=128"], capsys)
+    assert_refused(code, err, seconds, "method 'masked_only' has no implementation for causal LMs (llama",
+                   "the methods that run on causal LMs: vanilla, topro, prompt_tuning, topro_soft, rosprompt")
+    import sys
+
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_packed_prompts_on_an_alibi_model_are_refused_before_loading(workdir, capsys):
+    """BLOOM (ALiBi) runs ToPro per word only: packing is refused from its config, naming the field."""
+    from transformers import BloomConfig
+
+    bloom = workdir.parent / "bloom-config-only"
+    BloomConfig(architectures=["BloomForCausalLM"]).save_pretrained(bloom)
+    code, err, seconds = run_cli(["train", "--config", str(REPO / "configs/train/udpos-topro.yaml"), "--output", "run",
+                                  f"model={bloom}", "prompt_packing=sentence"], capsys)
+    assert_refused(code, err, seconds, "prompt_packing='sentence'", "(bloom)", "ALiBi", "per_word")

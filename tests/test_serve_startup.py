@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240
 
 
-from net import on_free_port
+from net import on_free_port, wait_until_healthy
 
 
 def child_env(**extra) -> dict[str, str]:
@@ -31,20 +31,6 @@ def child_env(**extra) -> dict[str, str]:
     env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
                **extra)
     return env
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:  # RuntimeError, not pytest.fail: on_free_port may try another port
-            raise RuntimeError(f"exited with {process.returncode} before answering:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    pytest.fail(f"no answer from {url} within {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
 def stop(process: subprocess.Popen) -> int:
@@ -65,7 +51,7 @@ def start_healthy(command, env: dict[str, str], log: Path) -> tuple[subprocess.P
         with log.open("w") as out:
             started.append(subprocess.Popen(command(port), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, started[-1], log)
+        wait_until_healthy(f"{url}/healthz", started[-1], log, timeout_s=START_TIMEOUT_S, poll_s=2)
         return started[-1], url
 
     def kill_last():

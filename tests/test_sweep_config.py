@@ -90,3 +90,16 @@ def test_relative_paths_are_resolved_on_the_driver(tmp_path, monkeypatch, data_d
 def test_seeds_list_becomes_the_seed_dimension(tmp_path):
     cfg = load_sweep_config(_write(tmp_path, BASE), ["seeds=[1,2,3]"])
     assert cfg.search_space["seed"] == {"grid": [1, 2, 3]}
+
+
+def test_the_evaluation_actors_budget_is_the_sweeps_else_the_bases_evaluation_one_never_the_training_one(tmp_path):
+    from topro.sweep_config import evaluation_max_tokens_per_batch
+
+    path = _write(tmp_path, BASE)
+    assert evaluation_max_tokens_per_batch(load_sweep_config(path, ["max_tokens_per_batch=1024"])) == 8192
+    assert evaluation_max_tokens_per_batch(load_sweep_config(path, ["base.eval_max_tokens_per_batch=4096"])) == 4096
+    both = load_sweep_config(path, ["eval_max_tokens_per_batch=2048", "base.eval_max_tokens_per_batch=4096"])
+    assert evaluation_max_tokens_per_batch(both) == 2048
+    assert both.eval_max_tokens_per_batch == 2048 and both.base["eval_max_tokens_per_batch"] == 4096
+    with pytest.raises(ConfigError, match="'eval_max_tokens_per_batch': must be at least 1"):
+        load_sweep_config(path, ["eval_max_tokens_per_batch=0"])

@@ -191,3 +191,52 @@ def test_precheck_refuses_max_length_past_positions_and_headless_model_types(tmp
     with pytest.raises(ConfigError, match=r"model .*'vit'.* neither a masked-LM nor a causal-LM head"):
         check_backbone(TrainConfig(model=str(vit)))
     check_backbone(TrainConfig(model=str(vit), method="vanilla"))  # a plain encoder is fine for vanilla
+
+
+def test_bloom_alibi_per_word_scores_equal_eval_llm_and_packed_is_refused(data_dir):
+    """BLOOM's ALiBi biases come from a 2-D padding mask, which cannot hold a prompt tree: per word, each row
+    is run as one plain sequence per label, which is what eval-llm's naive scoring (its fallback for ALiBi)
+    runs, so the label log-probs are the same (float64, 1e-6) and a loss trains the model. Packed rows
+    cannot be unfolded so: refused by name."""
+    from topro.llm.backends import HFBackend
+    from topro.llm.evaluate import LLMEvalConfig, predict_sentences, prepare
+
+    method, model, path = causal_method("bloom")
+    sents = sentences(data_dir, 1)
+    batch = method.collate(method.encode(sents))
+    model.eval()
+    with torch.no_grad():
+        ours = method.label_log_probs(model, batch).numpy()
+    cfg = LLMEvalConfig(task="udpos", model=path, format="topro", mode="score", shots=0)
+    backend = HFBackend(path, threads=1, dtype="fp64")
+    assert backend.scoring == "naive"
+    reference = np.concatenate([r.log_probs for r in predict_sentences(backend, prepare(cfg), cfg, sents)])
+    assert ours.shape == reference.shape == (len(sents[0]), len(method.labels))
+    np.testing.assert_allclose(ours, reference, atol=1e-6, rtol=0)
+    model.train()
+    method.loss(model, batch).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert float(model.transformer.h[0].self_attention.query_key_value.weight.grad.abs().max()) > 0
+    with pytest.raises(ValueError, match=r"prompt_packing='sentence'.*bloom.*ALiBi"):
+        causal_method("bloom", "sentence")
+
+
+def test_unseen_labels_leave_the_training_softmax(data_dir):
+    """An unseen label's column is out of the loss's softmax (as on masked LMs): the loss is the cross-entropy
+    over the seen labels' scores alone, and the unseen words get no gradient from it."""
+    from topro.methods.base import hide_unseen_gold
+
+    method, model, _ = causal_method("llama", unseen_labels=["INTJ", "SYM", "X"])
+    unseen = method.unseen_index.tolist()
+    assert [method.labels[i] for i in unseen] == ["INTJ", "SYM", "X"]
+    examples, _ = hide_unseen_gold(method.encode(sentences(data_dir, 1)), unseen)
+    batch = method.collate(examples)
+    with torch.no_grad():
+        scores = method.label_scores(model, batch)
+        seen = [i for i in range(len(method.labels)) if i not in unseen]
+        position = {label: k for k, label in enumerate(seen)}
+        want = torch.nn.functional.cross_entropy(scores[:, seen], torch.tensor([position[int(l)] for l in batch["labels"]]))
+        everything = torch.nn.functional.cross_entropy(scores, batch["labels"])
+        got = method.loss(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert float((got - everything).abs()) > 1e-6

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH
 from topro.method_registry import METHOD_REGISTRY, method_entry, packable_methods
 
 
@@ -75,7 +76,12 @@ class TrainConfig:
     window_stride: int | None = None
     """Tokens shared by consecutive windows of a long sentence (``None``: half of ``max_length``)."""
     max_tokens_per_batch: int = 4096
-    """Token budget of one micro-batch (padded length x examples)."""
+    """Token budget of one training micro-batch (padded length x examples); evaluation has its own,
+    ``eval_max_tokens_per_batch``."""
+    eval_max_tokens_per_batch: int | None = None
+    """Token budget of one evaluation forward: the English dev evaluations during training and the
+    ``eval_langs`` run after it (``None``: twice ``max_tokens_per_batch`` for dev, 8192 for ``eval_langs``).
+    It sets speed and memory only; scores agree up to float rounding."""
     batch_size: int = 32
     """Most examples in one micro-batch (prompts for ToPro, sentences for vanilla)."""
     grad_accum: int = 1
@@ -269,6 +275,19 @@ class TrainConfig:
     keep_checkpoints: int = 1
     """Ray Train checkpoints kept, best first (the best holds the export); the latest is always kept too."""
 
+    def dev_max_tokens_per_batch(self) -> int:
+        """The English dev evaluations' token budget: ``eval_max_tokens_per_batch``, else twice the training
+        budget (an evaluation keeps no activations for a backward pass)."""
+        if self.eval_max_tokens_per_batch is not None:
+            return self.eval_max_tokens_per_batch
+        return self.max_tokens_per_batch * 2
+
+    def eval_langs_max_tokens_per_batch(self) -> int:
+        """The ``eval_langs`` run's token budget: ``eval_max_tokens_per_batch``, else evaluation's default."""
+        if self.eval_max_tokens_per_batch is not None:
+            return self.eval_max_tokens_per_batch
+        return EVALUATION_MAX_TOKENS_PER_BATCH
+
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every value no run could use; checked whenever a config is loaded."""
         both = ([("evals_per_epoch", "set either evals_per_epoch or eval_every_steps, not both")]
@@ -352,7 +371,8 @@ def _finite_non_negative(value):
 
 TRAIN_RANGES: dict[str, Any] = {
     "grad_accum": _at_least(1), "batch_size": _at_least(1),
-    "max_tokens_per_batch": _at_least(1), "max_length": _at_least(8), "patience": _at_least(1),
+    "max_tokens_per_batch": _at_least(1), "eval_max_tokens_per_batch": _at_least(1, optional=True),
+    "max_length": _at_least(8), "patience": _at_least(1),
     "workers": _at_least(1), "keep_checkpoints": _at_least(1), "max_failures": _at_least(0),
     "prefix_length": _at_least(1),
     "max_steps": _at_least(1, optional=True), "eval_every_steps": _at_least(1, optional=True),

@@ -45,15 +45,20 @@ class MethodEntry:
     zero_step: bool = False
     """Takes ``epochs: 0``: scored with its prompt as initialised (RoSPrompt: NPPrompt-style zero-shot)."""
 
+    def runs_on(self, backbone: str) -> bool:
+        """Whether the method has a class for a ``masked``, ``causal`` or ``seq2seq`` backbone (its own class
+        serves masked and seq2seq ones; a method registered by factory builds what it can)."""
+        return backbone != "causal" or bool(self.causal_cls) or not self.cls
+
     def implementation(self, backbone: str | bool = "masked", task_kind: str = "tagging") -> Any:
         """The class for a ``masked``, ``causal`` or ``seq2seq`` backbone (``True``: seq2seq) and a task of
         ``task_kind``, imported now (this imports torch)."""
         backbone = {True: "seq2seq", False: "masked"}.get(backbone, backbone)
         if task_kind == "classification":
             return _load(self.classification_path(backbone))
-        if backbone == "causal" and not self.causal_cls and self.cls:
+        if not self.runs_on(backbone):
             raise ValueError(f"method {self.name!r} does not run on decoder-only LMs; those take "
-                             f"{', '.join(n for n, e in METHOD_REGISTRY.items() if e.causal_cls)}")
+                             f"{', '.join(methods_for(backbone))}")
         return _load({"seq2seq": self.seq2seq_cls, "causal": self.causal_cls}.get(backbone) or self.cls)
 
     def classification_path(self, backbone: str) -> str:
@@ -81,10 +86,12 @@ METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 classification_cls="topro.methods.classification:TextCloze"),
     MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning",
                 causal_cls="topro.methods.prompt_tuning:CausalPromptTuning", trains="part"),
-    MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft", prompted=True, packable=True,
+    MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft",
+                causal_cls="topro.methods.topro_soft_causal:CausalToProSoft", prompted=True, packable=True,
                 head="pretrained_mlm", trains="part", unseen_labels=True,
                 classification_cls="topro.methods.classification:TextClozeSoft"),
-    MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt", prompted=True, head="pretrained_mlm",
+    MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt",
+                causal_cls="topro.methods.topro_soft_causal:CausalRoSPrompt", prompted=True, head="pretrained_mlm",
                 trains="part", unseen_labels=True, zero_step=True,
                 classification_cls="topro.methods.classification:TextClozeRoSPrompt"),
 )}
@@ -97,6 +104,11 @@ def method_entry(name: str) -> MethodEntry:
 
 def method_names() -> list[str]:
     return list(METHOD_REGISTRY)
+
+
+def methods_for(backbone: str) -> list[str]:
+    """The methods that run on a ``masked``, ``causal`` or ``seq2seq`` backbone."""
+    return [name for name, entry in METHOD_REGISTRY.items() if entry.runs_on(backbone)]
 
 
 def packable_methods() -> list[str]:

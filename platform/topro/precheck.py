@@ -179,10 +179,10 @@ def check_train(cfg: TrainConfig, eval_split: str = "dev") -> None:
         langs = expand_languages(cfg.task, cfg.eval_langs, eval_split, cfg.data_dir)
         check_languages(cfg.task, {lang: [eval_split] for lang in langs}, cfg.data_dir, "eval_langs")
     check_model(cfg.model)
+    check_backbone(cfg)
     check_lora_targets(cfg)
     check_shots(cfg)
     check_knn_k(cfg)
-    check_backbone(cfg)
 
 
 def check_shots(cfg: TrainConfig) -> None:
@@ -268,21 +268,39 @@ def check_lora_targets(cfg: TrainConfig) -> None:
 
 
 def check_backbone(cfg: TrainConfig) -> None:
-    """ToPro's ``model`` has an LM head it can score label words with (masked, causal or seq2seq), and a
-    causal LM's positions hold ``max_length`` (read from its config, before any weights load)."""
-    if cfg.model == TINY or cfg.method != "topro":
+    """The method has a class for the backbone's kind (``method_registry``), a label-word method's ``model``
+    has an LM head it can score label words with (masked, causal or seq2seq), and a causal LM's positions
+    hold ``max_length``: all read from the model's config, before any weights load or Ray starts."""
+    if cfg.model == TINY:
         return
     from transformers import AutoConfig
 
+    from topro.method_registry import method_entry, methods_for
     from topro.models import model_kind
 
+    entry = method_entry(cfg.method)
     try:
         kind = model_kind(cfg.model)
         config = AutoConfig.from_pretrained(cfg.model)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        if entry.head == "pretrained_mlm":
+            raise ConfigError(str(err)) from None
+        return  # no LM head: a method with a new head takes the bare encoder
     except OSError:
         return  # a hub id not cached here: the model's own load says what is wrong
+    if not entry.runs_on(kind):
+        raise ConfigError(f"method {cfg.method!r} has no implementation for {kind} LMs ({config.model_type}, "
+                          f"model {cfg.model!r}); the methods that run on {kind} LMs: {', '.join(methods_for(kind))}")
+    if get_task(cfg.task).kind == "classification" and kind != "masked":
+        raise ConfigError(f"task {cfg.task!r} is a classification task: its methods run on masked LMs only so far; "
+                          f"model {cfg.model!r} is a {kind} LM ({config.model_type})")
+    if kind == "causal" and cfg.prompt_packing != "per_word":
+        from topro.llm.scoring import takes_tree_masks
+
+        if not takes_tree_masks(config):
+            raise ConfigError(f"prompt_packing={cfg.prompt_packing!r}: model {cfg.model!r} ({config.model_type}) "
+                              "takes ALiBi position biases from a 2-D padding mask, which cannot hold a packed "
+                              "row's questions; use prompt_packing=per_word")
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if kind == "causal" and limit and cfg.max_length > limit:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {cfg.model}; "

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from topro.config import COMMAND_LINE, ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from topro.config import (COMMAND_LINE, ConfigError, TrainConfig, check_ranges, deep_merge, from_dict,
+                          parse_overrides, read_yaml, to_dict)
+from topro.config import _at_least as at_least
 
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 DISCRETE_KINDS = ("grid", "choice")
@@ -83,6 +85,9 @@ class SweepConfig:
     """First N sentences per evaluation language (default: the base config's ``max_sentences``)."""
     eval_split: str = "dev"
     """Split evaluated in each language (the XTREME data here ships train and dev)."""
+    eval_max_tokens_per_batch: int | None = None
+    """Padded tokens in one forward of the evaluation actors (default: the base's
+    ``eval_max_tokens_per_batch``, else 8192). The base's ``max_tokens_per_batch`` is the training budget."""
     eval_workers: int | None = None
     """Parallel evaluation workers, each holding a model (default: what the cluster's CPUs allow)."""
     eval_cpus_per_worker: float = 1.0
@@ -104,6 +109,9 @@ class SweepConfig:
     every node of a multi-node cluster before the sweep starts."""
     register_alias: str | None = "champion"
     """Register the best checkpoint per task and method (English dev) with this alias; ``null``: don't."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return check_ranges(self, {"eval_max_tokens_per_batch": at_least(1, optional=True)})
 
 
 def _searchable_fields() -> dict[str, Any]:
@@ -175,6 +183,14 @@ def trial_train_config(cfg: SweepConfig, params: dict[str, Any], **fixed: Any) -
     return from_dict(TrainConfig, data, f"sweep {cfg.name!r} trial {params}")
 
 
+def evaluation_max_tokens_per_batch(cfg: SweepConfig) -> int:
+    """The evaluation actors' token budget: the sweep's ``eval_max_tokens_per_batch``, else the base's
+    ``eval_langs`` budget (its ``eval_max_tokens_per_batch``, else 8192)."""
+    if cfg.eval_max_tokens_per_batch is not None:
+        return cfg.eval_max_tokens_per_batch
+    return trial_train_config(cfg, {}).eval_langs_max_tokens_per_batch()
+
+
 MAX_CHECKED_COMBINATIONS = 10_000
 
 
@@ -225,8 +241,9 @@ def _resolve_base(base: Any, sweep_file: Path | None) -> dict[str, Any]:
 
 
 def load_sweep_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                      **extra: Any) -> SweepConfig:
-    """Load a sweep YAML, then ``key=value`` overrides.
+                      flags: dict[str, Any] | None = None, **extra: Any) -> SweepConfig:
+    """Load a sweep YAML, then ``key=value`` overrides, then ``flags`` (sweep fields) and ``extra`` (base
+    fields) from the command line; ``None`` values are not given.
 
     Overrides name sweep fields (``num_samples=2``), nested entries (``search_space.seed.grid=[1,2]``),
     base fields (``base.max_train_sentences=100``) or, as a shorthand, base fields directly
@@ -248,12 +265,13 @@ def load_sweep_config(path: str | Path | None = None, overrides: list[str] | Non
             base_from_command_line.add(key)
     if isinstance(parsed.get("base"), str):
         parsed["base"] = dict(_resolve_base(parsed["base"], None))
-    data = deep_merge(data, parsed)
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    data = deep_merge(deep_merge(data, parsed), given)
     for key, value in extra.items():  # e.g. data_dir from the command line goes into the base
         if value is not None:
             data.setdefault("base", {})[key] = value
             base_from_command_line.add(key)
-    cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in parsed})
+    cfg = from_dict(SweepConfig, data, where, {key: COMMAND_LINE for key in [*parsed, *given]})
     apply_seeds(cfg, where)
     # Freeze every base field (defaults included): a resumed sweep must see the same trials.
     cfg.base = to_dict(from_dict(TrainConfig, cfg.base, f"{where}: base",

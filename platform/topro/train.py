@@ -356,7 +356,7 @@ def evaluate_dev(run: Run, strategy: Strategy) -> tuple[dict[str, Any], float]:
     # With unseen_labels: only the seen labels are predicted and scored, as in training.
     dev = evaluate_seen_labels(eval_method, eval_model, run.task, run.dev_sentences, viterbi=cfg.viterbi,
                                device=strategy.device, dtype=cfg.dtype,
-                               max_tokens_per_batch=cfg.max_tokens_per_batch * 2, max_examples=cfg.batch_size * 4)
+                               max_tokens_per_batch=cfg.dev_max_tokens_per_batch(), max_examples=cfg.batch_size * 4)
     # Every rank scores the same dev set; averaging makes their early-stopping decisions identical.
     return dev, strategy.average(metric_value(dev, run.selection))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import ConfigError, load_config
 
 
@@ -35,17 +36,13 @@ def add_parser(sub) -> None:
                        description="Write a full checkpoint from a LoRA one (adapters merged into the base "
                                    "weights). Settings are ExportConfig fields: from --config FILE, key=value "
                                    "overrides, or the flags below.")
-    p.add_argument("--config", help="YAML export config (ExportConfig fields)")
-    p.add_argument("--merge", metavar="CHECKPOINT", help="LoRA checkpoint folder whose adapters are merged")
-    p.add_argument("--output", help="folder for the merged checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of ExportConfig fields")
+    add_config_arguments(p, ExportConfig, "an export")
+    add_config_flags(p, ExportConfig)
     p.set_defaults(func=cmd_export)
 
 
 def config_from_args(args) -> ExportConfig:
-    return load_config(ExportConfig, args.config, args.overrides, merge=args.merge, output=args.output,
-                       overwrite=args.overwrite or None)
+    return load_config(ExportConfig, args.config, args.overrides, **flag_values(args, ExportConfig))
 
 
 def cmd_export(args) -> int:

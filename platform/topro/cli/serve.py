@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import ConfigError, check_ranges, load_config, read_yaml
 from topro.config import _at_least as at_least
 
@@ -74,37 +75,17 @@ class ServeConfig:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP tagging endpoint (Ray Serve)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML of ServeConfig fields (configs/serve/*.yaml); the Ray Serve config "
-                                    "itself is --serve-config")
-    p.add_argument("--serve-config", help=f"Ray Serve config to deploy (default: {DEFAULT_CONFIG})")
-    p.add_argument("--model", help="checkpoint folder or models:/<name>@<alias> (default: the config's)")
-    p.add_argument("--models", nargs="*", default=[], metavar="ID=URI",
-                   help="more model ids clients may name in the serve_multiplexed_model_id header")
-    p.add_argument("--llm-model", help="the llm app's LLM: HF folder or hub id, or an OpenAI-compatible URL "
-                                       "(default: the config's, else $TOPRO_LLM_MODEL)")
-    p.add_argument("--port", type=int, help="HTTP port (default: the config's http_options.port, 8000)")
-    p.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
-    p.add_argument("--apps", default=None, help="comma-separated applications of the config to run "
-                                               "(default: all)")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--startup-timeout", type=float, metavar="S",
-                   help="seconds to keep trying to bring Serve up (HTTP proxy and apps), 600; on a busy "
-                        "machine a try can fail and the next succeed")
-    p.add_argument("--startup-attempts", type=int, help="tries within that time (3)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of ServeConfig fields")
+    add_config_arguments(p, ServeConfig, "configs/serve/*.yaml; the Ray Serve config itself is --serve-config")
+    add_config_flags(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
 
 
 def config_from_args(args) -> ServeConfig:
+    """The flags are shorthands for the fields of the same name (``--models a=URI``: ``models={a: URI}``)."""
     if args.config and "applications" in read_yaml(args.config):
         raise ConfigError(f"--config {args.config}: a Ray Serve config; --config takes topro's ServeConfig "
                           f"(configs/serve/*.yaml), pass a Serve config as --serve-config")
-    return load_config(ServeConfig, args.config, args.overrides, serve_config=args.serve_config,
-                       model=args.model, models=_parse_models(args.models) or None, llm_model=args.llm_model,
-                       host=args.host, port=args.port, apps=args.apps, address=args.address,
-                       num_cpus=args.num_cpus, startup_timeout=args.startup_timeout,
-                       startup_attempts=args.startup_attempts)
+    return load_config(ServeConfig, args.config, args.overrides, **flag_values(args, ServeConfig))
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
@@ -118,17 +99,6 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
     if not config.get("applications"):
         raise ValueError(f"{path}: no applications")
     return config
-
-
-def _parse_models(pairs: list[str]) -> dict[str, str]:
-    """``--models ID=URI ...`` as a mapping."""
-    models = {}
-    for pair in pairs:
-        model_id, sep, uri = pair.partition("=")
-        if not sep or not model_id or not uri:
-            raise ValueError(f"--models {pair!r}: expected ID=URI")
-        models[model_id] = uri
-    return models
 
 
 def shipped_app_maker(import_path: str):

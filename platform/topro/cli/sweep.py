@@ -3,8 +3,28 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 from topro import atomic
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
+from topro.config import TrainConfig
+from topro.sweep_config import SweepConfig
+
+
+@dataclass
+class SweepRunOptions:
+    """How ``topro sweep`` runs the sweep of ``--config``: where Ray and MLflow are, whether it starts over,
+    where the summary goes. Not part of the sweep: a resumed sweep may change them."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
+    directory)."""
+    address: str | None = None
+    """Ray cluster address (default ``$RAY_ADDRESS``, else a local Ray on 127.0.0.1)."""
+    fresh: bool = False
+    """Start over instead of resuming (the previous state is moved aside, not deleted)."""
+    summary: str | None = None
+    """Write a JSON summary (parent run, trials, registered models) here."""
 
 
 def add_parser(sub) -> None:
@@ -15,27 +35,30 @@ def add_parser(sub) -> None:
                                    "per task and method registered, and a report. Rerunning the same sweep resumes "
                                    "it. Overrides are key=value: sweep fields (num_samples=2), nested entries "
                                    "(search_space.seed.grid=[1,2]) or training fields of the base "
-                                   "(max_train_sentences=100, same as base.max_train_sentences=100).")
+                                   "(max_train_sentences=100, same as base.max_train_sentences=100); the flags "
+                                   "are shorthands for the sweep's fields, --data-dir for the base's.")
     add_arguments(p)
     p.set_defaults(func=cmd_sweep)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
-    p.add_argument("--data-dir", help="data folder (default $TOPRO_DATA_DIR)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlflow.db in the working directory)")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    p.add_argument("--fresh", action="store_true", help="start over instead of resuming (the previous state is "
-                                                        "moved aside, not deleted)")
-    p.add_argument("--summary", help="write a JSON summary (parent run, trials, registered models) here")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    add_config_arguments(p, SweepConfig, "configs/sweeps/*.yaml", required=True,
+                         overrides="SweepConfig fields, or TrainConfig fields of the base")
+    add_config_flags(p, SweepRunOptions)
+    add_config_flags(p, TrainConfig, ["data_dir"])
+    add_config_flags(p, SweepConfig)
+
+
+def load_sweep(args) -> SweepConfig:
+    """The sweep of ``--config``, its ``key=value`` overrides, then its flags (``--data-dir`` into the base)."""
+    from topro.sweep_config import load_sweep_config
+
+    return load_sweep_config(args.config, args.overrides, flags=flag_values(args, SweepConfig),
+                             data_dir=args.data_dir)
 
 
 def cmd_sweep(args) -> int:
     import os
-
-    from topro.sweep_config import load_sweep_config
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Ray folds log lines that differ only in numbers ("[repeated 2x across cluster]"): the trials'
@@ -44,7 +67,7 @@ def cmd_sweep(args) -> int:
 
     from topro.precheck import check_sweep
 
-    sweep = load_sweep_config(args.config, args.overrides, data_dir=args.data_dir)  # fails before Ray starts
+    sweep = load_sweep(args)  # fails before Ray starts
     check_sweep(sweep)  # data, languages, models: once, here on the driver, before Ray or MLflow start
     import logging
     from pathlib import Path

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from topro.cli.flags import add_config_flags, flag_values
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import TrainConfig, load_config
 
 log = logging.getLogger("topro")
@@ -15,13 +15,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train one model (single process, or Ray Train with --workers/--strategy)",
                        description="Train on the task's English train split, select on English dev. "
                                    "Overrides are key=value pairs of TrainConfig fields, e.g. learning_rate=3e-5.")
-    p.add_argument("--config", required=True, help="YAML training config (configs/train/*.yaml)")
+    add_config_arguments(p, TrainConfig, "configs/train/*.yaml", required=True)
     add_config_flags(p, TrainConfig, ["data_dir", "output_dir", "workers", "strategy"],
                      flag_names={"output_dir": "--output"})
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--on-ray", action="store_true", help="always on Ray Train (strategy local becomes DDP), and "
                                                         "print the summary as JSON: what jobs/train.py runs")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=cmd_train)
 
 
@@ -83,7 +82,8 @@ def train_locked(cfg: TrainConfig, address: str | None, on_ray: bool) -> dict:
 
         record = evaluate_checkpoint(summary["checkpoint"], cfg.eval_langs, data_dir=cfg.data_dir,
                                      max_sentences=cfg.max_sentences, viterbi=cfg.viterbi,
-                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress)
+                                     device=cfg.device, dtype=cfg.dtype, progress=cfg.progress,
+                                     max_tokens_per_batch=cfg.eval_langs_max_tokens_per_batch())
         record["selection_metric"] = summary["selection_metric"]
         record["selection"] = summary.get("selection", "best")
         if summary.get("averaged_steps"):

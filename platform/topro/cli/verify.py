@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from topro.cli.flags import add_config_arguments, add_config_flags, flag_values
 from topro.config import load_config
 
 
@@ -27,10 +28,8 @@ def add_parser(sub) -> None:
                                    "in its topro.json. Settings are VerifyConfig fields: --config FILE, "
                                    "key=value overrides, or the flags below. Exit status 0: intact; 2: damaged.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder or models:/<name>@<alias>")
-    p.add_argument("--config", help="YAML file of VerifyConfig fields")
-    p.add_argument("--sizes-only", action="store_true", help="same as hashes=false")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of VerifyConfig fields")
+    add_config_arguments(p, VerifyConfig, "a verification")
+    add_config_flags(p, VerifyConfig, ["hashes", "tracking_uri"], flag_names={"hashes": "--sizes-only"})
     p.set_defaults(func=cmd_verify)
 
 
@@ -41,8 +40,8 @@ def cmd_verify(args) -> int:
     if checkpoint and "=" in checkpoint and not checkpoint.startswith("models:/"):
         overrides.insert(0, checkpoint)
         checkpoint = None
-    cfg = load_config(VerifyConfig, args.config, overrides, checkpoint=checkpoint,
-                      hashes=False if args.sizes_only else None, tracking_uri=args.tracking_uri)
+    flags = {**flag_values(args, VerifyConfig), "checkpoint": checkpoint}
+    cfg = load_config(VerifyConfig, args.config, overrides, **flags)
     return verify(cfg)
 
 

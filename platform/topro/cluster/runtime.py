@@ -85,9 +85,12 @@ def is_loopback_address(address: str) -> bool:
 
 
 def node_name() -> str:
-    """The name of the Ray node this process runs on (``ray start --node-name``; Ray's default is its IP)."""
+    """The name of the Ray node this process runs on (``ray start --node-name``; Ray's default is its IP);
+    ``local`` outside Ray (an evaluator built in-process), where asking Ray would start one."""
     import ray
 
+    if not ray.is_initialized():
+        return "local"
     node_id = ray.get_runtime_context().get_node_id()
     return next((n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id),
                 node_id)

@@ -31,7 +31,8 @@ from topro.cluster.sweep_tracking import (SPOOL_FILE, TRACKING_OUTAGE_WAIT_S, Ml
                                           log_trial_evaluation, logged_evaluation, sweep_params)
 from topro.cluster.sweep_tune import build_tuner, check_trial_fits, graceful_stop, trial_outcomes
 from topro.config import ConfigError
-from topro.sweep_config import SweepConfig, grid_size, sweep_to_dict, trial_train_config
+from topro.sweep_config import (SweepConfig, evaluation_max_tokens_per_batch, grid_size, sweep_to_dict,
+                                trial_train_config)
 from topro.sweep_selection import TrialOutcome, select_trials
 
 # TrackingOutage is what `topro sweep` catches. MlflowTrialCallback and TrialSpool must stay importable from
@@ -162,7 +163,8 @@ def evaluate_trials(sweep: SweepConfig, trials: list[TrialOutcome], address: str
         records = evaluate_checkpoints_parallel(jobs, data_dir=base.data_dir, split=sweep.eval_split,
                                                 max_sentences=max_sentences, viterbi=base.viterbi,
                                                 device=base.device, dtype=base.dtype, num_workers=sweep.eval_workers,
-                                                cpus_per_worker=sweep.eval_cpus_per_worker, address=address)
+                                                cpus_per_worker=sweep.eval_cpus_per_worker, address=address,
+                                                max_tokens_per_batch=evaluation_max_tokens_per_batch(sweep))
         for t, record in zip(todo, records):
             log_trial_evaluation(sweep, t, record, max_sentences)
             kill_driver_if_asked("evaluated")

@@ -14,7 +14,13 @@ question. ``per_word``: one question per row. ``sentence`` (packed): all of a se
 row, each seeing the sentence and itself, at the positions it has in its own prompt. Causal attention
 makes the two the same computation (packed == per-word scores and gradients); packed runs the sentence
 once instead of once per word. Sliding-window layers (Gemma 3) get masks windowed by real position.
-ALiBi models (BLOOM) take no 4-D mask: refused.
+ALiBi models (BLOOM) take no 4-D mask: per word, each row is unfolded into one plain sequence per label
+(the prompt and that label's tokens, a 2-D padding mask, as ``eval-llm`` scores them), which costs a
+forward per label; packed rows cannot be unfolded so, and are refused.
+
+Subclasses change what is asked and answered through two hooks: ``question_ids`` (soft ToPro puts
+trainable vectors into the question) and ``continuation_texts`` (RoSPrompt scores several words per label);
+``n_scored`` is the number of continuations scored per question.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from topro.data.readers import Sentence
-from topro.methods.base import Encoded, MethodSpec, pad_batch, scores_dtype
+from topro.methods.base import Encoded, MethodSpec, pad_batch, scores_dtype, seen_label_logits
 from topro.methods.packing import check_packing, check_positions
 from topro.methods.whole_model import WholeModelMethod
 
@@ -65,6 +71,65 @@ def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def tree_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_scored: int,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """[words, n_scored]: each continuation's summed token log-probability in a batch of prompt-tree rows
+    (``inputs_embeds`` [rows, tokens, H]: run on these instead of the embeddings of ``input_ids``)."""
+    from topro.llm.scoring import _attention_masks, takes_tree_masks, tree_visibility
+
+    base = getattr(model, model.base_model_prefix)
+    inputs = {"input_ids": batch["input_ids"]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    slot_index = batch["slot_index"]
+    if takes_tree_masks(model.config):
+        visible = tree_visibility(batch["tree_sent"], batch["tree_group"], batch["tree_branch"])
+        positions = batch["position_ids"]
+        dtype = base.get_input_embeddings().weight.dtype
+        masks = _attention_masks(model.config, visible, positions, positions, dtype)
+        hidden = base(**inputs, position_ids=positions, attention_mask=masks, use_cache=False).last_hidden_state
+    else:
+        inputs, mask, slot_index = unfold_per_label(batch, inputs, slot_index)
+        hidden = base(**inputs, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = scores_dtype(lm_logits(model, hidden.flatten(0, 1).index_select(0, slot_index)))
+    lse = torch.logsumexp(logits, dim=-1)  # each slot's normaliser, once however many labels read it
+    picked = logits[batch["target_slot"], batch["target_token"]] - lse[batch["target_slot"]]
+    n_words = batch["labels"].shape[0]
+    scores = picked.new_zeros(n_words * n_scored).index_add(0, batch["target_cell"], picked)
+    return scores.view(n_words, n_scored)
+
+
+def unfold_per_label(batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], slot_index: torch.Tensor):
+    """Per-word tree rows as plain sequences for ALiBi models: per row, the trunk (prompt and question) then
+    one label's branch, one sequence per label with a branch (the trunk alone if none has). Returns the
+    sequences' inputs, their 2-D padding mask and ``slot_index`` pointing into them (a trunk token is read
+    from its row's first sequence: causal attention gives it the same state in all)."""
+    sent, branch = batch["tree_sent"].tolist(), batch["tree_branch"].flatten().tolist()
+    longest = len(sent[0])
+    sources: list[list[int]] = []  # per sequence: the flat tree indices it runs
+    where: dict[int, tuple[int, int]] = {}  # flat tree index -> (sequence, position)
+    for row, row_sent in enumerate(sent):
+        real = [row * longest + i for i, s in enumerate(row_sent) if s != PAD_SENT]
+        of = {i: branch[i] for i in real}
+        trunk = [i for i in real if of[i] < 0]
+        first = len(sources)
+        for label in sorted(set(of.values()) - {-1}) or [None]:
+            own = [i for i in real if of[i] == label]
+            where.update((i, (len(sources), len(trunk) + at)) for at, i in enumerate(own))
+            sources.append(trunk + own)
+        where.update((i, (first, at)) for at, i in enumerate(trunk))
+    width = max(len(s) for s in sources)
+    gather = torch.zeros(len(sources), width, dtype=torch.long)
+    mask = torch.zeros(len(sources), width, dtype=torch.long)
+    for s, indices in enumerate(sources):
+        gather[s, :len(indices)] = torch.tensor(indices)
+        mask[s, :len(indices)] = 1
+    device = slot_index.device
+    gather, mask = gather.to(device), mask.to(device)
+    unfolded = {name: value.flatten(0, 1)[gather] for name, value in inputs.items()}
+    remapped = torch.tensor([where[int(i)][0] * width + where[int(i)][1] for i in slot_index.tolist()],
+                            dtype=torch.long, device=device)
+    return unfolded, mask, remapped
+
+
 class ToProCausal(WholeModelMethod):
     name = "topro"
     auto_class = "AutoModelForCausalLM"
@@ -90,6 +155,9 @@ class ToProCausal(WholeModelMethod):
                              "ToPro training needs a topro-style format (one question per word)")
         self.label_words = [self.setup.label_words[t] for t in self.labels]
         self.packing = check_packing(spec.prompt_packing, self.name)
+        from topro.methods.topro_mlm import unseen_index
+
+        self.unseen_index = unseen_index(self.labels, spec.unseen_labels)
 
     def build_model(self, model_path: str) -> torch.nn.Module:
         return self.ready(super().build_model(model_path))
@@ -100,12 +168,26 @@ class ToProCausal(WholeModelMethod):
     def ready(self, model: torch.nn.Module) -> torch.nn.Module:
         from topro.llm.scoring import takes_tree_masks
 
-        if not takes_tree_masks(model.config):
-            raise ValueError(f"method 'topro' on {model.config.model_type} ({type(model).__name__}): its ALiBi "
-                             "position biases are built from a 2-D padding mask, which cannot hold ToPro's prompt "
-                             "trees; use a Llama, Gemma, Qwen or other rotary-position model")
+        if self.packing != "per_word" and not takes_tree_masks(model.config):
+            raise ValueError(f"prompt_packing={self.packing!r}: method {self.name!r} on "
+                             f"{model.config.model_type} ({type(model).__name__}): its ALiBi position biases are "
+                             "built from a 2-D padding mask, which cannot hold a packed row's questions; use "
+                             "prompt_packing=per_word, or a Llama, Gemma, Qwen or other rotary-position model")
         check_positions(model, self.spec.max_length)
         return model
+
+    @property
+    def n_scored(self) -> int:
+        """Continuations scored per question: one per label."""
+        return len(self.labels)
+
+    def continuation_texts(self, answers: dict[str, str], end: str) -> list[str]:
+        """What each scored continuation says after the question: each label's answer and the answer end."""
+        return [answers[t] + end for t in self.labels]
+
+    def question_ids(self, questions: list[list[int]]) -> list[list[int]]:
+        """The token ids each question is asked with (here: as tokenized)."""
+        return questions
 
     # --- encoding ------------------------------------------------------------------------------------
 
@@ -118,10 +200,10 @@ class ToProCausal(WholeModelMethod):
         setup = self.setup
         p = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, words)
         end = setup.fmt.for_task(setup.task.name).answer_end
-        continuations = [p.answers[t] + end for t in self.labels]
+        continuations = self.continuation_texts(p.answers, end)
         questions = p.questions if only is None else [p.questions[only]]
         sent_ids, q_ids, labels = self.tokens.prompt_ids(setup.context, p.sentence, questions, continuations)
-        return self.tokens.bos + self.tokens.ids(setup.context) + sent_ids, q_ids, labels
+        return self.tokens.bos + self.tokens.ids(setup.context) + sent_ids, self.question_ids(q_ids), labels
 
     def _fits(self, prefix: list[int], question: list[int], labels: list[list[int]]) -> bool:
         return len(prefix) + len(question) + max(len(l) for l in labels) <= self.spec.max_length
@@ -214,7 +296,7 @@ class ToProCausal(WholeModelMethod):
             for q, j, slot, token in e.targets:
                 target_slot.append(first + slot)
                 target_token.append(token)
-                target_cell.append((word + q) * len(self.labels) + j)
+                target_cell.append((word + q) * self.n_scored + j)
             word += len(e.words)
 
         def long(values):
@@ -229,24 +311,12 @@ class ToProCausal(WholeModelMethod):
 
     def label_scores(self, model, batch) -> torch.Tensor:
         """[words, labels]: each label's summed continuation log-probability (not yet normalised over labels)."""
-        from topro.llm.scoring import _attention_masks, tree_visibility
-
-        base = getattr(model, model.base_model_prefix)
-        visible = tree_visibility(batch["tree_sent"], batch["tree_group"], batch["tree_branch"])
-        positions = batch["position_ids"]
-        dtype = base.get_input_embeddings().weight.dtype
-        masks = _attention_masks(model.config, visible, positions, positions, dtype)
-        hidden = base(input_ids=batch["input_ids"], position_ids=positions, attention_mask=masks,
-                      use_cache=False).last_hidden_state
-        logits = scores_dtype(lm_logits(model, hidden.flatten(0, 1).index_select(0, batch["slot_index"])))
-        lse = torch.logsumexp(logits, dim=-1)  # each slot's normaliser, once however many labels read it
-        picked = logits[batch["target_slot"], batch["target_token"]] - lse[batch["target_slot"]]
-        n_words = batch["labels"].shape[0]
-        scores = picked.new_zeros(n_words * len(self.labels)).index_add(0, batch["target_cell"], picked)
-        return scores.view(n_words, len(self.labels))
+        return tree_scores(model, batch, self.n_scored)
 
     def loss(self, model, batch) -> torch.Tensor:
-        return F.cross_entropy(scores_dtype(self.label_scores(model, batch)), batch["labels"], ignore_index=-100)
+        # Unseen labels leave the training softmax (as on masked LMs): their words are never pushed down.
+        scores = seen_label_logits(scores_dtype(self.label_scores(model, batch)), self.unseen_index)
+        return F.cross_entropy(scores, batch["labels"], ignore_index=-100)
 
     def label_log_probs(self, model, batch) -> torch.Tensor:
         return torch.log_softmax(self.label_scores(model, batch), dim=-1)
