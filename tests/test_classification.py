@@ -350,10 +350,11 @@ def test_classify_request_limits_name_the_text(body, status, needle):
 
 # -- serving over real HTTP (slow: Ray Serve) ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def classify_url(ray_local, tiny_panx, tmp_path_factory):
     """The ``tagging`` app on 127.0.0.1 with an (untrained) ``panx_type`` topro checkpoint as ``default`` and a
-    PAN-X tagging one as ``ner``, both over the tiny PAN-X BERT; Serve is shut down at the module's end."""
+    PAN-X tagging one as ``ner``, both over the tiny PAN-X BERT; Serve is shut down after the test, so its
+    replica's CPU is free for the sweep test on the same 2-CPU Ray."""
     import os
     from pathlib import Path
 
