@@ -27,6 +27,9 @@ class MethodEntry:
     """The implementation for encoder-decoder models (mT5), when the method has one."""
     causal_cls: str | None = None
     """The implementation for decoder-only LMs (Llama, Gemma, Qwen, BLOOM), when the method has one."""
+    classification_cls: str | None = None
+    """The implementation for a ``kind: classification`` task (one label per text) on a masked LM, when the
+    method has one (``methods/classification.py``)."""
     prompted: bool = False
     """Asks a templated question per word, so a run records a template and a verbalizer."""
     packable: bool = False
@@ -47,30 +50,50 @@ class MethodEntry:
         serves masked and seq2seq ones; a method registered by factory builds what it can)."""
         return backbone != "causal" or bool(self.causal_cls) or not self.cls
 
-    def implementation(self, backbone: str | bool = "masked") -> Any:
-        """The class for a ``masked``, ``causal`` or ``seq2seq`` backbone (``True``: seq2seq), imported now
-        (this imports torch)."""
+    def implementation(self, backbone: str | bool = "masked", task_kind: str = "tagging") -> Any:
+        """The class for a ``masked``, ``causal`` or ``seq2seq`` backbone (``True``: seq2seq) and a task of
+        ``task_kind``, imported now (this imports torch)."""
         backbone = {True: "seq2seq", False: "masked"}.get(backbone, backbone)
+        if task_kind == "classification":
+            return _load(self.classification_path(backbone))
         if not self.runs_on(backbone):
             raise ValueError(f"method {self.name!r} does not run on decoder-only LMs; those take "
                              f"{', '.join(methods_for(backbone))}")
-        path = {"seq2seq": self.seq2seq_cls, "causal": self.causal_cls}.get(backbone) or self.cls
-        module, _, name = path.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _load({"seq2seq": self.seq2seq_cls, "causal": self.causal_cls}.get(backbone) or self.cls)
+
+    def classification_path(self, backbone: str) -> str:
+        """``classification_cls``, refused with the reason where there is none (another method, or a
+        backbone other than a masked LM)."""
+        if not self.classification_cls:
+            raise ValueError(f"method {self.name!r} has no classification form; classification tasks take "
+                             f"{', '.join(n for n, e in METHOD_REGISTRY.items() if e.classification_cls)}")
+        if backbone != "masked":
+            raise ValueError(f"method {self.name!r} on a classification task runs on masked LMs only; this "
+                             f"backbone is {backbone}")
+        return self.classification_cls
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
-    MethodEntry("vanilla", "topro.methods.vanilla:Vanilla", causal_cls="topro.methods.vanilla_causal:CausalVanilla"),
+    MethodEntry("vanilla", "topro.methods.vanilla:Vanilla", causal_cls="topro.methods.vanilla_causal:CausalVanilla",
+                classification_cls="topro.methods.classification:TextVanilla"),
     MethodEntry("topro", "topro.methods.topro_mlm:ToProMLM", seq2seq_cls="topro.methods.topro_seq2seq:ToProSeq2Seq",
-                causal_cls="topro.methods.topro_causal:ToProCausal", prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True),
+                causal_cls="topro.methods.topro_causal:ToProCausal", prompted=True, packable=True, head="pretrained_mlm", unseen_labels=True,
+                classification_cls="topro.methods.classification:TextCloze"),
     MethodEntry("prompt_tuning", "topro.methods.prompt_tuning:PromptTuning",
                 causal_cls="topro.methods.prompt_tuning:CausalPromptTuning", trains="part"),
     MethodEntry("topro_soft", "topro.methods.topro_soft:ToProSoft",
                 causal_cls="topro.methods.topro_soft_causal:CausalToProSoft", prompted=True, packable=True,
-                head="pretrained_mlm", trains="part", unseen_labels=True),
+                head="pretrained_mlm", trains="part", unseen_labels=True,
+                classification_cls="topro.methods.classification:TextClozeSoft"),
     MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt",
                 causal_cls="topro.methods.topro_soft_causal:CausalRoSPrompt", prompted=True, head="pretrained_mlm",
-                trains="part", unseen_labels=True, zero_step=True),
+                trains="part", unseen_labels=True, zero_step=True,
+                classification_cls="topro.methods.classification:TextClozeRoSPrompt"),
 )}
 
 
@@ -104,6 +127,6 @@ def traits_table() -> str:
     rows = ["| method | class | " + " | ".join(TRAIT_COLUMNS) + " |", "| --- " * (len(TRAIT_COLUMNS) + 2) + "|"]
     for entry in METHOD_REGISTRY.values():
         classes = " / ".join(f"`{c.removeprefix('topro.methods.').replace(':', '.')}`"
-                             for c in (entry.cls, entry.seq2seq_cls, entry.causal_cls) if c)
+                             for c in (entry.cls, entry.seq2seq_cls, entry.causal_cls, entry.classification_cls) if c)
         rows.append(f"| `{entry.name}` | {classes} | " + " | ".join(cell(getattr(entry, t)) for t in TRAIT_COLUMNS) + " |")
     return "\n".join(rows)

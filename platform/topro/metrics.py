@@ -11,6 +11,8 @@ Each number is named for what it is, and the IOB2 ones are what XTREME reports:
   Both modes agree on valid IOB2 sequences (e.g. Viterbi-decoded ones).
 - ``xtreme_seqeval_f1`` (tag tasks): what XTREME reports for UDPOS, seqeval's
   default-mode F1 applied to raw tags. It is not accuracy; both are reported.
+- ``accuracy`` and ``macro_f1`` (classification tasks, one label per text): the unweighted mean over
+  classes of each class's F1, with ``per_class`` precision / recall / F1 / support.
 
 Which of them selects checkpoints is ``selection_metric`` (``selection_metrics``
 lists the valid names per task).
@@ -52,7 +54,9 @@ def score_task(task: Task, gold: list[list[str]], pred: list[list[str]]) -> dict
     if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred)):
         raise ValueError("gold and predicted sequences differ in length; reassemble every word first")
     scores = {"accuracy": accuracy(gold, pred)}
-    if task.scheme == "iob2":
+    if task.kind == "classification":
+        scores.update(class_scores([g for gs in gold for g in gs], [p for ps in pred for p in ps]))
+    elif task.scheme == "iob2":
         scores.update(span_scores(gold, pred))
         strict = span_scores(gold, pred, strict=True)
         scores.update({f"{k}_strict": v for k, v in strict.items()})
@@ -63,8 +67,26 @@ def score_task(task: Task, gold: list[list[str]], pred: list[list[str]]) -> dict
     return scores
 
 
+def class_scores(gold: list[str], pred: list[str]) -> dict:
+    """Macro-F1 and per-class precision / recall / F1 / support of single-label predictions. The classes
+    averaged are those in gold or prediction (scikit-learn's default): a class predicted but never gold
+    counts with F1 0, a class absent from both (a language without it) is left out."""
+    per_class = {}
+    for label in sorted(set(gold) | set(pred)):
+        hits = sum(g == p == label for g, p in zip(gold, pred))
+        n_pred, n_gold = sum(p == label for p in pred), sum(g == label for g in gold)
+        precision = hits / n_pred if n_pred else 0.0
+        recall = hits / n_gold if n_gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
+    macro = sum(c["f1"] for c in per_class.values()) / len(per_class) if per_class else 0.0
+    return {"macro_f1": macro, "per_class": per_class}
+
+
 def selection_metrics(task: Task) -> list[str]:
     """Names a run may select checkpoints (and a sweep rank trials) by, for ``task``."""
+    if task.kind == "classification":
+        return ["accuracy", "macro_f1"]
     if task.scheme == "iob2":
         return ["f1", "f1_strict", "viterbi_f1", "accuracy"]
     return ["accuracy", "xtreme_seqeval_f1"]

@@ -123,19 +123,33 @@ def check_model(model: str, *, allow_url: bool = False, what: str = "model") -> 
                           f"({type(err).__name__}); give a local folder or 'tiny'") from None
 
 
-def refuse_classification(task: Task) -> None:
-    """A ``kind: classification`` task has its data layer (``topro.data.classification``) but no methods,
-    training or evaluation yet: say so before anything starts."""
-    if task.kind == "classification":
-        raise ConfigError(f"task {task.name!r} is a sentence-level classification task: its reader and data "
-                          f"(topro.data.classification) exist, but no method trains or evaluates such a task yet")
+def check_llm_classification(task: Task, fmt) -> None:
+    """LLM evaluation of a ``kind: classification`` task asks one question per text: only a ``topro``-style
+    format does (the ``sentence`` style has the model write a tag after every word)."""
+    if task.kind == "classification" and fmt.style != "topro":
+        raise ConfigError(f"format {fmt.name!r}: task {task.name!r} is a classification task (one label per "
+                          f"text); it takes a topro-style format (one question per text), not {fmt.style!r}")
+
+
+def check_classification(cfg: TrainConfig) -> None:
+    """A ``kind: classification`` task: the method has a classification form (the registry's
+    ``classification_cls``) and asks one question per text (no packing)."""
+    if get_task(cfg.task).kind != "classification":
+        return
+    entry = METHOD_REGISTRY.get(cfg.method)
+    if entry is not None and not entry.classification_cls:
+        takes = [n for n, e in METHOD_REGISTRY.items() if e.classification_cls]
+        raise ConfigError(f"method {cfg.method!r} has no classification form; task {cfg.task!r} "
+                          f"(one label per text) takes {', '.join(takes)}")
+    if cfg.prompt_packing != "per_word":
+        raise ConfigError(f"prompt_packing={cfg.prompt_packing!r}: task {cfg.task!r} asks one question per text, "
+                          f"so there is nothing to pack; use per_word")
 
 
 def check_names(cfg: TrainConfig) -> None:
     """Task, selection metric, method, template and verbalizer exist (what was found only after building the model)."""
     from topro.prompts import get_template, get_verbalizer
 
-    refuse_classification(get_task(cfg.task))
     if cfg.selection_metric is not None:  # topro.metrics imports seqeval (and sklearn): seconds on a busy box
         from topro.metrics import resolve_selection_metric
 
@@ -147,6 +161,7 @@ def check_names(cfg: TrainConfig) -> None:
     from topro.unseen import expand_unseen_labels
 
     expand_unseen_labels(cfg.task, cfg.unseen_labels)
+    check_classification(cfg)
     if cfg.method == "topro" and cfg.llm_format != "topro":
         from topro.prompts.formats import FormatError, load_format
 
@@ -276,6 +291,9 @@ def check_backbone(cfg: TrainConfig) -> None:
     if not entry.runs_on(kind):
         raise ConfigError(f"method {cfg.method!r} has no implementation for {kind} LMs ({config.model_type}, "
                           f"model {cfg.model!r}); the methods that run on {kind} LMs: {', '.join(methods_for(kind))}")
+    if get_task(cfg.task).kind == "classification" and kind != "masked":
+        raise ConfigError(f"task {cfg.task!r} is a classification task: its methods run on masked LMs only so far; "
+                          f"model {cfg.model!r} is a {kind} LM ({config.model_type})")
     if kind == "causal" and cfg.prompt_packing != "per_word":
         from topro.llm.scoring import takes_tree_masks
 
@@ -374,9 +392,9 @@ def check_llm(*, task: str, model: str, format: str, langs: list[str] | str, spl
     from topro.prompts.formats import load_format
 
     task = get_task(task)
-    refuse_classification(task)
     try:
         fmt = load_format(format)
+        check_llm_classification(task, fmt)
         fmt.for_task(task.name)
     except ValueError as err:
         raise ConfigError(f"--format: {err}") from None

@@ -279,3 +279,42 @@ def markdown_table(entries: list[Scores], title: str | None = None) -> str:
                        "weights (not the published setup).")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+GENERALIZED_PARTS = ("seen", "unseen", "hmean")
+
+
+def generalized_metric(average: dict[str, Any]) -> str | None:
+    """``f1`` (span tasks) or ``accuracy`` (tag and classification tasks): the score a generalized zero-shot
+    record's seen / unseen / harmonic-mean columns are of; ``None`` for a run without ``unseen_labels``."""
+    return next((m for m in ("f1", "accuracy") if f"{m}_hmean_labels" in average), None)
+
+
+def generalized_table(records: list[dict[str, Any]]) -> str:
+    """Generalized zero-shot scores of the records that held labels out of training, one table per task:
+    setting x (unseen labels, seen, unseen, harmonic mean, unseen-label words), each the mean over the
+    languages where it is defined, then mean ± std over seeds, in percent; empty when no record has them."""
+    groups: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        average = record.get("average") or {}
+        if generalized_metric(average) is None:
+            continue
+        held_out = ",".join(record.get("unseen_labels") or [])
+        groups[record["task"]][(record.get("setting") or record["method"], held_out)].append(average)
+    out: list[str] = []
+    for task, settings in sorted(groups.items()):
+        metric = generalized_metric(next(iter(settings.values()))[0])
+        columns = [f"{metric}_{part}_labels" for part in GENERALIZED_PARTS]
+        out += [f"### {task}: generalized zero-shot ({metric}, %, mean over languages; labels held out of training)",
+                "", "| setting | unseen labels | seeds | seen | unseen | hmean | unseen-label units per language |",
+                "|---|---|---|---|---|---|---|"]
+        for (setting, held_out), averages in settings.items():
+            cells = [format_cell([a[c] for a in averages if a.get(c) is not None]) for c in columns]
+            units = [a["n_unseen_label_words"] for a in averages if a.get("n_unseen_label_words") is not None]
+            per_language = f"{statistics.fmean(units):.1f}" if units else "–"
+            out.append(f"| {setting} | {held_out or '–'} | {len(averages)} | " + " | ".join(cells)
+                       + f" | {per_language} |")
+        out += ["", "seen / unseen: over the words (texts, for classification tasks) whose gold label was seen / "
+                "held out in training, predicted over the full label set; hmean: their harmonic mean per language. "
+                "Units: gold words (texts) of unseen labels.", ""]
+    return "\n".join(out)

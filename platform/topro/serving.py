@@ -1,7 +1,8 @@
-"""Tagging unlabelled sentences with a trained checkpoint, for serving (Ray-free).
+"""Tagging unlabelled sentences (and classifying texts) with a trained checkpoint, for serving (Ray-free).
 
 ``Tagger`` loads one checkpoint (a folder, or an MLflow registry URI such as
-``models:/topro-udpos-topro@champion``) and tags lists of sentences. All
+``models:/topro-udpos-topro@champion``) and tags lists of sentences (``tag``), or, for a model of a
+``kind: classification`` task, gives lists of texts their class (``classify``). All
 sentences of one ``tag`` call go through ``evaluate.predict`` together: every
 ToPro prompt of every sentence joins the same token-budget batches, so a
 caller that gathers sentences from many requests (the Serve deployment's
@@ -106,6 +107,28 @@ class TaggedSentence:
 
 
 @dataclass
+class ClassifiedText:
+    """One text's class (a ``kind: classification`` model)."""
+
+    text: str
+    label: str
+    prob: float
+    """The model's probability of ``label``."""
+    scores: dict[str, float]
+    """Every class's probability, in the model's label order."""
+    lang: str = ""
+    trimmed: bool = False
+    """The text was cut at its end to fit the model's ``max_length``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class WrongKindError(ValueError):
+    """A request for the other route: a tagging model asked to classify, or a classification model to tag."""
+
+
+@dataclass
 class ModelInfo:
     """What is loaded: the id clients use, where it came from, and what it does."""
 
@@ -185,10 +208,23 @@ class Tagger:
                  info.load_seconds)
         return cls(method, model, info, **options)
 
+    @property
+    def kind(self) -> str:
+        """The task kind the model was trained for: ``tagging`` (``tag``) or ``classification`` (``classify``)."""
+        return self.task.kind
+
+    def check_kind(self, wanted: str) -> None:
+        """Raise ``WrongKindError`` (naming the route to use) unless the model's task is of kind ``wanted``."""
+        if self.kind != wanted:
+            route = {"tagging": "POST /tag", "classification": "POST /classify"}[self.kind]
+            raise WrongKindError(f"model {self.info.id!r} is a {self.kind} model (task {self.task.name!r}): "
+                                 f"send its requests to {route}")
+
     def tag(self, sentences: list[Sentence]) -> list[TaggedSentence]:
         """Tags and their probabilities for every word of every sentence, in one prediction pass."""
         from topro.evaluate import decode, predict
 
+        self.check_kind("tagging")
         if not sentences:
             return []
         predictions = predict(self.method, self.model, sentences, max_tokens_per_batch=self.max_tokens_per_batch,
@@ -203,6 +239,24 @@ class Tagger:
                 words.append(TaggedWord(word, tag, prob))
             out.append(TaggedSentence(words, sentence.lang, prediction.truncated_words,
                                       prediction.trimmed_prompts))
+        return out
+
+    def classify(self, texts: list[Sentence]) -> list[ClassifiedText]:
+        """The class of every text (one-unit sentences, ``data.readers.as_sentence``), in one prediction pass."""
+        from topro.evaluate import predict
+
+        self.check_kind("classification")
+        if not texts:
+            return []
+        predictions = predict(self.method, self.model, texts, max_tokens_per_batch=self.max_tokens_per_batch,
+                              max_examples=self.max_examples)
+        out = []
+        for text, prediction in zip(texts, predictions):
+            probs = np.exp(prediction.log_probs[0])
+            best = int(probs.argmax())
+            out.append(ClassifiedText(text.words[0], self.method.labels[best], round(float(probs[best]), 6),
+                                      {label: round(float(p), 6) for label, p in zip(self.method.labels, probs)},
+                                      text.lang, bool(prediction.trimmed_prompts)))
         return out
 
 
@@ -278,6 +332,6 @@ def is_registry_or_remote(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(("models:/", "runs:/"))
 
 
-__all__ = ["DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
+__all__ = ["ClassifiedText", "DEFAULT_MODEL_ID", "ModelCatalogue", "ModelInfo", "ModelNotRegisteredError", "TaggedSentence",
            "TaggedWord", "Tagger", "UnknownModelError", "alias_moved", "follows_alias",
-           "public_model_info", "registered_version", "words_from_text"]
+           "public_model_info", "registered_version", "words_from_text", "WrongKindError"]

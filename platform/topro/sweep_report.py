@@ -119,6 +119,9 @@ def sweep_report(ref: str, log_artifacts: bool = True, out_dir: str | Path | Non
             sections.append(section)
         marks_by_task[task] = marks
         comparisons += results
+    generalized = reports.generalized_table(records)
+    if generalized:
+        table += "\n## Generalized zero-shot (labels held out of training)\n\n" + generalized
     if sections:
         table += "\n## Significance (paired bootstrap over sentences)\n\n" + "\n".join(sections)
     if uses_tiny_model(records):

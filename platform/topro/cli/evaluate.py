@@ -188,30 +188,33 @@ def format_table(record: dict) -> str:
     span tasks), sizes, truncation and the headline over the words the model saw."""
     metric = record["metric"]
     first = next(iter(record["languages"].values()), {})
-    extra = [k for k in ("f1_strict",) if k in first]
-    seen = f"{metric}_seen_words" if f"{metric}_seen_words" in first else None
+    texts = "macro_f1" in first  # a classification task: one label per text
+    extra = [k for k in ("f1_strict", "macro_f1") if k in first]
+    seen = f"{metric}_seen_words" if f"{metric}_seen_words" in first and not texts else None
     head = [metric, *extra, "accuracy"] if metric != "accuracy" else [metric, *extra]
     gzs = [f"{metric}_{part}_labels" for part in ("seen", "unseen", "hmean")] \
         if f"{metric}_seen_labels" in first else []
-    cols = head + ["sentences", "words", "truncated words"] + ([seen] if seen else []) + gzs + (
-        ["unseen-label words"] if gzs else [])
+    sizes = [("texts", "n_sentences"), ("trimmed texts", "n_trimmed_prompts")] if texts else \
+        [("sentences", "n_sentences"), ("words", "n_words"), ("truncated words", "n_truncated_words")]
+    unit = "text" if texts else "word"
+    cols = head + [name for name, _ in sizes] + ([seen] if seen else []) + gzs + (
+        [f"unseen-label {unit}s"] if gzs else [])
     rows = ["| lang | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for lang, r in record["languages"].items():
-        cells = [f"{r[k]:.4f}" for k in head] + [str(r["n_sentences"]), str(r["n_words"]),
-                                                 str(r["n_truncated_words"])]
+        cells = [f"{r[k]:.4f}" for k in head] + [str(r.get(key, "")) for _, key in sizes]
         if seen:
             cells.append(f"{r[seen]:.4f}")
         cells += [_score(r.get(k)) for k in gzs] + ([str(r["n_unseen_label_words"])] if gzs else [])
         rows.append(f"| {lang} | " + " | ".join(cells) + " |")
     avg = record["average"]
-    cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + ["", "", ""] + (
+    cells = [f"{avg.get(k, float('nan')):.4f}" for k in head] + [""] * len(sizes) + (
         [f"{avg.get(seen, float('nan')):.4f}"] if seen else []) + [_score(avg.get(k)) for k in gzs] + (
         [""] if gzs else [])
     rows.append("| average | " + " | ".join(cells) + " |")
     if gzs:
         rows.append(f"\nUnseen labels (held out of training): {', '.join(first.get('unseen_labels', []))}; "
-                    f"{metric} on words whose gold label is seen / unseen and their harmonic mean "
-                    f"(n/a: no gold word of an unseen label).")
+                    f"{metric} on {unit}s whose gold label is seen / unseen and their harmonic mean "
+                    f"(n/a: no gold {unit} of an unseen label).")
     words = record.get("label_words")
     if words:
         rows.append("\nLabel words: " + "; ".join(f"{label}: {' '.join(ws)}" for label, ws in words.items()))

@@ -69,10 +69,13 @@ def train_locked(cfg: TrainConfig, address: str | None, on_ray: bool) -> dict:
           f"checkpoint: {summary['checkpoint']}")
     tag, baseline = majority_baseline(cfg, selection)
     if not best > baseline + 1e-9:
-        log.warning("the best English dev %s (%.4f) never beat the majority-class baseline (%.4f: every word "
-                    "tagged %s): the model has not learnt the task. Try more steps (epochs, max_train_sentences), "
+        from topro.data import get_task
+
+        unit = "text labelled" if get_task(cfg.task).kind == "classification" else "word tagged"
+        log.warning("the best English dev %s (%.4f) never beat the majority-class baseline (%.4f: every %s "
+                    "%s): the model has not learnt the task. Try more steps (epochs, max_train_sentences), "
                     "a higher learning_rate for the random 'tiny' model (about 1e-3 to 3e-3) or a lower one for a "
-                    "pretrained model (2e-5 to 1e-4), or a pretrained model", selection, best, baseline, tag)
+                    "pretrained model (2e-5 to 1e-4), or a pretrained model", selection, best, baseline, unit, tag)
     if cfg.eval_langs:
         from topro.cli.evaluate import format_table
         from topro.evaluate import evaluate_checkpoint, write_results

@@ -5,8 +5,12 @@ A classification task's files hold one example per line, ``text<TAB>label``; a l
 text or a label the task does not have stops the reader with ``file:line``. ``derive_panx_entity_types``
 builds such files from PAN-X: every sentence whose entities are all of one type (PER, ORG or LOC), labelled
 with that type, for every language and split with PAN-X data at hand (task ``panx_type``,
-``data/task_specs/panx_type.yaml``). Only the data layer exists so far: the methods, training and
-evaluation of classification tasks are not built yet, and the pre-checks refuse them with that message.
+``data/task_specs/panx_type.yaml``).
+
+Training, evaluation and serving read a text as a one-unit ``Sentence`` (``as_sentence``: its one "word"
+the whole text, its one tag the class), so batching, the loop, decoding, few-shot sampling and the
+generalized zero-shot bookkeeping are the token tasks' own; the method class the registry names for the
+``classification`` kind (``methods/classification.py``) encodes it as one prompt (or one head read) per text.
 
     python -m topro.data.classification --data-dir $TOPRO_DATA_DIR --out data/derived
     # then: --data-dir data/derived (files data/derived/panx_type/{train,dev}-<lang>.tsv)
@@ -15,51 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from topro import atomic
-from topro.data.readers import DataFormatError, _lines, _open_checked, read_xtreme_tsv
+from topro.data.readers import (DataFormatError, Sentence, TextExample, as_sentence, read_text_sentences,  # noqa: F401
+                                read_text_tsv, read_xtreme_tsv)
 from topro.data.tasks import Task, get_task
 
 DERIVED_TASK = "panx_type"
 SOURCE_TASK = "panx"
-
-
-@dataclass(frozen=True)
-class TextExample:
-    """One labelled text of a classification task."""
-
-    text: str
-    label: str
-    lang: str = ""
-    source: str = ""
-    """``file:line``."""
-
-
-def read_text_tsv(path: str | Path, lang: str = "", labels: list[str] | None = None,
-                  limit: int | None = None) -> list[TextExample]:
-    """``text<TAB>label`` per line (blank lines skipped); errors name ``file:line``."""
-    path = _open_checked(path)
-    allowed = set(labels) if labels is not None else None
-    out = []
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        if "\t" not in line:
-            raise DataFormatError(f"{path}:{number}: expected 'text<TAB>label', got {line!r} (no tab)")
-        text, label = line.rsplit("\t", 1)
-        label = label.strip()
-        if not text.strip():
-            raise DataFormatError(f"{path}:{number}: empty text (label {label!r})")
-        if allowed is not None and label not in allowed:
-            raise DataFormatError(f"{path}:{number}: unknown label {label!r}; allowed labels: {sorted(allowed)}")
-        out.append(TextExample(text.strip(), label, lang, f"{path}:{number}"))
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise DataFormatError(f"{path}: no examples (file holds only blank lines)")
-    return out
 
 
 def load_texts(task: str | Task, lang: str, split: str, data_dir: str | os.PathLike | None = None,

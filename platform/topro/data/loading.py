@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from topro.data.readers import READERS, DataFormatError, Sentence
+from topro.data.readers import READERS, DataFormatError, Sentence, TextExample, as_sentence
 from topro.data.tasks import Task, get_task, language_meta
 
 DATA_DIR_ENV = "TOPRO_DATA_DIR"
@@ -69,11 +69,9 @@ def default_split(task: Task | str, data_dir: str | None = None, langs: list[str
 
 def load_split(task: str | Task, lang: str, split: str, data_dir: str | os.PathLike | None = None,
                limit: int | None = None) -> list[Sentence]:
-    """Sentences of ``task``'s ``split`` in ``lang``; tags are checked against the label set."""
+    """Sentences of ``task``'s ``split`` in ``lang``; tags are checked against the label set. A classification
+    task's texts come as one-unit sentences (``topro.data.readers.as_sentence``)."""
     task = get_task(task)
-    if task.kind != "tagging":
-        raise DataFormatError(f"task {task.name!r} is a {task.kind} task (one label per text): load it with "
-                              f"topro.data.classification.load_texts")
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_from_hub(task, lang, split, limit)
@@ -122,6 +120,9 @@ def _load_from_hub(task: Task, lang: str, split: str, limit: int | None) -> list
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
             break
+        if task.kind == "classification":
+            sentences.append(_hub_text(task, row, lang, where, i, getattr(feature, "names", None), allowed))
+            continue
         tags = [names[t] if names else str(t) for t in row[hub.tags]]
         for word, tag in zip(row[hub.words], tags):
             if tag not in allowed:
@@ -131,3 +132,15 @@ def _load_from_hub(task: Task, lang: str, split: str, limit: int | None) -> list
     if not sentences:
         raise DataFormatError(f"{where}: no sentences")
     return sentences
+
+
+def _hub_text(task: Task, row: dict, lang: str, where: str, i: int, names: list[str] | None, allowed: set[str]) -> Sentence:
+    """One hub row of a classification task (``hub.words``: the text column, ``hub.tags``: the label column)
+    as a one-unit sentence."""
+    value = row[task.hub.tags]
+    label = names[value] if names and isinstance(value, int) else str(value)
+    text = str(row[task.hub.words]).strip()
+    if not text or label not in allowed:
+        raise DataFormatError(f"{where} row {i}: " + (f"unknown label {label!r}; allowed labels: {sorted(allowed)}"
+                                                      if text else f"empty text (label {label!r})"))
+    return as_sentence(TextExample(text, label, lang, f"{where}#{i}"))

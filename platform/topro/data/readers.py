@@ -168,4 +168,51 @@ def read_conll(path: str | Path, lang: str = "", labels: Iterable[str] | None = 
     return _read_sentences(path, _conll_line, lang, labels, limit, "no sentences")
 
 
-READERS = {"tsv": read_xtreme_tsv, "conllu": read_conllu, "conll": read_conll}
+@dataclass(frozen=True)
+class TextExample:
+    """One labelled text of a classification task."""
+
+    text: str
+    label: str
+    lang: str = ""
+    source: str = ""
+    """``file:line``."""
+
+
+def read_text_tsv(path: str | Path, lang: str = "", labels: list[str] | None = None,
+                  limit: int | None = None) -> list[TextExample]:
+    """``text<TAB>label`` per line (blank lines skipped); errors name ``file:line``."""
+    path = _open_checked(path)
+    allowed = set(labels) if labels is not None else None
+    out = []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataFormatError(f"{path}:{number}: expected 'text<TAB>label', got {line!r} (no tab)")
+        text, label = line.rsplit("\t", 1)
+        label = label.strip()
+        if not text.strip():
+            raise DataFormatError(f"{path}:{number}: empty text (label {label!r})")
+        if allowed is not None and label not in allowed:
+            raise DataFormatError(f"{path}:{number}: unknown label {label!r}; allowed labels: {sorted(allowed)}")
+        out.append(TextExample(text.strip(), label, lang, f"{path}:{number}"))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataFormatError(f"{path}: no examples (file holds only blank lines)")
+    return out
+
+
+def as_sentence(example: TextExample) -> Sentence:
+    """A text as the one-unit sentence the loop carries: words ``[text]``, tags ``[label]``."""
+    return Sentence([example.text], [example.label], example.lang, example.source)
+
+
+def read_text_sentences(path: str | Path, lang: str = "", labels: list[str] | None = None,
+                        limit: int | None = None) -> list[Sentence]:
+    """``read_text_tsv`` as one-unit sentences (what ``topro.data.load_split`` returns for these tasks)."""
+    return [as_sentence(e) for e in read_text_tsv(path, lang, labels, limit)]
+
+
+READERS = {"tsv": read_xtreme_tsv, "conllu": read_conllu, "conll": read_conll, "text_tsv": read_text_sentences}

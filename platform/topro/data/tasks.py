@@ -51,7 +51,9 @@ class Task:
     """``iob2``: labels form spans scored by seqeval; ``tags``: independent tags."""
     kind: Literal["tagging", "classification"] = "tagging"
     """``tagging``: a label per word (sentences of word/tag pairs); ``classification``: one label per text
-    (``text<TAB>label`` files, ``topro.data.classification``; its data layer only so far)."""
+    (``text<TAB>label`` files, ``topro.data.classification``): scored by accuracy and macro-F1, its
+    template asks one question per text (``{mask}``, no ``{word}``), and each method uses the class the
+    registry names for this kind (``method_registry.MethodEntry.classification_cls``)."""
     description: str = ""
     format: Literal["tsv", "conllu", "conll", "text_tsv"] = "tsv"
     """Reader for local files (``text_tsv``: ``text<TAB>label``, classification tasks)."""

@@ -45,6 +45,27 @@ class TagRequest(BaseModel):
         return [list(words) for words in self.sentences or []]
 
 
+class ClassifyRequest(BaseModel):
+    """``{"texts": ["Angela Merkel sprach.", ...]}`` or ``{"text": "Angela Merkel sprach."}``, optional ``lang``:
+    texts for a model of a classification task (``POST /classify``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[StrictStr] | None = Field(None, description="Texts to classify, one label each.")
+    text: StrictStr | None = Field(None, description="One text to classify.")
+    lang: StrictStr | None = Field(None, pattern=LANG_PATTERN, max_length=16,
+                                   description="Language code of the input (e.g. 'de'); echoed back.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ClassifyRequest":
+        if (self.texts is None) == (self.text is None):
+            raise ValueError("send exactly one of 'texts' (a list of strings) or 'text' (a string)")
+        return self
+
+    def text_list(self) -> list[str]:
+        return [self.text] if self.text is not None else list(self.texts or [])
+
+
 class Limits(BaseModel):
     """Request size limits (from the app's args)."""
 
@@ -83,6 +104,32 @@ def check_limits(request: TagRequest, limits: Limits) -> list[list[str]]:
     return word_lists
 
 
+def check_text_limits(request: ClassifyRequest, limits: Limits) -> list[str]:
+    """The request's texts, or a ``RequestProblem`` naming the first one that breaks a rule: the tagging
+    route's limits read per text (``max_sentences`` texts, ``max_words`` words of at most ``max_word_chars``
+    characters each)."""
+    texts = request.text_list()
+    if not texts:
+        raise RequestProblem(422, "texts: send at least one text")
+    if len(texts) > limits.max_sentences:
+        raise RequestProblem(413, f"texts: {len(texts)} texts in one request; the limit is {limits.max_sentences}")
+    for i, text in enumerate(texts):
+        at = "text" if request.text is not None else f"texts[{i}]"
+        problem = unencodable(text)
+        if problem:
+            raise RequestProblem(422, f"{at}: {problem}")
+        words = text.split()
+        if not words:
+            raise RequestProblem(422, f"{at}: empty or whitespace-only text")
+        if len(words) > limits.max_words:
+            raise RequestProblem(413, f"{at}: {len(words)} words; the limit is {limits.max_words} words per text")
+        longest = max(words, key=len)
+        if len(longest) > limits.max_word_chars:
+            raise RequestProblem(413, f"{at}: a word of {len(longest)} characters; the limit is "
+                                      f"{limits.max_word_chars}")
+    return texts
+
+
 def unencodable(text: str) -> str | None:
     """Why ``text`` cannot be encoded as UTF-8 (JSON lets a lone surrogate such as ``"\\ud800"`` through,
     and the tokenizer then fails the whole model call), or None."""
@@ -104,7 +151,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
             path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
         message = str(error.get("msg", "invalid"))
         if error.get("type") == "extra_forbidden":
-            message = "unknown field (expected 'sentences' or 'text', and optionally 'lang')"
+            message = "unknown field (expected 'sentences' or 'text' (POST /tag), 'texts' or 'text' (POST /classify), " \
+                      "and optionally 'lang')"
         elif error.get("type") == "missing" and not loc:
             message = "the body is missing: send a JSON object"
         elif error.get("type") in ("model_attributes_type", "dict_type", "model_type") and not loc:
@@ -161,6 +209,21 @@ class TagResponse(BaseModel):
     batch: BatchInfo
 
 
+class ClassifiedTextOut(BaseModel):
+    text: str
+    label: str
+    prob: float = Field(description="Probability of the label.")
+    scores: dict[str, float] = Field(description="Every class's probability.")
+    lang: str | None = None
+    trimmed: bool = Field(False, description="The text was cut at its end to fit the model's max_length.")
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    texts: list[ClassifiedTextOut]
+    batch: BatchInfo
+
+
 class LLMTaggedWordOut(BaseModel):
     word: str
     tag: str
@@ -199,8 +262,8 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-__all__ = ["BatchInfo", "ErrorResponse", "LLMTagResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
-           "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "describe_validation_errors",
+__all__ = ["BatchInfo", "ClassifiedTextOut", "ClassifyRequest", "ClassifyResponse", "ErrorResponse", "LLMTagResponse", "Limits", "ModelRef", "RequestProblem", "TagRequest", "TagResponse",
+           "TaggedSentenceOut", "TaggedWordOut", "ValidationError", "check_limits", "check_text_limits", "describe_validation_errors",
            "unencodable"]
 
 

@@ -1,6 +1,8 @@
 """Ray Serve application ``tagging``: the HTTP tagging endpoint over ``topro.serving.Tagger``.
 
     POST /tag      {"sentences": [["Das", "ist", "gut"]], "lang": "de"}  or  {"text": "Das ist gut"}
+    POST /classify {"texts": ["Angela Merkel sprach ."], "lang": "de"}  or  {"text": "..."}  (a model of a
+                   ``kind: classification`` task: one label per text; the other route answers 422 saying so)
     GET  /healthz  this replica is up, and what it holds
     GET  /models   the model ids a client may ask for, and what this replica has loaded
 
@@ -42,7 +44,8 @@ from ray.serve import Application
 
 from topro.endpoint.args import TaggingArgs, parse_app_args
 from topro.endpoint.http import bind_app, body_limit, make_api
-from topro.endpoint.schemas import RequestProblem, TagRequest, TagResponse, check_lang, check_limits
+from topro.endpoint.schemas import (ClassifyRequest, ClassifyResponse, RequestProblem, TagRequest, TagResponse,
+                                    check_lang, check_limits, check_text_limits)
 
 log = logging.getLogger("ray.serve")
 
@@ -155,9 +158,14 @@ class TagJob:
     resident: "ResidentModel"
     sentences: list
     done: dict[str, Any] = field(default_factory=dict)
+    call: str = "tag"
+    """The ``Tagger`` method that serves it: ``tag`` (sentences) or ``classify`` (texts as one-unit sentences)."""
 
     @property
     def words(self) -> int:
+        """Its words (a text's: the whitespace-separated words of its one unit)."""
+        if self.call == "classify":
+            return sum(len(s.words[0].split()) for s in self.sentences)
         return sum(len(s.words) for s in self.sentences)
 
 
@@ -368,26 +376,54 @@ class TaggerDeployment:
         from topro.data.readers import Sentence
 
         word_lists = check_limits(body, self.limits)
-        resident = await self._resident_for_request()
-        lang = body.lang or ""
-        check_lang(lang, resident.tagger.info.task)
+        resident = await self._resident_for_kind("tagging", body.lang)
         chunks = split_by_words(word_lists, self.args.max_call_words)
-        tagged = []
+        sentences = [[Sentence(words, [], body.lang or "") for words in chunk] for chunk in chunks]
+        return await self._answer(resident, sentences, "tag", "sentences", body.lang)
+
+    @api.post("/classify", response_model=ClassifyResponse)
+    async def classify(self, body: ClassifyRequest):
+        """The class of every text, with every class's probability; the model answering is named in `model`."""
+        from topro.data.readers import Sentence
+
+        texts = check_text_limits(body, self.limits)
+        resident = await self._resident_for_kind("classification", body.lang)
+        # A text counts its words towards max_call_words, as a sentence does on /tag.
+        chunks = split_by_words(texts, self.args.max_call_words, lambda text: len(text.split()))
+        units = [[Sentence([text], [], body.lang or "") for text in chunk] for chunk in chunks]
+        return await self._answer(resident, units, "classify", "texts", body.lang)
+
+    async def _resident_for_kind(self, kind: str, lang: str | None) -> "ResidentModel":
+        """The request's model, refused (422) when its task is of the other kind or ``lang`` not its language."""
+        from topro.serving import WrongKindError
+
+        resident = await self._resident_for_request()
+        try:
+            resident.tagger.check_kind(kind)
+        except WrongKindError as err:
+            raise RequestProblem(422, str(err)) from None
+        check_lang(lang or "", resident.tagger.info.task)
+        return resident
+
+    async def _answer(self, resident: "ResidentModel", chunks: list[list], call: str, key: str, lang: str | None):
+        """Run ``chunks`` through the batches (``call``: ``tag`` or ``classify``) and answer with the results
+        under ``key``, or with the first chunk's error."""
+        results = []
         for chunk in chunks:  # each chunk queues anew: other requests' work goes between a large one's chunks
-            job = TagJob(resident, [Sentence(words, [], lang) for words in chunk])
+            job = TagJob(resident, chunk, call=call)
             await self.gate.wait_until_free()
             await self._tag_batch(job)
             if "error" in job.done:
                 return JSONResponse({"detail": job.done["error"]}, status_code=job.done["status"])
-            tagged += job.done["tagged"]
+            results += job.done["tagged"]
         from topro.serving import public_model_info
 
-        # The model that tagged the last chunk (an alias may have moved since); ids and versions, no paths.
+        # The model that answered the last chunk (an alias may have moved since); ids and versions, no paths.
         public = public_model_info(job.done["info"])
         return JSONResponse({
             "model": {k: public[k] for k in ("id", "uri", "task", "method", "run_id", "registered_model",
                                              "version")},
-            "sentences": [{**s.as_dict(), "lang": body.lang} for s in tagged],
+            key: [{**r.as_dict(), "lang": lang} for r in results],
             "batch": {**job.done["batch"], "chunks": len(chunks)},
         })
 
@@ -399,14 +435,15 @@ class TaggerDeployment:
         return [None] * len(jobs)
 
     async def _tag_jobs(self, jobs: list[TagJob]) -> None:
-        by_model: dict[int, list[TagJob]] = {}
+        by_model: dict[tuple[int, str], list[TagJob]] = {}
         for job in jobs:
-            by_model.setdefault(id(job.resident), []).append(job)
+            by_model.setdefault((id(job.resident), job.call), []).append(job)
         calls = [call for group in by_model.values()
                  for call in split_by_words(group, self.args.max_call_words, lambda job: job.words)]
         for group in calls:
             tagger = group[0].resident.tagger  # read once: an alias switch during the call does not touch it
-            outcomes = await tag_requests(tagger.tag, [job.sentences for job in group], tagger.info.id)
+            outcomes = await tag_requests(getattr(tagger, group[0].call), [job.sentences for job in group],
+                                          tagger.info.id)
             for job, outcome in zip(group, outcomes):
                 if outcome.error:
                     job.done["error"], job.done["status"] = outcome.error, outcome.status

@@ -46,7 +46,7 @@ def _from_registry(spec: MethodSpec, tokenizer, model_path: str) -> Method:
         raise ValueError(f"unseen_labels={spec.unseen_labels}: method {spec.method!r} on the encoder-decoder "
                          f"{model_path} generates label words over the whole vocabulary, so an unseen label's "
                          "word cannot leave its training softmax; use a masked LM")
-    return entry.implementation(kind)(spec, tokenizer)
+    return entry.implementation(kind, get_task(spec.task).kind)(spec, tokenizer)
 
 
 METHODS: dict[str, Factory] = {}

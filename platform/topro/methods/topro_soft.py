@@ -151,10 +151,13 @@ def soft_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class ToProSoft:
     name = "topro_soft"
+    cloze_class: type[ToProMLM] = ToProMLM
+    """The hand-written cloze method whose prompt layout the soft one reuses (a classification task's:
+    ``methods/classification.TextCloze``, one prompt per text)."""
 
     def __init__(self, spec: MethodSpec, tokenizer):
         self.spec = spec
-        self.cloze = ToProMLM(spec, tokenizer)  # template, verbalizer, label ids and prompt layout
+        self.cloze = self.cloze_class(spec, tokenizer)  # template, verbalizer, label ids and prompt layout
         self.labels = self.cloze.labels
         self.tokenizer = tokenizer
         self.freeze_backbone = bool(spec.freeze_backbone)

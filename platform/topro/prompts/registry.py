@@ -25,7 +25,7 @@ class Template:
     name: str
     task: str
     question: str
-    """Holds ``{word}`` and ``{mask}``."""
+    """Holds ``{word}`` and ``{mask}`` (a classification task's: ``{mask}`` only, one question per text)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Verbalizer:
         return {w for label in self.words for w in self.seed_words(label)}
 
 
+QUESTION_PLACEHOLDERS = {"tagging": {"word", "mask"}, "classification": {"mask"}}
+"""What a template's question holds, per task kind: a tagging question asks about one word, a classification
+question about the whole text (the pair's other segment)."""
+
+
 def prompt_dirs() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("TOPRO_PROMPTS_PATH", "").split(os.pathsep) if p]
     return extra + [BUILTIN_PROMPTS]
@@ -69,10 +74,13 @@ def _prompts(task_name: str) -> tuple[dict[str, Template], dict[str, Verbalizer]
         for key in data:
             if key not in ("task", "templates", "verbalizers"):
                 raise ConfigError(f"{path}: unknown key {key!r} (expected task, templates, verbalizers)")
+        needed = QUESTION_PLACEHOLDERS[task.kind]
         for name, spec in (data.get("templates") or {}).items():
             question = spec.get("question") if isinstance(spec, dict) else None
-            if not isinstance(question, str) or not {"word", "mask"} <= placeholders(question):
-                raise ConfigError(f"{path}: template {name!r} needs a 'question' holding {{word}} and {{mask}}")
+            if not isinstance(question, str) or placeholders(question) & {"word", "mask"} != needed:
+                raise ConfigError(f"{path}: template {name!r} needs a 'question' holding "
+                                  f"{' and '.join('{' + p + '}' for p in sorted(needed, reverse=True))}"
+                                  + (" and no {word} (one question per text)" if "word" not in needed else ""))
             templates[name] = Template(name, task_name, question)
         for name, words in (data.get("verbalizers") or {}).items():
             if not isinstance(words, dict):
