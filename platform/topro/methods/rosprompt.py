@@ -124,6 +124,14 @@ def knn_label_words(table: torch.Tensor, seeds: list[torch.Tensor], k: int, allo
     return out
 
 
+def check_word_settings(spec: MethodSpec) -> None:
+    """``verbalizer_expansion`` and ``knn_aggregate`` are known values (masked and decoder-only RoSPrompt)."""
+    if spec.verbalizer_expansion not in EXPANSIONS:
+        raise ValueError(f"verbalizer_expansion must be one of {EXPANSIONS}, got {spec.verbalizer_expansion!r}")
+    if spec.knn_aggregate not in AGGREGATES:
+        raise ValueError(f"knn_aggregate must be one of {AGGREGATES}, got {spec.knn_aggregate!r}")
+
+
 class RoSPrompt(ToProSoft):
     """Soft ToPro with expanded multilingual verbalizers, label smoothing and a prompt-drift penalty."""
 
@@ -131,10 +139,7 @@ class RoSPrompt(ToProSoft):
 
     def __init__(self, spec: MethodSpec, tokenizer):
         super().__init__(spec, tokenizer)
-        if spec.verbalizer_expansion not in EXPANSIONS:
-            raise ValueError(f"verbalizer_expansion must be one of {EXPANSIONS}, got {spec.verbalizer_expansion!r}")
-        if spec.knn_aggregate not in AGGREGATES:
-            raise ValueError(f"knn_aggregate must be one of {AGGREGATES}, got {spec.knn_aggregate!r}")
+        check_word_settings(spec)
         self.verbalizer = self.cloze.verbalizer
         self.unseen_index = self.cloze.unseen_index
         self.seen_index = torch.tensor([i for i in range(len(self.labels)) if i not in set(self.unseen_index.tolist())])

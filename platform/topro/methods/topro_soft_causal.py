@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from topro.methods.base import MethodSpec, scores_dtype
-from topro.methods.rosprompt import (AGGREGATES, EXPANSIONS, RoSPrompt, aggregate_label_scores, candidate_mask,
+from topro.methods.rosprompt import (RoSPrompt, aggregate_label_scores, candidate_mask, check_word_settings,
                                      knn_label_words, seed_vectors)
 from topro.methods.topro_causal import ToProCausal, tree_scores
 from topro.methods.topro_soft import PLACEMENTS, SOFT_PROMPT, slot_id, split_proportionally
@@ -196,10 +196,7 @@ class CausalRoSPrompt(CausalToProSoft):
 
     def __init__(self, spec: MethodSpec, tokenizer):
         super().__init__(spec, tokenizer)
-        if spec.verbalizer_expansion not in EXPANSIONS:
-            raise ValueError(f"verbalizer_expansion must be one of {EXPANSIONS}, got {spec.verbalizer_expansion!r}")
-        if spec.knn_aggregate not in AGGREGATES:
-            raise ValueError(f"knn_aggregate must be one of {AGGREGATES}, got {spec.knn_aggregate!r}")
+        check_word_settings(spec)
         from topro.methods.topro_mlm import unseen_index
 
         self.unseen_index = unseen_index(self.labels, spec.unseen_labels)
