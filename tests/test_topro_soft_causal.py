@@ -151,6 +151,26 @@ def test_rosprompt_knn_on_a_causal_lm_trains_the_prompt_and_reloads_its_words(tm
                                atol=1e-5, rtol=0)
 
 
+def test_rosprompt_knn_loads_the_backbone_once_per_run(monkeypatch):
+    """kNN reads the input embeddings before the model is built: build_model takes that backbone instead of
+    loading it a second time (a second build loads afresh, so the first model is never shared)."""
+    from topro.methods.topro_soft_causal import CausalToProSoft
+
+    loads = []
+    real = CausalToProSoft._load_lm
+
+    def counted(path):
+        loads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(CausalToProSoft, "_load_lm", staticmethod(counted))
+    method, path = method_on("llama", "rosprompt", verbalizer_expansion="knn", knn_k=3, prefix_length=8)
+    first = method.build_model(path)
+    assert loads == [path]
+    second = method.build_model(path)
+    assert loads == [path, path] and second.lm is not first.lm
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["topro_soft", "rosprompt"])
 def test_train_and_evaluate_through_the_cli(method, tmp_path, data_dir, capsys):

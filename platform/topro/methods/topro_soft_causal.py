@@ -206,8 +206,12 @@ class CausalRoSPrompt(CausalToProSoft):
         # A checkpoint records the kNN tokens it was trained with: reloading never recomputes them. kNN needs
         # the input embeddings before encoding (the words are in the prompts): read once from the backbone.
         self.word_sets: list[list[int]] | None = spec.label_token_sets
+        self._loaded_backbone: tuple[str, nn.Module] | None = None
         if spec.verbalizer_expansion == "knn" and self.word_sets is None:
-            self.word_sets = self._knn_words(self._load_lm(spec.base_model_path or spec.base_model))
+            path = spec.base_model_path or spec.base_model
+            lm = self._load_lm(path)
+            self.word_sets = self._knn_words(lm)
+            self._loaded_backbone = (path, lm)  # build_model takes it: the backbone loads once per run
         self.label_texts = self._label_texts()
         self.word_texts = list(dict.fromkeys(w for words in self.label_texts for w in words))
         at = {w: i for i, w in enumerate(self.word_texts)}
@@ -244,6 +248,12 @@ class CausalRoSPrompt(CausalToProSoft):
             words = [self.tokenizer.decode([t]).strip() or self.tokenizer.decode([t]) for t in tokens]
             texts.append(list(dict.fromkeys(words)))
         return texts
+
+    def build_model(self, model_path: str) -> SoftPromptCausal:
+        loaded, self._loaded_backbone = self._loaded_backbone, None
+        if loaded is not None and loaded[0] == model_path:
+            return self._model_on(loaded[1])
+        return super().build_model(model_path)
 
     def _warn_unseen_overlap(self) -> list[str]:
         messages = []
