@@ -36,9 +36,8 @@ from topro.data.readers import Sentence
 from topro.methods.base import Encoded, MethodSpec, scores_dtype, seen_label_logits
 from topro.methods.packing import packed_hidden
 from topro.methods.topro_mlm import ToProMLM, label_logits_at
-from topro.methods.trained_only import (fresh_parameters, from_pretrained_noting_fresh, load_backbone,
-                                        load_trained_only, read_meta, save_trained_only, trained_names,
-                                        trained_only_meta)
+from topro.methods.trained_only import (fresh_parameters, from_pretrained_noting_fresh, load_soft_prompt_checkpoint,
+                                        save_trained_only, trained_names, trained_only_meta)
 from topro.prompts import Template
 
 PLACEMENTS = ("replace", "prefix")
@@ -208,13 +207,8 @@ class ToProSoft:
         return self._model_on(self._load_mlm(model_path))
 
     def load_model(self, checkpoint: str | Path) -> SoftPromptMLM:
-        meta = read_meta(checkpoint)
-        if meta.get("backbone_in_checkpoint"):
-            mlm = self._load_mlm(str(checkpoint))  # fine-tuned backbone: saved alongside the prompt
-        else:
-            mlm = load_backbone(self.spec, checkpoint, self._load_mlm, meta.get("backbone_fingerprint"))
-        model = self._model_on(mlm, torch.zeros(self.question.n_slots, mlm.config.hidden_size))
-        return load_trained_only(model, checkpoint, names=meta.get("trained_tensors", [SOFT_PROMPT]))
+        return load_soft_prompt_checkpoint(self.spec, checkpoint, self._load_mlm, self._model_on,
+                                           self.question.n_slots, [SOFT_PROMPT])
 
     # -- training and inference -------------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:

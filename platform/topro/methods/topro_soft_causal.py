@@ -37,8 +37,8 @@ from topro.methods.rosprompt import (RoSPrompt, aggregate_label_scores, candidat
                                      knn_label_words, seed_vectors)
 from topro.methods.topro_causal import ToProCausal, tree_scores
 from topro.methods.topro_soft import PLACEMENTS, SOFT_PROMPT, slot_id, split_proportionally
-from topro.methods.trained_only import (from_pretrained_noting_fresh, load_backbone, load_trained_only, read_meta,
-                                        save_trained_only, trained_names, trained_only_meta)
+from topro.methods.trained_only import (from_pretrained_noting_fresh, load_soft_prompt_checkpoint, save_trained_only,
+                                        trained_names, trained_only_meta)
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,8 @@ class CausalToProSoft(ToProCausal):
         return self._model_on(self._load_lm(model_path))
 
     def load_model(self, checkpoint: str | Path) -> SoftPromptCausal:
-        meta = read_meta(checkpoint)
-        if meta.get("backbone_in_checkpoint"):
-            lm = self._load_lm(str(checkpoint))  # fine-tuned backbone: saved alongside the prompt
-        else:
-            lm = load_backbone(self.spec, checkpoint, self._load_lm, meta.get("backbone_fingerprint"))
-        model = self._model_on(lm, torch.zeros(self.n_slots, lm.config.hidden_size))
-        return load_trained_only(model, checkpoint, names=meta.get("trained_tensors", [SOFT_PROMPT]))
+        return load_soft_prompt_checkpoint(self.spec, checkpoint, self._load_lm, self._model_on, self.n_slots,
+                                           [SOFT_PROMPT])
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "method": self.name,

@@ -135,6 +135,21 @@ def load_backbone(spec: MethodSpec, checkpoint: str | Path, loader: Callable[[st
         + f". Make the backbone available there or point base_model_path in {Path(checkpoint) / META_FILE} at it.")
 
 
+def load_soft_prompt_checkpoint(spec: MethodSpec, checkpoint: str | Path, loader: Callable[[str], torch.nn.Module],
+                                build: Callable[[torch.nn.Module, torch.Tensor], torch.nn.Module], n_slots: int,
+                                default_names: list[str]) -> torch.nn.Module:
+    """A soft-prompt checkpoint's model (masked and decoder-only alike): its backbone (saved whole beside the
+    prompt when it was fine-tuned, else found by fingerprint), ``build(backbone, zero prompt)`` around it,
+    then the trained tensors (``default_names`` for checkpoints that predate ``trained_tensors``)."""
+    meta = read_meta(checkpoint)
+    if meta.get("backbone_in_checkpoint"):
+        backbone = loader(str(checkpoint))
+    else:
+        backbone = load_backbone(spec, checkpoint, loader, meta.get("backbone_fingerprint"))
+    model = build(backbone, torch.zeros(n_slots, backbone.config.hidden_size))
+    return load_trained_only(model, checkpoint, names=meta.get("trained_tensors", default_names))
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
