@@ -174,7 +174,7 @@ def test_long_sentence_is_windowed_over_rows_and_every_word_predicted(request, f
     assert prediction.truncated_words == 0 and prediction.trimmed_prompts > 0
 
 
-@pytest.mark.parametrize("method", ["topro", "topro_soft"])
+@pytest.mark.parametrize("method", ["topro", "topro_soft", "rosprompt"])
 def test_packed_training_checkpoint_reloads_identically(tiny_udpos, data_dir, tmp_path, method):
     from topro.train import train
 
@@ -186,7 +186,7 @@ def test_packed_training_checkpoint_reloads_identically(tiny_udpos, data_dir, tm
     meta = json.loads((tmp_path / "run" / "checkpoint" / "topro.json").read_text())
     assert meta["prompt_packing"] == "sentence" and meta["method"] == method
     loaded_method, loaded = load_checkpoint(tmp_path / "run" / "checkpoint")
-    assert (loaded_method.cloze if method == "topro_soft" else loaded_method).packing == "sentence"
+    assert (loaded_method if method == "topro" else loaded_method.cloze).packing == "sentence"
     sentences = load_split("udpos", "zh", "dev", data_dir, limit=4)
     rows = loaded_method.encode(sentences)
     assert len(rows) == len(sentences)  # served packed, as trained

@@ -121,17 +121,20 @@ def test_tiny_cache_key_covers_every_added_word(tmp_path, monkeypatch, data_dir)
 
 # -- the method on real tiny models -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("packing", ["per_word", "sentence"])
 @pytest.mark.parametrize("family", ["tiny_udpos", "tiny_xlmr"])
-def test_without_its_ingredients_rosprompt_is_soft_topro(request, family, data_dir):
+def test_without_its_ingredients_rosprompt_is_soft_topro(request, family, packing, data_dir):
     """float64: no expansion, one seed word per label, no smoothing, no penalty: the same label scores and
-    loss as soft ToPro."""
+    loss as soft ToPro, one prompt per word and packed per sentence alike."""
     path = request.getfixturevalue(family)
     torch.manual_seed(0)
-    ros = make("rosprompt", path, prefix_length=8)
-    soft = make("topro_soft", path, prefix_length=8)
+    ros = make("rosprompt", path, prefix_length=8, prompt_packing=packing)
+    soft = make("topro_soft", path, prefix_length=8, prompt_packing=packing)
     ros_model, soft_model = ros.build_model(path).double(), soft.build_model(path).double()
     assert ros.word_sets == [[i] for i in soft.cloze.label_ids.tolist()]
-    batch = ros.collate(ros.encode(load_split("udpos", "de", "dev", data_dir, limit=3)))
+    rows = ros.encode(load_split("udpos", "de", "dev", data_dir, limit=3))
+    assert (len(rows) == 3) == (packing == "sentence")  # one row per sentence when packed
+    batch = ros.collate(rows)
     torch.testing.assert_close(ros.label_log_probs(ros_model, batch), soft.label_log_probs(soft_model, batch),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ros.loss(ros_model, batch).double(), soft.loss(soft_model, batch).double(), rtol=1e-6,

@@ -91,7 +91,8 @@ METHOD_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
                 head="pretrained_mlm", trains="part", unseen_labels=True,
                 classification_cls="topro.methods.classification:TextClozeSoft"),
     MethodEntry("rosprompt", "topro.methods.rosprompt:RoSPrompt",
-                causal_cls="topro.methods.topro_soft_causal:CausalRoSPrompt", prompted=True, head="pretrained_mlm",
+                causal_cls="topro.methods.topro_soft_causal:CausalRoSPrompt", prompted=True, packable=True,
+                head="pretrained_mlm",
                 trains="part", unseen_labels=True, zero_step=True,
                 classification_cls="topro.methods.classification:TextClozeRoSPrompt"),
 )}
