@@ -161,15 +161,20 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
         metrics = [json.loads((runs[k] / "metrics.json").read_text()) for k in keys]
         params = metrics[0]["n_trainable_params"] if metrics else None
         seconds = mean([m["train_seconds"] for m in metrics])
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {params} | {seconds:.0f} |")
+        sets = sorted({k[1] for k in keys})
+        lines.append(f"| {variant} ({len(keys)} runs: {'; '.join(sets)}) | " + " | ".join(cells)
+                     + f" | {params} | {seconds:.0f} |")
     lines += ["", "Unseen-label words per language: " + "; ".join(
         f"{unseen}: " + ", ".join(f"{lang} {next(r for k, r in records.items() if k[1] == unseen)['languages'][lang]['n_unseen_label_words']}"
-                                  for lang in langs) for unseen in args.unseen.split(";"))]
+                                  for lang in langs) for unseen in args.unseen.split(";")
+        if any(k[1] == unseen for k in records))]
     if {"rosprompt", "topro_soft"} <= set(args.variants):
         lines += ["", "Paired bootstrap of the harmonic mean, rosprompt - topro_soft (seeds pooled per sentence; "
                   "2000 resamples):", ""]
         for unseen in args.unseen.split(";"):
             labels = set(expand_unseen_labels(task, [x for x in unseen.split(",") if x]))
+            if not all(any(k[0] == v and k[1] == unseen for k in runs) for v in ("rosprompt", "topro_soft")):
+                continue
             for lang in langs:
                 a = pooled([runs[(v, u, s)] for (v, u, s) in runs if v == "rosprompt" and u == unseen], lang, task, labels)
                 b = pooled([runs[(v, u, s)] for (v, u, s) in runs if v == "topro_soft" and u == unseen], lang, task,
@@ -195,6 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/rosprompt_ablation")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value for every training run")
+    p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, start none")
     args = p.parse_args(argv)
     args.langs = args.langs or (LANGS if args.task == "udpos" else PANX_LANGS)
     args.unseen = args.unseen or ("NUM,PROPN,SCONJ;ADJ,ADV,INTJ" if args.task == "udpos" else "LOC;ORG")
@@ -204,7 +210,13 @@ def main(argv=None) -> None:
         sys.exit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     started = time.perf_counter()
-    runs = {(v, u, s): run_one(v, u, s, args) for v in args.variants for u in args.unseen.split(";") for s in seeds}
+    keys = [(v, u, s) for v in args.variants for u in args.unseen.split(";") for s in seeds]
+    if args.report_only:
+        folders = {k: Path(args.out) / f"{k[0]}__{k[1].replace(',', '-')}__seed{k[2]}" for k in keys}
+        runs = {k: f for k, f in folders.items() if (f / "eval.json").is_file()}
+        args.variants = [v for v in args.variants if any(k[0] == v for k in runs)]
+    else:
+        runs = {k: run_one(*k, args) for k in keys}
     text = report(args, runs)
     print(text)
     (Path(args.out) / "report.md").write_text(text + "\n")
