@@ -299,6 +299,21 @@ def test_answer_end_kept_when_labels_are_not_prefix_free(data_dir, caplog):
     np.testing.assert_allclose(got, reference, atol=1e-6, rtol=0)
 
 
+def test_answers_that_tokenize_identically_are_warned(caplog):
+    """Two distinct answers the tokenizer cannot tell apart (the tiny BPE has no byte fallback: ' 中' and
+    ' 日' are both ' ' + [unk]) always score the same, with the answer end or without: a warning names them,
+    under either setting; answers it does tell apart raise none."""
+    from topro.llm.backends import scored_answer_end
+
+    method, _, _ = causal_method("llama")
+    with caplog.at_level("WARNING", logger="topro.llm.backends"):
+        scored_answer_end("always", method.setup, method.tokens, [" noun", " verb"])
+        assert "tokenize identically" not in caplog.text
+        for setting in ("always", "when_needed"):
+            scored_answer_end(setting, method.setup, method.tokens, [" 中", " 日", " noun"])
+    assert caplog.text.count("tokenize identically") == 2 and "' 中', ' 日'" in caplog.text
+
+
 def test_answer_end_setting_recorded_and_read_back():
     """topro.json records the setting, so evaluation and serving rebuild the method that was trained;
     checkpoints from before the setting read back as ``always``."""

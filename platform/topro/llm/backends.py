@@ -133,15 +133,25 @@ def scored_answer_end(setting: str, prompt, tokens: PromptTokens | None, answers
     if setting not in ANSWER_END_SCORED:
         raise ValueError(f"answer_end_scored must be one of {ANSWER_END_SCORED}, got {setting!r}")
     end = prompt.fmt.for_task(prompt.task.name).answer_end
+    ids = None
+    if tokens is not None:
+        probe = render_topro(prompt.fmt, prompt.task.name, prompt.label_words, prompt.context, ["word"])
+        before = prompt.context + probe.sentence + probe.questions[0]
+        ids = {text: tuple(tokens.tail_ids(before, text)) for text in answers}
+        # Distinct answers with the same tokens (e.g. words of a script the vocabulary lacks, both [unk])
+        # always score the same, with or without the end: say so once.
+        same: dict[tuple, list[str]] = {}
+        for text, seq in ids.items():
+            same.setdefault(seq, []).append(text)
+        for texts in (t for t in same.values() if len(t) > 1):
+            log.warning("answers %s tokenize identically (%s): they always score the same; use words this "
+                        "tokenizer tells apart", ", ".join(map(repr, texts)), list(ids[texts[0]]))
     if setting == "always" or not end:
         return end
-    if tokens is None:
+    if ids is None:
         log.info("answer_end_scored=when_needed: this backend has no local tokenizer to check the answers "
                  "with; scoring the answer end %r after each", end)
         return end
-    probe = render_topro(prompt.fmt, prompt.task.name, prompt.label_words, prompt.context, ["word"])
-    before = prompt.context + probe.sentence + probe.questions[0]
-    ids = {text: tuple(tokens.tail_ids(before, text)) for text in answers}
     clash = next(((a, b) for a in ids for b in ids
                   if len(ids[a]) < len(ids[b]) and ids[b][:len(ids[a])] == ids[a]), None)
     if clash:
