@@ -136,6 +136,27 @@ def pooled(folders: list[Path], lang: str, task, unseen: set[str]) -> np.ndarray
     return total
 
 
+def unseen_precision(folder: Path, unseen: str, task, langs: list[str]) -> float | None:
+    """Tag tasks: of the words predicted as an unseen label, the share that is right, averaged over the
+    languages with such predictions (``precision_unseen_labels`` of ``topro evaluate``, recomputed from the
+    stored predictions so runs evaluated before that metric have it too). Accuracy on unseen gold words is
+    their recall, which predicting an unseen label everywhere maximizes. ``None`` for span tasks (span F1
+    holds its precision)."""
+    if task.scheme == "iob2":
+        return None
+    from topro.unseen import expand_unseen_labels
+
+    labels = set(expand_unseen_labels(task, [x for x in unseen.split(",") if x]))
+    predictions = json.loads((folder / "eval.predictions.json").read_text())["languages"]
+    shares = []
+    for lang in langs:
+        pairs = [(g, p) for gs, ps in zip(predictions[lang]["gold"], predictions[lang]["pred"])
+                 for g, p in zip(gs, ps) if p in labels]
+        if pairs:
+            shares.append(sum(g == p for g, p in pairs) / len(pairs))
+    return mean(shares)
+
+
 def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
     from topro.data import get_task
     from topro.unseen import expand_unseen_labels
@@ -146,8 +167,8 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
     records = {key: json.loads((folder / "eval.json").read_text()) for key, folder in runs.items()}
     lines = [f"## {args.task}: seen / unseen / harmonic mean ({metric} x100), mean over seeds "
              f"{args.seeds} and unseen sets {args.unseen.split(';')}", "",
-             "| variant | " + " | ".join(langs) + " | average | trainable params | train s |",
-             "|---" * (len(langs) + 4) + "|"]
+             "| variant | " + " | ".join(langs) + " | average | unseen precision | trainable params | train s |",
+             "|---" * (len(langs) + 5) + "|"]
     for variant in args.variants:
         keys = [k for k in records if k[0] == variant]
         cells = []
@@ -162,8 +183,9 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
         params = metrics[0]["n_trainable_params"] if metrics else None
         seconds = mean([m["train_seconds"] for m in metrics])
         sets = sorted({k[1] for k in keys})
+        precision = fmt(mean([unseen_precision(runs[k], k[1], task, langs) for k in keys]))
         lines.append(f"| {variant} ({len(keys)} runs: {'; '.join(sets)}) | " + " | ".join(cells)
-                     + f" | {params} | {seconds:.0f} |")
+                     + f" | {precision} | {params} | {seconds:.0f} |")
     lines += ["", "Unseen-label words per language: " + "; ".join(
         f"{unseen}: " + ", ".join(f"{lang} {next(r for k, r in records.items() if k[1] == unseen)['languages'][lang]['n_unseen_label_words']}"
                                   for lang in langs) for unseen in args.unseen.split(";")

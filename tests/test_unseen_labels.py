@@ -68,8 +68,13 @@ def test_generalized_scores_tags_by_hand():
     assert s["accuracy_unseen_labels"] == 2 / 3  # NUM right, NUM wrong, PROPN right
     assert math.isclose(s["accuracy_hmean_labels"], 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert (s["n_seen_label_words"], s["n_unseen_label_words"]) == (2, 3)
+    assert (s["precision_unseen_labels"], s["n_unseen_label_predictions"]) == (1.0, 2)  # NUM and PROPN, both right
+    # Predicting an unseen label everywhere: full accuracy on the unseen gold words, and the precision says so.
+    everywhere = generalized_scores(task, gold, [["NUM"] * 3, ["NUM"] * 2], ["NUM", "PROPN"])
+    assert everywhere["accuracy_unseen_labels"] == 2 / 3 and everywhere["precision_unseen_labels"] == 2 / 5
     none = generalized_scores(task, [["NOUN"]], [["NOUN"]], ["NUM"])
     assert none["accuracy_unseen_labels"] is None and none["accuracy_hmean_labels"] is None
+    assert none["precision_unseen_labels"] is None and none["n_unseen_label_predictions"] == 0
 
 
 def test_generalized_scores_spans_split_by_type():

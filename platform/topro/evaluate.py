@@ -202,7 +202,8 @@ def evaluate_seen_labels(method: Method, model, task: Task | str, sentences: lis
 
 
 GENERALIZED = ("accuracy_seen_labels", "accuracy_unseen_labels", "accuracy_hmean_labels",
-               "f1_seen_labels", "f1_unseen_labels", "f1_hmean_labels", "n_unseen_label_words")
+               "f1_seen_labels", "f1_unseen_labels", "f1_hmean_labels", "n_unseen_label_words",
+               "precision_unseen_labels", "n_unseen_label_predictions")
 """Generalized zero-shot scores (``unseen_labels``), averaged over the languages where they are defined."""
 AVERAGED = ("accuracy", "f1", "f1_strict", "xtreme_seqeval_f1", "macro_f1", "accuracy_seen_words", "f1_seen_words",
             *GENERALIZED)

@@ -175,7 +175,10 @@ def generalized_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
     (``f1_seen_labels``, ``f1_unseen_labels``; the other types' tags read as ``O`` in gold and prediction
     alike, which leaves the chosen types' spans and their matches as they are). ``*_hmean_labels`` is their
     harmonic mean; ``n_unseen_label_words`` / ``n_seen_label_words`` count gold words. A score with no gold
-    word to score is ``None``."""
+    word to score is ``None``. Tag tasks also report ``precision_unseen_labels``: of the words predicted as an
+    unseen label, the share whose gold label is that label (``n_unseen_label_predictions`` of them; ``None``
+    when there are none). Accuracy on unseen gold words is their recall, which a model that predicts an unseen
+    label everywhere maximizes; the precision shows that. (Span F1 holds its own precision.)"""
     unseen_set = set(unseen)
     n_unseen = sum(t in unseen_set for seq in gold for t in seq)
     n_total = sum(len(seq) for seq in gold)
@@ -196,6 +199,11 @@ def generalized_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
         unseen_f1 = sum(g == p for g, p in unseen_pairs) / len(unseen_pairs) if unseen_pairs else None
         name = "accuracy"
         n_seen = len(seen_pairs)
-    return {f"{name}_seen_labels": seen, f"{name}_unseen_labels": unseen_f1,
-            f"{name}_hmean_labels": harmonic_mean(seen, unseen_f1),
-            "n_seen_label_words": n_seen, "n_unseen_label_words": n_unseen, "unseen_labels": sorted(unseen_set)}
+        predicted_unseen = [(g, p) for g, p in pairs if p in unseen_set]
+        precision = {"precision_unseen_labels": (sum(g == p for g, p in predicted_unseen) / len(predicted_unseen)
+                                                 if predicted_unseen else None),
+                     "n_unseen_label_predictions": len(predicted_unseen)}
+    scores = {f"{name}_seen_labels": seen, f"{name}_unseen_labels": unseen_f1,
+              f"{name}_hmean_labels": harmonic_mean(seen, unseen_f1),
+              "n_seen_label_words": n_seen, "n_unseen_label_words": n_unseen, "unseen_labels": sorted(unseen_set)}
+    return scores if task.scheme == "iob2" else {**scores, **precision}
