@@ -144,17 +144,13 @@ def unseen_precision(folder: Path, unseen: str, task, langs: list[str]) -> float
     holds its precision)."""
     if task.scheme == "iob2":
         return None
+    from topro.metrics import generalized_scores
     from topro.unseen import expand_unseen_labels
 
-    labels = set(expand_unseen_labels(task, [x for x in unseen.split(",") if x]))
+    labels = expand_unseen_labels(task, [x for x in unseen.split(",") if x])
     predictions = json.loads((folder / "eval.predictions.json").read_text())["languages"]
-    shares = []
-    for lang in langs:
-        pairs = [(g, p) for gs, ps in zip(predictions[lang]["gold"], predictions[lang]["pred"])
-                 for g, p in zip(gs, ps) if p in labels]
-        if pairs:
-            shares.append(sum(g == p for g, p in pairs) / len(pairs))
-    return mean(shares)
+    return mean([generalized_scores(task, predictions[lang]["gold"], predictions[lang]["pred"], labels)
+                 ["precision_unseen_labels"] for lang in langs])
 
 
 def report(args, runs: dict[tuple[str, str, int], Path]) -> str:

@@ -182,6 +182,7 @@ def generalized_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
     unseen_set = set(unseen)
     n_unseen = sum(t in unseen_set for seq in gold for t in seq)
     n_total = sum(len(seq) for seq in gold)
+    precision: dict[str, float | int | None] = {}  # tag tasks only
     if task.scheme == "iob2":
         labels = {t for seq in gold for t in seq} | {t for seq in pred for t in seq} | set(task.labels)
         seen_keep = {t for t in labels if t not in unseen_set}
@@ -206,4 +207,4 @@ def generalized_scores(task: Task, gold: list[list[str]], pred: list[list[str]],
     scores = {f"{name}_seen_labels": seen, f"{name}_unseen_labels": unseen_f1,
               f"{name}_hmean_labels": harmonic_mean(seen, unseen_f1),
               "n_seen_label_words": n_seen, "n_unseen_label_words": n_unseen, "unseen_labels": sorted(unseen_set)}
-    return scores if task.scheme == "iob2" else {**scores, **precision}
+    return {**scores, **precision}
