@@ -185,8 +185,11 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
             parts = []
             for part in ("seen", "unseen", "hmean"):
                 key = f"{metric}_{part}_labels"
-                parts.append(fmt(mean([(records[k]["average"] if lang == "average"
-                                        else records[k]["languages"][lang]).get(key) for k in keys])))
+                # "average": the mean over the languages listed here (--langs), not the evaluation's own
+                # average, so runs evaluated on more languages than others are compared on the same ones
+                scores = [mean([records[k]["languages"][x].get(key) for x in langs]) if lang == "average"
+                          else records[k]["languages"][lang].get(key) for k in keys]
+                parts.append(fmt(mean(scores)))
             cells.append(" / ".join(parts))
         metrics = [json.loads((runs[k] / "metrics.json").read_text()) for k in keys]
         params = metrics[0]["n_trainable_params"] if metrics else None
