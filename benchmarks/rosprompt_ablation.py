@@ -43,24 +43,24 @@ VARIANTS = {
     "no_contrastive": ["label_smoothing_kind=uniform"],
     "no_penalty": ["prompt_drift_penalty=0"],
     "topro_soft": ["method=topro_soft", *OFF],
-    # fine-tuned ToPro: the whole model trains, so a fine-tuning learning rate (FINE_TUNING_RATE)
+    # fine-tuned ToPro: the whole model trains, so a fine-tuning learning rate (``rate``)
     "topro": ["method=topro", *OFF],
 }
-# Fine-tuned ToPro's learning rate per backbone kind, as benchmarks/backbone_study.py's SETTINGS: a causal
-# LM's (full fine-tuning of a 268M-parameter decoder) is an order below the encoder's.
-FINE_TUNING_RATE = {"masked": "1e-4", "causal": "2e-5"}
 # The same 11 languages per task and the same subprocess runner as benchmarks/methods_e5.py (beside this
 # script, so on its path when run as `python benchmarks/rosprompt_ablation.py`).
 from methods_e5 import LANGS, PANX_LANGS, run  # noqa: E402
 
 
 def rate(variant: str, model: str) -> list[str]:
-    """Fine-tuned ToPro's ``learning_rate`` override for this backbone's kind (the built-in ``tiny`` is masked)."""
+    """Fine-tuned ToPro's ``learning_rate`` override for this backbone's kind, taken from
+    ``backbone_study.py``'s SETTINGS (one place for it; the built-in ``tiny`` is masked)."""
     if variant != "topro":
         return []
+    from backbone_study import SETTINGS
     from topro.models import model_kind
 
-    return [f"learning_rate={FINE_TUNING_RATE[model_kind(model) if Path(model).is_dir() else 'masked']}"]
+    kind = model_kind(model) if Path(model).is_dir() else "masked"
+    return [s for s in SETTINGS[(kind, "topro")] if s.startswith("learning_rate=")]
 
 
 def run_one(variant: str, unseen: str, seed: int, args) -> Path:
