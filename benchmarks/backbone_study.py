@@ -114,7 +114,8 @@ def report(args, runs: dict[tuple[str, str, int], Path], llm: dict[tuple[str, in
     langs = args.langs.split(",")
     zero_shot = [lang for lang in langs if lang != "en"]
     evals = {key: json.loads((folder / "zero_shot.json").read_text()) for key, folder in runs.items()}
-    metric = next(iter(evals.values()))["metric"]
+    # the task's metric, from a trained run or, in a prompt-only study (``--methods ""``), an eval-llm record
+    metric = next(iter([*evals.values(), *(json.loads(p.read_text()) for p in llm.values())]))["metric"]
     rows = {}  # (backbone, method) -> per-seed evaluations
     for (backbone, method, seed), record in evals.items():
         rows.setdefault((backbone, method), []).append((seed, record, runs[(backbone, method, seed)]))
