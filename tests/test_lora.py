@@ -36,7 +36,8 @@ def merged_equals_adapters(checkpoint: Path, merged: Path, data_dir) -> float:
 
 
 @pytest.mark.parametrize("kind,method", [("llama", "vanilla"), ("gemma3", "vanilla"), ("tiny", "vanilla"),
-                                         ("tiny", "topro"), ("tiny", "topro_soft"), ("mt5", "topro")])
+                                         ("tiny", "topro"), ("tiny", "topro_soft"), ("mt5", "topro"),
+                                         ("gemma3", "topro"), ("llama", "topro_soft")])
 def test_lora_trains_adapters_and_head_only_and_merges_exactly(kind, method, tmp_path, data_dir, request):
     from safetensors import safe_open
 
@@ -44,8 +45,12 @@ def test_lora_trains_adapters_and_head_only_and_merges_exactly(kind, method, tmp
     from topro.train import LocalStrategy, fit, prepare, set_seed
 
     extra = {"freeze_backbone": False} if method == "topro_soft" else {}  # soft ToPro fine-tuning its backbone
+    if kind in ("llama", "gemma3") and method != "vanilla":
+        extra["max_length"] = 256  # a causal prompt holds the sentence, its question and the label words
+    if kind == "gemma3" and method == "topro":
+        extra["prompt_packing"] = "sentence"  # as the backbone study trains it (llama's soft ToPro: per word)
     cfg = TrainConfig(method=method, model=model_path(kind, request), data_dir=str(data_dir),
-                      output_dir=str(tmp_path / "run"), **TINY_RUN, **extra)
+                      output_dir=str(tmp_path / "run"), **{**TINY_RUN, **extra})
     strategy = LocalStrategy(cfg)
     set_seed(cfg.seed)
     run = prepare(cfg, strategy)
