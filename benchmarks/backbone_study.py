@@ -43,7 +43,11 @@ SETTINGS = {
     ("causal", "topro"): ["topro", "learning_rate=2e-5", "epochs=1", "prompt_packing=sentence"],
     ("causal", "vanilla"): ["vanilla", "learning_rate=5e-5", "batch_size=8", "epochs=3"],
     ("causal", "topro_soft"): ["topro_soft", "learning_rate=5e-3", "epochs=1", "prompt_packing=sentence"],
+    # LoRA ToPro: rank-8 adapters on attention query and value (PEFT's default targets), the base frozen, at a
+    # LoRA-sized rate
+    ("causal", "topro_lora"): ["topro", "adapter=lora", "learning_rate=3e-4", "epochs=1", "prompt_packing=sentence"],
     ("masked", "topro"): ["topro", "learning_rate=1e-4", "epochs=1", "prompt_packing=sentence"],
+    ("masked", "topro_lora"): ["topro", "adapter=lora", "learning_rate=1e-3", "epochs=1", "prompt_packing=sentence"],
     ("masked", "vanilla"): ["vanilla", "learning_rate=3e-4", "batch_size=8", "epochs=3"],
     ("masked", "topro_soft"): ["topro_soft", "learning_rate=5e-3", "epochs=1", "prompt_packing=sentence"],
 }
