@@ -113,13 +113,13 @@ def pm(values: list[float]) -> str:
 
 
 def report(args, runs: dict[tuple[str, str, int], Path], llm: dict[tuple[str, int], Path]) -> str:
+    from topro.data.tasks import get_task
     from topro.significance import paired_bootstrap
 
     langs = args.langs.split(",")
     zero_shot = [lang for lang in langs if lang != "en"]
     evals = {key: json.loads((folder / "zero_shot.json").read_text()) for key, folder in runs.items()}
-    # the task's metric, from a trained run or, in a prompt-only study (``--methods ""``), an eval-llm record
-    metric = next(iter([*evals.values(), *(json.loads(p.read_text()) for p in llm.values())]))["metric"]
+    metric = get_task(args.task).metric  # also when the study has no trained run (``--methods ""``)
     rows = {}  # (backbone, method) -> per-seed evaluations
     for (backbone, method, seed), record in evals.items():
         rows.setdefault((backbone, method), []).append((seed, record, runs[(backbone, method, seed)]))
