@@ -62,4 +62,6 @@ def test_disk_full_at_a_later_save_keeps_the_previous_export_and_the_rerun_finis
     assert train(out, data_dir) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     verify_checkpoint(out / "checkpoint")
-    assert metrics["steps"] == 12 and not (out / "state").exists()
+    # Two epochs, whole: steps per epoch depend on the tiny tokenizer's lengths (its trainer is not
+    # deterministic from one build to the next: 6 or 7 here), so they are read, not hard-coded.
+    assert metrics["steps"] == 2 * metrics["steps_per_epoch"] > 4 and not (out / "state").exists()

@@ -242,16 +242,20 @@ def test_fine_tuned_backbone_is_saved_whole_beside_the_prompt(tmp_path, data_dir
     torch.testing.assert_close(log_probs(loaded_method, loaded, sents), log_probs(method, model, sents), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method,packing", [("topro_soft", "sentence"), ("rosprompt", "per_word")])
-def test_answer_end_when_needed_soft_prompt_at_template_scores_as_causal_topro(method, packing, data_dir):
+@pytest.mark.parametrize("method,packing,fmt,setting", [("topro_soft", "sentence", "topro-tags", "when_needed"),
+                                                         ("rosprompt", "per_word", "topro-tags", "when_needed"),
+                                                         ("topro_soft", "sentence", "topro", "per_answer")])
+def test_answer_end_setting_soft_prompt_at_template_scores_as_causal_topro(method, packing, fmt, setting, data_dir):
     """``answer_end_scored: when_needed`` with prefix-free label words (``topro-tags``): soft ToPro and
-    RoSPrompt drop the answer end too and, started at the template's embeddings, score as causal ToPro with
-    the same setting (float64, 1e-9)."""
+    RoSPrompt drop the answer end too; ``per_answer`` with the default words (" verb" starts " verbal"):
+    soft ToPro scores the end after the same words as causal ToPro. Started at the template's embeddings,
+    each scores as causal ToPro with the same setting (float64, 1e-9)."""
     sents = sentences(data_dir, 1)
-    spec = dict(llm_format="topro-tags", answer_end_scored="when_needed", prompt_packing=packing)
+    spec = dict(llm_format=fmt, answer_end_scored=setting, prompt_packing=packing)
     hard, path = method_on("llama", "topro", **spec)
     probe, _ = method_on("llama", method, prefix_length=0, **spec)
     soft, _ = method_on("llama", method, prefix_length=len(probe.before) + len(probe.after), **spec)
-    assert hard.answer_end == soft.answer_end == ""
+    assert hard.answer_ends == soft.answer_ends
+    assert hard.answer_ends == [""] * hard.n_scored if setting == "when_needed" else "\n" in hard.answer_ends
     torch.testing.assert_close(log_probs(soft, model_of(soft, path), sents),
                                log_probs(hard, model_of(hard, path), sents), atol=1e-9, rtol=0)

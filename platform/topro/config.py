@@ -47,12 +47,15 @@ class TrainConfig:
     llm_format: str = "topro"
     """ToPro on a causal (decoder-only) LM: the prompt format (``prompts/llm_formats/<name>.yaml`` or a YAML
     path, topro style) that ``topro eval-llm`` scores, so training starts from the same prompt."""
-    answer_end_scored: Literal["always", "when_needed"] = "always"
+    answer_end_scored: Literal["always", "when_needed", "per_answer"] = "always"
     """ToPro, soft ToPro and RoSPrompt on a causal LM (as ``topro eval-llm --answer_end_scored``): ``always``
     scores each label word with the format's answer end after it (so a label whose tokens start another's
     can lose to it); ``when_needed`` drops the end when the label words' tokenizations are prefix-free
     (checked once from the tokenizer, logged either way): single-token labels then need no label-branch
-    tokens and one full-vocabulary logit row per question instead of one per label plus one. A different
+    tokens and one full-vocabulary logit row per question instead of one per label plus one; ``per_answer``
+    scores the end after exactly the words whose tokens start another word's (each score is then the
+    probability of its own, disjoint event: "exactly A" or "starts with B"), which keeps that saving for
+    word lists with a few prefixes (RoSPrompt's seed words: ' adverb' starts ' adverbio'). A different
     score: ``topro.json`` records it, so evaluation and serving score as trained."""
     verbalizer: str | None = None
     """Verbalizer name; ``None`` takes the task's default."""

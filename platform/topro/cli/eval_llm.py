@@ -55,10 +55,11 @@ class EvalLLMConfig(BackendConfig):
     """Score multi-token labels by the mean instead of the sum of their token log-probs."""
     calibrate: bool = False
     """Score mode: contextual calibration (divide out the label words' prior, measured on a content-free word)."""
-    answer_end_scored: Literal["always", "when_needed"] = "always"
+    answer_end_scored: Literal["always", "when_needed", "per_answer"] = "always"
     """Score mode: score each label with the format's answer end after it (``always``), or only when the label
     words' tokenizations are not prefix-free (``when_needed``: checked once from the tokenizer and logged; a
-    prefix-free single-token label set then costs one logit row per question). Use the value a causal ToPro
+    prefix-free single-token label set then costs one logit row per question), or after exactly the labels
+    whose tokens start another's (``per_answer``). Use the value a causal ToPro
     checkpoint was trained with (its ``topro.json``) to score as it was trained."""
     max_new_tokens: int | None = None
     """Generation cap (default from the prompt)."""

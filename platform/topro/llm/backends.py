@@ -116,18 +116,24 @@ class PromptTokens:
         return sent_ids, q_ids, labels
 
 
-ANSWER_END_SCORED = ("always", "when_needed")
+ANSWER_END_SCORED = ("always", "when_needed", "per_answer")
 """``answer_end_scored`` settings (eval-llm's score mode, ToPro / soft ToPro / RoSPrompt on causal LMs)."""
 
 
-def scored_answer_end(setting: str, prompt, tokens: PromptTokens | None, answers: list[str]) -> str:
-    """The text scored after every answer: the format's answer end (``always``), or, with ``when_needed``,
-    nothing when the answers' token sequences are prefix-free. The end is there so an answer whose tokens
-    start another's can lose to it (without it p(" noun") >= p(" nouns")); when none starts another it only
-    costs a logit row and a branch token per label and question (a single-token answer is then read from the
-    question's last logit row alone). ``prompt``: a ``TaskPrompt`` or eval-llm's ``RunSetup`` (task, fmt,
-    label_words, context); ``answers``: each scored continuation without the end. Decided once, from the
-    answers as the tokenizer splits them after a probe question, and logged with the reason."""
+def scored_answer_ends(setting: str, prompt, tokens: PromptTokens | None, answers: list[str]) -> list[str]:
+    """The text scored after each answer of ``answers`` (each scored continuation without the end).
+
+    The format's answer end is there so an answer whose tokens start another's can lose to it (without it
+    p(" adverb") >= p(" adverbio")). ``always``: after every answer. ``when_needed``: after every answer if
+    any answer's tokens start another's, else after none. ``per_answer``: after exactly the answers whose
+    tokens start another answer's. Under ``per_answer`` each score is the probability of an event of its own,
+    and the events are disjoint: "the answer is exactly A" (A's tokens, then the end) for such an A, "the
+    answer starts with B's tokens" for every other B; so no answer wins by being a prefix, and a prefix-free
+    set is scored exactly as under ``when_needed``. The end costs a logit row and a branch token per scored
+    answer and question (a single-token answer without it is read from the question's last logit row alone),
+    so with a few prefixes among many words ``per_answer`` keeps almost all of ``when_needed``'s saving.
+    ``prompt``: a ``TaskPrompt`` or eval-llm's ``RunSetup`` (task, fmt, label_words, context). Decided once,
+    from the answers as the tokenizer splits them after a probe question, and logged with the reason."""
     from topro.prompts.formats import render_topro
 
     if setting not in ANSWER_END_SCORED:
@@ -147,22 +153,27 @@ def scored_answer_end(setting: str, prompt, tokens: PromptTokens | None, answers
             log.warning("answers %s tokenize identically (%s): they always score the same; use words this "
                         "tokenizer tells apart", ", ".join(map(repr, texts)), list(ids[texts[0]]))
     if setting == "always" or not end:
-        return end
+        return [end] * len(answers)
     if ids is None:
-        log.info("answer_end_scored=when_needed: this backend has no local tokenizer to check the answers "
-                 "with; scoring the answer end %r after each", end)
-        return end
-    clash = next(((a, b) for a in ids for b in ids
-                  if len(ids[a]) < len(ids[b]) and ids[b][:len(ids[a])] == ids[a]), None)
-    if clash:
-        a, b = clash
+        log.info("answer_end_scored=%s: this backend has no local tokenizer to check the answers with; scoring "
+                 "the answer end %r after each", setting, end)
+        return [end] * len(answers)
+    # Which answer's tokens start which longer one's.
+    starts = {a: b for a in ids for b in ids if len(ids[a]) < len(ids[b]) and ids[b][:len(ids[a])] == ids[a]}
+    lengths = "/".join(map(str, sorted({len(v) for v in ids.values()})))
+    if not starts:
+        log.info("answer_end_scored=%s: the %d answers tokenize prefix-free (%s token(s) each): scoring them "
+                 "without the answer end %r", setting, len(ids), lengths, end)
+        return [""] * len(answers)
+    a, b = next(iter(starts.items()))
+    if setting == "when_needed":
         log.info("answer_end_scored=when_needed: answer %r %s starts answer %r %s (not prefix-free): scoring "
                  "the answer end %r after each", a, list(ids[a]), b, list(ids[b]), end)
-        return end
-    lengths = sorted({len(v) for v in ids.values()})
-    log.info("answer_end_scored=when_needed: the %d answers tokenize prefix-free (%s token(s) each): scoring "
-             "them without the answer end %r", len(ids), "/".join(map(str, lengths)), end)
-    return ""
+        return [end] * len(answers)
+    shown = ", ".join(f"{x!r} (starts {y!r})" for x, y in list(starts.items())[:6])
+    log.info("answer_end_scored=per_answer: %d of the %d answers start another answer's tokens: the answer end "
+             "%r after those only: %s%s", len(starts), len(ids), end, shown, ", ..." if len(starts) > 6 else "")
+    return [end if text in starts else "" for text in answers]
 
 
 class HFBackend:

@@ -27,7 +27,7 @@ import torch
 
 from topro.data import Sentence, get_task, load_split
 from topro.data.tasks import Task
-from topro.llm.backends import ANSWER_END_SCORED, Backend, scored_answer_end
+from topro.llm.backends import ANSWER_END_SCORED, Backend, scored_answer_ends
 from topro.prompts.formats import (PromptFormat, load_format, render_context, render_pair, task_prompt,
                                render_sentence_prompt, render_topro, select_demos)
 from topro.llm.parse import label_lookup, match_label, parse_tagged_answer
@@ -66,8 +66,9 @@ class LLMEvalConfig:
     """topro-style score mode: ``always`` scores each label with the format's answer end after it (the line
     end, so a label whose tokens start another's can lose to it); ``when_needed`` drops it when the label
     words' tokenizations are prefix-free (checked once from the tokenizer and logged), so a single-token
-    label costs no branch token and one logit row serves all labels. ToPro training on causal LMs has the
-    same setting: score with the value a checkpoint was trained with."""
+    label costs no branch token and one logit row serves all labels; ``per_answer`` scores it after exactly
+    the labels whose tokens start another label's (``llm.backends.scored_answer_ends``). ToPro training on
+    causal LMs has the same setting: score with the value a checkpoint was trained with."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -93,7 +94,7 @@ class RunSetup:
     context: str  # instruction + demonstrations
     fallback: str  # tag given to a word whose answer failed
     demos: list = field(default_factory=list)
-    answer_end: str | None = None  # scored after each topro answer (``answer_end_scored``), decided once
+    answer_ends: list[str] | None = None  # after each label's topro answer (``answer_end_scored``), decided once
 
 
 def prepare(cfg: LLMEvalConfig) -> RunSetup:
@@ -123,11 +124,13 @@ def _score_topro(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
                 for s in sentences]
     # Each answer is scored with the format's answer end after it (the line
     # end): without it a label whose tokens start another label's could never
-    # lose to it (p("noun") >= p("nouns")); ``when_needed`` drops it where none does.
-    if setup.answer_end is None:
-        setup.answer_end = scored_answer_end(cfg.answer_end_scored, setup, getattr(backend, "prompt_tokens", None),
-                                             [rendered[0].answers[t] for t in labels])
-    answers = [rendered[0].answers[t] + setup.answer_end for t in labels]
+    # lose to it (p("noun") >= p("nouns")); ``when_needed`` drops it where none does, ``per_answer`` keeps
+    # it after those answers only.
+    if setup.answer_ends is None:
+        setup.answer_ends = scored_answer_ends(cfg.answer_end_scored, setup,
+                                               getattr(backend, "prompt_tokens", None),
+                                               [rendered[0].answers[t] for t in labels])
+    answers = [rendered[0].answers[t] + end for t, end in zip(labels, setup.answer_ends)]
     extra = []
     if cfg.calibrate:
         # Contextual calibration (Zhao et al., 2021): one more question per

@@ -258,8 +258,9 @@ class MethodSpec:
     llm_format: str = "topro"
     """ToPro on a causal LM: the eval-llm prompt format it trains (``prompts/llm_formats/``)."""
     answer_end_scored: str = "always"
-    """ToPro on a causal LM: score the format's answer end after each label ``always`` or ``when_needed``
-    (only when the label words' tokenizations are not prefix-free)."""
+    """ToPro on a causal LM: score the format's answer end after each label ``always``, ``when_needed`` (only
+    when the label words' tokenizations are not prefix-free) or ``per_answer`` (after the words that start
+    another only)."""
     label_word_policy: str = "strict"
     max_length: int = 128
     base_model_path: str | None = None

@@ -5,7 +5,7 @@ The prompt is the one ``topro eval-llm --mode score --shots 0`` scores: the LLM 
 word) tokenized by ``llm.backends.PromptTokens`` (each piece after all the text before it, BOS by hand).
 The score of a label is the sum of its continuation's token log-probabilities (the label word and the
 format's answer end, over the full vocabulary; ``answer_end_scored: when_needed`` leaves the end out when the
-label words' tokenizations are prefix-free); the loss is the cross-entropy of the label set's scores,
+label words' tokenizations are prefix-free, ``per_answer`` after the words that start no other); the loss is the cross-entropy of the label set's scores,
 so before any training step the label log-probabilities are eval-llm's (``test_topro_causal.py``).
 
 A row is a ``llm.scoring.PromptTree``: the prompt prefix once, then per question its tokens and every
@@ -183,20 +183,20 @@ class ToProCausal(WholeModelMethod):
         """Continuations scored per question: one per label."""
         return len(self.labels)
 
-    def continuation_texts(self, answers: dict[str, str], end: str) -> list[str]:
-        """What each scored continuation says after the question: each label's answer and the answer end."""
-        return [answers[t] + end for t in self.labels]
+    def continuation_texts(self, answers: dict[str, str]) -> list[str]:
+        """What each scored continuation says after the question, before the answer end: each label's answer."""
+        return [answers[t] for t in self.labels]
 
     @functools.cached_property
-    def answer_end(self) -> str:
-        """What is scored after each continuation (``answer_end_scored``; decided on first use, once the
-        subclass knows its continuations): the format's answer end, or nothing."""
-        from topro.llm.backends import scored_answer_end
+    def answer_ends(self) -> list[str]:
+        """What is scored after each continuation (``answer_end_scored``, ``llm.backends.scored_answer_ends``;
+        decided on first use, once the subclass knows its continuations): the format's answer end, or nothing."""
+        from topro.llm.backends import scored_answer_ends
         from topro.prompts.formats import render_topro
 
         setup = self.setup
         answers = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, ["word"]).answers
-        return scored_answer_end(self.spec.answer_end_scored, setup, self.tokens, self.continuation_texts(answers, ""))
+        return scored_answer_ends(self.spec.answer_end_scored, setup, self.tokens, self.continuation_texts(answers))
 
     def question_ids(self, questions: list[list[int]]) -> list[list[int]]:
         """The token ids each question is asked with (here: as tokenized)."""
@@ -212,7 +212,7 @@ class ToProCausal(WholeModelMethod):
 
         setup = self.setup
         p = render_topro(setup.fmt, setup.task.name, setup.label_words, setup.context, words)
-        continuations = self.continuation_texts(p.answers, self.answer_end)
+        continuations = [text + end for text, end in zip(self.continuation_texts(p.answers), self.answer_ends)]
         questions = p.questions if only is None else [p.questions[only]]
         sent_ids, q_ids, labels = self.tokens.prompt_ids(setup.context, p.sentence, questions, continuations)
         return self.tokens.bos + self.tokens.ids(setup.context) + sent_ids, self.question_ids(q_ids), labels

@@ -267,11 +267,11 @@ class CausalRoSPrompt(CausalToProSoft):
     def n_scored(self) -> int:
         return len(self.word_texts)
 
-    def continuation_texts(self, answers: dict[str, str], end: str) -> list[str]:
+    def continuation_texts(self, answers: dict[str, str]) -> list[str]:
         from topro.prompts.formats import fill
 
         answer = self.setup.fmt.for_task(self.setup.task.name).answer
-        return [fill(answer, label=word) + end for word in self.word_texts]
+        return [fill(answer, label=word) for word in self.word_texts]
 
     def _model_on(self, lm: nn.Module, prompt: torch.Tensor | None = None) -> SoftPromptCausal:
         model = super()._model_on(lm, prompt)
