@@ -15,7 +15,7 @@ the other), so a change in machine load hits both alike. Prints tokens per
 sentence, training prompts (questions) per second and evaluation words per
 second for each; the last two lines are ``train_speedup <ratio>`` and
 ``eval_speedup <ratio>`` (sentence over per_word). ``--variants`` times other layouts in the same run:
-``MODE:ANSWER_END`` pairs (``answer_end_scored`` of a causal LM, ``always`` or ``when_needed``), each
+``MODE:ANSWER_END`` pairs (``answer_end_scored`` of a causal LM: ``always``, ``when_needed``, ``per_answer``), each
 reported as a speedup over the first; the last two lines are then the last variant's over the first.
 
     python benchmarks/packed_topro.py --model /work/models/multilingual-e5-small --sentences 40
@@ -37,7 +37,7 @@ from topro.models import resolve_model_path
 from topro.train import build_optimizer, embeddings_frozen, freeze_input_embeddings, method_spec
 
 MODES = ("per_word", "sentence")
-ANSWER_END = ("always", "when_needed")
+ANSWER_END = ("always", "when_needed", "per_answer")
 
 
 def variant(text: str) -> tuple[str, str]:
@@ -72,7 +72,7 @@ def build_parser(description: str = __doc__, model_default: str | None = "tiny")
     parser.add_argument("--variants", type=variant, nargs="+", default=[(m, "always") for m in MODES],
                         metavar="MODE[:ANSWER_END]",
                         help="layouts timed, the first the baseline (default: per_word sentence); ANSWER_END: "
-                             "answer_end_scored on a causal LM, always (default) or when_needed")
+                             "answer_end_scored on a causal LM: always (default), when_needed or per_answer")
     return parser
 
 
