@@ -166,6 +166,36 @@ def unseen_precision(folder: Path, unseen: str, task, langs: list[str]) -> float
                  ["precision_unseen_labels"] for lang in langs])
 
 
+def ablation_significance(args, runs: dict[tuple[str, str, int], Path], task, langs: list[str]) -> list[str]:
+    """Per unseen set, each other variant against full ``rosprompt``: the languages where the paired bootstrap of
+    the harmonic mean (seeds pooled per sentence) says it is higher or lower at p < 0.05, the rest not
+    significant. What "this ingredient helps" rests on, language by language."""
+    from topro.unseen import expand_unseen_labels
+
+    lines = []
+    for unseen in args.unseen.split(";"):
+        labels = set(expand_unseen_labels(task, [x for x in unseen.split(",") if x]))
+        base = [f for (v, u, _), f in runs.items() if v == "rosprompt" and u == unseen]
+        if not base:
+            continue
+        for variant in [v for v in args.variants if v != "rosprompt"]:
+            other = [f for (v, u, _), f in runs.items() if v == variant and u == unseen]
+            if not other:
+                continue
+            higher, lower = [], []
+            for lang in langs:
+                r = bootstrap_hmean(pooled(other, lang, task, labels), pooled(base, lang, task, labels), task.scheme)
+                if r["p_value"] < 0.05:
+                    (higher if r["delta"] > 0 else lower).append(f"{lang} {100 * r['delta']:+.1f}")
+            lines.append(f"- {unseen}, {variant} - rosprompt: higher in {', '.join(higher) or 'none'}; lower in "
+                         f"{', '.join(lower) or 'none'}; not significant in the other "
+                         f"{len(langs) - len(higher) - len(lower)}")
+    if lines:
+        lines = ["", "Each variant against full rosprompt, paired bootstrap of the harmonic mean per language "
+                 "(seeds pooled per sentence; 2000 resamples; p < 0.05):", ""] + lines
+    return lines
+
+
 def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
     from topro.data import get_task
     from topro.unseen import expand_unseen_labels
@@ -176,8 +206,9 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
     records = {key: json.loads((folder / "eval.json").read_text()) for key, folder in runs.items()}
     lines = [f"## {args.task}: seen / unseen / harmonic mean ({metric} x100), mean over seeds "
              f"{args.seeds} and unseen sets {args.unseen.split(';')}", "",
-             "| variant | " + " | ".join(langs) + " | average | unseen precision | trainable params | train s |",
-             "|---" * (len(langs) + 5) + "|"]
+             "| variant | " + " | ".join(langs) + " | average | hmean: mean ± std over runs | unseen precision "
+             "| trainable params | train s |",
+             "|---" * (len(langs) + 6) + "|"]
     for variant in args.variants:
         keys = [k for k in records if k[0] == variant]
         cells = []
@@ -191,6 +222,12 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
                           else records[k]["languages"][lang].get(key) for k in keys]
                 parts.append(fmt(mean(scores)))
             cells.append(" / ".join(parts))
+        # The spread over runs (seeds x unseen sets) of each run's language-averaged harmonic mean.
+        per_run = [mean([records[k]["languages"][x].get(f"{metric}_hmean_labels") for x in langs]) for k in keys]
+        per_run = [v for v in per_run if v is not None]
+        spread = (f"{100 * statistics.fmean(per_run):.1f} ± {100 * statistics.stdev(per_run):.1f}"
+                  if len(per_run) > 1 else "n/a")
+        cells.append(spread)
         metrics = [json.loads((runs[k] / "metrics.json").read_text()) for k in keys]
         params = metrics[0]["n_trainable_params"] if metrics else None
         seconds = mean([m["train_seconds"] for m in metrics])
@@ -202,6 +239,7 @@ def report(args, runs: dict[tuple[str, str, int], Path]) -> str:
         f"{unseen}: " + ", ".join(f"{lang} {next(r for k, r in records.items() if k[1] == unseen)['languages'][lang]['n_unseen_label_words']}"
                                   for lang in langs) for unseen in args.unseen.split(";")
         if any(k[1] == unseen for k in records))]
+    lines += ablation_significance(args, runs, task, langs)
     if {"rosprompt", "topro_soft"} <= set(args.variants):
         lines += ["", "Paired bootstrap of the harmonic mean, rosprompt - topro_soft (seeds pooled per sentence; "
                   "2000 resamples):", ""]
