@@ -59,8 +59,8 @@ def main() -> None:
         if method_name == "rosprompt":
             overrides += [f"unseen_labels=[{args.unseen}]", f"verbalizer_expansion={expansion}"]
         cfg = load_config(TrainConfig, f"configs/train/{args.task}-{method_name}.yaml", overrides)
-        method = build_method(method_spec(cfg, path), path, tokenizer)
         spec = method_spec(cfg, path)
+        method = build_method(spec, path, tokenizer)
         # As topro train does: unseen-label gold words carry no loss.
         rows, _ = hide_unseen_gold(method.encode(sentences), unseen_label_indices(method.labels, spec.unseen_labels))
         questions = sum(len(r.words) for r in rows)

@@ -27,6 +27,7 @@ per unseen set and language. A finished run (its ``eval.json``) is reused, so an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -140,10 +141,17 @@ def bootstrap_hmean(a: np.ndarray, b: np.ndarray, scheme: str, n_resamples: int 
     return {"delta": observed, "p_value": p}
 
 
+@functools.lru_cache(maxsize=None)
+def predictions(folder: Path) -> dict:
+    """A run's per-language gold and predicted tags (``eval.predictions.json``), read once per report: every
+    bootstrap against full rosprompt pools its predictions again."""
+    return json.loads((folder / "eval.predictions.json").read_text())["languages"]
+
+
 def pooled(folders: list[Path], lang: str, task, unseen: set[str]) -> np.ndarray:
     total = None
     for folder in folders:
-        pred = json.loads((folder / "eval.predictions.json").read_text())["languages"][lang]
+        pred = predictions(folder)[lang]
         rows = sentence_rows(task, pred["gold"], pred["pred"], unseen)
         total = rows if total is None else total + rows
     return total
@@ -161,8 +169,8 @@ def unseen_precision(folder: Path, unseen: str, task, langs: list[str]) -> float
     from topro.unseen import expand_unseen_labels
 
     labels = expand_unseen_labels(task, [x for x in unseen.split(",") if x])
-    predictions = json.loads((folder / "eval.predictions.json").read_text())["languages"]
-    return mean([generalized_scores(task, predictions[lang]["gold"], predictions[lang]["pred"], labels)
+    by_lang = predictions(folder)
+    return mean([generalized_scores(task, by_lang[lang]["gold"], by_lang[lang]["pred"], labels)
                  ["precision_unseen_labels"] for lang in langs])
 
 

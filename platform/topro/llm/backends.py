@@ -160,8 +160,8 @@ def scored_answer_ends(setting: str, prompt, tokens: PromptTokens | None, answer
         return [end] * len(answers)
     # Which answer's tokens start which longer one's.
     starts = {a: b for a in ids for b in ids if len(ids[a]) < len(ids[b]) and ids[b][:len(ids[a])] == ids[a]}
-    lengths = "/".join(map(str, sorted({len(v) for v in ids.values()})))
     if not starts:
+        lengths = "/".join(map(str, sorted({len(v) for v in ids.values()})))
         log.info("answer_end_scored=%s: the %d answers tokenize prefix-free (%s token(s) each): scoring them "
                  "without the answer end %r", setting, len(ids), lengths, end)
         return [""] * len(answers)

@@ -5,8 +5,9 @@ The prompt is the one ``topro eval-llm --mode score --shots 0`` scores: the LLM 
 word) tokenized by ``llm.backends.PromptTokens`` (each piece after all the text before it, BOS by hand).
 The score of a label is the sum of its continuation's token log-probabilities (the label word and the
 format's answer end, over the full vocabulary; ``answer_end_scored: when_needed`` leaves the end out when the
-label words' tokenizations are prefix-free, ``per_answer`` after the words that start no other); the loss is the cross-entropy of the label set's scores,
-so before any training step the label log-probabilities are eval-llm's (``test_topro_causal.py``).
+label words' tokenizations are prefix-free, ``per_answer`` after the words that start no other); the loss is
+the cross-entropy of the label set's scores, so before any training step the label log-probabilities are
+eval-llm's (``test_topro_causal.py``).
 
 A row is a ``llm.scoring.PromptTree``: the prompt prefix once, then per question its tokens and every
 label's tokens but the last, with a 4-D mask letting each token see only its ancestors (a label its
