@@ -72,19 +72,19 @@ def main() -> None:
             torch.manual_seed(0)
             model = method.build_model(path)
             model.train()
-            timed.append([row, method, model, method.collate(rows[:args.batch_sentences]), 0.0])
+            timed.append((row, method, model, method.collate(rows[:args.batch_sentences])))
+    seconds = [0.0] * len(timed)
     for _ in range(args.time_steps):
-        for entry in timed:
-            _, method, model, batch, _ = entry
+        for i, (_, method, model, batch) in enumerate(timed):
             start = time.perf_counter()
             method.loss(model, batch).backward()
-            entry[4] += time.perf_counter() - start
+            seconds[i] += time.perf_counter() - start
             model.zero_grad(set_to_none=True)
     if timed:
         print(f"\nloss + backward on the first {args.batch_sentences} sentences' rows, {args.time_steps} passes each, "
               f"interleaved, torch threads {torch.get_num_threads()}:")
-        for row, _, _, _, seconds in timed:
-            print(f"{row:<32} {seconds / args.time_steps:8.2f} s per pass", flush=True)
+        for (row, *_), total in zip(timed, seconds):
+            print(f"{row:<32} {total / args.time_steps:8.2f} s per pass", flush=True)
 
 
 if __name__ == "__main__":
