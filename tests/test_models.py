@@ -42,6 +42,41 @@ def test_tiny_tokenizer_reads_train_splits_only(tmp_path, data_dir, monkeypatch)
     assert sorted(set(opened)) == ["train-en.tsv", "train-ja.tsv"]  # read, and nothing else
 
 
+
+def test_tiny_model_is_the_same_on_every_build_and_knows_every_character_of_its_corpus(tmp_path, data_dir, monkeypatch):
+    """Two builds (two caches) give the same vocabulary, ids and weights: HF's WordPieceTrainer did not (ties
+    broken in hash order), so every machine trained the tests on another tiny model. No corpus word is [UNK]."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from topro.data.loading import load_split
+    from topro.models import build_tiny_model
+
+    root = tmp_path / "data"
+    (root / "udpos").mkdir(parents=True)
+    for name in ("train-en.tsv", "train-ja.tsv"):
+        os.symlink(data_dir / "udpos" / name, root / "udpos" / name)
+    folders = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("TOPRO_CACHE", str(tmp_path / cache))
+        folders.append(build_tiny_model("udpos", str(root)))
+    assert folders[0] != folders[1]
+    digests = {hashlib.sha256((f / "tokenizer.json").read_bytes()).hexdigest() for f in folders}
+    assert len(digests) == 1
+    # Tensors, not file bytes: safetensors writes its metadata (the tied-weight aliases) in set order.
+    weights = [load_file(f / "model.safetensors") for f in folders]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    tok = AutoTokenizer.from_pretrained(folders[0])
+    words = [w for lang in ("en", "ja") for s in load_split("udpos", lang, "train", str(root), limit=400)
+             for w in s.words]
+    ids = tok(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and len(ids) < 3 * len(words)  # subwords, not characters
+
+
 def test_mlm_head_detection(tiny_udpos, tiny_xlmr, tmp_path):
     from topro.models import mlm_head_untrained
 
