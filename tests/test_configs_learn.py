@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
 SCALE_OUT = {"strategy", "workers", "cpus_per_worker", "max_failures", "deepspeed_config", "use_gpu", "output_dir"}
 # One prompt per word on a randomly initialised model: ToPro's mask head needs ~100 steps to leave the
-# majority class (measured on PAN-X: F1 0.00 at step 60, 0.10 at step 120), minutes on 2 busy cores.
+# majority class (measured on PAN-X: F1 0.00 through step 100, 0.07 at step 140), minutes on 2 busy cores.
 PROMPT_PER_WORD = {"topro", "topro_soft", "rosprompt"}
 
 
@@ -36,7 +36,10 @@ def _budget(cfg: TrainConfig) -> list[str]:
     if cfg.prompt_packing == "sentence":
         return []  # its own budget: packed ToPro learns UDPOS only past ~750 steps on the random tiny model
     if cfg.method in PROMPT_PER_WORD:
-        return ["max_train_sentences=200", "max_steps=150"]
+        # 5 epochs of 58 steps: PAN-X ToPro's first entity spans appear between steps 100 and 140 (measured
+        # on the built-in tiny model, dev scored every 20 steps: F1 0.00 at 100, 0.01 at 116, 0.07 at 140 and
+        # at 290), so the 2 epochs (116 steps) this test used to run sat on the edge of its 0.01 margin.
+        return ["max_train_sentences=200", "epochs=5", "max_steps=300"]
     return ["max_train_sentences=300"]
 
 
