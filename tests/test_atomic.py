@@ -135,7 +135,7 @@ ALLOWED = {
     ("methods/topro_soft.py", "save"), ("methods/lora.py", "save"), ("methods/prompt_tuning.py", "save"),
     ("methods/vanilla_causal.py", "save"), ("methods/topro_soft_causal.py", "save"),
     # Into a temporary path the helper commits (atomic.staged_file / staged_folder):
-    ("reports.py", "plot_language_bars"), ("reports.py", "plot_heatmap"), ("train.py", "export"),
+    ("reports.py", "_save_figure"), ("train.py", "export"),
     ("train.py", "save_state"), ("train.py", "save_resumable"),
     # Into a Ray checkpoint's temporary folder, which ray.train.report commits (Ray's own atomic upload):
     ("cluster/strategies.py", "checkpoint"), ("cluster/strategies.py", "save_model"),

@@ -124,6 +124,11 @@ def plot_language_bars(series: dict[str, dict[str, float]], path: str | Path, ti
     ax.set_title(title, pad=28, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=7, loc="lower right")
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str | Path) -> Path:
+    """Lay out, write atomically (a reader never sees half a PNG) and close ``fig``."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,13 +164,7 @@ def plot_heatmap(matrix: dict[str, dict[str, float]], path: str | Path, title: s
     if marks:
         title = (title + "\n" if title else "") + "* framed: significant vs the baseline (paired bootstrap, p < 0.05)"
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.staged_file(path, "report_plot") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
