@@ -202,6 +202,12 @@ def main(argv=None) -> None:
     unknown = sorted({m for m in methods for path in backbones.values() if (kind_of(path), m) not in SETTINGS})
     if unknown:
         sys.exit(f"--methods: no settings for {unknown} on these backbones; known: {sorted(set(SETTINGS))}")
+    # every run's config must exist before the first (hours-long) run starts, not when its turn comes
+    configs = {f"configs/train/{args.task}-{SETTINGS[(kind_of(path), m)][0]}.yaml"
+               for m in methods for path in backbones.values()}
+    missing = sorted(c for c in configs if not (REPO / c).is_file())
+    if missing:
+        sys.exit(f"--methods/--task: no such config {missing} under {REPO}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     shots = [int(s) for s in args.llm_shots.split(",") if s]
     runs, llm = {}, {}
