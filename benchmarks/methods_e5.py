@@ -53,7 +53,11 @@ PANX_LANGS = "en,de,es,fr,ru,tr,he,fa,el,fi,vi"
 
 def run(cmd: list[str], log: Path) -> float:
     start = time.perf_counter()
-    with log.open("w") as f:
+    # append, never truncate: a resumed run keeps the log of its first part, and a second start that the
+    # output folder's lock refuses does not wipe the running one's log
+    with log.open("a") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        f.flush()
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code:
         sys.exit(f"failed ({code}): {' '.join(cmd)}; see {log}")
