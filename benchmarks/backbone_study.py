@@ -60,18 +60,23 @@ def kind_of(path: str) -> str:
     return model_kind(path)
 
 
+def config_file(task: str, path: str, method: str) -> str:
+    """The shipped config a run of ``method`` on the backbone at ``path`` starts from (SETTINGS names it)."""
+    return f"configs/train/{task}-{SETTINGS[(kind_of(path), method)][0]}.yaml"
+
+
 def train_and_evaluate(backbone: str, path: str, method: str, seed: int, args) -> Path:
     out = Path(args.out) / backbone / f"{method}-s{seed}"
     done = out / "zero_shot.json"
     if done.is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    config, *settings = SETTINGS[(kind_of(path), method)]
+    settings = SETTINGS[(kind_of(path), method)][1:]
     topro = [sys.executable, "-m", "topro.cli"]
     timing_file = out / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     if not (out / "checkpoint" / "topro.json").is_file():
-        train = topro + ["train", "--config", f"configs/train/{args.task}-{config}.yaml", "--output", str(out),
+        train = topro + ["train", "--config", config_file(args.task, path, method), "--output", str(out),
                          f"model={path}", f"max_train_sentences={args.train_sentences}",
                          f"max_dev_sentences={args.dev_sentences}", "max_length=512", "eval_langs=[]",
                          f"num_threads={args.threads}", "progress=false", f"seed={seed}", *settings, *args.override]
@@ -203,8 +208,7 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"--methods: no settings for {unknown} on these backbones; known: {sorted(set(SETTINGS))}")
     # every run's config must exist before the first (hours-long) run starts, not when its turn comes
-    configs = {f"configs/train/{args.task}-{SETTINGS[(kind_of(path), m)][0]}.yaml"
-               for m in methods for path in backbones.values()}
+    configs = {config_file(args.task, path, m) for m in methods for path in backbones.values()}
     missing = sorted(c for c in configs if not (REPO / c).is_file())
     if missing:
         sys.exit(f"--methods/--task: no such config {missing} under {REPO}")
