@@ -94,7 +94,6 @@ def train_and_evaluate(backbone: str, path: str, method: str, seed: int, args) -
 def eval_llm(backbone: str, path: str, shots: int, args) -> Path:
     out = Path(args.out) / backbone / f"eval-llm-{shots}shot.json"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)  # a prompt-only study (--methods "") trains nothing first
         cmd = [sys.executable, "-m", "topro.cli", "eval-llm", "--task", args.task, "--model", path,
                "--langs", args.langs, "--max-sentences", str(args.eval_sentences), "--split", "dev",
                "--format", "topro", "--mode", "score", "--shots", str(shots), "--threads", str(args.threads),

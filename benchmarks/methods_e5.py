@@ -55,6 +55,7 @@ def run(cmd: list[str], log: Path) -> float:
     start = time.perf_counter()
     # append, never truncate: a resumed run keeps the log of its first part, and a second start that the
     # output folder's lock refuses does not wipe the running one's log
+    log.parent.mkdir(parents=True, exist_ok=True)  # e.g. a prompt-only backbone study, which trains nothing first
     with log.open("a") as f:
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         f.flush()
