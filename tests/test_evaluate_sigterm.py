@@ -52,6 +52,24 @@ def test_sigterm_keeps_the_languages_done(tmp_path, data_dir, tiny_udpos):
     assert record["partial"] is True and sorted(record["languages"]) == sorted(lang for _, lang in started)
     missing = record["languages_not_evaluated"]
     assert len(missing) == 3 and set(missing) | set(record["languages"]) == {"de", "fr", "ru", "ar", "zh"}
+    predictions = json.loads(output.with_name("eval.predictions.json").read_text())["languages"]
+    assert sorted(predictions) == sorted(record["languages"])  # written beside it, language by language
+
+    # The same command again evaluates only the languages missing; those kept stay as they were.
+    rerun = subprocess.run([sys.executable, "-m", "topro.cli", "evaluate", "--checkpoint", str(run / "checkpoint"),
+                            "--langs", "de,fr,ru,ar,zh", "--data-dir", str(data_dir), "--max-sentences", "5",
+                            "--output", str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    kept = sorted(record["languages"])
+    assert f"evaluate: resuming {output}: 2 of 5 languages kept ({', '.join(kept)})" in rerun.stderr
+    assert sorted(line.split("evaluate: ")[1].split()[0] for line in rerun.stderr.splitlines()
+                  if " languages, " in line) == sorted(missing)
+    resumed = json.loads(output.read_text())
+    assert "partial" not in resumed and sorted(resumed["languages"]) == ["ar", "de", "fr", "ru", "zh"]
+    assert {lang: resumed["languages"][lang] for lang in kept} == record["languages"]
+    predictions_after = json.loads(output.with_name("eval.predictions.json").read_text())["languages"]
+    assert sorted(predictions_after) == sorted(resumed["languages"])
+    assert {lang: predictions_after[lang] for lang in kept} == predictions
 
 
 # Each language takes 4 s more in the Ray actors (see slowdown.py): two actors, five languages.
@@ -97,3 +115,14 @@ def test_sigterm_on_a_parallel_evaluation_keeps_the_languages_finished_and_cance
     assert set(missing) | set(done) == {"de", "fr", "ru", "ar", "zh"} and not set(missing) & set(done)
     # What was kept is what a full evaluation scores for those languages (no half-written language).
     assert all(record["languages"][lang]["n_sentences"] == 5 for lang in done)
+
+    rerun = subprocess.run([sys.executable, "-m", "topro.cli", "evaluate", "--checkpoint", str(run / "checkpoint"),
+                            "--langs", "de,fr,ru,ar,zh", "--data-dir", str(data_dir), "--max-sentences", "5",
+                            "--output", str(output), "--parallel"], cwd=REPO, env=slowed_env(tmp_path / "hooks", None),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"evaluate: resuming {output}: {len(done)} of 5 languages kept" in rerun.stderr
+    assert f" done (1/{5 - len(done)} languages" in rerun.stderr  # only the missing ones go to the actors
+    resumed = json.loads(output.read_text())
+    assert "partial" not in resumed and sorted(resumed["languages"]) == ["ar", "de", "fr", "ru", "zh"]
+    assert {lang: resumed["languages"][lang] for lang in done} == record["languages"]

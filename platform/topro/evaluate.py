@@ -8,7 +8,7 @@ import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -330,8 +330,15 @@ def resolve_languages(task: Task | str, langs: list[str] | str, data_dir: str | 
 def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task: str | None = None,
                         data_dir: str | None = None, split: str = "dev", max_sentences: int | None = None,
                         viterbi: bool = True, device: str = "auto", dtype: str = "fp32", progress: bool = True,
-                        max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> dict[str, Any]:
-    """Zero-shot evaluation of a checkpoint on each language, one after another."""
+                        max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH,
+                        kept: dict[str, dict[str, Any]] | None = None,
+                        save: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Zero-shot evaluation of a checkpoint on each language, one after another.
+
+    ``kept``: languages already scored (a stopped run resumed, ``topro.partial_results``), not evaluated
+    again. ``save(record)``: called with the record so far after every language (``partial: true`` until the
+    last), so a kill costs at most the language under way. A stop request (``topro.interrupts``) lets the
+    language under way finish and returns the record of those done."""
     from topro.methods import load_checkpoint
     from topro.models import pick_device
     from topro.quiet import quiet_stack
@@ -345,13 +352,22 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
     if task_name != meta["task"]:
         raise ValueError(f"checkpoint {checkpoint} was trained for task {meta['task']!r}, not {task_name!r}")
     from topro.interrupts import active
+    from topro.partial_results import unfinished
 
-    results = {}
     languages = resolve_languages(task_name, langs, data_dir, split)
+    results = {lang: kept[lang] for lang in languages if lang in (kept or {})}
+
+    def record() -> dict[str, Any]:
+        extra = {"checkpoint": str(checkpoint), "split": split, **unfinished(languages, results)}
+        return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
+                              extra=checkpoint_flags(meta, extra))
+
     from topro.progress import LanguageProgress
 
-    languages_done = LanguageProgress(len(languages), "evaluate", enabled=progress)
+    languages_done = LanguageProgress(len(languages) - len(results), "evaluate", enabled=progress)
     for lang in languages:
+        if lang in results:
+            continue
         if active().requested:  # SIGTERM/SIGINT: keep the languages done (the caller writes them, marked partial)
             break
         results[lang] = evaluate_language(method, model, task_name, lang, data_dir=data_dir, split=split,
@@ -359,11 +375,9 @@ def evaluate_checkpoint(checkpoint: str | Path, langs: list[str] | str, *, task:
                                           dtype=dtype, progress=progress, desc=lang,
                                           max_tokens_per_batch=max_tokens_per_batch)
         languages_done.done(lang, results[lang].get("n_sentences", 0))
-    extra = {"checkpoint": str(checkpoint), "split": split}
-    if len(results) < len(languages):
-        extra.update(partial=True, languages_not_evaluated=[x for x in languages if x not in results])
-    return results_record(task_name, meta["method"], meta.get("base_model", str(checkpoint)), results,
-                          extra=checkpoint_flags(meta, extra))
+        if save is not None:
+            save(record())
+    return record()
 
 
 def checkpoint_flags(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,17 @@ class StopRequests:
         return Interrupted(self.signum or signal.SIGTERM, f"{name}: {message}")
 
 
+class StopNow(Exception):
+    """Raised by ``stop_point()`` inside a unit of work too long to finish after a signal (an LLM's language:
+    minutes to hours on a CPU); the caller drops that unit and keeps those done."""
+
+
+def stop_point() -> None:
+    """Within long work: raise ``StopNow`` if the running command has been asked to stop."""
+    if _active.requested:
+        raise StopNow()
+
+
 NEVER = StopRequests()
 """A request that never comes (no command is listening: signals act as they always do)."""
 _active = NEVER

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,7 +65,11 @@ class EvalLLMConfig(BackendConfig):
     max_new_tokens: int | None = None
     """Generation cap (default from the prompt)."""
     output: str | None = None
-    """JSON file to write (default ``outputs/llm/<task>-<method>.json``)."""
+    """JSON file to write (default ``outputs/llm/<task>-<method>.json``), after every language: until the
+    last it says ``partial: true``, and the same command run again keeps the languages it holds."""
+    overwrite: bool = False
+    """Start over where ``output`` holds a stopped run, whatever its settings (instead of resuming it, or
+    refusing it when its settings differ)."""
     # Ray and MLflow.
     ray: bool = True
     """Languages as parallel Ray tasks (``false``: one after another in this process)."""
@@ -102,7 +107,7 @@ class EvalLLMConfig(BackendConfig):
 
 FLAG_GROUPS = {
     None: ("task", "model", "langs", "shots", "format", "mode", "seed", "max_sentences", "split", "data_dir",
-           "verbalizer", "length_norm", "calibrate", "answer_end_scored", "max_new_tokens", "output"),
+           "verbalizer", "length_norm", "calibrate", "answer_end_scored", "max_new_tokens", "output", "overwrite"),
     "local Hugging Face model": ("device", "dtype", "scoring", "max_tokens_per_batch", "threads"),
     "OpenAI-compatible server": ("api_model", "api", "concurrency", "timeout", "retries"),
     "Ray": ("ray", "address", "cpus_per_task"),
@@ -137,36 +142,74 @@ def cmd_eval_llm(args) -> int:
     return eval_llm(config_from_args(args))
 
 
+EVAL_LLM_WRITER = "topro eval-llm"
+
+RESUME_BACKEND_FIELDS = ("dtype", "scoring", "api_model", "api")
+"""The backend settings a language's scores depend on (besides every ``LLMEvalConfig`` field)."""
+
+
+def resume_settings(run: EvalLLMConfig) -> dict:
+    """What a kept language's scores depend on: a stopped run is resumed only where these are equal."""
+    from dataclasses import asdict
+
+    return {**asdict(run.eval_config()), **{key: getattr(run, key) for key in RESUME_BACKEND_FIELDS}}
+
+
 def eval_llm(run: EvalLLMConfig) -> int:
-    """Check in seconds, evaluate every language (Ray tasks or in turn), write the JSON, log to MLflow."""
+    """Check in seconds, evaluate every language (Ray tasks or in turn), write the JSON after each language,
+    log to MLflow. SIGTERM/SIGINT drops the languages under way and keeps those done; rerunning resumes."""
     from topro.precheck import check_llm
 
     langs = check_llm(task=run.task, model=run.model, format=run.format, langs=run.langs, split=run.split,
                       data_dir=run.data_dir, verbalizer=run.verbalizer, shots=run.shots,
                       max_sentences=run.max_sentences)  # seconds, before torch, Ray or the model load
-    from topro.cli.evaluate import format_table
-    from topro.evaluate import write_json
+    from topro.partial_results import kept_languages
 
     cfg = run.eval_config()
     if not langs:
         raise ValueError(f"no languages with a {cfg.split} split for task {cfg.task!r}")
+    output = Path(run.output or Path("outputs") / "llm" / f"{cfg.task}-{cfg.method}.json")
+    settings = resume_settings(run)
+    kept = {} if run.overwrite else kept_languages(output, writer=EVAL_LLM_WRITER, settings=settings)
+    kept = {lang: result for lang, result in kept.items() if lang in langs}
+    if kept:
+        print(f"eval-llm: resuming {output}: {len(kept)} of {len(langs)} languages kept "
+              f"({', '.join(kept)}), {len(langs) - len(kept)} to evaluate", file=sys.stderr, flush=True)
+    from topro.cli.evaluate import format_table
+    from topro.evaluate import write_json
+    from topro.interrupts import StopRequests, resume_command
+
+    def save(record: dict) -> None:
+        record.update(written_by=EVAL_LLM_WRITER, resume_settings=settings)
+        write_json(output, record)
+
     options = run.backend_options()
     if not run.ray:
         from topro.llm.backends import load_backend
         from topro.llm.evaluate import evaluate_llm
 
-        record = evaluate_llm(cfg, langs, load_backend(cfg.model, **options))
+        backend = load_backend(cfg.model, **options)
+        with StopRequests() as stops:  # the language under way is dropped, those done are in ``output``
+            record = evaluate_llm(cfg, langs, backend, kept=kept, save=save)
     else:
         import ray
 
         from topro.cluster.llm_eval import evaluate_llm_parallel
-        from topro.cluster.runtime import stop_ray_started_here
+        from topro.cluster.runtime import init_ray, stop_ray_started_here
 
         was_running = ray.is_initialized()
-        record = evaluate_llm_parallel(cfg, langs, options, address=run.address, cpus_per_task=run.cpus_per_task)
+        init_ray(run.address, include_dashboard=False)  # before StopRequests: ray.init has its own SIGTERM handler
+        with StopRequests() as stops:  # the tasks under way are cancelled, the languages done are in ``output``
+            record = evaluate_llm_parallel(cfg, langs, options, address=run.address,
+                                           cpus_per_task=run.cpus_per_task, kept=kept, save=save)
         stop_ray_started_here(was_running)
-    output = Path(run.output or Path("outputs") / "llm" / f"{cfg.task}-{record['method']}.json")
-    write_json(output, record)
+    if record["languages"]:
+        save(record)
+    if stops.requested:
+        done = len(record["languages"])
+        raise stops.interrupted(f"evaluated {done} of {len(langs)} languages; "
+                                f"{f'kept them in {output} (partial: true)' if done else 'nothing written'}; "
+                                f"rerun the same command to resume ({resume_command()})")
     print(format_table(record))
     print("format failure rate per language: " + ", ".join(
         f"{lang} {r['format_failure_rate']:.3f}" for lang, r in record["languages"].items()))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,10 +23,12 @@ class EvaluateConfig:
     """Checkpoint folder (``RUN/checkpoint``), or a registered model ``models:/<name>@<alias>`` (or
     ``models:/<name>/<version>``) as ``topro serve`` takes. Required."""
     output: str | None = None
-    """JSON file to write. An existing file that an earlier ``topro evaluate`` of the same checkpoint did not
-    write (e.g. the ``eval.json`` of ``topro train``) is kept unless ``overwrite``. Required."""
+    """JSON file to write, after every language: until the last it says ``partial: true``, and the same
+    command run again keeps the languages it holds. An existing file that an earlier ``topro evaluate`` of
+    the same checkpoint did not write (e.g. the ``eval.json`` of ``topro train``) is kept unless
+    ``overwrite``. Required."""
     overwrite: bool = False
-    """Replace ``output`` whoever wrote it."""
+    """Replace ``output`` whoever wrote it, and start over where it holds a stopped evaluation."""
     tracking_uri: str | None = None
     """MLflow tracking URI for ``models:/`` (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in
     the working directory)."""
@@ -130,11 +133,25 @@ def evaluate(cfg: EvaluateConfig) -> int:
         split = default_split(task_name, cfg.data_dir, [x for x in cfg.langs.split(",") if x])
     langs = ",".join(check_evaluate(checkpoint, cfg.langs, task=cfg.task, split=split,
                                     data_dir=cfg.data_dir, max_sentences=cfg.max_sentences))
+    settings = {"source": source, "task": cfg.task, "split": split, "max_sentences": cfg.max_sentences,
+                "viterbi": cfg.viterbi, "dtype": cfg.dtype}  # what a kept language's scores depend on
+    from topro.partial_results import kept_languages
+
+    kept = {} if cfg.overwrite else kept_languages(cfg.output, writer=EVALUATE_WRITER, settings=settings,
+                                                    predictions_file=True)
+    kept = {lang: result for lang, result in kept.items() if lang in langs.split(",")}
+    if kept:
+        print(f"evaluate: resuming {cfg.output}: {len(kept)} of {len(langs.split(','))} languages kept "
+              f"({', '.join(kept)})", file=sys.stderr, flush=True)
     from topro.evaluate import evaluate_checkpoint, write_results  # imports torch: after the checks
+
+    def save(record: dict) -> None:
+        record.update(written_by=EVALUATE_WRITER, source=source, resume_settings=settings)
+        write_results(cfg.output, record)
 
     kwargs = dict(task=cfg.task, data_dir=cfg.data_dir, split=split, max_sentences=cfg.max_sentences,
                   viterbi=cfg.viterbi, device=cfg.device, dtype=cfg.dtype,
-                  max_tokens_per_batch=cfg.max_tokens_per_batch)
+                  max_tokens_per_batch=cfg.max_tokens_per_batch, kept=kept, save=save)
     from topro.interrupts import StopRequests
 
     if cfg.parallel:
@@ -150,14 +167,13 @@ def evaluate(cfg: EvaluateConfig) -> int:
             record = evaluate_checkpoint_parallel(checkpoint, langs, address=cfg.address, **kwargs)
         stop_ray_started_here(was_running)  # before the one line or the table: no forwarded log lines after it
     else:
-        # SIGTERM/SIGINT: the language under way finishes; those done are written (atomically), marked partial.
+        # SIGTERM/SIGINT: the language under way finishes; those done are in ``output`` (atomically, partial).
         with StopRequests() as stops:
             record = evaluate_checkpoint(checkpoint, langs, **kwargs)
     if stops.requested:
-        raise stopped_evaluation(stops, record, cfg.output, source, cancelled=" (those under way were cancelled)"
-                                 if cfg.parallel else "")
-    record.update(written_by=EVALUATE_WRITER, source=source)
-    write_results(cfg.output, record)
+        raise stopped_evaluation(stops, record, save, cfg.output,
+                                 cancelled=" (those under way were cancelled)" if cfg.parallel else "")
+    save(record)
     print(format_table(record))
     print(f"per-language results: {cfg.output}")
     return 0
@@ -167,20 +183,18 @@ def _score(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def stopped_evaluation(stops, record: dict, output: str, source: str, cancelled: str = ""):
+def stopped_evaluation(stops, record: dict, save, output: str, cancelled: str = ""):
     """After SIGTERM/SIGINT: write the languages done (marked ``partial``); the ``Interrupted`` to raise."""
-    from topro.evaluate import write_results
     from topro.interrupts import resume_command
 
     done = len(record["languages"])
     total = done + len(record.get("languages_not_evaluated", []))
     kept = "nothing written"
     if done:
-        record.update(written_by=EVALUATE_WRITER, source=source)
-        write_results(output, record)
+        save(record)
         kept = f"kept them in {output} (partial: true)"
-    return stops.interrupted(f"evaluated {done} of {total} languages{cancelled}; {kept}; rerun the same command to evaluate "
-                             f"all ({resume_command()})")
+    return stops.interrupted(f"evaluated {done} of {total} languages{cancelled}; {kept}; rerun the same command "
+                             f"to resume ({resume_command()})")
 
 
 def format_table(record: dict) -> str:

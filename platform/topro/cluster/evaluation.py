@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from topro.batching import EVALUATION_MAX_TOKENS_PER_BATCH
 
@@ -30,6 +30,8 @@ class EvaluationJob:
     languages: tuple[str, ...] | str = "all"
     task: str | None = None
     """Task (default: the checkpoint's)."""
+    kept: dict[str, dict[str, Any]] | None = None
+    """Languages already scored (a stopped evaluation resumed, ``topro.partial_results``): not evaluated again."""
 
 
 class LanguageEvaluator:
@@ -122,7 +124,8 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
                                   dtype: str = "fp32", num_workers: int | None = None,
                                   cpus_per_worker: float = 1.0, address: str | None = None,
                                   progress: bool = True, stats: dict[str, Any] | None = None,
-                                  max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> list[dict[str, Any]]:
+                                  max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH,
+                                  save: Callable[[int, dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every job's checkpoint on its languages with one actor pool; returns one record per job.
 
     ``stats``, if given, receives ``workers``, ``items`` (checkpoint-language pairs), ``model_loads`` and
@@ -131,11 +134,13 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
 
     SIGTERM/SIGINT (a ``topro.interrupts.StopRequests`` around the call): the languages already finished are
     kept, those under way cancelled (their actors killed); a record missing languages says ``partial: true``
-    and lists ``languages_not_evaluated``, as the sequential path does.
+    and lists ``languages_not_evaluated``, as the sequential path does. ``save(job_index, record)``: called
+    with a job's record so far whenever one of its languages finishes (``partial: true`` until its last).
     """
     from topro.cluster.runtime import init_ray
     from topro.evaluate import checkpoint_flags, resolve_languages, results_record
     from topro.interrupts import active
+    from topro.partial_results import unfinished
 
     ray = init_ray(address)
     metas = [_checkpoint_meta(job.checkpoint) for job in jobs]
@@ -147,11 +152,22 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
             raise ValueError(f"checkpoint {job.checkpoint} was trained for task {meta['task']!r}, not {task!r}")
         languages.append(resolve_languages(task, job.languages, data_dir, split))
         for lang in languages[-1]:
-            pending.setdefault(job.checkpoint, []).append((i, task, lang))
+            if lang not in (job.kept or {}):
+                pending.setdefault(job.checkpoint, []).append((i, task, lang))
+    results: list[dict[str, dict[str, Any]]] = [
+        {lang: job.kept[lang] for lang in langs if lang in (job.kept or {})} for job, langs in zip(jobs, languages)]
+    nodes: list[dict[str, str]] = [{} for _ in jobs]  # job -> language -> node that scored it
+
+    def record(i: int) -> dict[str, Any]:
+        job, meta = jobs[i], metas[i]
+        extra = {"checkpoint": str(job.checkpoint), "split": split, "nodes": dict(sorted(nodes[i].items())),
+                 **unfinished(languages[i], results[i])}
+        return results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
+                              extra=checkpoint_flags(meta, extra))
+
     n_items = sum(len(v) for v in pending.values())
     if n_items == 0:
-        return [results_record(m["task"], m["method"], m.get("base_model", j.checkpoint), {},
-                               extra={"checkpoint": j.checkpoint, "split": split}) for j, m in zip(jobs, metas)]
+        return [record(i) for i in range(len(jobs))]
     workers = num_workers or default_workers(n_items, cpus_per_worker)
     threads = max(1, int(cpus_per_worker))
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -165,8 +181,6 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
               for _ in range(workers)]
     holds: dict[int, str | None] = {i: None for i in range(workers)}
     options = {"data_dir": data_dir, "split": split, "max_sentences": max_sentences, "viterbi": viterbi}
-    results: list[dict[str, dict[str, Any]]] = [{} for _ in jobs]
-    nodes: list[dict[str, str]] = [{} for _ in jobs]  # job -> language -> node that scored it
     in_flight: dict[Any, int] = {}  # ref -> actor
     jobs_of: dict[Any, int] = {}  # ref -> job
     start, loads = time.perf_counter(), {}
@@ -204,6 +218,8 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
         languages_done.done(out["lang"], out["result"].get("n_sentences", 0),
                             f": {'/'.join(Path(out['checkpoint']).parts[-2:])} in {out['seconds']:.1f}s "
                             f"on node {out['node']}")
+        if save is not None:
+            save(job, record(job))
         return actor
 
     try:
@@ -228,17 +244,7 @@ def evaluate_checkpoints_parallel(jobs: list[EvaluationJob], *, data_dir: str | 
     if stats is not None:
         stats.update(workers=workers, items=n_items, model_loads=sum(loads.values()), seconds=seconds,
                      nodes=sorted({n for per_job in nodes for n in per_job.values()}))
-    return [results_record(meta["task"], meta["method"], meta.get("base_model", job.checkpoint), results[i],
-                           extra=checkpoint_flags(meta, {"checkpoint": str(job.checkpoint), "split": split,
-                                                         "nodes": dict(sorted(nodes[i].items())),
-                                                         **unfinished(languages[i], results[i])}))
-            for i, (job, meta) in enumerate(zip(jobs, metas))]
-
-
-def unfinished(languages: list[str], results: dict[str, Any]) -> dict[str, Any]:
-    """``partial`` and ``languages_not_evaluated`` for a record that misses languages (a stopped evaluation)."""
-    missing = [lang for lang in languages if lang not in results]
-    return {"partial": True, "languages_not_evaluated": missing} if missing else {}
+    return [record(i) for i in range(len(jobs))]
 
 
 def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str, address: str | None = None, *,
@@ -246,12 +252,16 @@ def evaluate_checkpoint_parallel(checkpoint: str | Path, langs: list[str] | str,
                                  max_sentences: int | None = None, viterbi: bool = True, device: str = "auto",
                                  dtype: str = "fp32", progress: bool = True, num_workers: int | None = None,
                                  cpus_per_worker: float = 1.0, stats: dict[str, Any] | None = None,
-                                 max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH) -> dict[str, Any]:
-    """Like ``topro.evaluate.evaluate_checkpoint``, one Ray actor task per language; the same record."""
+                                 max_tokens_per_batch: int = EVALUATION_MAX_TOKENS_PER_BATCH,
+                                 kept: dict[str, dict[str, Any]] | None = None,
+                                 save: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Like ``topro.evaluate.evaluate_checkpoint``, one Ray actor task per language; the same record (and
+    the same ``kept`` and ``save``)."""
     langs = langs if isinstance(langs, str) else tuple(langs)
-    [record] = evaluate_checkpoints_parallel([EvaluationJob(str(checkpoint), langs, task)], data_dir=data_dir,
+    [record] = evaluate_checkpoints_parallel([EvaluationJob(str(checkpoint), langs, task, kept)], data_dir=data_dir,
                                              split=split, max_sentences=max_sentences, viterbi=viterbi,
                                              device=device, dtype=dtype, num_workers=num_workers,
                                              cpus_per_worker=cpus_per_worker, address=address, progress=progress,
-                                             stats=stats, max_tokens_per_batch=max_tokens_per_batch)
+                                             stats=stats, max_tokens_per_batch=max_tokens_per_batch,
+                                             save=None if save is None else lambda _, job_record: save(job_record))
     return record

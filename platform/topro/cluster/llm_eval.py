@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 from topro.llm.backends import Backend, load_backend
 from topro.llm.evaluate import LLMEvalConfig, RunSetup, evaluate_llm_language, finish_record, prepare
@@ -37,12 +37,22 @@ def _evaluate_one(cfg_fields: dict[str, Any], lang: str, options: dict[str, Any]
 
 
 def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[str, Any], *,
-                          address: str | None = None, cpus_per_task: float = 1.0) -> dict[str, Any]:
-    """One Ray task per language; the same record as the sequential path."""
+                          address: str | None = None, cpus_per_task: float = 1.0,
+                          kept: dict[str, dict] | None = None,
+                          save: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """One Ray task per language; the same record as the sequential path, with its ``kept`` and ``save``.
+
+    A stop request (``topro.interrupts``) cancels the tasks under way and returns the record of the
+    languages finished (``partial: true``)."""
     from topro.cluster.runtime import init_ray
+    from topro.interrupts import active
 
     ray = init_ray(address, include_dashboard=False)
     setup = prepare(cfg)  # once: fails early (bad format, task, demos), shipped to every task
+    languages = {lang: kept[lang] for lang in langs if lang in (kept or {})}
+    todo = [lang for lang in langs if lang not in languages]
+    if not todo:
+        return finish_record(cfg, setup, languages, cfg.model, langs)
     setup_ref = ray.put(setup)
     threads = options.get("threads") or max(1, int(cpus_per_task))
     from topro.cluster.evaluation import gpus_per_actor
@@ -51,16 +61,29 @@ def evaluate_llm_parallel(cfg: LLMEvalConfig, langs: list[str], options: dict[st
     num_gpus = 0 if str(cfg.model).startswith(("http://", "https://")) else \
         gpus_per_actor(options.get("device") or "auto", ray.cluster_resources().get("GPU", 0.0))
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=num_gpus)(_evaluate_one)
-    refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in langs]
+    refs = [task.remote(asdict(cfg), lang, {**options, "threads": threads}, setup_ref) for lang in todo]
     from topro.progress import LanguageProgress
 
     languages_done = LanguageProgress(len(refs), "eval-llm")
-    languages, names, pending = {}, set(), list(refs)
-    while pending:  # as they finish, for the progress line; the record keeps the languages' order below
-        ready, pending = ray.wait(pending, num_returns=1)
+    names, pending = set(), list(refs)
+    while pending:  # as they finish, for the progress line; the record keeps the languages' order
+        if active().requested:  # SIGTERM/SIGINT: keep what has finished, cancel the rest
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            log.warning("stopped: %d language(s) under way cancelled", len(pending))
+            break
+        # A timeout, so that a stop request is seen while every task is busy.
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        if not ready:
+            continue
         lang, record, name = ray.get(ready[0])
         languages[lang] = record
         names.add(name)
         languages_done.done(lang, record.get("n_sentences", 0))
-    languages = {lang: languages[lang] for lang in langs}
-    return finish_record(cfg, setup, languages, names.pop() if len(names) == 1 else cfg.model)
+        if save is not None:
+            save(finish_record(cfg, setup, languages, _model_name(names, cfg), langs))
+    return finish_record(cfg, setup, languages, _model_name(names, cfg), langs)
+
+
+def _model_name(names: set[str], cfg: LLMEvalConfig) -> str:
+    return next(iter(names)) if len(names) == 1 else cfg.model

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -221,22 +221,30 @@ def _generate_sentence(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
 
 def predict_sentences(backend: Backend, setup: RunSetup, cfg: LLMEvalConfig,
                       sentences: list[Sentence]) -> list[SentenceResult]:
+    """Every sentence's prediction, a batch of sentences at a time. Between batches a stop request
+    (``topro.interrupts``) raises ``StopNow``: a language can take an hour on a CPU, longer than a
+    scheduler's grace period, so it is dropped rather than finished."""
+    from topro.interrupts import stop_point
+
     style, mode = setup.fmt.style, cfg.mode
     results: list[SentenceResult] = []
     if mode == "score" and style == "sentence":
         for sentence in sentences:
+            stop_point()
             results.append(_score_sentence(backend, setup, cfg, sentence))
             _progress(len(results), len(sentences))
         return results
     if mode == "score":
         step = max(1, cfg.score_sentences)
         for start in range(0, len(sentences), step):
+            stop_point()
             results.extend(_score_topro(backend, setup, cfg, sentences[start:start + step]))
             _progress(len(results), len(sentences), step)
         return results
     many = _generate_topro if style == "topro" else _generate_sentence
     step = max(1, cfg.generate_sentences)
     for start in range(0, len(sentences), step):
+        stop_point()
         results.extend(many(backend, setup, cfg, sentences[start:start + step]))
         _progress(len(results), len(sentences), step)
     return results
@@ -314,26 +322,51 @@ def run_params(cfg: LLMEvalConfig, setup: RunSetup) -> dict[str, Any]:
     return params
 
 
-def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend) -> dict[str, Any]:
-    """Every language one after another with one backend (the sequential path)."""
+def evaluate_llm(cfg: LLMEvalConfig, langs: list[str], backend: Backend, *,
+                 kept: dict[str, dict] | None = None, save: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """Every language one after another with one backend (the sequential path).
+
+    ``kept``: languages already scored (a stopped run resumed), not evaluated again. ``save(record)``: called
+    with the record so far after every language (``partial: true`` until the last), so a kill costs at most
+    the language under way. A stop request (``topro.interrupts``) drops the language under way and returns
+    the record of those done."""
+    from topro.interrupts import StopNow, active
+
     setup = prepare(cfg)
     from topro.progress import LanguageProgress
 
-    languages_done = LanguageProgress(len(langs), "eval-llm")
-    languages = {}
+    languages = {lang: kept[lang] for lang in langs if lang in (kept or {})}
+    languages_done = LanguageProgress(len(langs) - len(languages), "eval-llm")
     for lang in langs:
-        languages[lang] = evaluate_llm_language(backend, cfg, lang, setup)
+        if lang in languages:
+            continue
+        if active().requested:
+            break
+        try:
+            languages[lang] = evaluate_llm_language(backend, cfg, lang, setup)
+        except StopNow:
+            log.warning("stopped: %s dropped (it was under way)", lang)
+            break
         languages_done.done(lang, languages[lang].get("n_sentences", 0))
-    return finish_record(cfg, setup, languages, backend.name)
+        if save is not None:
+            save(finish_record(cfg, setup, languages, backend.name, langs))
+    return finish_record(cfg, setup, languages, backend.name, langs)
 
 
-def finish_record(cfg: LLMEvalConfig, setup: RunSetup, languages: dict[str, dict], model_name: str) -> dict:
+def finish_record(cfg: LLMEvalConfig, setup: RunSetup, languages: dict[str, dict], model_name: str,
+                  langs: list[str] | None = None) -> dict:
+    """The results record of ``languages`` in the order of ``langs``; ``partial`` where some of ``langs``
+    are missing (``topro.partial_results``)."""
     from statistics import fmean
 
     from topro.evaluate import results_record
+    from topro.partial_results import unfinished
 
-    record = results_record(setup.task, cfg.method, model_name, languages,
-                            extra={"split": cfg.split, "params": run_params(cfg, setup)})
+    langs = list(languages) if langs is None else langs
+    record = results_record(setup.task, cfg.method, model_name,
+                            {lang: languages[lang] for lang in langs if lang in languages},
+                            extra={"split": cfg.split, "params": run_params(cfg, setup),
+                                   **unfinished(langs, languages)})
     if languages:
         record["average"]["format_failure_rate"] = fmean(r["format_failure_rate"] for r in languages.values())
     return record
