@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods_e5 import LANGS, PANX_LANGS, REPO, run  # noqa: E402
+from methods_e5 import LANGS, PANX_LANGS, REPO, is_complete, run  # noqa: E402
 
 # Each method's settings per backbone kind, for a budget of a few hundred English sentences. Causal rates
 # are an order below the encoder's (full fine-tuning of a 268M-parameter LM); vanilla sees one sentence per
@@ -68,7 +68,7 @@ def config_file(task: str, path: str, method: str) -> str:
 def train_and_evaluate(backbone: str, path: str, method: str, seed: int, args) -> Path:
     out = Path(args.out) / backbone / f"{method}-s{seed}"
     done = out / "zero_shot.json"
-    if done.is_file():
+    if is_complete(done):  # a stopped evaluation's partial file is resumed below
         return out
     out.mkdir(parents=True, exist_ok=True)
     settings = SETTINGS[(kind_of(path), method)][1:]
@@ -84,7 +84,7 @@ def train_and_evaluate(backbone: str, path: str, method: str, seed: int, args) -
         timing["train_wall_s"] = run(train, out / "train.log")
         timing_file.write_text(json.dumps(timing))
     evaluate = topro + ["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", args.langs, "--split", "dev",
-                        "--max-sentences", str(args.eval_sentences), "--output", str(done), "--overwrite"]
+                        "--max-sentences", str(args.eval_sentences), "--output", str(done)]
     print(f"{backbone} {method} seed {seed}: evaluating", flush=True)
     timing["eval_wall_s"] = run(evaluate, out / "evaluate.log")
     timing_file.write_text(json.dumps(timing))
@@ -93,7 +93,7 @@ def train_and_evaluate(backbone: str, path: str, method: str, seed: int, args) -
 
 def eval_llm(backbone: str, path: str, shots: int, args) -> Path:
     out = Path(args.out) / backbone / f"eval-llm-{shots}shot.json"
-    if not out.is_file():
+    if not is_complete(out):  # absent, or a stopped run's partial file: the same command resumes it
         cmd = [sys.executable, "-m", "topro.cli", "eval-llm", "--task", args.task, "--model", path,
                "--langs", args.langs, "--max-sentences", str(args.eval_sentences), "--split", "dev",
                "--format", "topro", "--mode", "score", "--shots", str(shots), "--threads", str(args.threads),
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
             for method in methods:
                 folder = Path(args.out) / name / f"{method}-s{seed}"
                 if args.report_only:
-                    if (folder / "zero_shot.json").is_file():
+                    if is_complete(folder / "zero_shot.json"):
                         runs[(name, method, seed)] = folder
                     continue
                 runs[(name, method, seed)] = train_and_evaluate(name, path, method, seed, args)
@@ -230,10 +230,12 @@ def main(argv=None) -> None:
         for k in shots:
             target = Path(args.out) / name / f"eval-llm-{k}shot.json"
             if args.report_only:
-                if target.is_file():
+                if is_complete(target):
                     llm[(name, k)] = target
                 continue
             llm[(name, k)] = eval_llm(name, path, k, args)
+    if args.report_only and not runs and not llm:
+        sys.exit(f"--report-only: no finished run under {args.out} for these backbones, methods and seeds")
     text = report(args, runs, llm)
     print(text)
     (Path(args.out) / "report.md").write_text(text + "\n")

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from topro.partial_results import is_complete  # torch-free: a results file that a stopped run left partial
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Each method's usual settings (learning rate, batch): fine-tuning ones for vanilla and ToPro, the
@@ -83,7 +85,7 @@ def run_method(method: str, args) -> dict:
                          *METHODS[method], *args.override]
         print(f"{method}: training ({' '.join(train[3:])})", flush=True)
         trained.write_text(json.dumps({"train_wall_s": run(train, out / "train.log")}))
-    if done.is_file():
+    if is_complete(done):  # a stopped evaluation's partial file is resumed below
         print(f"{method}: reusing {done}", flush=True)
     else:
         # dev, as the docstring says: the split is named, not left to what is at hand (test would be the

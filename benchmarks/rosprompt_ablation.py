@@ -49,7 +49,7 @@ VARIANTS = {
 }
 # The same 11 languages per task and the same subprocess runner as benchmarks/methods_e5.py (beside this
 # script, so on its path when run as `python benchmarks/rosprompt_ablation.py`).
-from methods_e5 import LANGS, PANX_LANGS, run  # noqa: E402
+from methods_e5 import LANGS, PANX_LANGS, is_complete, run  # noqa: E402
 
 
 def rate(variant: str, model: str) -> list[str]:
@@ -67,22 +67,25 @@ def rate(variant: str, model: str) -> list[str]:
 def run_one(variant: str, unseen: str, seed: int, args) -> Path:
     """Train and evaluate one (variant, unseen set, seed); returns its folder (``eval.json`` inside)."""
     out = Path(args.out) / f"{variant}__{unseen.replace(',', '-')}__seed{seed}"
-    if (out / "eval.json").is_file():
+    if is_complete(out / "eval.json"):
         return out
     out.mkdir(parents=True, exist_ok=True)
     topro = [sys.executable, "-m", "topro.cli"]
-    train = topro + ["train", "--config", f"configs/train/{args.task}-rosprompt.yaml", "--output", str(out),
-                     f"model={args.model}", f"unseen_labels=[{unseen}]", f"seed={seed}", f"epochs={args.epochs}",
-                     f"shots_per_label={args.shots}", f"max_dev_sentences={args.dev_sentences}", "eval_langs=[]",
-                     f"num_threads={args.threads}", "progress=false", *VARIANTS[variant], *rate(variant, args.model),
-                     *args.override]
-    print(f"{out.name}: training", flush=True)
-    wall = run(train, out / "train.log")
+    wall_file = out / "wall.json"
+    wall = json.loads(wall_file.read_text())["wall_s"] if wall_file.is_file() else 0.0
+    if not (out / "checkpoint" / "topro.json").is_file():  # a stopped evaluation resumes without training again
+        train = topro + ["train", "--config", f"configs/train/{args.task}-rosprompt.yaml", "--output", str(out),
+                         f"model={args.model}", f"unseen_labels=[{unseen}]", f"seed={seed}", f"epochs={args.epochs}",
+                         f"shots_per_label={args.shots}", f"max_dev_sentences={args.dev_sentences}", "eval_langs=[]",
+                         f"num_threads={args.threads}", "progress=false", *VARIANTS[variant],
+                         *rate(variant, args.model), *args.override]
+        print(f"{out.name}: training", flush=True)
+        wall += run(train, out / "train.log")
+        wall_file.write_text(json.dumps({"wall_s": wall}))
     evaluate = topro + ["evaluate", "--checkpoint", str(out / "checkpoint"), "--langs", args.langs, "--split", "dev",
-                        "--max-sentences", str(args.eval_sentences), "--output", str(out / "eval.json"),
-                        "--overwrite"]
+                        "--max-sentences", str(args.eval_sentences), "--output", str(out / "eval.json")]
     wall += run(evaluate, out / "evaluate.log")
-    (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
+    wall_file.write_text(json.dumps({"wall_s": wall}))
     return out
 
 
@@ -293,8 +296,10 @@ def main(argv=None) -> None:
     keys = [(v, u, s) for v in args.variants for u in args.unseen.split(";") for s in seeds]
     if args.report_only:
         folders = {k: Path(args.out) / f"{k[0]}__{k[1].replace(',', '-')}__seed{k[2]}" for k in keys}
-        runs = {k: f for k, f in folders.items() if (f / "eval.json").is_file()}
+        runs = {k: f for k, f in folders.items() if is_complete(f / "eval.json")}
         args.variants = [v for v in args.variants if any(k[0] == v for k in runs)]
+        if not runs:
+            sys.exit(f"--report-only: no finished run under {args.out} for these variants, sets and seeds")
     else:
         runs = {k: run_one(*k, args) for k in keys}
     text = report(args, runs)

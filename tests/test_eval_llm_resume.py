@@ -159,3 +159,16 @@ def test_kept_languages_bring_back_their_predictions_or_are_evaluated_again(tmp_
     write(tmp_path / "r.predictions.json", {"languages": {"de": [{"gold": ["O"], "pred": ["O"]}]}})
     kept = kept_languages(output, writer="topro evaluate", settings={}, predictions_file=True)
     assert kept == {"de": {"f1": 0.5, "predictions": [{"gold": ["O"], "pred": ["O"]}]}}  # fr: predictions lost
+
+
+def test_a_stopped_runs_file_is_not_complete(tmp_path):
+    from topro.partial_results import is_complete
+
+    output = tmp_path / "r.json"
+    assert not is_complete(output)  # absent
+    write(output, {"languages": {"de": {}}, "partial": True})
+    assert not is_complete(output)  # what the benchmarks' reruns resume instead of reusing
+    write(output, {"languages": {"de": {}}})
+    assert is_complete(output)
+    output.write_text("[1, 2")
+    assert not is_complete(output)

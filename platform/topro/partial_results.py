@@ -22,6 +22,14 @@ def unfinished(languages: list[str], results: dict[str, Any]) -> dict[str, Any]:
     return {"partial": True, "languages_not_evaluated": missing} if missing else {}
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a results file with every language it was asked for (not a stopped run's)."""
+    try:
+        return not json.loads(Path(path).read_text(encoding="utf-8")).get("partial")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def comparable(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` as they read back from the JSON file (tuples become lists, keys strings)."""
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
