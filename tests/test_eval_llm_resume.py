@@ -148,6 +148,11 @@ def test_kept_languages_only_from_a_stopped_run_of_the_same_command_and_settings
     with pytest.raises(ConfigError, match=r"other settings \(max_sentences: None there, 100 now; "
                                           r"shots: 3 there, 0 now\); rerun with its settings"):
         kept_languages(output, writer="topro eval-llm", settings={**settings, "shots": 0, "max_sentences": 100})
+    other = {**settings, "shots": 0}
+    assert kept_languages(output, writer="topro eval-llm", settings=other, overwrite=True) == {}  # start over
+    # The same settings resume even with overwrite: the scores would be the same, and the one line a stop prints
+    # ("rerun the same command to resume") must hold for a command that had --overwrite.
+    assert kept_languages(output, writer="topro eval-llm", settings=settings, overwrite=True) == languages
     output.write_text("{ not json")  # a half-written file from before atomic writes: not resumed, not fatal
     assert kept_languages(output, writer="topro eval-llm", settings=settings) == {}
 

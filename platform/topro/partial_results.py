@@ -35,12 +35,14 @@ def comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def kept_languages(output: str | Path, *, writer: str, settings: dict[str, Any],
+def kept_languages(output: str | Path, *, writer: str, settings: dict[str, Any], overwrite: bool = False,
                    predictions_file: bool = False) -> dict[str, dict[str, Any]]:
     """The per-language results that a stopped run of ``writer`` with these ``settings`` left at ``output``.
 
     ``{}`` where ``output`` is absent, unreadable, complete, or written by something else. A partial file of
-    ``writer`` with other settings raises ``ConfigError`` naming the settings that differ. With
+    ``writer`` with other settings raises ``ConfigError`` naming the settings that differ, or with
+    ``overwrite`` gives ``{}`` (start over); one of the same settings is resumed even with ``overwrite``, since
+    evaluating its languages again would give the same scores (so "rerun the same command" always resumes). With
     ``predictions_file`` the per-sentence predictions stored beside it (``X.predictions.json``) go back
     into each kept language; a language without them is evaluated again."""
     path = Path(output)
@@ -52,6 +54,8 @@ def kept_languages(output: str | Path, *, writer: str, settings: dict[str, Any],
         return {}
     before, now = previous.get("resume_settings") or {}, comparable(settings)
     differ = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if differ and overwrite:
+        return {}
     if differ:
         shown = "; ".join(f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in differ[:6])
         raise ConfigError(f"--output {path}: holds a stopped `{writer}` run with other settings ({shown}); "

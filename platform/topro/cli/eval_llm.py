@@ -68,8 +68,8 @@ class EvalLLMConfig(BackendConfig):
     """JSON file to write (default ``outputs/llm/<task>-<method>.json``), after every language: until the
     last it says ``partial: true``, and the same command run again keeps the languages it holds."""
     overwrite: bool = False
-    """Start over where ``output`` holds a stopped run, whatever its settings (instead of resuming it, or
-    refusing it when its settings differ)."""
+    """Start over where ``output`` holds a stopped run of other settings (instead of refusing it). One of the
+    same settings is still resumed: its scores would be the same."""
     # Ray and MLflow.
     ray: bool = True
     """Languages as parallel Ray tasks (``false``: one after another in this process)."""
@@ -170,7 +170,7 @@ def eval_llm(run: EvalLLMConfig) -> int:
         raise ValueError(f"no languages with a {cfg.split} split for task {cfg.task!r}")
     output = Path(run.output or Path("outputs") / "llm" / f"{cfg.task}-{cfg.method}.json")
     settings = resume_settings(run)
-    kept = {} if run.overwrite else kept_languages(output, writer=EVAL_LLM_WRITER, settings=settings)
+    kept = kept_languages(output, writer=EVAL_LLM_WRITER, settings=settings, overwrite=run.overwrite)
     kept = {lang: result for lang, result in kept.items() if lang in langs}
     if kept:
         print(f"eval-llm: resuming {output}: {len(kept)} of {len(langs)} languages kept "

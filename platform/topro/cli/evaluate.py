@@ -28,7 +28,8 @@ class EvaluateConfig:
     the same checkpoint did not write (e.g. the ``eval.json`` of ``topro train``) is kept unless
     ``overwrite``. Required."""
     overwrite: bool = False
-    """Replace ``output`` whoever wrote it, and start over where it holds a stopped evaluation."""
+    """Replace ``output`` whoever wrote it; a stopped evaluation there of other settings is started over (one
+    of the same settings is still resumed: its scores would be the same)."""
     tracking_uri: str | None = None
     """MLflow tracking URI for ``models:/`` (default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in
     the working directory)."""
@@ -137,8 +138,8 @@ def evaluate(cfg: EvaluateConfig) -> int:
                 "viterbi": cfg.viterbi, "dtype": cfg.dtype}  # what a kept language's scores depend on
     from topro.partial_results import kept_languages
 
-    kept = {} if cfg.overwrite else kept_languages(cfg.output, writer=EVALUATE_WRITER, settings=settings,
-                                                    predictions_file=True)
+    kept = kept_languages(cfg.output, writer=EVALUATE_WRITER, settings=settings, overwrite=cfg.overwrite,
+                          predictions_file=True)
     kept = {lang: result for lang, result in kept.items() if lang in langs.split(",")}
     if kept:
         print(f"evaluate: resuming {cfg.output}: {len(kept)} of {len(langs.split(','))} languages kept "
