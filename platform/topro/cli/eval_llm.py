@@ -175,9 +175,9 @@ def eval_llm(run: EvalLLMConfig) -> int:
     if kept:
         print(f"eval-llm: resuming {output}: {len(kept)} of {len(langs)} languages kept "
               f"({', '.join(kept)}), {len(langs) - len(kept)} to evaluate", file=sys.stderr, flush=True)
-    from topro.cli.evaluate import format_table
+    from topro.cli.evaluate import format_table, stopped_evaluation
     from topro.evaluate import write_json
-    from topro.interrupts import StopRequests, resume_command
+    from topro.interrupts import StopRequests
 
     def save(record: dict) -> None:
         record.update(written_by=EVAL_LLM_WRITER, resume_settings=settings)
@@ -203,13 +203,9 @@ def eval_llm(run: EvalLLMConfig) -> int:
             record = evaluate_llm_parallel(cfg, langs, options, address=run.address,
                                            cpus_per_task=run.cpus_per_task, kept=kept, save=save)
         stop_ray_started_here(was_running)
-    if record["languages"]:
-        save(record)
     if stops.requested:
-        done = len(record["languages"])
-        raise stops.interrupted(f"evaluated {done} of {len(langs)} languages; "
-                                f"{f'kept them in {output} (partial: true)' if done else 'nothing written'}; "
-                                f"rerun the same command to resume ({resume_command()})")
+        raise stopped_evaluation(stops, record, save, output)
+    save(record)
     print(format_table(record))
     print("format failure rate per language: " + ", ".join(
         f"{lang} {r['format_failure_rate']:.3f}" for lang, r in record["languages"].items()))
